@@ -1,0 +1,204 @@
+"""Config defaults, loading of config files, `--config.KEY=VALUE` overrides and validation.
+
+Every config file builds on `base()`, so every run has every field; unknown fields are errors.
+"""
+
+import ast
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from vlm_jax.errors import UserError
+
+STAGES = ("stage1", "stage2", "full")
+COMPONENTS = ("vision", "bridge", "llm")
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stage = "full"            # stage1: bridge; stage2: bridge + llm; full: everything
+
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state are fp32
+  c.model.remat = "none"      # none | full | dots
+  c.model.attention = "xla"   # xla | cudnn | auto
+  c.model.vision = ml_collections.ConfigDict(dict(
+      flavour="siglip", image_size=64, patch_size=8, width=128, depth=2, heads=4, mlp_dim=512,
+      norm_eps=1e-6, keep_cls=False))
+  c.model.bridge = ml_collections.ConfigDict(dict(
+      kind="mlp2x_gelu", num_latents=16, depth=2, heads=4))
+  c.model.llm = ml_collections.ConfigDict(dict(
+      vocab_size=0,           # 0: the tokenizer's vocabulary size
+      width=128, depth=2, heads=4, kv_heads=2, head_dim=32, mlp_dim=512, rope_theta=10000.0,
+      norm_eps=1e-6, tie_embeddings=True, qkv_bias=False))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.sources = "shapes"
+  c.data.eval_sources = "shapes:test"
+  c.data.tokenizer = "shapes"
+  c.data.template = "simple"
+  c.data.seq_len = 128
+  c.data.image_mean = (0.5, 0.5, 0.5)
+  c.data.image_std = (0.5, 0.5, 0.5)
+  c.data.strict = False
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 32     # global, summed over micro-batches
+  c.train.grad_accum = 1      # micro-batches per step
+  c.train.lr = 1e-3           # peak
+  c.train.warmup_steps = 50
+  c.train.end_lr_ratio = 0.1  # cosine decays to lr * end_lr_ratio
+  c.train.weight_decay = 0.0
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip = 1.0
+  # Learning-rate multiplier per component (for the parts the stage trains).
+  c.train.lr_mult = ml_collections.ConfigDict(dict(vision=1.0, bridge=1.0, llm=1.0))
+  # Comma-separated regexes over param paths ("bridge/.*,llm/layers/.*"): if set, replaces the
+  # stage's choice of what trains.
+  c.train.trainable = ""
+  c.train.log_every = 20
+  c.train.eval_every = 200
+  c.train.eval_examples = 256
+  c.train.eval_batch_size = 64
+  c.train.checkpoint_every = 200
+  c.train.max_to_keep = 2
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return c
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """`path.py[:arg]` -> get_config(arg)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"--config: file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location("_vlm_jax_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # a user's file: report where, not a traceback
+    raise UserError(f"--config: cannot load {path}: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise UserError(f"--config: {path} has no get_config()")
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except (KeyError, AttributeError, ValueError, TypeError) as e:
+    raise UserError(f"--config: {path}:{arg}: {e}") from e
+  return config
+
+
+def _parse_value(key: str, text: str, current):
+  if isinstance(current, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise UserError(f"--config.{key}: expected true/false, got {text!r}")
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise UserError(f"--config.{key}: cannot parse {text!r} as {type(current).__name__}") from None
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+    value = type(current)(value)
+  if current is not None and not isinstance(value, type(current)):
+    raise UserError(f"--config.{key}: expected {type(current).__name__}, got {text!r}")
+  return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+  """Applies {"train.lr": "1e-4", ...}; unknown fields and wrong types are errors."""
+  for key, text in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise UserError(f"--config.{key}: unknown config field")
+      node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise UserError(f"--config.{key}: unknown config field")
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+      raise UserError(f"--config.{key}: is a group; set one of its fields")
+    node[leaf] = _parse_value(key, text, node[leaf])
+
+
+def check_fields(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+                 prefix: str = "") -> None:
+  """Every field of `config` must exist in the base config (typos are errors, not silent no-ops)."""
+  for key, value in config.items():
+    where = f"{prefix}{key}"
+    if key not in reference:
+      raise UserError(f"config field {where}: unknown config field")
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
+      check_fields(value, reference[key], where + ".")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  check_fields(config, base())
+  if config.stage not in STAGES:
+    raise UserError(f"config.stage: {config.stage!r} is not one of {', '.join(STAGES)}")
+  m = config.model
+  if m.vision.flavour not in ("siglip", "clip"):
+    raise UserError(f"config.model.vision.flavour: {m.vision.flavour!r} is not siglip or clip")
+  if m.vision.image_size % m.vision.patch_size:
+    raise UserError("config.model.vision.image_size must be a multiple of patch_size")
+  if m.vision.width % m.vision.heads:
+    raise UserError("config.model.vision.width must be a multiple of heads")
+  if m.bridge.kind not in ("linear", "mlp2x_gelu", "perceiver"):
+    raise UserError(f"config.model.bridge.kind: {m.bridge.kind!r} is not linear, mlp2x_gelu or perceiver")
+  if m.llm.heads % m.llm.kv_heads:
+    raise UserError("config.model.llm.heads must be a multiple of kv_heads")
+  if m.remat not in ("none", "full", "dots"):
+    raise UserError(f"config.model.remat: {m.remat!r} is not none, full or dots")
+  t = config.train
+  for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every"):
+    if t[name] < 1:
+      raise UserError(f"config.train.{name} must be >= 1, got {t[name]}")
+  if t.batch_size % t.grad_accum:
+    raise UserError(f"config.train.batch_size ({t.batch_size}) must be a multiple of grad_accum ({t.grad_accum})")
+  for name in COMPONENTS:
+    if t.lr_mult[name] < 0:
+      raise UserError(f"config.train.lr_mult.{name} must be >= 0")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Inverse of to_json: JSON lists come back as the base config's tuples."""
+  config = base()
+  config.update(_retuple(json.loads(text), config))
+  return config
+
+
+def _retuple(d: dict, reference) -> dict:
+  out = {}
+  for k, v in d.items():
+    ref = reference[k] if isinstance(reference, ml_collections.ConfigDict) and k in reference else None
+    if isinstance(v, dict):
+      out[k] = _retuple(v, ref)
+    elif isinstance(v, list) and isinstance(ref, tuple):
+      out[k] = tuple(v)
+    else:
+      out[k] = v
+  return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  """{"train": {"lr": 1}} -> {"train.lr": 1}; lists and tuples compare equal."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out

@@ -1,0 +1,99 @@
+"""Small building blocks shared by the ViT, the bridge and the LLM."""
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def logical(init: Callable, axes: tuple[str | None, ...]) -> Callable:
+  return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """Names an activation's axes; the rules table maps them to the mesh."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class Dense(nn.Module):
+  """x[..., *in] @ kernel[*in, *out] (+ bias) with logical axes on the kernel; fp32 params.
+
+  Unlike nn.DenseGeneral, the kernel is created at its full rank, so its logical axes apply
+  during a sharded init.
+  """
+  features: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  n_in: int = 1
+  use_bias: bool = False
+  bias_axes: tuple[str | None, ...] | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[x.ndim - self.n_in:]
+    ndim = self.n_in + len(self.features)
+    init = nn.initializers.lecun_normal(in_axis=tuple(range(self.n_in)),
+                                        out_axis=tuple(range(self.n_in, ndim)))
+    kernel = self.param("kernel", logical(init, self.axes), in_shape + self.features, jnp.float32)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.n_in)
+    if self.use_bias:
+      bias_axes = self.bias_axes or self.axes[self.n_in:]
+      bias = self.param("bias", logical(nn.initializers.zeros_init(), bias_axes), self.features,
+                        jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(features, axes: tuple[str | None, ...], *, name: str, dtype: Dtype, n_in: int = 1,
+          use_bias: bool = False, bias_axes: tuple[str | None, ...] | None = None) -> Dense:
+  feats = features if isinstance(features, tuple) else (features,)
+  return Dense(feats, axes, n_in, use_bias, bias_axes, dtype, name=name)
+
+
+class RMSNorm(nn.Module):
+  """Llama RMSNorm, computed in fp32."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", logical(nn.initializers.ones_init(), ("embed",)), (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale).astype(self.dtype)
+
+
+def layer_norm(name: str, eps: float, dtype: Dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
+                      scale_init=logical(nn.initializers.ones_init(), ("embed",)),
+                      bias_init=logical(nn.initializers.zeros_init(), ("embed",)))
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),          # exact erf (HF "gelu")
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),      # SigLIP
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),        # CLIP
+    "silu": jax.nn.silu,
+}
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def stack_layers(block: type[nn.Module], depth: int, remat: str, n_broadcast: int, **kwargs):
+  """`depth` copies of `block` under nn.scan (params get a leading 'layers' axis), optionally rematted.
+
+  The block's __call__ takes (carry, *broadcast_args) and returns (carry, None).
+  """
+  if remat != "none":
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat policy {remat!r}; use none, full or dots")
+    block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast,) * n_broadcast, length=depth,
+                 metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs)

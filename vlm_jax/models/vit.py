@@ -1,0 +1,79 @@
+"""ViT encoder, SigLIP flavour (no CLS, tanh GELU) and CLIP flavour (CLS, pre-LN, quick_gelu).
+
+Returns the hidden state after `depth` blocks with no post-LN, as LLaVA reads
+`hidden_states[feature_layer]`: a model with N blocks and feature_layer=-2 is built with depth=N-1.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlm_jax.models.attention import attention
+from vlm_jax.models.layers import ACTIVATIONS, constrain, dense, layer_norm, logical, stack_layers
+
+FLAVOURS = {"siglip": dict(cls=False, pre_norm=False, act="gelu_tanh"),
+            "clip": dict(cls=True, pre_norm=True, act="quick_gelu")}
+
+
+def num_patches(cfg: ml_collections.ConfigDict) -> int:
+  return (cfg.image_size // cfg.patch_size) ** 2
+
+
+def num_output_tokens(cfg: ml_collections.ConfigDict) -> int:
+  has_cls = FLAVOURS[cfg.flavour]["cls"]
+  return num_patches(cfg) + (1 if has_cls and cfg.keep_cls else 0)
+
+
+class EncoderBlock(nn.Module):
+  cfg: ml_collections.ConfigDict
+  dtype: jnp.dtype
+  attention_impl: str
+
+  @nn.compact
+  def __call__(self, x):
+    c, dt = self.cfg, self.dtype
+    head_dim = c.width // c.heads
+    h = layer_norm("attn_norm", c.norm_eps, dt)(x)
+    qkv = [dense((c.heads, head_dim), ("embed", "heads", "head_dim"), name=n, dtype=dt, use_bias=True)(h)
+           for n in ("q", "k", "v")]
+    o = attention(*qkv, causal=False, implementation=self.attention_impl)
+    x = x + dense(c.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2,
+                  use_bias=True, bias_axes=("embed",))(o)
+    h = layer_norm("mlp_norm", c.norm_eps, dt)(x)
+    h = ACTIVATIONS[FLAVOURS[c.flavour]["act"]](
+        dense(c.mlp_dim, ("embed", "mlp"), name="fc1", dtype=dt, use_bias=True)(h))
+    x = x + dense(c.width, ("mlp", "embed"), name="fc2", dtype=dt, use_bias=True)(h)
+    return constrain(x, ("act_batch", "act_length", "act_embed")), None
+
+
+class ViT(nn.Module):
+  cfg: ml_collections.ConfigDict
+  dtype: jnp.dtype = jnp.bfloat16
+  remat: str = "none"
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """images [B, H, W, 3] (normalised) -> features [B, num_output_tokens, width]."""
+    c, flavour = self.cfg, FLAVOURS[self.cfg.flavour]
+    p = c.patch_size
+    x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", use_bias=not flavour["cls"],
+                dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed",
+                kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                bias_init=logical(nn.initializers.zeros_init(), ("embed",)))(images.astype(self.dtype))
+    x = x.reshape(x.shape[0], -1, c.width)
+    if flavour["cls"]:
+      cls = self.param("cls", logical(nn.initializers.normal(0.02), ("embed",)), (c.width,))
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, c.width)), x], axis=1)
+    pos = self.param("pos_embed", logical(nn.initializers.normal(0.02), (None, "embed")),
+                     (x.shape[1], c.width))
+    x = x + pos.astype(x.dtype)
+    if flavour["pre_norm"]:
+      x = layer_norm("pre_norm", c.norm_eps, self.dtype)(x)
+    x = constrain(x, ("act_batch", "act_length", "act_embed"))
+    x, _ = stack_layers(EncoderBlock, c.depth, self.remat, n_broadcast=0, cfg=c, dtype=self.dtype,
+                        attention_impl=self.attention_impl, name="layers")(x)
+    if flavour["cls"] and not c.keep_cls:
+      x = x[:, 1:]
+    return x

@@ -1,0 +1,62 @@
+"""The VLM: images -> ViT -> bridge -> visual tokens written into the `<image>` placeholder slots -> LLM."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlm_jax.models import bridge as bridge_lib
+from vlm_jax.models import vit as vit_lib
+from vlm_jax.models.bridge import Bridge
+from vlm_jax.models.llm import LLM
+from vlm_jax.models.vit import ViT
+
+
+def image_tokens(model_cfg: ml_collections.ConfigDict) -> int:
+  """Placeholder tokens one image occupies in the sequence."""
+  return bridge_lib.num_output_tokens(model_cfg.bridge, vit_lib.num_output_tokens(model_cfg.vision))
+
+
+def scatter_visual(embeds: jax.Array, visual: jax.Array, is_placeholder: jax.Array) -> jax.Array:
+  """Writes visual tokens, in order, into the placeholder positions of each row.
+
+  embeds [B,L,D]; visual [B,V,D] (all images of a row, flattened in order); is_placeholder [B,L].
+  The k-th placeholder of a row takes visual[k]: static shapes, no data-dependent gather sizes.
+  """
+  index = jnp.clip(jnp.cumsum(is_placeholder, axis=1) - 1, 0, visual.shape[1] - 1)
+  gathered = jnp.take_along_axis(visual, index[..., None], axis=1).astype(embeds.dtype)
+  return jnp.where(is_placeholder[..., None], gathered, embeds)
+
+
+class VLM(nn.Module):
+  cfg: ml_collections.ConfigDict          # config.model
+  image_token_id: int
+
+  def setup(self):
+    c = self.cfg
+    dtype = jnp.dtype(c.dtype)
+    self.vision = ViT(c.vision, dtype, c.remat, c.attention)
+    self.bridge = Bridge(c.bridge, c.llm.width, dtype)
+    self.llm = LLM(c.llm, dtype, c.remat, c.attention)
+
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """images [B, N, H, W, 3] -> visual tokens [B, N * image_tokens, llm_width]."""
+    b, n = images.shape[:2]
+    visual = self.bridge(self.vision(images.reshape((b * n,) + images.shape[2:])))
+    return visual.reshape(b, n * visual.shape[1], visual.shape[2])
+
+  def embed(self, tokens: jax.Array, images: jax.Array) -> jax.Array:
+    """Token embeddings with the visual tokens written into the placeholder slots."""
+    embeds = self.llm.embed(tokens)
+    return scatter_visual(embeds, self.encode_images(images), tokens == self.image_token_id)
+
+  def embed_text(self, tokens: jax.Array) -> jax.Array:
+    return self.llm.embed(tokens)
+
+  def decode(self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    return self.llm(embeds, positions, segment_ids)
+
+  def __call__(self, tokens: jax.Array, images: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array) -> jax.Array:
+    """-> fp32 logits [B, L, vocab]."""
+    return self.decode(self.embed(tokens, images), positions, segment_ids)

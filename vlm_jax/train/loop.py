@@ -1,0 +1,161 @@
+"""The training loop: read top to bottom.
+
+workdir -> tokenizer -> mesh -> model, optimizer, shardings -> data -> restore or init ->
+compile -> loop (step, log, eval, checkpoint) -> final eval and checkpoint.
+"""
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from vlm_jax import config as config_lib
+from vlm_jax import parallel
+from vlm_jax.data.pipeline import Batches
+from vlm_jax.data.tokenizer import Tokenizer
+from vlm_jax.errors import UserError
+from vlm_jax.eval.runner import evaluator_for
+from vlm_jax.train import build as build_lib
+from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.metrics import MetricWriter, ProgressLine
+
+log = logging.getLogger("vlm_jax")
+
+# Fields that may change when a run is resumed (cadence, length); any other change is an error.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                     "train.max_to_keep", "train.eval_examples", "train.eval_batch_size")
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes DIR/config.json, or checks that a resumed run has the config it was started with."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = config_lib.flatten(json.load(f))
+    changed = sorted(k for k, v in config_lib.flatten(json.loads(config_lib.to_json(config))).items()
+                     if saved.get(k) != v and k not in RESUMABLE_CHANGES)
+    if changed:
+      raise UserError(f"--workdir {workdir} holds a run with a different config ({', '.join(changed[:5])}); "
+                      "use a new workdir, or the same config to resume")
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      f.write(config_lib.to_json(config))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir`. `stop_after` ends the process early at that step,
+  as a preemption would (a checkpoint is written). Returns the last eval metrics."""
+  # --- Workdir, tokenizer, mesh ----------------------------------------------------------------
+  config_lib.validate(config)
+  tokenizer = Tokenizer.load(config.data.tokenizer)
+  build_lib.resolve_model_config(config, tokenizer.vocab_size)
+  prepare_workdir(config, workdir)
+  mesh = parallel.make_mesh(config.mesh)
+  t = config.train
+  rows_per_micro = t.batch_size // t.grad_accum
+  if rows_per_micro % parallel.batch_divisor(mesh):
+    raise UserError(f"config.train.batch_size / grad_accum = {rows_per_micro} rows per micro-batch does not "
+                    f"divide over the mesh's data x fsdp = {parallel.batch_divisor(mesh)} devices")
+
+  # --- Model, optimizer, shardings; data ------------------------------------------------------
+  run = build_lib.build(config, mesh, tokenizer.image_id)
+  data = Batches(config.data.sources, tokenizer=tokenizer, seq_len=config.data.seq_len,
+                 global_batch_size=t.batch_size, image_size=config.model.vision.image_size,
+                 image_tokens=run.image_tokens, seed=config.seed, image_mean=config.data.image_mean,
+                 image_std=config.data.image_std, template=config.data.template,
+                 process_index=jax.process_index(), process_count=jax.process_count(),
+                 strict=config.data.strict)
+  evaluate = evaluator_for(run, tokenizer, config.data.eval_sources, t.eval_examples)
+
+  # --- Restore or init ------------------------------------------------------------------------
+  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), t.max_to_keep)
+  start = checkpoints.latest_step()
+  if start is not None:
+    state, data_state = checkpoints.restore(start, run.abstract_state, run.state_shardings)
+    data.set_state(data_state)
+    log.info("resumed from step %d", start)
+  else:
+    start = 0
+    state = run.init(jax.random.key(config.seed))
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  n_trained = sum(x.size for x, l in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(run.labels))
+                  if l != "frozen")
+  log.info("params: %s total, %s trained (stage %s); mesh %s", f"{n_params:,}", f"{n_trained:,}",
+           config.stage, dict(mesh.shape))
+
+  # --- Compile once, before the loop ----------------------------------------------------------
+  batch = next(data)
+  t0 = time.time()
+  train_step = run.train_step.lower(state, parallel.global_batch(batch, mesh)).compile()
+  memory = train_step.memory_analysis()
+  log.info("train step compiled in %.1fs%s", time.time() - t0,
+           f"; temp memory {memory.temp_size_in_bytes / 2**20:.0f} MiB" if memory else "")
+
+  # --- Loop -----------------------------------------------------------------------------------
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  progress = ProgressLine(start, t.steps)
+  preempted = _PreemptionFlag()
+  tokens_per_step = t.batch_size * config.data.seq_len
+  eval_metrics: dict = {}
+  step = start
+  end = t.steps if stop_after is None else min(t.steps, stop_after)
+  while step < end:
+    state, metrics = train_step(state, parallel.global_batch(batch, mesh))
+    step += 1
+    if step % t.log_every == 0 or step == end:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      metrics["train/tokens_per_s"] = progress.update(step, tokens_per_step)
+      metrics.update({f"data/skipped/{k}": v for k, v in data.skipped.items()})
+      writer.write(step, metrics)
+      log.info(progress.line(step, metrics))
+    if step % t.eval_every == 0 or step == t.steps:
+      eval_metrics = _eval(evaluate, state, step, writer, config.data.eval_sources)
+    if step < end:
+      batch = next(data)
+    if step % t.checkpoint_every == 0 or step == end or preempted:
+      checkpoints.save(step, state, data.get_state())
+    if preempted:
+      log.warning("stopping at step %d on %s; run again to resume", step, preempted.signal_name)
+      break
+  preempted.restore()
+  checkpoints.wait()
+  checkpoints.close()
+  writer.close()
+  return eval_metrics
+
+
+def _eval(evaluate, state, step: int, writer: "MetricWriter", spec: str) -> dict:
+  name = spec.replace(":", "_")
+  t0 = time.time()
+  metrics = evaluate(state["params"])
+  metrics = {f"eval/{name}/{k}": v for k, v in metrics.items()}
+  writer.write(step, metrics)
+  log.info("eval at step %d (%.1fs): %s", step, time.time() - t0,
+           ", ".join(f"{k.split('/', 2)[-1]} {v:.4g}" for k, v in metrics.items()))
+  return metrics
+
+
+class _PreemptionFlag:
+  """True after SIGTERM/SIGINT: the loop checkpoints and exits cleanly (TPU VMs get SIGTERM)."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, _frame):
+    if self.signal_name is not None:  # second signal: stop now
+      raise KeyboardInterrupt
+    self.signal_name = signal.Signals(signum).name
+
+  def __bool__(self) -> bool:
+    return self.signal_name is not None

@@ -1,0 +1,69 @@
+"""Optimizer: AdamW + warmup-cosine + global-norm clipping; freezing and per-component LR by param path.
+
+Frozen params get `optax.set_to_zero` inside `multi_transform`: no Adam moments are allocated for
+them and their update is exactly zero. The train step also stops their gradients, so no backward
+pass runs through a frozen encoder.
+"""
+
+import re
+
+import jax
+import ml_collections
+import optax
+
+from vlm_jax.config import COMPONENTS
+from vlm_jax.errors import UserError
+
+FROZEN = "frozen"
+STAGE_TRAINS = {"stage1": ("bridge",), "stage2": ("bridge", "llm"), "full": COMPONENTS}
+
+
+def path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def component(path: str) -> str:
+  """vision / bridge / llm; top-level extras (image_newline, ...) belong to the bridge."""
+  top = path.split("/", 1)[0]
+  return top if top in COMPONENTS else "bridge"
+
+
+def param_labels(params, train_cfg: ml_collections.ConfigDict, stage: str):
+  """Tree of labels: the component name where the param trains, FROZEN elsewhere."""
+  paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if train_cfg.trainable:
+    patterns = [p.strip() for p in train_cfg.trainable.split(",") if p.strip()]
+    try:
+      compiled = [re.compile(p) for p in patterns]
+    except re.error as e:
+      raise UserError(f"config.train.trainable: bad regex: {e}") from None
+    for pattern, regex in zip(patterns, compiled):
+      if not any(regex.fullmatch(p) for p in paths):
+        raise UserError(f"config.train.trainable: pattern {pattern!r} matches no parameter")
+    trains = lambda p: any(r.fullmatch(p) for r in compiled)
+  else:
+    trains = lambda p: component(p) in STAGE_TRAINS[stage]
+
+  def label(path, _):
+    p = path_str(path)
+    comp = component(p)
+    return comp if trains(p) and train_cfg.lr_mult[comp] > 0 else FROZEN
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def schedule(train_cfg: ml_collections.ConfigDict, mult: float = 1.0) -> optax.Schedule:
+  peak = train_cfg.lr * mult
+  return optax.warmup_cosine_decay_schedule(
+      0.0, peak, min(train_cfg.warmup_steps, train_cfg.steps), max(train_cfg.steps, 1),
+      end_value=peak * train_cfg.end_lr_ratio)
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict, labels) -> optax.GradientTransformation:
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # no decay on norms/biases
+  transforms = {FROZEN: optax.set_to_zero()}
+  for comp in COMPONENTS:
+    transforms[comp] = optax.adamw(schedule(train_cfg, train_cfg.lr_mult[comp]), b1=train_cfg.b1,
+                                   b2=train_cfg.b2, weight_decay=train_cfg.weight_decay,
+                                   mask=decay_mask)
+  return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip),
+                     optax.multi_transform(transforms, labels))

@@ -1,0 +1,454 @@
+"""Host-side data: the shapes set, tokenizer, chat template, images and batches."""
+
+import collections
+import json
+import logging
+import re
+
+import numpy as np
+import PIL.Image
+import pytest
+import sentencepiece
+
+from vlm_jax.errors import UserError
+from vlm_jax.data import images, pipeline, shapes, templates, tokenizer
+from vlm_jax.data.shapes import Shape
+from vlm_jax.data.templates import encode_conversation, encode_prompt
+
+ANSWER_WORDS = list(shapes.COLORS) + list(shapes.SHAPES) + list(shapes.NUMBERS)
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tokenizer.Tokenizer.load("shapes")
+
+
+@pytest.fixture(scope="module")
+def examples():
+  return [shapes.make_example(3, "train", i, image_size=64) for i in range(300)]
+
+
+# --- shapes ------------------------------------------------------------------------------------
+
+
+def test_make_example_is_deterministic():
+  a, b = shapes.make_example(7, "train", 11, 64), shapes.make_example(7, "train", 11, 64)
+  assert np.array_equal(a.image, b.image) and a.turns == b.turns and a.answer == b.answer
+  c = shapes.make_example(7, "train", 12, 64)
+  assert not np.array_equal(a.image, c.image)
+  d = shapes.make_example(8, "train", 11, 64)
+  assert not np.array_equal(a.image, d.image)
+
+
+def test_train_and_test_splits_differ():
+  train = {shapes.make_example(0, "train", i, 64).image.tobytes() for i in range(100)}
+  test = {shapes.make_example(0, "test", i, 64).image.tobytes() for i in range(100)}
+  assert not train & test
+
+
+def test_unknown_split_is_a_user_error():
+  with pytest.raises(UserError, match="unknown split 'val'"):
+    shapes.make_example(0, "val", 0, 64)
+
+
+def _pixel(image, o):
+  return tuple(image[int(o.cy), int(o.cx)])
+
+
+def test_examples_are_well_formed(examples):
+  for ex in examples:
+    assert ex.image.dtype == np.uint8 and ex.image.shape == (64, 64, 3)
+    assert [r for r, _ in ex.turns] == ["user", "assistant"]
+    assert ex.turns[0][1].startswith("<image>\n") and ex.turns[1][1] == ex.answer
+    assert 1 <= len(ex.objects) <= 3
+    n = len(ex.objects)
+    assert len({o.shape for o in ex.objects}) == len({o.color for o in ex.objects}) == n
+    for o in ex.objects:
+      assert 14 <= o.size <= 24
+      assert o.size / 2 <= o.cx <= 64 - o.size / 2 and o.size / 2 <= o.cy <= 64 - o.size / 2
+    # The drawn colours are exactly the objects' colours plus the background, and each
+    # shape is large (no shape hides another): triangles cover half their square.
+    colors, counts = np.unique(ex.image.reshape(-1, 3), axis=0, return_counts=True)
+    drawn = {tuple(int(v) for v in c): n for c, n in zip(colors, counts)}
+    background = set(drawn) - {shapes.COLORS[o.color] for o in ex.objects}
+    assert len(background) == 1 and background <= set(shapes.BACKGROUNDS.values())
+    for o in ex.objects:
+      assert drawn[shapes.COLORS[o.color]] >= 0.4 * o.size ** 2
+
+
+def test_answers_agree_with_the_pixels(examples):
+  for ex in examples:
+    question = ex.turns[0][1]
+    by_shape = {o.shape: o for o in ex.objects}
+    by_color = {o.color: o for o in ex.objects}
+    if ex.kind == "color":
+      shape = re.fullmatch(r"<image>\nWhat color is the (\w+)\?", question)[1]
+      assert _pixel(ex.image, by_shape[shape]) == shapes.COLORS[ex.answer]
+    elif ex.kind == "shape":
+      color = re.fullmatch(r"<image>\nWhat shape is (\w+)\?", question)[1]
+      assert by_color[color].shape == ex.answer
+      assert _pixel(ex.image, by_color[color]) == shapes.COLORS[color]
+    elif ex.kind == "count":
+      n_colors = len(np.unique(ex.image.reshape(-1, 3), axis=0)) - 1  # Minus the background.
+      assert ex.answer == ("one", "two", "three")[n_colors - 1]
+    else:
+      first, second = re.fullmatch(
+          r"<image>\nWhich is further left, the (\w+) or the (\w+)\?", question).groups()
+      assert ex.answer in (first, second) and first != second
+      left, right = by_shape[ex.answer], by_shape[second if ex.answer == first else first]
+      assert right.cx - left.cx >= 64 / 8
+      # The answer's colour is the first of the two seen scanning its row left to right.
+      row = [tuple(p) for p in ex.image[int(left.cy)]]
+      assert row.index(shapes.COLORS[left.color]) < int(left.cx)
+
+
+def test_all_kinds_and_answers_appear(examples):
+  kinds = collections.Counter(ex.kind for ex in examples)
+  assert set(kinds) == set(shapes.KINDS)
+  assert min(kinds.values()) >= 30
+  assert {ex.answer for ex in examples} == set(ANSWER_WORDS)
+  left = [ex for ex in examples if ex.kind == "left"]
+  # The order in which the two shapes are named is random, so the answer is not always first.
+  firsts = [ex.turns[0][1].split("the ")[1].split(" or")[0] == ex.answer for ex in left]
+  assert 0 < sum(firsts) < len(firsts)
+
+
+def test_draw_shapes():
+  objects = [Shape("circle", "red", 16, 16, 20), Shape("square", "blue", 48, 16, 16),
+             Shape("triangle", "green", 32, 48, 20)]
+  image = shapes.draw_shapes(objects, 64, "dark")
+  assert tuple(image[16, 16]) == shapes.COLORS["red"]
+  assert tuple(image[16, 48]) == shapes.COLORS["blue"]
+  assert tuple(image[9, 41]) == shapes.COLORS["blue"]  # Square corner.
+  assert tuple(image[8, 8]) == shapes.BACKGROUNDS["dark"]  # Outside the circle's disk.
+  assert tuple(image[48, 32]) == shapes.COLORS["green"]
+  assert tuple(image[39, 32]) == shapes.COLORS["green"]  # Near the apex, centre column.
+  assert tuple(image[39, 26]) == shapes.BACKGROUNDS["dark"]  # Beside the apex.
+  assert tuple(image[57, 23]) == shapes.COLORS["green"]  # Base corner.
+  assert tuple(image[0, 0]) == shapes.BACKGROUNDS["dark"]
+
+
+def test_answer_matches():
+  assert shapes.answer_matches("Red.", "red")
+  assert shapes.answer_matches("  three ", "three")
+  assert shapes.answer_matches("circle!", "Circle")
+  assert not shapes.answer_matches("dark red", "red")
+  assert not shapes.answer_matches("", "red")
+  assert not shapes.answer_matches("square", "circle")
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+
+def test_special_ids(tok):
+  assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3)
+  assert 400 <= tok.vocab_size <= 512
+  assert tok.encode("<image>") == [tok.image_id]
+  assert tok.decode([tok.bos_id] + tok.encode("a <image>\nb") + [tok.eos_id, tok.pad_id]) == "a \nb"
+
+
+@pytest.mark.parametrize("text", [
+    "What color is the circle?",
+    "USER: <image>\nWhich is further left, the circle or the square? ASSISTANT: circle",
+    "  two  spaces,\ttabs\n\nand newlines  ",
+    "Describe this photograph in detail, please.",
+])
+def test_round_trip(tok, text):
+  assert tok.decode(tok.encode(text)) == text.replace("<image>", "")
+  assert tok.encode(text).count(tok.image_id) == text.count("<image>")
+
+
+def test_byte_fallback_encodes_any_text(tok):
+  text = "naïve 日本語 ☃ 🙂"
+  ids = tok.encode(text)
+  assert 1 not in ids  # No <unk>: unseen characters become byte pieces.
+  assert tok.decode(ids) == text
+
+
+def test_answer_words_are_one_token(tok):
+  for word in ANSWER_WORDS:
+    assert len(tok.encode(" " + word)) == 1, word  # As the template places them.
+    assert len(tok.encode(word)) == 1, word
+
+
+def test_shipped_tokenizer_matches_the_code(tok, tmp_path):
+  retrained = tokenizer.Tokenizer.load(tokenizer.train_shapes_tokenizer(str(tmp_path / "t")))
+  assert retrained.vocab_size == tok.vocab_size
+  assert all(retrained.id_to_piece(i) == tok.id_to_piece(i) for i in range(tok.vocab_size))
+
+
+def test_tokenizer_load_errors(tmp_path):
+  with pytest.raises(UserError, match="tokenizer file not found: .*nope.model"):
+    tokenizer.Tokenizer.load(str(tmp_path / "nope.model"))
+  bad = tmp_path / "bad.model"
+  bad.write_bytes(b"not a sentencepiece model")
+  with pytest.raises(UserError, match="cannot read tokenizer .*bad.model") as e:
+    tokenizer.Tokenizer.load(str(bad))
+  assert "\n" not in str(e.value)
+  # A valid sentencepiece model without the <image> symbol cannot place image tokens.
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(["a tiny corpus of words"] * 10), model_prefix=str(tmp_path / "plain"),
+      vocab_size=40, model_type="bpe", minloglevel=2, hard_vocab_limit=False)
+  with pytest.raises(UserError, match="no <image> symbol"):
+    tokenizer.Tokenizer.load(str(tmp_path / "plain.model"))
+
+
+# --- templates ---------------------------------------------------------------------------------
+
+TURNS = [("user", "<image>\nWhat color is the circle?"), ("assistant", "red")]
+
+
+def test_conversation_layout(tok):
+  enc = encode_conversation(TURNS, tok, image_tokens=3)
+  assert enc.tokens.dtype == np.int32 and enc.loss_mask.dtype == np.bool_
+  # Pieces encoded one by one give exactly the tokens of the whole text.
+  whole = tok.encode("USER: <image>\nWhat color is the circle? ASSISTANT: red")
+  i = whole.index(tok.image_id)
+  whole[i:i + 1] = [tok.image_id] * 3
+  assert enc.tokens.tolist() == [tok.bos_id] + whole + [tok.eos_id]
+  # Supervised: " red" (one token) and EOS, nothing else.
+  assert enc.loss_mask.tolist() == [False] * (len(enc.tokens) - 2) + [True, True]
+  assert tok.decode(enc.tokens[enc.loss_mask]) == " red"
+  assert tok.decode(enc.tokens[~enc.loss_mask]) == "USER: \nWhat color is the circle? ASSISTANT:"
+
+
+def test_two_rounds(tok):
+  turns = TURNS + [("user", "And the square?"), ("assistant", "blue, I think")]
+  enc = encode_conversation(turns, tok, image_tokens=2)
+  first = encode_conversation(TURNS, tok, image_tokens=2)
+  n = len(first.tokens)
+  assert np.array_equal(enc.tokens[:n], first.tokens)
+  assert np.array_equal(enc.loss_mask[:n], first.loss_mask)
+  rest = enc.tokens[n:]
+  assert tok.decode(rest[~enc.loss_mask[n:]]) == "USER: And the square? ASSISTANT:"
+  assert tok.decode(rest[enc.loss_mask[n:]]) == " blue, I think"
+  assert rest[-1] == tok.eos_id and enc.loss_mask[-1]
+  assert enc.tokens.tolist().count(tok.bos_id) == 1
+
+
+def test_prompt_is_a_prefix_of_the_conversation(tok):
+  prompt = encode_prompt(TURNS[0][1], tok, image_tokens=5)
+  enc = encode_conversation(TURNS, tok, image_tokens=5)
+  assert prompt.dtype == np.int32
+  assert np.array_equal(enc.tokens[:len(prompt)], prompt)
+  assert not enc.loss_mask[:len(prompt)].any() and enc.loss_mask[len(prompt):].all()
+  # Without <image>, "<image>\n" goes in front (LLaVA) when the model takes image tokens.
+  assert np.array_equal(encode_prompt("What color is the circle?", tok, 5), prompt)
+  text_only = encode_prompt("What color is the circle?", tok, 0)
+  assert tok.image_id not in text_only
+  assert tok.decode(text_only) == "USER: What color is the circle? ASSISTANT:"
+
+
+def test_raw_prompt(tok):
+  raw = encode_prompt("Q: <image> what? A:", tok, image_tokens=4, raw=True)
+  assert raw[0] == tok.bos_id and raw.tolist().count(tok.image_id) == 4
+  assert tok.decode(raw) == "Q:  what? A:"
+  assert tok.image_id not in encode_prompt("no image here", tok, image_tokens=4, raw=True)
+
+
+@pytest.mark.parametrize("image_tokens", [1, 7, 64])
+def test_image_expansion(tok, image_tokens):
+  tokens = encode_conversation(TURNS, tok, image_tokens).tokens
+  where = np.flatnonzero(tokens == tok.image_id)
+  assert len(where) == image_tokens and np.all(np.diff(where) == 1)
+
+
+@pytest.mark.parametrize("turns, kwargs, message", [
+    (TURNS, {"template": "chatml"}, "unknown chat template 'chatml'"),
+    ([("user", "hi"), ("bot", "red")], {}, "turn 1: unknown role 'bot'"),
+    ([("assistant", "red"), ("user", "hi")], {}, "turn 0: expected a 'user' turn"),
+    ([("user", "hi"), ("assistant", "  ")], {}, "turn 1: empty assistant text"),
+    ([("user", "hi")], {}, "ends with a user turn"),
+    ([], {}, "empty conversation"),
+    ([("user", "<image> <image> hi"), ("assistant", "red")], {}, "2 <image> placeholders"),
+    (TURNS + [("user", "<image> again"), ("assistant", "red")], {}, "2 <image> placeholders"),
+    ([("user", "hi"), ("assistant", "<image>")], {}, "turn 1: <image> in an assistant turn"),
+    (TURNS, {"image_tokens": 0}, "no image tokens"),
+])
+def test_template_user_errors(tok, turns, kwargs, message):
+  kwargs = {"image_tokens": 4, **kwargs}
+  with pytest.raises(UserError, match=re.escape(message)) as e:
+    encode_conversation(turns, tok, **kwargs)
+  assert "\n" not in str(e.value)
+
+
+def test_prompt_user_errors(tok):
+  with pytest.raises(UserError, match="2 <image> placeholders"):
+    encode_prompt("<image><image>", tok, 4)
+  with pytest.raises(UserError, match="no image tokens"):
+    encode_prompt("<image> hi", tok, 0, raw=True)
+  with pytest.raises(UserError, match="unknown chat template"):
+    encode_prompt("hi", tok, 4, template="nope")
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def test_load_and_preprocess(tmp_path):
+  rgb = np.zeros((30, 40, 3), np.uint8)
+  rgb[..., 0] = 255
+  PIL.Image.fromarray(rgb).convert("RGBA").save(tmp_path / "a.png")
+  image = images.load_image(str(tmp_path / "a.png"))
+  assert image.mode == "RGB" and image.size == (40, 30)
+  x = images.preprocess(image, 32)
+  assert x.dtype == np.float32 and x.shape == (32, 32, 3)
+  np.testing.assert_allclose(x[..., 0], 1.0, atol=1e-6)
+  np.testing.assert_allclose(x[..., 1:], -1.0, atol=1e-6)
+  # Arrays of the right size skip the resize and match the PIL path.
+  ex = shapes.make_example(0, "train", 0, 32).image
+  y = images.preprocess(ex, 32, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))
+  np.testing.assert_allclose(y, (ex / 255 - [0.1, 0.2, 0.3]) / [0.5, 0.25, 2.0], rtol=1e-5)
+  np.testing.assert_array_equal(images.preprocess(PIL.Image.fromarray(ex), 32),
+                                images.preprocess(ex, 32))
+  grey = images.preprocess(np.full((8, 8), 255, np.uint8), 8)
+  np.testing.assert_allclose(grey, 1.0)
+
+
+def test_image_errors(tmp_path):
+  with pytest.raises(UserError, match="image file not found: .*missing.png"):
+    images.load_image(str(tmp_path / "missing.png"))
+  (tmp_path / "bad.jpg").write_bytes(b"garbage")
+  with pytest.raises(UserError, match="cannot read image .*bad.jpg"):
+    images.load_image(str(tmp_path / "bad.jpg"))
+
+
+# --- pipeline ----------------------------------------------------------------------------------
+
+SIZE, IMAGE_TOKENS, SEED = 32, 16, 5
+
+
+def _batches(tok, spec="shapes", *, seq_len=64, batch=4, **kwargs):
+  return pipeline.Batches(spec, tokenizer=tok, seq_len=seq_len, global_batch_size=batch,
+                          image_size=SIZE, image_tokens=IMAGE_TOKENS, seed=SEED,
+                          image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), **kwargs)
+
+
+def _length(tok, index, split="train"):
+  ex = shapes.make_example(SEED, split, index, SIZE)
+  return len(encode_conversation(ex.turns, tok, IMAGE_TOKENS).tokens)
+
+
+def test_parse_spec():
+  assert pipeline.parse_spec("shapes") == ("shapes", "train")
+  assert pipeline.parse_spec("shapes:test") == ("shapes", "test")
+  with pytest.raises(UserError, match="'llava:x.json'.*not implemented yet"):
+    pipeline.parse_spec("llava:x.json")
+  with pytest.raises(UserError, match="'tfds:vqa'.*not implemented yet"):
+    pipeline.parse_spec("tfds:vqa")
+  with pytest.raises(UserError, match="data spec 'coco'"):
+    pipeline.parse_spec("coco")
+  with pytest.raises(UserError, match="data spec 'shapes:val'"):
+    pipeline.parse_spec("shapes:val")
+
+
+def test_batch_arrays(tok):
+  b = next(_batches(tok, batch=4))
+  expected = {"images": ((4, 1, SIZE, SIZE, 3), np.float32), "image_mask": ((4, 1), np.float32),
+              "tokens": ((4, 64), np.int32), "targets": ((4, 64), np.int32),
+              "loss_mask": ((4, 64), np.float32), "segment_ids": ((4, 64), np.int32),
+              "positions": ((4, 64), np.int32)}
+  assert {k: (v.shape, v.dtype) for k, v in b.items()} == expected
+  assert np.all(b["image_mask"] == 1)
+  for r in range(4):
+    ex = shapes.make_example(SEED, "train", r, SIZE)
+    enc = encode_conversation(ex.turns, tok, IMAGE_TOKENS)
+    n = len(enc.tokens)
+    np.testing.assert_array_equal(b["images"][r, 0], images.preprocess(ex.image, SIZE))
+    assert b["tokens"][r, :n].tolist() == enc.tokens.tolist()
+    assert np.all(b["tokens"][r, n:] == tok.pad_id)
+    assert b["targets"][r, :n - 1].tolist() == enc.tokens[1:].tolist()
+    assert np.all(b["targets"][r, n - 1:] == tok.pad_id)
+    assert b["segment_ids"][r].tolist() == [1] * n + [0] * (64 - n)
+    assert b["positions"][r].tolist() == list(range(n)) + [0] * (64 - n)
+    # Supervised targets: the answer and EOS only; never image, pad or prompt tokens.
+    sup = b["targets"][r][b["loss_mask"][r] == 1]
+    assert tok.decode(sup) == " " + ex.answer and sup[-1] == tok.eos_id
+    assert b["loss_mask"][r, n - 1:].sum() == 0
+    assert tok.image_id not in sup and tok.pad_id not in sup
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# Left-of questions are the longest; at this length some (not all) samples are too long.
+SHORT = 35
+
+
+def test_too_long_samples_are_skipped_and_counted(tok, caplog):
+  lengths = [_length(tok, i) for i in range(40)]
+  assert 0 < sum(n > SHORT for n in lengths) < 20
+  it = _batches(tok, seq_len=SHORT, batch=4)
+  with caplog.at_level(logging.WARNING):
+    got = _take(it, 3)
+  kept = [i for i, n in enumerate(lengths) if n <= SHORT][:12]
+  assert it.skipped == {"too_long": sum(n > SHORT for n in lengths[:kept[-1] + 1])}
+  assert it.get_state()["next_index"] == kept[-1] + 1
+  rows = np.concatenate([b["tokens"] for b in got])
+  for row, i in zip(rows, kept):
+    enc = encode_conversation(shapes.make_example(SEED, "train", i, SIZE).turns, tok, IMAGE_TOKENS)
+    assert row[:len(enc.tokens)].tolist() == enc.tokens.tolist()
+  assert len([r for r in caplog.records if "skipping sample" in r.getMessage()]) == 1
+  first_long = next(i for i, n in enumerate(lengths) if n > SHORT)
+  with pytest.raises(UserError, match=f"data spec 'shapes' sample {first_long}: .* > seq_len"):
+    _take(_batches(tok, seq_len=SHORT, batch=4, strict=True), 3)
+
+
+def test_skipping_everything_stops(tok):
+  with pytest.raises(UserError, match="in a row skipped"):
+    next(_batches(tok, seq_len=8))
+
+
+def test_resume_equals_unbroken_run(tok):
+  reference = _batches(tok, seq_len=SHORT, batch=4)
+  unbroken = _take(reference, 6)
+  it = _batches(tok, seq_len=SHORT, batch=4)
+  _take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["skipped"]["too_long"] > 0
+  resumed = _batches(tok, seq_len=SHORT, batch=4)
+  resumed.set_state(state)
+  _assert_same(_take(resumed, 3), unbroken[3:])
+  assert resumed.get_state() == reference.get_state()
+  with pytest.raises(UserError, match="data iterator state"):
+    resumed.set_state({"skipped": {}})
+
+
+def test_processes_split_the_global_batch(tok):
+  whole = _take(_batches(tok, seq_len=SHORT, batch=4), 3)
+  parts = [_take(_batches(tok, seq_len=SHORT, batch=4, process_index=p, process_count=2), 3)
+           for p in range(2)]
+  merged = [{k: np.concatenate([p0[k], p1[k]]) for k in p0} for p0, p1 in zip(*parts)]
+  _assert_same(merged, whole)
+  assert parts[0][0]["tokens"].shape == (2, SHORT)
+  with pytest.raises(UserError, match="batch size 4 is not a positive multiple of the 3"):
+    _batches(tok, batch=4, process_count=3)
+
+
+def test_unknown_template_fails_at_construction(tok):
+  with pytest.raises(UserError, match="unknown chat template"):
+    _batches(tok, template="nope")
+
+
+def test_eval_examples_are_the_first_of_the_split():
+  evals = pipeline.eval_examples("shapes:test", 5, seed=SEED, image_size=SIZE)
+  assert len(evals) == 5
+  for i, ex in enumerate(evals):
+    ref = shapes.make_example(SEED, "test", i, SIZE)
+    assert np.array_equal(ex.image, ref.image) and ex.turns == ref.turns
+
+
+def test_collate_text_only_sample(tok):
+  encs = [encode_conversation([("user", "hi"), ("assistant", "red")], tok, 0)]
+  b = pipeline.collate(encs, [None], 16, tok.pad_id, image_size=8)
+  assert b["images"].shape == (1, 1, 8, 8, 3) and not b["images"].any()
+  assert b["image_mask"].tolist() == [[0.0]]
+  assert tok.decode(b["targets"][0][b["loss_mask"][0] == 1]) == " red"

@@ -1,0 +1,157 @@
+"""The built-in synthetic visual-QA set: coloured shapes and one-word answers.
+
+Every example is drawn on the fly from (seed, split, index), so the set needs no download,
+is identical on every host, and any example can be regenerated from its index alone.
+"""
+
+import dataclasses
+import string
+
+import numpy as np
+
+from vlm_jax.errors import UserError
+
+SHAPES = ("circle", "square", "triangle")
+# Far apart in RGB and from both backgrounds, so a tiny model (and a pixel test) can tell them.
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 230),
+    "yellow": (240, 220, 20),
+    "purple": (140, 40, 190),
+    "orange": (250, 140, 0),
+}
+BACKGROUNDS = {"light": (235, 235, 235), "dark": (25, 25, 25)}
+NUMBERS = ("one", "two", "three")
+KINDS = ("color", "shape", "count", "left")
+SPLITS = {"train": 0, "test": 1}  # Part of the rng seed: the splits never share a stream.
+
+QUESTIONS = {
+    "color": "What color is the {shape}?",
+    "shape": "What shape is {color}?",
+    "count": "How many shapes are there?",
+    "left": "Which is further left, the {first} or the {second}?",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """One drawn object: a shape type, a colour name, its centre and size in pixels."""
+  shape: str
+  color: str
+  cx: float
+  cy: float
+  size: float
+
+
+@dataclasses.dataclass
+class Example:
+  """An image, a conversation about it, and the expected one-word answer."""
+  image: np.ndarray  # uint8 [S, S, 3]
+  turns: list[tuple[str, str]]  # (role, text), role in {"user", "assistant"}
+  answer: str
+  kind: str  # one of KINDS
+  objects: tuple[Shape, ...] = ()
+
+
+def draw_shapes(objects: list[Shape] | tuple[Shape, ...], image_size: int,
+                background: str | tuple[int, int, int] = "light") -> np.ndarray:
+  """Draws filled shapes on a plain background; returns uint8 [image_size, image_size, 3]."""
+  if isinstance(background, str):
+    background = BACKGROUNDS[background]
+  image = np.empty((image_size, image_size, 3), np.uint8)
+  image[:] = background
+  for o in objects:
+    half = o.size / 2
+    # Only the pixels of the bounding square are tested (much faster than the whole image).
+    x0, x1 = max(int(o.cx - half), 0), min(int(np.ceil(o.cx + half)) + 1, image_size)
+    y0, y1 = max(int(o.cy - half), 0), min(int(np.ceil(o.cy + half)) + 1, image_size)
+    # Pixel centres, so a shape covers the pixels whose centre lies inside it.
+    y, x = np.arange(y0, y1)[:, None] + 0.5, np.arange(x0, x1)[None, :] + 0.5
+    if o.shape == "circle":
+      inside = (x - o.cx) ** 2 + (y - o.cy) ** 2 <= half ** 2
+    elif o.shape == "square":
+      inside = (np.abs(x - o.cx) <= half) & (np.abs(y - o.cy) <= half)
+    elif o.shape == "triangle":
+      # Apex up, base at the bottom; half-width grows by 1/2 per pixel below the apex.
+      top = o.cy - half
+      inside = (y >= top) & (y <= o.cy + half) & (np.abs(x - o.cx) <= (y - top) / 2)
+    else:
+      raise ValueError(f"unknown shape {o.shape!r}")
+    image[y0:y1, x0:x1][inside] = COLORS[o.color]
+  return image
+
+
+def _layout(rng: np.random.Generator, image_size: int) -> list[Shape]:
+  """1-3 shapes of distinct types and colours, fully inside, not touching (rejection sampling)."""
+  scale = image_size / 64
+  n = int(rng.integers(1, 4))
+  types = rng.permutation(len(SHAPES))[:n]
+  colors = rng.permutation(len(COLORS))[:n]
+  names = list(COLORS)
+  gap = 2 * scale  # Keeps shapes visually separate, not just non-overlapping.
+  while True:
+    placed: list[Shape] = []
+    for t, c in zip(types, colors):
+      for _ in range(100):
+        size = float(rng.uniform(14, 24)) * scale
+        lo, hi = size / 2 + 1, image_size - size / 2 - 1
+        cx, cy = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
+        # Bounding squares apart by `gap` on at least one axis: no overlap for any shape type.
+        if all(max(abs(cx - p.cx), abs(cy - p.cy)) >= (size + p.size) / 2 + gap for p in placed):
+          placed.append(Shape(SHAPES[t], names[c], cx, cy, size))
+          break
+      else:
+        break  # Crowded: start the layout again.
+    if len(placed) == n:
+      return placed
+
+
+def _left_pairs(objects: list[Shape], image_size: int) -> list[tuple[Shape, Shape]]:
+  """Pairs whose x centres differ clearly (>= 1/8 image width), so 'further left' is obvious."""
+  return [(a, b) for i, a in enumerate(objects) for b in objects[i + 1:]
+          if abs(a.cx - b.cx) >= image_size / 8]
+
+
+def _question(rng: np.random.Generator, objects: list[Shape],
+              image_size: int) -> tuple[str, str, str]:
+  """Returns (kind, question, answer); the kind is uniform among those the image allows."""
+  pairs = _left_pairs(objects, image_size)
+  kinds = [k for k in KINDS if k != "left" or pairs]
+  kind = kinds[int(rng.integers(len(kinds)))]
+  if kind == "color":
+    o = objects[int(rng.integers(len(objects)))]
+    return kind, QUESTIONS[kind].format(shape=o.shape), o.color
+  if kind == "shape":
+    o = objects[int(rng.integers(len(objects)))]
+    return kind, QUESTIONS[kind].format(color=o.color), o.shape
+  if kind == "count":
+    return kind, QUESTIONS[kind], NUMBERS[len(objects) - 1]
+  a, b = pairs[int(rng.integers(len(pairs)))]
+  first, second = (a, b) if rng.integers(2) else (b, a)
+  answer = min(a, b, key=lambda o: o.cx).shape
+  return kind, QUESTIONS[kind].format(first=first.shape, second=second.shape), answer
+
+
+def make_example(seed: int, split: str, index: int, image_size: int = 64) -> Example:
+  """The example `index` of `split`, a pure function of its arguments."""
+  if split not in SPLITS:
+    raise UserError(f"shapes: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+  rng = np.random.default_rng([seed, SPLITS[split], index])
+  background = ("light", "dark")[int(rng.integers(2))]
+  objects = _layout(rng, image_size)
+  kind, question, answer = _question(rng, objects, image_size)
+  turns = [("user", "<image>\n" + question), ("assistant", answer)]
+  return Example(draw_shapes(objects, image_size, background), turns, answer, kind,
+                 tuple(objects))
+
+
+def normalize_answer(text: str) -> str:
+  """Lowercase, punctuation removed, whitespace collapsed."""
+  text = text.lower().translate(str.maketrans("", "", string.punctuation))
+  return " ".join(text.split())
+
+
+def answer_matches(prediction: str, answer: str) -> bool:
+  """Exact match after normalisation: 'Red.' matches 'red', 'dark red' does not."""
+  return normalize_answer(prediction) == normalize_answer(answer)

@@ -58,8 +58,11 @@ def _pixel(image, o):
 def test_examples_are_well_formed(examples):
   for ex in examples:
     assert ex.image.dtype == np.uint8 and ex.image.shape == (64, 64, 3)
-    assert [r for r, _ in ex.turns] == ["user", "assistant"]
+    # Training conversations ask every kind the image allows, once each; <image> only in round 1.
+    allows_left = any(abs(a.cx - b.cx) >= 64 / 8 for a in ex.objects for b in ex.objects)
+    assert [r for r, _ in ex.turns] == ["user", "assistant"] * (4 if allows_left else 3)
     assert ex.turns[0][1].startswith("<image>\n") and ex.turns[1][1] == ex.answer
+    assert sum("<image>" in text for _, text in ex.turns) == 1
     assert 1 <= len(ex.objects) <= 3
     n = len(ex.objects)
     assert len({o.shape for o in ex.objects}) == len({o.color for o in ex.objects}) == n
@@ -100,6 +103,12 @@ def test_answers_agree_with_the_pixels(examples):
       # The answer's colour is the first of the two seen scanning its row left to right.
       row = [tuple(p) for p in ex.image[int(left.cy)]]
       assert row.index(shapes.COLORS[left.color]) < int(left.cx)
+
+
+def test_test_split_asks_one_question():
+  for i in range(50):
+    ex = shapes.make_example(3, "test", i, 64)
+    assert [r for r, _ in ex.turns] == ["user", "assistant"] and ex.turns[1][1] == ex.answer
 
 
 def test_all_kinds_and_answers_appear(examples):
@@ -317,7 +326,7 @@ def test_image_errors(tmp_path):
 SIZE, IMAGE_TOKENS, SEED = 32, 16, 5
 
 
-def _batches(tok, spec="shapes", *, seq_len=64, batch=4, **kwargs):
+def _batches(tok, spec="shapes", *, seq_len=128, batch=4, **kwargs):
   return pipeline.Batches(spec, tokenizer=tok, seq_len=seq_len, global_batch_size=batch,
                           image_size=SIZE, image_tokens=IMAGE_TOKENS, seed=SEED,
                           image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), **kwargs)
@@ -344,9 +353,9 @@ def test_parse_spec():
 def test_batch_arrays(tok):
   b = next(_batches(tok, batch=4))
   expected = {"images": ((4, 1, SIZE, SIZE, 3), np.float32), "image_mask": ((4, 1), np.float32),
-              "tokens": ((4, 64), np.int32), "targets": ((4, 64), np.int32),
-              "loss_mask": ((4, 64), np.float32), "segment_ids": ((4, 64), np.int32),
-              "positions": ((4, 64), np.int32)}
+              "tokens": ((4, 128), np.int32), "targets": ((4, 128), np.int32),
+              "loss_mask": ((4, 128), np.float32), "segment_ids": ((4, 128), np.int32),
+              "positions": ((4, 128), np.int32)}
   assert {k: (v.shape, v.dtype) for k, v in b.items()} == expected
   assert np.all(b["image_mask"] == 1)
   for r in range(4):
@@ -358,11 +367,13 @@ def test_batch_arrays(tok):
     assert np.all(b["tokens"][r, n:] == tok.pad_id)
     assert b["targets"][r, :n - 1].tolist() == enc.tokens[1:].tolist()
     assert np.all(b["targets"][r, n - 1:] == tok.pad_id)
-    assert b["segment_ids"][r].tolist() == [1] * n + [0] * (64 - n)
-    assert b["positions"][r].tolist() == list(range(n)) + [0] * (64 - n)
-    # Supervised targets: the answer and EOS only; never image, pad or prompt tokens.
+    assert b["segment_ids"][r].tolist() == [1] * n + [0] * (128 - n)
+    assert b["positions"][r].tolist() == list(range(n)) + [0] * (128 - n)
+    # Supervised targets: each round's answer and its EOS only; never image, pad or prompt tokens.
     sup = b["targets"][r][b["loss_mask"][r] == 1]
-    assert tok.decode(sup) == " " + ex.answer and sup[-1] == tok.eos_id
+    answers = [text for role, text in ex.turns if role == "assistant"]
+    assert tok.decode(sup) == "".join(" " + a for a in answers) and sup[-1] == tok.eos_id
+    assert (sup == tok.eos_id).sum() == len(answers)
     assert b["loss_mask"][r, n - 1:].sum() == 0
     assert tok.image_id not in sup and tok.pad_id not in sup
 
@@ -379,13 +390,13 @@ def _assert_same(batches_a, batches_b):
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-# Left-of questions are the longest; at this length some (not all) samples are too long.
-SHORT = 35
+# Conversations differ in length (rounds, question kinds); at SHORT some (not all) are too long.
+SHORT = 60
 
 
 def test_too_long_samples_are_skipped_and_counted(tok, caplog):
-  lengths = [_length(tok, i) for i in range(40)]
-  assert 0 < sum(n > SHORT for n in lengths) < 20
+  lengths = [_length(tok, i) for i in range(80)]
+  assert 0 < sum(n > SHORT for n in lengths) < 60
   it = _batches(tok, seq_len=SHORT, batch=4)
   with caplog.at_level(logging.WARNING):
     got = _take(it, 3)

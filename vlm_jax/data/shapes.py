@@ -113,36 +113,43 @@ def _left_pairs(objects: list[Shape], image_size: int) -> list[tuple[Shape, Shap
           if abs(a.cx - b.cx) >= image_size / 8]
 
 
-def _question(rng: np.random.Generator, objects: list[Shape],
-              image_size: int) -> tuple[str, str, str]:
-  """Returns (kind, question, answer); the kind is uniform among those the image allows."""
-  pairs = _left_pairs(objects, image_size)
-  kinds = [k for k in KINDS if k != "left" or pairs]
-  kind = kinds[int(rng.integers(len(kinds)))]
+def _question(rng: np.random.Generator, kind: str, objects: list[Shape],
+              pairs: list[tuple[Shape, Shape]]) -> tuple[str, str]:
+  """Returns (question, answer) of the given kind about the objects."""
   if kind == "color":
     o = objects[int(rng.integers(len(objects)))]
-    return kind, QUESTIONS[kind].format(shape=o.shape), o.color
+    return QUESTIONS[kind].format(shape=o.shape), o.color
   if kind == "shape":
     o = objects[int(rng.integers(len(objects)))]
-    return kind, QUESTIONS[kind].format(color=o.color), o.shape
+    return QUESTIONS[kind].format(color=o.color), o.shape
   if kind == "count":
-    return kind, QUESTIONS[kind], NUMBERS[len(objects) - 1]
+    return QUESTIONS[kind], NUMBERS[len(objects) - 1]
   a, b = pairs[int(rng.integers(len(pairs)))]
   first, second = (a, b) if rng.integers(2) else (b, a)
   answer = min(a, b, key=lambda o: o.cx).shape
-  return kind, QUESTIONS[kind].format(first=first.shape, second=second.shape), answer
+  return QUESTIONS[kind].format(first=first.shape, second=second.shape), answer
 
 
 def make_example(seed: int, split: str, index: int, image_size: int = 64) -> Example:
-  """The example `index` of `split`, a pure function of its arguments."""
+  """The example `index` of `split`, a pure function of its arguments.
+
+  A training example asks every question kind its image allows, in random order (a multi-turn
+  conversation: several supervised answers per encoded image); a test example asks one, of a
+  kind drawn uniformly among those allowed. `answer` and `kind` describe the first round.
+  """
   if split not in SPLITS:
     raise UserError(f"shapes: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
   rng = np.random.default_rng([seed, SPLITS[split], index])
   background = ("light", "dark")[int(rng.integers(2))]
   objects = _layout(rng, image_size)
-  kind, question, answer = _question(rng, objects, image_size)
-  turns = [("user", "<image>\n" + question), ("assistant", answer)]
-  return Example(draw_shapes(objects, image_size, background), turns, answer, kind,
+  pairs = _left_pairs(objects, image_size)
+  kinds = [k for k in KINDS if k != "left" or pairs]
+  kinds = [kinds[i] for i in rng.permutation(len(kinds))]
+  rounds = [_question(rng, kind, objects, pairs) for kind in (kinds if split == "train" else kinds[:1])]
+  turns = []
+  for i, (question, answer) in enumerate(rounds):
+    turns += [("user", ("<image>\n" if i == 0 else "") + question), ("assistant", answer)]
+  return Example(draw_shapes(objects, image_size, background), turns, rounds[0][1], kinds[0],
                  tuple(objects))
 
 

@@ -116,10 +116,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
       log.info(progress.line(step, metrics))
     if step % t.eval_every == 0 or step == t.steps:
       eval_metrics = _eval(evaluate, state, step, writer, config.data.eval_sources)
-    if step < end:
-      batch = next(data)
+    # Save before fetching the next batch: the saved data position is the next unseen batch.
     if step % t.checkpoint_every == 0 or step == end or preempted:
       checkpoints.save(step, state, data.get_state())
+    if step < end and not preempted:
+      batch = next(data)
     if preempted:
       log.warning("stopping at step %d on %s; run again to resume", step, preempted.signal_name)
       break

@@ -1,0 +1,64 @@
+"""The README's main job, end to end through the CLI: train the default config, check it learned
+from the image (held-out accuracy, shuffled-image control), and ask it about a new image."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import PIL.Image
+import pytest
+
+from vlm_jax.data.shapes import Shape, draw_shapes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def vlm_jax(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one CPU device, as a user runs it
+  result = subprocess.run([sys.executable, "-m", "vlm_jax.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=1800)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("shapes"))
+  t0 = time.time()
+  vlm_jax("train", "--config", "configs/shapes_tiny.py", "--workdir", workdir)
+  print(f"\ntrain took {time.time() - t0:.0f}s")
+  return workdir
+
+
+@pytest.mark.slow
+def test_default_config_learns_from_the_image(trained):
+  lines = [json.loads(l) for l in open(os.path.join(trained, "metrics.jsonl"))]
+  final = [l for l in lines if "eval/shapes_test/accuracy" in l][-1]
+  print("held-out:", {k: round(v, 3) for k, v in final.items()})
+  assert final["eval/shapes_test/accuracy"] >= 0.9
+  assert any("train/tokens_per_s" in l for l in lines)
+  assert os.listdir(os.path.join(trained, "tensorboard"))
+  shuffled = json.loads(vlm_jax("eval", "--checkpoint", trained, "--data", "shapes:test",
+                                "--max-examples", "256", "--shuffle-images", "--json").stdout)
+  print("shuffled images:", shuffled)
+  assert shuffled["examples"] == 256
+  assert shuffled["accuracy"] < 0.55  # chance is ~0.35 (2-6 choices per kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objects,prompt,answer", [
+    ([Shape("circle", "green", 20, 40, 20), Shape("triangle", "orange", 46, 18, 18)],
+     "What color is the circle?", "green"),
+    ([Shape("square", "purple", 44, 30, 22)], "What shape is purple?", "square"),
+    ([Shape("circle", "yellow", 14, 14, 16), Shape("square", "red", 48, 20, 18),
+      Shape("triangle", "blue", 30, 48, 20)], "How many shapes are there?", "three"),
+])
+def test_generate_answers_about_a_new_image(trained, tmp_path, objects, prompt, answer):
+  path = str(tmp_path / "drawn.png")
+  PIL.Image.fromarray(draw_shapes(objects, 64, "dark")).save(path)
+  out = json.loads(vlm_jax("generate", "--checkpoint", trained, "--image", path, "--prompt", prompt,
+                           "--json").stdout)
+  assert out["text"] == answer, out
+  assert out["image_tokens"] == 64 and out["prompt_tokens"] > 64

@@ -1,0 +1,74 @@
+"""`vlm_jax.load(PATH)`: a trained model ready to answer questions about images."""
+
+import os
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+import PIL.Image
+
+from vlm_jax import config as config_lib
+from vlm_jax import parallel
+from vlm_jax.data import images as images_lib
+from vlm_jax.data import templates
+from vlm_jax.data.tokenizer import Tokenizer
+from vlm_jax.errors import UserError
+from vlm_jax.infer.generate import Greedy
+from vlm_jax.train import build as build_lib
+from vlm_jax.train.checkpoint import Checkpointer, resolve
+
+
+class Model:
+  """Params + tokenizer + config of one checkpoint, on a mesh over all local devices (FSDP)."""
+
+  def __init__(self, config, tokenizer: Tokenizer, run: build_lib.Run, params, step: int):
+    self.config, self.tokenizer, self.run, self.params, self.step = config, tokenizer, run, params, step
+    self._greedy = Greedy(run.model, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                          batch_multiple=parallel.batch_divisor(run.mesh))
+
+  @property
+  def image_tokens(self) -> int:
+    return self.run.image_tokens
+
+  def encode_prompt(self, prompt: str, raw_prompt: bool = False) -> np.ndarray:
+    return templates.encode_prompt(prompt, self.tokenizer, self.image_tokens, self.config.data.template,
+                                   raw=raw_prompt)
+
+  def preprocess(self, image: "PIL.Image.Image | np.ndarray") -> np.ndarray:
+    d = self.config.data
+    return images_lib.preprocess(image, self.config.model.vision.image_size, d.image_mean, d.image_std)
+
+  def generate_ids(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 32,
+                   raw_prompt: bool = False) -> list[list[int]]:
+    if len(images) != len(prompts):
+      raise UserError(f"generate: {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+    if max_new_tokens < 1:
+      raise UserError("--max-new-tokens must be >= 1")
+    ids = [self.encode_prompt(p, raw_prompt) for p in prompts]
+    pixels = np.stack([self.preprocess(im) for im in images])[:, None]
+    return self._greedy(self.params, ids, pixels, max_new_tokens)
+
+  def generate(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 32,
+               raw_prompt: bool = False) -> list[str]:
+    """Greedy answers, one per (image, prompt). Images: PIL images or uint8 HxWx3 arrays."""
+    return [self.tokenizer.decode(ids) for ids in self.generate_ids(images, prompts, max_new_tokens, raw_prompt)]
+
+
+def load(path: str) -> Model:
+  """PATH: a workdir (its latest checkpoint) or one of its checkpoints/<step> directories."""
+  workdir, step = resolve(path)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = config_lib.from_json(f.read())
+  tokenizer = Tokenizer.load(config.data.tokenizer)
+  build_lib.resolve_model_config(config, tokenizer.vocab_size)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+  mesh = parallel.make_mesh(config.mesh)
+  run = build_lib.build(config, mesh, tokenizer.image_id)
+  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = checkpoints.latest_step() if step is None else step
+  if step is None or step not in checkpoints.manager.all_steps():
+    raise UserError(f"--checkpoint: no checkpoint {'yet' if step is None else step} in {workdir}/checkpoints")
+  state, _ = checkpoints.restore(step, run.abstract_state, run.state_shardings)
+  checkpoints.close()
+  return Model(config, tokenizer, run, state["params"], step)

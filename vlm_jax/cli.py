@@ -1,0 +1,159 @@
+"""`vlm-jax` subcommands: parse, build, call. Bad input -> one line on stderr, exit status 2."""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from vlm_jax.errors import UserError
+
+COMMANDS = ("train", "eval", "generate", "convert", "tokens", "data")
+LATER = {"convert": "Hugging Face import/export", "tokens": "AnyRes tile planning",
+         "data": "the data-pipeline inspector"}
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # argparse prints usage + exits 2; we want one line
+    raise UserError(f"{self.prog}: {message}")
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+  """Pulls `--config.KEY=VALUE` / `--config.KEY VALUE` out of argv."""
+  rest, overrides, i = [], {}, 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq:
+        if i + 1 >= len(argv):
+          raise UserError(f"{arg}: missing value")
+        value, i = argv[i + 1], i + 1
+      overrides[key] = value
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _setup_logging(verbose: bool) -> None:
+  logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                      format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  logging.getLogger("vlm_jax").setLevel(logging.INFO)
+  for noisy in ("absl", "orbax", "jax", "etils"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _maybe_distributed() -> None:
+  """Multi-host: each process calls jax.distributed.initialize() (env or TPU metadata)."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("VLM_JAX_DISTRIBUTED") == "1":
+    import jax
+    jax.distributed.initialize()
+
+
+def cmd_train(argv: list[str]) -> int:
+  argv, overrides = _split_overrides(argv)
+  p = _Parser(prog="vlm-jax train")
+  p.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--data", help="training data spec (replaces config.data.sources)")
+  p.add_argument("--eval-data", help="eval data spec (replaces config.data.eval_sources)")
+  args = p.parse_args(argv)
+  from vlm_jax import config as config_lib
+  config = config_lib.load_file(args.config)
+  config_lib.apply_overrides(config, overrides)
+  if args.data:
+    config.data.sources = args.data
+  if args.eval_data:
+    config.data.eval_sources = args.eval_data
+  config_lib.validate(config)
+  if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    raise UserError(f"--workdir {args.workdir} exists and is not a directory")
+  _maybe_distributed()
+  from vlm_jax.train import loop
+  loop.train(config, args.workdir)
+  return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+  p = _Parser(prog="vlm-jax eval")
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--data", required=True, help="data spec, e.g. shapes:test")
+  p.add_argument("--max-examples", type=int, default=512)
+  p.add_argument("--shuffle-images", action="store_true",
+                 help="pair each question with another example's image (control: should drop to chance)")
+  p.add_argument("--json", action="store_true")
+  args = p.parse_args(argv)
+  if args.max_examples < 1:
+    raise UserError("--max-examples must be >= 1")
+  import vlm_jax
+  from vlm_jax.eval.runner import evaluator_for
+  model = vlm_jax.load(args.checkpoint)
+  metrics = evaluator_for(model.run, model.tokenizer, args.data, args.max_examples)(
+      model.params, shuffle_images=args.shuffle_images)
+  if args.json:
+    print(json.dumps(metrics))
+  else:
+    for k, v in metrics.items():
+      print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+  return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+  p = _Parser(prog="vlm-jax generate")
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--image", action="append", required=True)
+  p.add_argument("--prompt", required=True)
+  p.add_argument("--max-new-tokens", type=int, default=32)
+  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--raw-prompt", action="store_true")
+  p.add_argument("--json", action="store_true")
+  args = p.parse_args(argv)
+  if args.temperature != 0.0 or args.top_p != 1.0:
+    raise UserError("--temperature/--top-p: only greedy decoding (temperature 0) is available in this version")
+  if len(args.image) > 1:
+    raise UserError("--image: one image per prompt in this version")
+  from vlm_jax.data.images import load_image
+  images = [load_image(path) for path in args.image]  # fail on a bad file before loading the model
+  import vlm_jax
+  model = vlm_jax.load(args.checkpoint)
+  prompt_ids = model.encode_prompt(args.prompt, args.raw_prompt)
+  if args.raw_prompt and model.image_tokens and model.tokenizer.image_id not in prompt_ids:
+    raise UserError("--raw-prompt: the prompt has no <image>; write <image> where the image goes")
+  t0 = time.time()
+  ids = model.generate_ids(images, [args.prompt], args.max_new_tokens, args.raw_prompt)[0]
+  text = model.tokenizer.decode(ids).strip()
+  if args.json:
+    print(json.dumps({"text": text, "token_ids": ids, "prompt_tokens": int(len(prompt_ids)),
+                      "image_tokens": model.image_tokens, "seconds": round(time.time() - t0, 3)}))
+  else:
+    print(text)
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help"):
+    print(f"usage: vlm-jax {{{','.join(COMMANDS)}}} ...  (vlm-jax COMMAND --help for its flags)")
+    return 0 if argv else 2
+  command, rest = argv[0], argv[1:]
+  _setup_logging(verbose=command == "train")
+  try:
+    if command in LATER:
+      raise UserError(f"vlm-jax {command}: {LATER[command]} is not available in this version")
+    handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}.get(command)
+    if handler is None:
+      raise UserError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+    return handler(rest)
+  except UserError as e:
+    print(f"vlm-jax: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("vlm-jax: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

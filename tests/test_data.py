@@ -15,7 +15,7 @@ from vlm_jax.data import images, pipeline, shapes, templates, tokenizer
 from vlm_jax.data.shapes import Shape
 from vlm_jax.data.templates import encode_conversation, encode_prompt
 
-ANSWER_WORDS = list(shapes.COLORS) + list(shapes.SHAPES) + list(shapes.NUMBERS)
+ANSWER_WORDS = list(shapes.COLORS) + list(shapes.SHAPES) + list(shapes.NUMBERS) + list(shapes.SIDES)
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +58,20 @@ def _pixel(image, o):
 def test_examples_are_well_formed(examples):
   for ex in examples:
     assert ex.image.dtype == np.uint8 and ex.image.shape == (64, 64, 3)
-    # Training conversations ask every kind the image allows, once each; <image> only in round 1.
-    allows_left = any(abs(a.cx - b.cx) >= 64 / 8 for a in ex.objects for b in ex.objects)
-    assert [r for r, _ in ex.turns] == ["user", "assistant"] * (4 if allows_left else 3)
+    # Training conversations ask every kind once each; <image> only in round 1.
+    assert [r for r, _ in ex.turns] == ["user", "assistant"] * len(shapes.KINDS)
     assert ex.turns[0][1].startswith("<image>\n") and ex.turns[1][1] == ex.answer
     assert sum("<image>" in text for _, text in ex.turns) == 1
     assert 1 <= len(ex.objects) <= 3
     n = len(ex.objects)
     assert len({o.shape for o in ex.objects}) == len({o.color for o in ex.objects}) == n
     for o in ex.objects:
-      assert 14 <= o.size <= 24
-      assert o.size / 2 <= o.cx <= 64 - o.size / 2 and o.size / 2 <= o.cy <= 64 - o.size / 2
+      assert 0.6 * 16 <= o.size <= 0.85 * 16
+      # Each shape lies inside its own 16-px grid cell.
+      col, row = int(o.cx // 16), int(o.cy // 16)
+      assert col * 16 <= o.cx - o.size / 2 and o.cx + o.size / 2 <= (col + 1) * 16
+      assert row * 16 <= o.cy - o.size / 2 and o.cy + o.size / 2 <= (row + 1) * 16
+    assert len({(int(o.cx // 16), int(o.cy // 16)) for o in ex.objects}) == n
     # The drawn colours are exactly the objects' colours plus the background, and each
     # shape is large (no shape hides another): triangles cover half their square.
     colors, counts = np.unique(ex.image.reshape(-1, 3), axis=0, return_counts=True)
@@ -95,14 +98,11 @@ def test_answers_agree_with_the_pixels(examples):
       n_colors = len(np.unique(ex.image.reshape(-1, 3), axis=0)) - 1  # Minus the background.
       assert ex.answer == ("one", "two", "three")[n_colors - 1]
     else:
-      first, second = re.fullmatch(
-          r"<image>\nWhich is further left, the (\w+) or the (\w+)\?", question).groups()
-      assert ex.answer in (first, second) and first != second
-      left, right = by_shape[ex.answer], by_shape[second if ex.answer == first else first]
-      assert right.cx - left.cx >= 64 / 8
-      # The answer's colour is the first of the two seen scanning its row left to right.
-      row = [tuple(p) for p in ex.image[int(left.cy)]]
-      assert row.index(shapes.COLORS[left.color]) < int(left.cx)
+      shape = re.fullmatch(r"<image>\nWhich side is the (\w+) on\?", question)[1]
+      o = by_shape[shape]
+      # All of the shape's pixels lie on the answered half of the image.
+      ys, xs = np.nonzero(np.all(ex.image == shapes.COLORS[o.color], axis=-1))
+      assert np.all(xs < 32) if ex.answer == "left" else np.all(xs >= 32)
 
 
 def test_test_split_asks_one_question():
@@ -116,10 +116,6 @@ def test_all_kinds_and_answers_appear(examples):
   assert set(kinds) == set(shapes.KINDS)
   assert min(kinds.values()) >= 30
   assert {ex.answer for ex in examples} == set(ANSWER_WORDS)
-  left = [ex for ex in examples if ex.kind == "left"]
-  # The order in which the two shapes are named is random, so the answer is not always first.
-  firsts = [ex.turns[0][1].split("the ")[1].split(" or")[0] == ex.answer for ex in left]
-  assert 0 < sum(firsts) < len(firsts)
 
 
 def test_draw_shapes():
@@ -158,7 +154,7 @@ def test_special_ids(tok):
 
 @pytest.mark.parametrize("text", [
     "What color is the circle?",
-    "USER: <image>\nWhich is further left, the circle or the square? ASSISTANT: circle",
+    "USER: <image>\nWhich side is the circle on? ASSISTANT: left",
     "  two  spaces,\ttabs\n\nand newlines  ",
     "Describe this photograph in detail, please.",
 ])
@@ -390,14 +386,14 @@ def _assert_same(batches_a, batches_b):
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-# Conversations differ in length (rounds, question kinds); at SHORT some (not all) are too long.
-SHORT = 60
+# Held-out questions differ in length by kind; at SHORT some (not all) are too long.
+SHORT = 31
 
 
 def test_too_long_samples_are_skipped_and_counted(tok, caplog):
-  lengths = [_length(tok, i) for i in range(80)]
+  lengths = [_length(tok, i, "test") for i in range(80)]
   assert 0 < sum(n > SHORT for n in lengths) < 60
-  it = _batches(tok, seq_len=SHORT, batch=4)
+  it = _batches(tok, "shapes:test", seq_len=SHORT, batch=4)
   with caplog.at_level(logging.WARNING):
     got = _take(it, 3)
   kept = [i for i, n in enumerate(lengths) if n <= SHORT][:12]
@@ -405,12 +401,12 @@ def test_too_long_samples_are_skipped_and_counted(tok, caplog):
   assert it.get_state()["next_index"] == kept[-1] + 1
   rows = np.concatenate([b["tokens"] for b in got])
   for row, i in zip(rows, kept):
-    enc = encode_conversation(shapes.make_example(SEED, "train", i, SIZE).turns, tok, IMAGE_TOKENS)
+    enc = encode_conversation(shapes.make_example(SEED, "test", i, SIZE).turns, tok, IMAGE_TOKENS)
     assert row[:len(enc.tokens)].tolist() == enc.tokens.tolist()
   assert len([r for r in caplog.records if "skipping sample" in r.getMessage()]) == 1
   first_long = next(i for i, n in enumerate(lengths) if n > SHORT)
-  with pytest.raises(UserError, match=f"data spec 'shapes' sample {first_long}: .* > seq_len"):
-    _take(_batches(tok, seq_len=SHORT, batch=4, strict=True), 3)
+  with pytest.raises(UserError, match=f"data spec 'shapes:test' sample {first_long}: .* > seq_len"):
+    _take(_batches(tok, "shapes:test", seq_len=SHORT, batch=4, strict=True), 3)
 
 
 def test_skipping_everything_stops(tok):
@@ -419,13 +415,13 @@ def test_skipping_everything_stops(tok):
 
 
 def test_resume_equals_unbroken_run(tok):
-  reference = _batches(tok, seq_len=SHORT, batch=4)
+  reference = _batches(tok, "shapes:test", seq_len=SHORT, batch=4)
   unbroken = _take(reference, 6)
-  it = _batches(tok, seq_len=SHORT, batch=4)
+  it = _batches(tok, "shapes:test", seq_len=SHORT, batch=4)
   _take(it, 3)
   state = json.loads(json.dumps(it.get_state()))
   assert state["skipped"]["too_long"] > 0
-  resumed = _batches(tok, seq_len=SHORT, batch=4)
+  resumed = _batches(tok, "shapes:test", seq_len=SHORT, batch=4)
   resumed.set_state(state)
   _assert_same(_take(resumed, 3), unbroken[3:])
   assert resumed.get_state() == reference.get_state()
@@ -434,8 +430,8 @@ def test_resume_equals_unbroken_run(tok):
 
 
 def test_processes_split_the_global_batch(tok):
-  whole = _take(_batches(tok, seq_len=SHORT, batch=4), 3)
-  parts = [_take(_batches(tok, seq_len=SHORT, batch=4, process_index=p, process_count=2), 3)
+  whole = _take(_batches(tok, "shapes:test", seq_len=SHORT, batch=4), 3)
+  parts = [_take(_batches(tok, "shapes:test", seq_len=SHORT, batch=4, process_index=p, process_count=2), 3)
            for p in range(2)]
   merged = [{k: np.concatenate([p0[k], p1[k]]) for k in p0} for p0, p1 in zip(*parts)]
   _assert_same(merged, whole)

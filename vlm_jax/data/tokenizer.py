@@ -5,7 +5,6 @@
 """
 
 import io
-import itertools
 import os
 import pathlib
 import sys
@@ -119,16 +118,15 @@ def _shapes_corpus() -> list[str]:
     for c in shapes.COLORS:
       qa.append((shapes.QUESTIONS["color"].format(shape=s), c))
       qa.append((shapes.QUESTIONS["shape"].format(color=c), s))
+    for side in shapes.SIDES:
+      qa.append((shapes.QUESTIONS["side"].format(shape=s), side))
   for n in shapes.NUMBERS:
     qa.append((shapes.QUESTIONS["count"], n))
-  for a, b in itertools.permutations(shapes.SHAPES, 2):
-    for ans in (a, b):
-      qa.append((shapes.QUESTIONS["left"].format(first=a, second=b), ans))
   lines = []
   for q, a in qa:
     lines.append(f"{tpl.user_header}{tpl.sep}{IMAGE} {q}{tpl.assistant_header}{tpl.sep}{a}")
     lines.append(q)
-  answers = list(shapes.COLORS) + list(shapes.SHAPES) + list(shapes.NUMBERS)
+  answers = list(shapes.COLORS) + list(shapes.SHAPES) + list(shapes.NUMBERS) + list(shapes.SIDES)
   # Answers alone and mid-sentence, so each is one piece with and without a leading space.
   lines += answers + [" ".join(answers)] * 4
   return lines

@@ -33,7 +33,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.llm = ml_collections.ConfigDict(dict(
       vocab_size=0,           # 0: the tokenizer's vocabulary size
       width=128, depth=2, heads=4, kv_heads=2, head_dim=32, mlp_dim=512, rope_theta=10000.0,
-      norm_eps=1e-6, tie_embeddings=True, qkv_bias=False))
+      norm_eps=1e-6, tie_embeddings=False, qkv_bias=False))
 
   c.data = ml_collections.ConfigDict()
   c.data.sources = "shapes"

@@ -58,7 +58,9 @@ class LLM(nn.Module):
   def setup(self):
     c = self.cfg
     self.embedder = nn.Embed(c.vocab_size, c.width, dtype=self.dtype, param_dtype=jnp.float32,
-                             embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")))
+                             # std 1 (as MaxText): token identity must not be drowned by the O(1) outputs
+                             # of the first layers and the visual tokens in the residual stream.
+                             embedding_init=logical(nn.initializers.normal(1.0), ("vocab", "embed")))
     self.layers = stack_layers(DecoderBlock, c.depth, self.remat, n_broadcast=2, cfg=c,
                                dtype=self.dtype, attention_impl=self.attention_impl)
     self.final_norm = RMSNorm(c.norm_eps, self.dtype)

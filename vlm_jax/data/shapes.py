@@ -6,6 +6,7 @@ is identical on every host, and any example can be regenerated from its index al
 
 import dataclasses
 import string
+import zlib
 
 import numpy as np
 
@@ -87,10 +88,11 @@ GRID = 4  # Shapes sit in the cells of a GRID x GRID layout, one shape per cell.
 
 
 def _layout(rng: np.random.Generator, image_size: int) -> list[Shape]:
-  """1-3 shapes of distinct types and colours in distinct grid cells, jittered inside their cell.
+  """1-3 shapes of distinct types and colours, centred in distinct grid cells, 3/4 of a cell wide.
 
-  One shape per cell keeps shapes apart and, with patch = cell size (16 px at 64), lets a tiny
-  ViT see each shape mostly within one patch: the default config learns in minutes on a CPU.
+  With patch = cell size (16 px at 64), each shape fills one patch exactly: a from-scratch ViT
+  tells the shapes apart within the default config's CPU budget (with free positions and sizes
+  it needs far more steps), while which cells, colours and how many still vary per image.
   """
   n = int(rng.integers(1, 4))
   types = rng.permutation(len(SHAPES))[:n]
@@ -98,14 +100,17 @@ def _layout(rng: np.random.Generator, image_size: int) -> list[Shape]:
   cells = rng.permutation(GRID * GRID)[:n]
   names = list(COLORS)
   cell = image_size / GRID
-  placed = []
-  for t, c, k in zip(types, colors, cells):
-    size = float(rng.uniform(0.6, 0.85)) * cell
-    jitter = max((cell - size) / 2 - 1, 0.0)
-    cx = (k % GRID + 0.5) * cell + float(rng.uniform(-jitter, jitter))
-    cy = (k // GRID + 0.5) * cell + float(rng.uniform(-jitter, jitter))
-    placed.append(Shape(SHAPES[t], names[c], cx, cy, size))
-  return placed
+  return [Shape(SHAPES[t], names[c], (k % GRID + 0.5) * cell, (k // GRID + 0.5) * cell, 0.75 * cell)
+          for t, c, k in zip(types, colors, cells)]
+
+
+HELD_OUT = 8  # 1 in HELD_OUT possible images belongs to the test split; training never draws them.
+
+
+def _is_held_out(objects: list[Shape], background: str) -> bool:
+  """A stable hash of the whole image content, so a test image is never a training image."""
+  key = repr((background, sorted((o.shape, o.color, o.cx, o.cy, o.size) for o in objects)))
+  return zlib.crc32(key.encode()) % HELD_OUT == 0
 
 
 def _question(rng: np.random.Generator, kind: str, objects: list[Shape],
@@ -132,8 +137,11 @@ def make_example(seed: int, split: str, index: int, image_size: int = 64) -> Exa
   if split not in SPLITS:
     raise UserError(f"shapes: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
   rng = np.random.default_rng([seed, SPLITS[split], index])
-  background = ("light", "dark")[int(rng.integers(2))]
-  objects = _layout(rng, image_size)
+  while True:  # rejection sampling: the split decides which images it may hold
+    background = ("light", "dark")[int(rng.integers(2))]
+    objects = _layout(rng, image_size)
+    if _is_held_out(objects, background) == (split == "test"):
+      break
   kinds = [KINDS[i] for i in rng.permutation(len(KINDS))]
   rounds = [_question(rng, kind, objects, image_size) for kind in (kinds if split == "train" else kinds[:1])]
   turns = []

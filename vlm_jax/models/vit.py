@@ -25,6 +25,25 @@ def num_output_tokens(cfg: ml_collections.ConfigDict) -> int:
   return num_patches(cfg) + (1 if has_cls and cfg.keep_cls else 0)
 
 
+def sincos_init(grid: int, has_cls: bool):
+  """Init for the learned position embedding: 2D sin-cos over the patch grid (zeros for CLS).
+
+  O(1) from the start, so position is as visible as patch content; with std-0.02 noise it is
+  drowned and must first be learned (slow for spatial questions).
+  """
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    width = shape[-1]
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (jnp.arange(quarter) / max(quarter - 1, 1))
+    y, x = jnp.meshgrid(jnp.arange(grid), jnp.arange(grid), indexing="ij")
+    angles = [y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega]
+    emb = jnp.concatenate([f(a) for a in angles for f in (jnp.sin, jnp.cos)], axis=1)
+    emb = jnp.pad(emb, ((1 if has_cls else 0, 0), (0, width - 4 * quarter)))
+    return emb.astype(dtype)
+  return init
+
+
 class EncoderBlock(nn.Module):
   cfg: ml_collections.ConfigDict
   dtype: jnp.dtype
@@ -66,7 +85,7 @@ class ViT(nn.Module):
     if flavour["cls"]:
       cls = self.param("cls", logical(nn.initializers.normal(0.02), ("embed",)), (c.width,))
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, c.width)), x], axis=1)
-    pos = self.param("pos_embed", logical(nn.initializers.normal(0.02), (None, "embed")),
+    pos = self.param("pos_embed", logical(sincos_init(c.image_size // p, flavour["cls"]), (None, "embed")),
                      (x.shape[1], c.width))
     x = x + pos.astype(x.dtype)
     if flavour["pre_norm"]:

@@ -67,7 +67,9 @@ def _llm_and_params(length=8):
   llm = LLM(cfg, jnp.float32)
   tokens = jnp.arange(2 * length).reshape(2, length) % 64
   positions = jnp.broadcast_to(jnp.arange(length), (2, length))
-  params = llm.init(jax.random.key(0), jnp.zeros((2, length, 32)), positions, jnp.ones((2, length), jnp.int32))
+  # Init through embed + __call__: with an untied head, __call__ alone never creates the embedding.
+  params = llm.init(jax.random.key(0), tokens, positions, jnp.ones((2, length), jnp.int32),
+                    method=lambda m, t, p, s: m(m.embed(t), p, s))
 
   def logits(tokens, positions, segment_ids):
     embeds = llm.apply(params, tokens, method=LLM.embed)

@@ -1,7 +1,7 @@
 """vlm-jax: a JAX/Flax trainer for LLaVA-family vision-language models."""
 
 
-def load(path: str):
-  """Loads a trained model; see vlm_jax.api.load."""
+def load(path: str, dtype: str | None = None):
+  """Loads a trained model or a Hugging Face LLaVA directory; see vlm_jax.api.load."""
   from vlm_jax.api import load as _load  # jax is imported only when a model is loaded
-  return _load(path)
+  return _load(path, dtype=dtype)

@@ -34,9 +34,17 @@ class Tokenizer:
     self._pad_id = processor.pad_id() if processor.pad_id() >= 0 else processor.eos_id()
     self._drop = {self._pad_id, self.bos_id, self.eos_id, self._image_id}
 
+  chat_template = None  # the "simple" template is ours; HF tokenizers bring their own
+
   @classmethod
   def load(cls, spec: str) -> "Tokenizer":
-    """`shapes` (the shipped model) or a path to a sentencepiece .model file."""
+    """`shapes` (the shipped model), a sentencepiece .model file, or a Hugging Face model
+    directory / tokenizer.json (data.hf_tokenizer.HFTokenizer, same interface)."""
+    if os.path.isdir(spec) or spec.endswith(".json"):
+      from vlm_jax.data import hf_tokenizer
+      if not os.path.exists(spec):
+        raise UserError(f"tokenizer file not found: {spec}")
+      return hf_tokenizer.load(spec)
     path = BUILTIN.get(spec, pathlib.Path(spec))
     if not path.is_file():
       raise UserError(f"tokenizer file not found: {spec}")

@@ -54,16 +54,20 @@ def dense(features, axes: tuple[str | None, ...], *, name: str, dtype: Dtype, n_
 
 
 class RMSNorm(nn.Module):
-  """Llama RMSNorm, computed in fp32."""
+  """Llama RMSNorm, computed in fp32. The gain is `offset + scale`: Gemma stores scale - 1
+  (offset 1), so its checkpoints load unchanged; scale is initialised to a unit gain either way."""
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  offset: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", logical(nn.initializers.ones_init(), ("embed",)), (x.shape[-1],))
+    init = nn.initializers.constant(1.0 - self.offset)
+    scale = self.param("scale", logical(init, ("embed",)), (x.shape[-1],))
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * scale).astype(self.dtype)
+    gain = scale + self.offset if self.offset else scale
+    return (x32 * gain).astype(self.dtype)
 
 
 def layer_norm(name: str, eps: float, dtype: Dtype) -> nn.LayerNorm:

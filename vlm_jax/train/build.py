@@ -85,6 +85,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
     init = jax.jit(init_state, out_shardings=state_shardings)
+    if config.model.init_from:
+      init = _init_from(config.model.init_from, config.model, tx, abstract_params, state_shardings)
     train_step = jax.jit(
         functools.partial(step_lib.train_step, apply_fn=model.apply, tx=tx, labels=labels,
                           grad_accum=config.train.grad_accum, lr_fn=optim.schedule(config.train)),
@@ -94,6 +96,20 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
                         in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
   return Run(config, mesh, model, labels, tx, param_shardings, state_shardings, abstract_state,
              _in_mesh(init, mesh), _in_mesh(train_step, mesh), _in_mesh(eval_step, mesh))
+
+
+def _init_from(path: str, model_cfg, tx, abstract_params, state_shardings) -> Callable:
+  """init for a fresh run whose params come from a checkpoint or a HF LLaVA directory (e.g. one
+  `vlm-jax convert --vision` assembled for stage 1); the optimizer state starts fresh."""
+  from vlm_jax.train.checkpoint import load_params
+  start = jax.jit(lambda params: {"step": jnp.zeros((), jnp.int32), "params": params,
+                                  "opt_state": tx.init(params)},
+                  out_shardings=state_shardings)
+
+  def init(rng):
+    del rng  # nothing is random: the params are given
+    return start(load_params(path, model_cfg, abstract_params, state_shardings["params"]))
+  return init
 
 
 def _in_mesh(fn: Callable, mesh: Mesh) -> Callable:

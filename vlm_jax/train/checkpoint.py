@@ -34,6 +34,13 @@ class Checkpointer:
         data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
 
+  def restore_params(self, step: int, abstract_params, shardings):
+    """Only the params (what inference and export need; converted checkpoints hold nothing else)."""
+    target = {"params": _abstract(abstract_params, shardings)}
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    return restored["state"]["params"]
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -42,7 +49,10 @@ class Checkpointer:
 
 
 def resolve(path: str) -> tuple[str, int | None]:
-  """--checkpoint PATH -> (workdir, step): a workdir (latest step) or one of its step directories."""
+  """--checkpoint PATH -> (workdir, step): a workdir (latest step) or one of its step directories.
+
+  (A Hugging Face directory is the third kind of PATH; vlm_jax.load checks for it first.)
+  """
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise UserError(f"--checkpoint: no such file or directory: {path}")
@@ -55,7 +65,26 @@ def resolve(path: str) -> tuple[str, int | None]:
     return workdir, int(os.path.basename(path))
   if os.path.isfile(os.path.join(path, "config.json")) and any(
       f.endswith(".safetensors") for f in os.listdir(path)):
-    raise UserError(f"--checkpoint: {path} is a Hugging Face model directory; loading those comes with "
-                    "`vlm-jax convert` (not available in this version)")
+    raise UserError(f"--checkpoint: {path} is a Hugging Face model directory, not a vlm-jax workdir "
+                    "(vlm_jax.load reads it directly; `vlm-jax convert --from-hf` converts it)")
   raise UserError(f"--checkpoint: {path} is neither a vlm-jax workdir (config.json + checkpoints/) "
                   "nor one of its checkpoints/<step> directories")
+
+
+def load_params(path: str, model_cfg, abstract_params, shardings):
+  """The params of PATH (a workdir, a step directory or a Hugging Face LLaVA directory) in the
+  given shardings, for a model whose param shapes they must match."""
+  from vlm_jax.convert import hf_import  # the converter's deps load only when used
+  if hf_import.is_hf_dir(path):
+    return hf_import.read_llava_params(path, model_cfg, abstract_params, shardings)
+  workdir, step = resolve(path)
+  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = checkpoints.latest_step() if step is None else step
+  if step is None:
+    raise UserError(f"{path}: no checkpoint yet in {workdir}/checkpoints")
+  try:
+    return checkpoints.restore_params(step, abstract_params, shardings)
+  except (ValueError, KeyError) as e:  # orbax: shapes or tree differ from the model's
+    raise UserError(f"{path}: its params do not fit this model ({str(e).strip().splitlines()[0][:200]})") from None
+  finally:
+    checkpoints.close()

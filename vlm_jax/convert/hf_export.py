@@ -1,0 +1,158 @@
+"""vlm-jax -> Hugging Face: a LlavaForConditionalGeneration directory that transformers loads as is.
+
+config.json, sharded safetensors (+ index), tokenizer files, chat template, generation and
+preprocessor configs. A model that came from HF is written back in its own key layout and
+dtypes, with the tensors we kept but did not run, so HF -> ours -> HF is bit-identical. A model
+trained here gets the hub's LLaVA layout; its vision tower is written with exactly the blocks we
+run (vision_feature_layer -1) and an identity post_layernorm, which LLaVA never reads.
+"""
+
+import json
+import os
+import re
+import shutil
+
+import ml_dtypes
+import numpy as np
+
+from vlm_jax.convert import hf_config, layout as layout_lib, params as params_lib
+from vlm_jax.convert.hf_import import AUX_FILES, COMPONENTS, Origin, flat
+from vlm_jax.convert.safetensors_io import Reader, Tensor, write_sharded
+from vlm_jax.data import hf_tokenizer
+from vlm_jax.errors import UserError
+
+DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
+DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+HF_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+# Our "simple" template as Jinja (matches templates.TEMPLATES["simple"]): the processor adds BOS.
+SIMPLE_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ASSISTANT:' }}"
+                   "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def scratch_origin(config, tokenizer) -> Origin:
+  """For a model trained here: the hub's layout, the tower exactly as deep as we run it."""
+  return Origin(None, None, dict(layout_lib.LLAVA), hf_config.infer_llm_family(config.model.llm),
+                config.model.vision.depth, tokenizer.image_id)
+
+
+def _vision_layers(origin: Origin, depth: int) -> int:
+  """Blocks to declare: ours plus the kept ones after them (contiguous), e.g. CLIP's last."""
+  kept = set()
+  pattern = re.compile(re.escape(origin.layout["vision"]) + r"encoder\.layers\.(\d+)\.")
+  for key in origin.extra_keys:
+    m = pattern.match(key)
+    if m:
+      kept.add(int(m.group(1)))
+  n = depth
+  while n in kept:
+    n += 1
+  return n
+
+
+def _identity_post_norm(origin: Origin, width: int, dtype_of) -> dict[str, Tensor]:
+  """HF's towers always have post_layernorm; LLaVA never applies it."""
+  out = {}
+  for name, fill in (("weight", np.ones), ("bias", np.zeros)):
+    key = f"{origin.layout['vision']}post_layernorm.{name}"
+    if key not in origin.extra_keys:
+      out[key] = ((width,), dtype_of(key), lambda fill=fill: fill((width,), np.float32))
+  return out
+
+
+def _write_tokenizer(tokenizer, config, out: str) -> None:
+  """Tokenizer files for a model without an HF origin."""
+  if isinstance(tokenizer, hf_tokenizer.HFTokenizer):
+    src = tokenizer.name if os.path.isdir(tokenizer.name) else os.path.dirname(tokenizer.name)
+    for name in hf_tokenizer.FILES:
+      if os.path.isfile(os.path.join(src, name)):
+        shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+    tokenizer.save(out)
+    return
+  # Our sentencepiece tokenizer: transformers' LlamaTokenizer reads the .model as it is.
+  from vlm_jax.data.tokenizer import BUILTIN
+  shutil.copyfile(BUILTIN.get(config.data.tokenizer, config.data.tokenizer), os.path.join(out, "tokenizer.model"))
+  piece = tokenizer.id_to_piece
+  with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tokenizer.bos_id),
+               "eos_token": piece(tokenizer.eos_id), "pad_token": piece(tokenizer.pad_id),
+               "add_bos_token": True, "add_eos_token": False, "legacy": True, "add_prefix_space": False,
+               "extra_special_tokens": {"image_token": "<image>"}}, f, indent=2)
+  if config.data.template == "simple":
+    with open(os.path.join(out, "chat_template.jinja"), "w") as f:
+      f.write(SIMPLE_TEMPLATE)
+
+
+def _preprocessor(config) -> dict:
+  """CLIPImageProcessor doing what data/images.preprocess does: bicubic resize to a square."""
+  size = config.model.vision.image_size
+  return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+          "resample": 3, "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255,
+          "do_normalize": True, "image_mean": list(config.data.image_mean), "image_std": list(config.data.image_std),
+          "do_convert_rgb": True}
+
+
+def check_out(out: str, dtype: str | None = None) -> None:
+  """Fails before any loading when the output cannot be written."""
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise UserError(f"--to-hf {out} exists and is not an empty directory")
+  if dtype is not None and dtype not in DTYPE_NAMES:
+    raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+
+
+def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: str | None = None,
+           max_shard_bytes: int = 4 << 30) -> str:
+  """Writes the model as a HF LLaVA directory; dtype: float32 | bfloat16 | float16, or None for
+  each tensor's dtype at import (float32 for tensors that had none)."""
+  check_out(out, dtype)
+  origin = origin or scratch_origin(config, tokenizer)
+  default = DTYPE_NAMES[dtype] if dtype else _dominant(origin.dtypes)
+  dtype_of = lambda key: DTYPES[DTYPE_NAMES[dtype] if dtype else origin.dtypes.get(key, default)]
+
+  model = config.model
+  vision_layers = _vision_layers(origin, model.vision.depth)
+  hc = hf_config.llava_to_hf(model, image_token_id=tokenizer.image_id, llm_family=origin.llm_family,
+                             vision_layers=vision_layers, has_vision_head=origin.has_vision_head,
+                             base=origin.hf_config)
+  hc.pop("torch_dtype", None)
+  hc["dtype"] = HF_DTYPE[default]
+  for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
+                     ("pad_token_id", tokenizer.pad_id)):
+    hc["text_config"].setdefault(key, value)  # an HF config's own (e.g. several EOS ids) win
+
+  shapes = {k: v.shape for k, v in flat(params).items()}
+  items = params_lib.plan(model, origin.layout, shapes, COMPONENTS)
+  tensors = params_lib.hf_tensors(items, flat(params), dtype_of)
+  reader = Reader(origin.extras_dir) if origin.extra_keys else None
+  for key in origin.extra_keys:
+    tensors[key] = (reader.shape(key), dtype_of(key), lambda key=key: reader.get(key))
+  tensors.update(_identity_post_norm(origin, model.vision.width, dtype_of))
+
+  os.makedirs(out, exist_ok=True)
+  write_sharded(out, tensors, max_shard_bytes)
+  if reader:
+    reader.close()
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(hc, f, indent=2)
+  if origin.files_dir:
+    for name in AUX_FILES:
+      if os.path.isfile(os.path.join(origin.files_dir, name)):
+        shutil.copyfile(os.path.join(origin.files_dir, name), os.path.join(out, name))
+  else:
+    _write_tokenizer(tokenizer, config, out)
+  if not os.path.isfile(os.path.join(out, "generation_config.json")):
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+      json.dump({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                 "pad_token_id": tokenizer.pad_id}, f, indent=2)
+  if not os.path.isfile(os.path.join(out, "preprocessor_config.json")):
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+      json.dump(_preprocessor(config), f, indent=2)
+  return out
+
+
+def _dominant(dtypes: dict[str, str]) -> str:
+  """The dtype most tensors had (bf16 for most hub checkpoints); float32 if none is known."""
+  if not dtypes:
+    return "F32"
+  names = list(dtypes.values())
+  return max(set(names), key=names.count)

@@ -1,0 +1,283 @@
+"""Hugging Face -> vlm-jax: a LlavaForConditionalGeneration directory, or a fresh VLM assembled
+from an LLM directory and a vision-tower directory (stage 1: the bridge starts random).
+
+A converted workdir is an ordinary one (config.json + checkpoints/0 holding the params) plus
+`hf/`: the tokenizer and processor files, the HF config, and what export needs to write the model
+back bit for bit (key layout, dtypes, and the tensors we do not run, e.g. the CLIP layer after
+the one LLaVA reads).
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlm_jax import config as config_lib
+from vlm_jax import parallel
+from vlm_jax.convert import hf_config, layout as layout_lib, params as params_lib
+from vlm_jax.convert.safetensors_io import INDEX, Reader, write_sharded
+from vlm_jax.data import hf_tokenizer
+from vlm_jax.errors import UserError
+from vlm_jax.models import vit as vit_lib
+from vlm_jax.models.bridge import Bridge
+from vlm_jax.train import build as build_lib
+from vlm_jax.train import optim
+
+log = logging.getLogger("vlm_jax")
+
+SIDECAR = "hf"                 # inside a converted workdir
+META = "convert.json"
+EXTRAS = "extras.safetensors"
+COMPONENTS = ("vision", "bridge", "llm")
+# Copied beside the weights so that the tokenizer, processor and generation settings travel.
+AUX_FILES = hf_tokenizer.FILES + ("preprocessor_config.json", "processor_config.json", "generation_config.json")
+
+
+def is_hf_dir(path: str) -> bool:
+  return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+          and not os.path.isdir(os.path.join(path, "checkpoints"))
+          and (os.path.isfile(os.path.join(path, INDEX)) or any(f.endswith(".safetensors") for f in os.listdir(path))))
+
+
+@dataclasses.dataclass
+class Origin:
+  """How the model looked in HF, for export: config, key layout, dtypes, unused tensors."""
+  files_dir: str | None               # tokenizer / processor files
+  hf_config: dict | None
+  layout: dict
+  llm_family: str
+  vision_layers: int                  # the HF tower's blocks (we run config.model.vision.depth)
+  image_token_id: int
+  dtypes: dict[str, str] = dataclasses.field(default_factory=dict)   # HF key -> F32 / BF16 / ...
+  extras_dir: str | None = None       # a directory whose *.safetensors hold extra_keys
+  extra_keys: tuple[str, ...] = ()    # full HF keys of the tensors we keep but do not run
+
+  @property
+  def has_vision_head(self) -> bool:  # SigLIP's attention-pooling head
+    return any(k.startswith(self.layout["vision"] + "head.") for k in self.extra_keys)
+
+  def meta(self) -> dict:
+    return dict(layout=self.layout, llm_family=self.llm_family, vision_layers=self.vision_layers,
+                image_token_id=self.image_token_id, dtypes=self.dtypes, extra_keys=list(self.extra_keys))
+
+
+def flat(tree) -> dict:
+  return {optim.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def inference_mesh(config: ml_collections.ConfigDict):
+  """FSDP over every local device, as vlm_jax.load uses."""
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+  return parallel.make_mesh(config.mesh)
+
+
+def _image_norm(directory: str, flavour: str) -> tuple[tuple, tuple]:
+  pre = hf_config.read_json(directory, "preprocessor_config.json", required=False) or {}
+  mean, std = hf_config.FLAVOUR_MEAN_STD[flavour]
+  return tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
+
+
+def _fill_config(base: ml_collections.ConfigDict | None, vision: dict, llm: dict,
+                 tokenizer, mean_std, llava: bool) -> ml_collections.ConfigDict:
+  """base (or base()) with the model read from HF; an assembled model keeps base's bridge kind."""
+  config = config_lib.base() if base is None else base
+  config.model.vision.update(vision)
+  config.model.llm.update(llm)
+  if llava:
+    config.model.bridge.kind = "mlp2x_gelu"
+  config.data.template = "hf" if tokenizer.chat_template else "simple"
+  config.data.image_mean, config.data.image_std = mean_std
+  config_lib.validate(config)
+  return config
+
+
+def _read_into(reader: Reader, config, run, layout, components, where: str, grow_vocab: bool = False):
+  """Checks, then reads the components' params into the run's shardings: ({path: array}, items)."""
+  return _read(reader, config.model, run.abstract_state["params"], run.param_shardings, layout, components,
+               where, grow_vocab)
+
+
+def _read(reader: Reader, model_cfg, abstract_params, shardings, layout, components, where: str,
+          grow_vocab: bool = False):
+  shapes = {k: v.shape for k, v in flat(abstract_params).items()}
+  items = params_lib.plan(model_cfg, layout, shapes, components)
+  params_lib.check(reader, items, where, grow_vocab)
+  t0 = time.time()
+  out = params_lib.read(reader, items, flat(shardings))
+  log.info("read %d tensors of %s in %.1fs", sum(len(i.keys) for i in items), where, time.time() - t0)
+  return out, items
+
+
+def read_llava_params(directory: str, model_cfg: ml_collections.ConfigDict, abstract_params, shardings) -> dict:
+  """A LLaVA directory's params for a model config built elsewhere (config.model.init_from):
+  every tensor must have the shape the config implies."""
+  with Reader(directory) as reader:
+    layout = layout_lib.detect(reader.keys(), ("vision", "bridge", "llm", "llm_head"), directory)
+    out, _ = _read(reader, model_cfg, abstract_params, shardings, layout, COMPONENTS, directory)
+  return params_lib.unflatten(out)
+
+
+def _unused(reader: Reader, items, layout, slots: tuple[str, ...] | None, skip: str | None = None) -> list[str]:
+  """Keys of the given slots (all if None) that no param consumed."""
+  used = params_lib.consumed(items)
+  return [k for k in reader.keys() if k not in used and k != skip
+          and (slots is None or layout_lib.component_of(k, layout)[0] in slots)]
+
+
+# --- LLaVA directories -----------------------------------------------------------------------
+def open_llava(directory: str, dtype: str | None = None, base: ml_collections.ConfigDict | None = None):
+  """A LLaVA directory loaded for use: (config, tokenizer, run, params, origin); each param goes
+  straight into its sharding on an FSDP mesh over the local devices."""
+  hc = hf_config.read_json(directory)
+  info = hf_config.llava_from_hf(hc, f"{directory}/config.json")
+  tokenizer = hf_tokenizer.load(directory)
+  if tokenizer.image_id != info["image_token_id"]:
+    raise UserError(f"{directory}: the tokenizer's <image> is id {tokenizer.image_id}, config.json's "
+                    f"image_token_id is {info['image_token_id']}")
+  config = _fill_config(base, info["vision"], info["llm"], tokenizer,
+                        _image_norm(directory, info["vision"]["flavour"]), llava=True)
+  config.data.tokenizer = directory
+  if dtype:
+    config.model.dtype = dtype
+  build_lib.resolve_model_config(config, tokenizer.vocab_size)
+  run = build_lib.build(config, inference_mesh(config), tokenizer.image_id)
+  with Reader(directory) as reader:
+    layout = layout_lib.detect(reader.keys(), ("vision", "bridge", "llm", "llm_head"), directory)
+    flat_params, items = _read_into(reader, config, run, layout, COMPONENTS, directory)
+    # A tied head stored anyway is the embedding again: never keep a copy that training leaves stale.
+    tied = layout["llm_head"] + "lm_head.weight" if config.model.llm.tie_embeddings else None
+    origin = Origin(directory, hc, layout, info["llm_family"], info["vision_layers"], info["image_token_id"],
+                    {k: reader.dtype(k) for k in reader.keys()}, directory,
+                    tuple(_unused(reader, items, layout, None, tied)))
+  return config, tokenizer, run, params_lib.unflatten(flat_params), origin
+
+
+# --- Writing a converted workdir -------------------------------------------------------------
+def _check_out(out: str) -> None:
+  """Before any reading: nothing is written unless the whole conversion can be."""
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise UserError(f"--out {out} exists and is not an empty directory")
+
+
+def _save_extras(origin: Origin, sidecar: str, renames: dict[str, str]) -> None:
+  """The unused tensors in one file, under their keys in origin's layout (small: a layer, a head)."""
+  if not origin.extra_keys:
+    return
+  tmp = os.path.join(sidecar, "_extras")
+  with Reader(origin.extras_dir) as reader:
+    tensors = {}
+    for key in origin.extra_keys:
+      src = renames.get(key, key)
+      tensors[key] = (reader.shape(src), reader.get(src).dtype, lambda src=src: reader.get(src))
+    write_sharded(tmp, tensors, max_shard_bytes=1 << 62)
+  os.replace(os.path.join(tmp, "model.safetensors"), os.path.join(sidecar, EXTRAS))
+  os.rmdir(tmp)
+
+
+def write_workdir(out: str, config: ml_collections.ConfigDict, params, origin: Origin, tokenizer,
+                  renames: dict[str, str] | None = None) -> str:
+  """config.json + checkpoints/0 (params only) + hf/ (files, HF config, meta, extras)."""
+  from vlm_jax.train.checkpoint import Checkpointer
+  sidecar = os.path.join(out, SIDECAR)
+  os.makedirs(sidecar, exist_ok=True)
+  for name in AUX_FILES:
+    if origin.files_dir and os.path.isfile(os.path.join(origin.files_dir, name)):
+      shutil.copyfile(os.path.join(origin.files_dir, name), os.path.join(sidecar, name))
+  if isinstance(tokenizer, hf_tokenizer.HFTokenizer):
+    tokenizer.save(sidecar)  # as used: with <image> when assembly added it
+  with open(os.path.join(sidecar, "config.json"), "w") as f:
+    json.dump(origin.hf_config or {}, f, indent=2)
+  _save_extras(origin, sidecar, renames or {})
+  with open(os.path.join(sidecar, META), "w") as f:
+    json.dump(origin.meta(), f, indent=2)
+  config.data.tokenizer = SIDECAR  # relative to the workdir; vlm_jax.load resolves it there
+  with open(os.path.join(out, "config.json"), "w") as f:
+    f.write(config_lib.to_json(config))
+  checkpoints = Checkpointer(os.path.join(out, "checkpoints"))
+  checkpoints.save(0, {"step": jnp.zeros((), jnp.int32), "params": params}, {"converted": True})
+  checkpoints.wait()
+  checkpoints.close()
+  return out
+
+
+def convert_llava(directory: str, out: str, base: ml_collections.ConfigDict | None = None) -> str:
+  """`vlm-jax convert --from-hf DIR --out OUT`."""
+  _check_out(out)
+  config, tokenizer, _, params, origin = open_llava(directory, base=base)
+  return write_workdir(out, config, params, origin, tokenizer)
+
+
+def load_origin(workdir: str) -> Origin | None:
+  """The Origin saved in a converted workdir (None for a model trained here from scratch)."""
+  sidecar = os.path.join(workdir, SIDECAR)
+  meta = hf_config.read_json(sidecar, META, required=False) if os.path.isdir(sidecar) else None
+  if meta is None:
+    return None
+  return Origin(sidecar, hf_config.read_json(sidecar, "config.json"), meta["layout"], meta["llm_family"],
+                meta["vision_layers"], meta["image_token_id"], meta["dtypes"],
+                sidecar if meta["extra_keys"] else None, tuple(meta["extra_keys"]))
+
+
+# --- Stage-1 assembly: an LLM directory + a vision-tower directory --------------------------
+def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2,
+             base: ml_collections.ConfigDict | None = None) -> str:
+  """`vlm-jax convert --from-hf LLM_DIR --vision VISION_DIR --out OUT`: the LLM and the vision
+  tower (CLIP/SigLIP, alone or inside a CLIPModel/SiglipModel) from HF, and a bridge of
+  config.model.bridge.kind (mlp2x_gelu unless base says otherwise) initialised from config.seed.
+  The tokenizer gains <image> if it has none; new vocab rows start as the mean row."""
+  _check_out(out)
+  vc, tc = hf_config.read_json(vision_dir), hf_config.read_json(llm_dir)
+  vc = vc["vision_config"] if isinstance(vc.get("vision_config"), dict) else vc
+  flavour = hf_config.VISION_FAMILIES.get(vc.get("model_type"), ("clip",))[0]
+  vision, n_layers = hf_config.vision_from_hf(vc, feature_layer, "default" if flavour == "clip" else "full",
+                                              f"{vision_dir}/config.json")
+  llm, family = hf_config.llm_from_hf(tc, f"{llm_dir}/config.json")
+  tokenizer = hf_tokenizer.load(llm_dir, add_image=True)
+  llm["vocab_size"] = max(llm["vocab_size"], tokenizer.vocab_size)
+  config = _fill_config(base, vision, llm, tokenizer, _image_norm(vision_dir, flavour), llava=False)
+  run = build_lib.build(config, inference_mesh(config), tokenizer.image_id)
+  layout = dict(layout_lib.LLAVA)  # export writes the hub's LLaVA layout
+  dtypes, renames = {}, {}
+  params = {}
+  for directory, slots, components in ((vision_dir, ("vision",), ("vision",)),
+                                       (llm_dir, ("llm", "llm_head"), ("llm",))):
+    with Reader(directory) as reader:
+      src_layout = layout_lib.detect(reader.keys(), slots, directory)
+      got, items = _read_into(reader, config, run, src_layout, components, directory, grow_vocab=True)
+      params.update(got)
+      for key in reader.keys():
+        slot, rel = layout_lib.component_of(key, src_layout)
+        if slot in slots:
+          dtypes[layout[slot] + rel] = reader.dtype(key)
+      if components == ("vision",):
+        renames = {layout["vision"] + k[len(src_layout["vision"]):]: k
+                   for k in _unused(reader, items, src_layout, slots)}
+  if tokenizer.vocab_size > tc.get("vocab_size", 0):  # grown: no longer the file's tensors
+    dtypes = {k: v for k, v in dtypes.items() if not k.endswith(("embed_tokens.weight", "lm_head.weight"))}
+  params.update(_fresh_bridge(config, run, config.seed))
+  origin = Origin(llm_dir, {"text_config": tc, "vision_config": vc}, layout, family, n_layers,
+                  tokenizer.image_id, dtypes, vision_dir, tuple(renames))
+  write_workdir(out, config, params_lib.unflatten(params), origin, tokenizer, renames)
+  preprocessor = os.path.join(vision_dir, "preprocessor_config.json")  # the image side is the tower's
+  if os.path.isfile(preprocessor):
+    shutil.copyfile(preprocessor, os.path.join(out, SIDECAR, "preprocessor_config.json"))
+  return out
+
+
+def _fresh_bridge(config: ml_collections.ConfigDict, run, seed: int) -> dict:
+  """The bridge's params from the model's own initialisers, created in their shardings."""
+  m = config.model
+  bridge = Bridge(m.bridge, m.llm.width, jnp.dtype(m.dtype))
+  features = jnp.zeros((1, vit_lib.num_output_tokens(m.vision), m.vision.width), jnp.float32)
+  shardings = {k[len("bridge/"):]: s for k, s in flat(run.param_shardings).items() if k.startswith("bridge/")}
+  init = jax.jit(lambda key: flat(nn.meta.unbox(bridge.init(key, features)["params"])), out_shardings=shardings)
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(parallel.RULES):
+    out = init(jax.random.key(seed))
+  return {f"bridge/{k}": x for k, x in out.items()}

@@ -1,9 +1,20 @@
-"""The default: a tiny VLM trained from scratch on the built-in `shapes` set, minutes on a CPU."""
+"""The default: a tiny VLM trained from scratch on the built-in `shapes` set, minutes on a CPU.
+
+Tuned on a 2-core CPU (see README): 16-px patches, one per grid cell of the shapes images (16
+visual tokens); lr 5e-4 (2e-3 stalled the binding of a named shape to its patch).
+"""
 
 from vlm_jax.config import base
 
 
 def get_config(arg=None):
   config = base()
-  config.stage = "full"       # nothing is pretrained here: everything learns
+  config.stage = "full"  # nothing is pretrained here: everything learns
+  config.model.vision.patch_size = 16
+  config.data.seq_len = 80  # 16 image tokens + 4 question/answer rounds (longest: 71 tokens)
+  config.train.steps = 1500
+  config.train.lr = 5e-4
+  config.train.log_every = 50
+  config.train.eval_every = 500
+  config.train.checkpoint_every = 500
   return config

@@ -74,6 +74,6 @@ def test_generate_not_a_workdir(tmp_path):
                                 "--prompt", "hi"), "neither a vlm-jax workdir")
 
 
-def test_unknown_command_and_flag():
+def test_unknown_command_and_flag(tmp_path):
   assert_one_line_error(run_cli("trian"), "unknown command")
-  assert_one_line_error(run_cli("train", "--bogus"), "--bogus")
+  assert_one_line_error(run_cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--bogus"), "--bogus")

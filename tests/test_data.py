@@ -460,3 +460,14 @@ def test_collate_text_only_sample(tok):
   assert b["images"].shape == (1, 1, 8, 8, 3) and not b["images"].any()
   assert b["image_mask"].tolist() == [[0.0]]
   assert tok.decode(b["targets"][0][b["loss_mask"][0] == 1]) == " red"
+
+
+def test_image_position_after_question(tok):
+  ex = shapes.make_example(3, "train", 0, 64, image_position="after")
+  assert ex.turns[0][1].endswith("?\n<image>") and "<image>" not in ex.turns[2][1]
+  before = shapes.make_example(3, "train", 0, 64)
+  assert ex.turns[0][1].replace("\n<image>", "") == before.turns[0][1].replace("<image>\n", "")
+  prompt = encode_prompt("What shape is red?", tok, image_tokens=2, image_position="after")
+  assert prompt[-4:-2].tolist() == [tok.image_id] * 2 and tok.image_id not in prompt[:-4]
+  with pytest.raises(UserError, match="image_position"):
+    encode_prompt("x", tok, image_tokens=2, image_position="middle")

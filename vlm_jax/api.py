@@ -12,7 +12,7 @@ from vlm_jax import config as config_lib
 from vlm_jax import parallel
 from vlm_jax.data import images as images_lib
 from vlm_jax.data import templates
-from vlm_jax.data.tokenizer import Tokenizer
+from vlm_jax.data.tokenizer import BUILTIN, Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.infer.generate import Greedy
 from vlm_jax.train import build as build_lib
@@ -22,8 +22,9 @@ from vlm_jax.train.checkpoint import Checkpointer, resolve
 class Model:
   """Params + tokenizer + config of one checkpoint, on a mesh over all local devices (FSDP)."""
 
-  def __init__(self, config, tokenizer: Tokenizer, run: build_lib.Run, params, step: int):
+  def __init__(self, config, tokenizer: Tokenizer, run: build_lib.Run, params, step: int, origin=None):
     self.config, self.tokenizer, self.run, self.params, self.step = config, tokenizer, run, params, step
+    self.origin = origin  # convert.hf_import.Origin when the model came from Hugging Face
     self._greedy = Greedy(run.model, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                           batch_multiple=parallel.batch_divisor(run.mesh))
 
@@ -33,7 +34,7 @@ class Model:
 
   def encode_prompt(self, prompt: str, raw_prompt: bool = False) -> np.ndarray:
     return templates.encode_prompt(prompt, self.tokenizer, self.image_tokens, self.config.data.template,
-                                   raw=raw_prompt)
+                                   raw=raw_prompt, image_position=self.config.data.image_position)
 
   def preprocess(self, image: "PIL.Image.Image | np.ndarray") -> np.ndarray:
     d = self.config.data
@@ -52,15 +53,24 @@ class Model:
   def generate(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 32,
                raw_prompt: bool = False) -> list[str]:
     """Greedy answers, one per (image, prompt). Images: PIL images or uint8 HxWx3 arrays."""
-    return [self.tokenizer.decode(ids) for ids in self.generate_ids(images, prompts, max_new_tokens, raw_prompt)]
+    return [self.tokenizer.decode(ids).strip()
+            for ids in self.generate_ids(images, prompts, max_new_tokens, raw_prompt)]
 
 
-def load(path: str) -> Model:
-  """PATH: a workdir (its latest checkpoint) or one of its checkpoints/<step> directories."""
+def load(path: str, dtype: str | None = None) -> Model:
+  """PATH: a workdir (its latest checkpoint), one of its checkpoints/<step> directories, or a
+  Hugging Face LLaVA directory (converted on the fly). dtype overrides the compute dtype
+  (e.g. "float32" to compare with another implementation)."""
+  from vlm_jax.convert import hf_import  # here: the converter's deps load only when used
+  if hf_import.is_hf_dir(path):
+    config, tokenizer, run, params, origin = hf_import.open_llava(path, dtype=dtype)
+    return Model(config, tokenizer, run, params, 0, origin)
   workdir, step = resolve(path)
   with open(os.path.join(workdir, "config.json")) as f:
     config = config_lib.from_json(f.read())
-  tokenizer = Tokenizer.load(config.data.tokenizer)
+  if dtype:
+    config.model.dtype = dtype
+  tokenizer = Tokenizer.load(_in_workdir(config.data.tokenizer, workdir))
   build_lib.resolve_model_config(config, tokenizer.vocab_size)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
   mesh = parallel.make_mesh(config.mesh)
@@ -69,6 +79,14 @@ def load(path: str) -> Model:
   step = checkpoints.latest_step() if step is None else step
   if step is None or step not in checkpoints.manager.all_steps():
     raise UserError(f"--checkpoint: no checkpoint {'yet' if step is None else step} in {workdir}/checkpoints")
-  state, _ = checkpoints.restore(step, run.abstract_state, run.state_shardings)
+  # Params only: inference needs no optimizer state (and converted checkpoints have none).
+  params = checkpoints.restore_params(step, run.abstract_state["params"], run.param_shardings)
   checkpoints.close()
-  return Model(config, tokenizer, run, state["params"], step)
+  return Model(config, tokenizer, run, params, step, hf_import.load_origin(workdir))
+
+
+def _in_workdir(spec: str, workdir: str) -> str:
+  """A relative tokenizer path that exists inside the workdir (a converted model's hf/) is read there."""
+  if spec in BUILTIN or os.path.isabs(spec) or not os.path.exists(os.path.join(workdir, spec)):
+    return spec
+  return os.path.join(workdir, spec)

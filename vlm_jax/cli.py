@@ -10,8 +10,7 @@ import time
 from vlm_jax.errors import UserError
 
 COMMANDS = ("train", "eval", "generate", "convert", "tokens", "data")
-LATER = {"convert": "Hugging Face import/export", "tokens": "AnyRes tile planning",
-         "data": "the data-pipeline inspector"}
+LATER = {"tokens": "AnyRes tile planning", "data": "the data-pipeline inspector"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,6 +132,59 @@ def cmd_generate(argv: list[str]) -> int:
   return 0
 
 
+def cmd_convert(argv: list[str]) -> int:
+  argv, overrides = _split_overrides(argv)
+  p = _Parser(prog="vlm-jax convert")
+  p.add_argument("--from-hf", metavar="HF_DIR", help="a LlavaForConditionalGeneration directory (or, with "
+                 "--vision, an LLM directory) to convert to a vlm-jax checkpoint")
+  p.add_argument("--out", metavar="DIR", help="the vlm-jax workdir to write (with --from-hf)")
+  p.add_argument("--vision", metavar="VISION_DIR", help="a CLIP/SigLIP directory: assemble a fresh VLM from "
+                 "it and the LLM of --from-hf, with a random bridge (stage 1)")
+  p.add_argument("--feature-layer", type=int, default=-2, help="with --vision: the vision hidden state "
+                 "the bridge reads (LLaVA: -2)")
+  p.add_argument("--config", help="with --from-hf: CONFIG.py[:ARG] whose non-model fields the written "
+                 "workdir gets (training settings); model fields come from the HF config")
+  p.add_argument("--checkpoint", metavar="PATH", help="a vlm-jax workdir or step directory to export")
+  p.add_argument("--to-hf", metavar="HF_DIR", help="the Hugging Face directory to write (with --checkpoint)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                 help="with --to-hf: tensor dtype (default: each tensor's dtype at import, else float32)")
+  p.add_argument("--max-shard-gb", type=float, default=4.0, help="with --to-hf: size of each safetensors shard")
+  args = p.parse_args(argv)
+  importing, exporting = bool(args.from_hf or args.out), bool(args.checkpoint or args.to_hf)
+  if importing == exporting:
+    raise UserError("convert: give either --from-hf HF_DIR --out DIR or --checkpoint PATH --to-hf HF_DIR")
+  if importing:
+    if not (args.from_hf and args.out):
+      raise UserError(f"convert: {'--out' if args.from_hf else '--from-hf'} is missing")
+    for flag, path in (("--from-hf", args.from_hf), ("--vision", args.vision)):
+      if path is not None and not os.path.isdir(path):
+        raise UserError(f"{flag}: no such directory: {path}")
+    base = None
+    if args.config:
+      from vlm_jax import config as config_lib
+      base = config_lib.load_file(args.config)
+      config_lib.apply_overrides(base, overrides)
+    elif overrides:
+      raise UserError("--config.KEY=VALUE needs --config")
+    from vlm_jax.convert import hf_import
+    if args.vision:
+      out = hf_import.assemble(args.from_hf, args.vision, args.out, feature_layer=args.feature_layer, base=base)
+    else:
+      out = hf_import.convert_llava(args.from_hf, args.out, base=base)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+  if not (args.checkpoint and args.to_hf):
+    raise UserError(f"convert: {'--to-hf' if args.checkpoint else '--checkpoint'} is missing")
+  import vlm_jax
+  from vlm_jax.convert import hf_export
+  hf_export.check_out(args.to_hf, args.dtype)
+  model = vlm_jax.load(args.checkpoint)
+  hf_export.export(model.config, model.tokenizer, model.params, model.origin, args.to_hf, dtype=args.dtype,
+                   max_shard_bytes=int(args.max_shard_gb * 2**30))
+  print(f"wrote {args.to_hf}", file=sys.stderr)
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help"):
@@ -143,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if command in LATER:
       raise UserError(f"vlm-jax {command}: {LATER[command]} is not available in this version")
-    handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}.get(command)
+    handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert}.get(command)
     if handler is None:
       raise UserError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
     return handler(rest)

@@ -13,6 +13,9 @@ import ml_collections
 from vlm_jax.errors import UserError
 
 STAGES = ("stage1", "stage2", "full")
+ROPE_TYPES = ("default", "linear", "llama3")
+# Names of vlm_jax.models.layers.ACTIVATIONS (not imported: config must not pull in jax).
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
 COMPONENTS = ("vision", "bridge", "llm")
 
 
@@ -25,21 +28,34 @@ def base() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state are fp32
   c.model.remat = "none"      # none | full | dots
   c.model.attention = "xla"   # xla | cudnn | auto
+  # A checkpoint (workdir, step dir or Hugging Face LLaVA dir) whose params start a fresh run,
+  # e.g. an LLM + vision tower assembled by `vlm-jax convert --vision` for stage 1. A resumed run
+  # continues from its own checkpoint instead.
+  c.model.init_from = ""
   c.model.vision = ml_collections.ConfigDict(dict(
       flavour="siglip", image_size=64, patch_size=8, width=128, depth=2, heads=4, mlp_dim=512,
-      norm_eps=1e-6, keep_cls=False))
+      norm_eps=1e-6, keep_cls=False, final_norm=False,
+      act=""))                # "" = the flavour's (quick_gelu for CLIP, gelu_tanh for SigLIP)
   c.model.bridge = ml_collections.ConfigDict(dict(
       kind="mlp2x_gelu", num_latents=16, depth=2, heads=4))
   c.model.llm = ml_collections.ConfigDict(dict(
       vocab_size=0,           # 0: the tokenizer's vocabulary size
       width=128, depth=2, heads=4, kv_heads=2, head_dim=32, mlp_dim=512, rope_theta=10000.0,
-      norm_eps=1e-6, tie_embeddings=False, qkv_bias=False))
+      norm_eps=1e-6, tie_embeddings=False, qkv_bias=False,
+      mlp_act="silu",         # silu (Llama, Qwen2, Mistral) | gelu_tanh (Gemma)
+      norm_offset=0.0,        # RMSNorm scales by (norm_offset + scale): Gemma stores scale - 1
+      embed_scale=False,      # inputs to the first layer times sqrt(width) (Gemma)
+      sliding_window=0,       # 0: full causal attention; W: each query sees its last W keys (Mistral)
+      # RoPE frequency scaling: default | linear | llama3 (Llama 3.1+); HF's rope_parameters.
+      rope_type="default", rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+      rope_original_max_len=8192))
 
   c.data = ml_collections.ConfigDict()
   c.data.sources = "shapes"
   c.data.eval_sources = "shapes:test"
   c.data.tokenizer = "shapes"
   c.data.template = "simple"
+  c.data.image_position = "before"  # where <image> goes when a prompt or sample does not say
   c.data.seq_len = 128
   c.data.image_mean = (0.5, 0.5, 0.5)
   c.data.image_std = (0.5, 0.5, 0.5)
@@ -145,6 +161,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_fields(config, base())
   if config.stage not in STAGES:
     raise UserError(f"config.stage: {config.stage!r} is not one of {', '.join(STAGES)}")
+  if config.data.image_position not in ("before", "after"):
+    raise UserError(f"config.data.image_position: {config.data.image_position!r} is not before or after")
   m = config.model
   if m.vision.flavour not in ("siglip", "clip"):
     raise UserError(f"config.model.vision.flavour: {m.vision.flavour!r} is not siglip or clip")
@@ -154,6 +172,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError("config.model.vision.width must be a multiple of heads")
   if m.bridge.kind not in ("linear", "mlp2x_gelu", "perceiver"):
     raise UserError(f"config.model.bridge.kind: {m.bridge.kind!r} is not linear, mlp2x_gelu or perceiver")
+  if m.vision.act and m.vision.act not in ACTIVATIONS:
+    raise UserError(f"config.model.vision.act: {m.vision.act!r} is not one of {', '.join(ACTIVATIONS)}")
+  if m.llm.mlp_act not in ACTIVATIONS:
+    raise UserError(f"config.model.llm.mlp_act: {m.llm.mlp_act!r} is not one of {', '.join(ACTIVATIONS)}")
+  if m.llm.rope_type not in ROPE_TYPES:
+    raise UserError(f"config.model.llm.rope_type: {m.llm.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
   if m.llm.heads % m.llm.kv_heads:
     raise UserError("config.model.llm.heads must be a multiple of kv_heads")
   if m.remat not in ("none", "full", "dots"):

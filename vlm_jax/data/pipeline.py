@@ -40,15 +40,18 @@ def parse_spec(spec: str) -> tuple[str, str]:
   return kind, split
 
 
-def _example_fn(spec: str, seed: int, image_size: int) -> Callable[[int], shapes.Example]:
+def _example_fn(spec: str, seed: int, image_size: int,
+                image_position: str) -> Callable[[int], shapes.Example]:
   """index -> Example for a data spec."""
   _, split = parse_spec(spec)
-  return functools.partial(shapes.make_example, seed, split, image_size=image_size)
+  return functools.partial(shapes.make_example, seed, split, image_size=image_size,
+                           image_position=image_position)
 
 
-def eval_examples(spec: str, n: int, *, seed: int, image_size: int) -> list[shapes.Example]:
+def eval_examples(spec: str, n: int, *, seed: int, image_size: int,
+                  image_position: str = "before") -> list[shapes.Example]:
   """The first n examples of the spec's split: a fixed held-out set."""
-  example = _example_fn(spec, seed, image_size)
+  example = _example_fn(spec, seed, image_size, image_position)
   return [example(i) for i in range(n)]
 
 
@@ -103,8 +106,8 @@ class Batches:
   def __init__(self, spec: str, *, tokenizer: Tokenizer, seq_len: int, global_batch_size: int,
                image_size: int, image_tokens: int, seed: int, image_mean: Sequence[float],
                image_std: Sequence[float], template: str = "simple", process_index: int = 0,
-               process_count: int = 1, strict: bool = False):
-    self._example = _example_fn(spec, seed, image_size)
+               process_count: int = 1, strict: bool = False, image_position: str = "before"):
+    self._example = _example_fn(spec, seed, image_size, image_position)
     get_template(template)  # Fails now, not at the first batch.
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise UserError(f"batch size {global_batch_size} is not a positive multiple of the "

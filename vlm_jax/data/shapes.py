@@ -10,6 +10,7 @@ import zlib
 
 import numpy as np
 
+from vlm_jax.data.templates import place_image
 from vlm_jax.errors import UserError
 
 SHAPES = ("circle", "square", "triangle")
@@ -127,12 +128,14 @@ def _question(rng: np.random.Generator, kind: str, objects: list[Shape],
   return QUESTIONS[kind].format(shape=o.shape), SIDES[int(o.cx >= image_size / 2)]
 
 
-def make_example(seed: int, split: str, index: int, image_size: int = 64) -> Example:
+def make_example(seed: int, split: str, index: int, image_size: int = 64,
+                 image_position: str = "before") -> Example:
   """The example `index` of `split`, a pure function of its arguments.
 
   A training example asks every question kind, in random order (a multi-turn conversation:
   several supervised answers per encoded image); a test example asks one, of a kind drawn
-  uniformly. `answer` and `kind` describe the first round.
+  uniformly. `answer` and `kind` describe the first round. The image goes with the first
+  question, on its own line before or after it (`image_position`).
   """
   if split not in SPLITS:
     raise UserError(f"shapes: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
@@ -146,7 +149,8 @@ def make_example(seed: int, split: str, index: int, image_size: int = 64) -> Exa
   rounds = [_question(rng, kind, objects, image_size) for kind in (kinds if split == "train" else kinds[:1])]
   turns = []
   for i, (question, answer) in enumerate(rounds):
-    turns += [("user", ("<image>\n" if i == 0 else "") + question), ("assistant", answer)]
+    turns += [("user", place_image(question, image_position) if i == 0 else question),
+              ("assistant", answer)]
   return Example(draw_shapes(objects, image_size, background), turns, rounds[0][1], kinds[0],
                  tuple(objects))
 

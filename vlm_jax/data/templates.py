@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from vlm_jax.data import chat_template
 from vlm_jax.errors import UserError
 from vlm_jax.data.tokenizer import IMAGE, Tokenizer
 
@@ -37,10 +38,17 @@ class Encoded:
   loss_mask: np.ndarray
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str) -> Template | None:
+  """None for "hf": the tokenizer's own Jinja template (data/chat_template.py)."""
+  if name == chat_template.HF:
+    return None
   if name not in TEMPLATES:
-    raise UserError(f"unknown chat template {name!r} (known: {', '.join(TEMPLATES)})")
+    raise UserError(f"unknown chat template {name!r} (known: {', '.join(TEMPLATES)}, {chat_template.HF})")
   return TEMPLATES[name]
+
+
+def _bos(tokenizer: Tokenizer) -> list[int]:
+  return [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # Qwen2 has no BOS
 
 
 def _check_images(texts: Sequence[str], image_tokens: int) -> None:
@@ -92,7 +100,11 @@ def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer: Tokenizer,
   tpl = get_template(template)
   _check_turns(turns)
   _check_images([text for _, text in turns], image_tokens)
-  tokens, mask = [tokenizer.bos_id], [False]
+  if tpl is None:
+    return Encoded(*chat_template.encode_conversation(
+        turns, tokenizer, lambda text: _text_ids(text, tokenizer, image_tokens)))
+  tokens = _bos(tokenizer)
+  mask = [False] * len(tokens)
   for (_, user), (_, answer) in zip(turns[0::2], turns[1::2]):
     ids = _user_ids(tpl, user, tokenizer, image_tokens)
     tokens += ids
@@ -103,8 +115,19 @@ def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer: Tokenizer,
   return Encoded(np.asarray(tokens, np.int32), np.asarray(mask, np.bool_))
 
 
+IMAGE_POSITIONS = ("before", "after")
+
+
+def place_image(text: str, position: str = "before") -> str:
+  """Adds the <image> marker on its own line before (LLaVA's default) or after the text."""
+  if position not in IMAGE_POSITIONS:
+    raise UserError(f"config.data.image_position: {position!r} is not before or after")
+  return f"{IMAGE}\n{text}" if position == "before" else f"{text}\n{IMAGE}"
+
+
 def encode_prompt(prompt: str, tokenizer: Tokenizer, image_tokens: int,
-                  template: str = "simple", raw: bool = False) -> np.ndarray:
+                  template: str = "simple", raw: bool = False,
+                  image_position: str = "before") -> np.ndarray:
   """Generation input: BOS + the first user turn ending with the assistant header.
 
   Without `raw`, a prompt with no <image> gets "<image>\\n" in front when the model takes
@@ -116,6 +139,9 @@ def encode_prompt(prompt: str, tokenizer: Tokenizer, image_tokens: int,
     ids = _text_ids(prompt, tokenizer, image_tokens)
   else:
     if IMAGE not in prompt and image_tokens > 0:
-      prompt = IMAGE + "\n" + prompt
+      prompt = place_image(prompt, image_position)
+    if tpl is None:
+      return chat_template.encode_prompt(prompt, tokenizer,
+                                         lambda text: _text_ids(text, tokenizer, image_tokens))
     ids = _user_ids(tpl, prompt, tokenizer, image_tokens)
-  return np.asarray([tokenizer.bos_id] + ids, np.int32)
+  return np.asarray(_bos(tokenizer) + ids, np.int32)

@@ -65,7 +65,8 @@ class Evaluator:
 
 def evaluator_for(run: Run, tokenizer: Tokenizer, spec: str, n: int) -> Evaluator:
   cfg = run.config
-  examples = pipeline.eval_examples(spec, n, seed=cfg.seed, image_size=cfg.model.vision.image_size)
+  examples = pipeline.eval_examples(spec, n, seed=cfg.seed, image_size=cfg.model.vision.image_size,
+                                    image_position=cfg.data.image_position)
   return Evaluator(run, tokenizer, examples)
 
 

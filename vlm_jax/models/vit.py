@@ -1,7 +1,9 @@
 """ViT encoder, SigLIP flavour (no CLS, tanh GELU) and CLIP flavour (CLS, pre-LN, quick_gelu).
 
-Returns the hidden state after `depth` blocks with no post-LN, as LLaVA reads
-`hidden_states[feature_layer]`: a model with N blocks and feature_layer=-2 is built with depth=N-1.
+Returns the hidden state after `depth` blocks, as LLaVA reads `hidden_states[feature_layer]`: a
+model with N blocks and feature_layer=-2 is built with depth=N-1. `final_norm` adds a LayerNorm at
+the end (SigLIP's post_layernorm): off for LLaVA-style use of pretrained towers, on when training
+from scratch, where it keeps the visual tokens at the scale of the text embeddings.
 """
 
 import flax.linen as nn
@@ -60,7 +62,7 @@ class EncoderBlock(nn.Module):
     x = x + dense(c.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2,
                   use_bias=True, bias_axes=("embed",))(o)
     h = layer_norm("mlp_norm", c.norm_eps, dt)(x)
-    h = ACTIVATIONS[FLAVOURS[c.flavour]["act"]](
+    h = ACTIVATIONS[c.act or FLAVOURS[c.flavour]["act"]](
         dense(c.mlp_dim, ("embed", "mlp"), name="fc1", dtype=dt, use_bias=True)(h))
     x = x + dense(c.width, ("mlp", "embed"), name="fc2", dtype=dt, use_bias=True)(h)
     return constrain(x, ("act_batch", "act_length", "act_embed")), None
@@ -93,6 +95,8 @@ class ViT(nn.Module):
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
     x, _ = stack_layers(EncoderBlock, c.depth, self.remat, n_broadcast=0, cfg=c, dtype=self.dtype,
                         attention_impl=self.attention_impl, name="layers")(x)
+    if c.final_norm:  # SigLIP's post_layernorm; LLaVA reads pretrained towers before it
+      x = layer_norm("final_norm", c.norm_eps, self.dtype)(x)
     if flavour["cls"] and not c.keep_cls:
       x = x[:, 1:]
     return x

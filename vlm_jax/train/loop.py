@@ -70,7 +70,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                  image_tokens=run.image_tokens, seed=config.seed, image_mean=config.data.image_mean,
                  image_std=config.data.image_std, template=config.data.template,
                  process_index=jax.process_index(), process_count=jax.process_count(),
-                 strict=config.data.strict)
+                 strict=config.data.strict, image_position=config.data.image_position)
   evaluate = evaluator_for(run, tokenizer, config.data.eval_sources, t.eval_examples)
 
   # --- Restore or init ------------------------------------------------------------------------

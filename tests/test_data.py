@@ -1,6 +1,7 @@
 """Host-side data: the shapes set, tokenizer, chat template, images and batches."""
 
 import collections
+import dataclasses
 import json
 import logging
 import re
@@ -45,6 +46,16 @@ def test_train_and_test_splits_differ():
   train = {shapes.make_example(0, "train", i, 64).image.tobytes() for i in range(2000)}
   test = {shapes.make_example(0, "test", i, 64).image.tobytes() for i in range(300)}
   assert len(test) > 200 and not train & test
+
+
+def test_held_out_split_depends_on_the_image_not_on_number_types():
+  # Tests draw images from hand-written layouts with int coordinates; the split must agree.
+  for i in range(50):
+    ex = shapes.make_example(0, "test", i, 64)
+    background, = [k for k, v in shapes.BACKGROUNDS.items() if tuple(ex.image[0, 0]) == v]
+    as_ints = [dataclasses.replace(o, cx=int(o.cx), cy=int(o.cy), size=int(o.size))
+               for o in ex.objects]
+    assert shapes._is_held_out(as_ints, background)
 
 
 def test_unknown_split_is_a_user_error():

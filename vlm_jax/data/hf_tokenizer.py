@@ -11,6 +11,7 @@ import json
 import os
 import re
 
+from vlm_jax.convert.hf_config import read_json
 from vlm_jax.errors import UserError
 
 IMAGE = "<image>"
@@ -19,14 +20,7 @@ FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_
 
 
 def _read(directory: str, name: str) -> dict | None:
-  path = os.path.join(directory, name)
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path}: not valid JSON ({e})") from None
+  return read_json(directory, name, required=False)
 
 
 def _content(token) -> str | None:

@@ -109,8 +109,12 @@ HELD_OUT = 8  # 1 in HELD_OUT possible images belongs to the test split; trainin
 
 
 def _is_held_out(objects: list[Shape], background: str) -> bool:
-  """A stable hash of the whole image content, so a test image is never a training image."""
-  key = repr((background, sorted((o.shape, o.color, o.cx, o.cy, o.size) for o in objects)))
+  """A stable hash of the whole image content, so a test image is never a training image.
+
+  Coordinates go in as floats: Shape(.., 8, ..) and Shape(.., 8.0, ..) draw the same image.
+  """
+  key = repr((background, sorted((o.shape, o.color, float(o.cx), float(o.cy), float(o.size))
+                                 for o in objects)))
   return zlib.crc32(key.encode()) % HELD_OUT == 0
 
 

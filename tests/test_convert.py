@@ -87,7 +87,7 @@ def test_llm_logits_and_greedy_match_transformers(tmp_path, family):
   print(f"{family}: max abs logits error {err:.2e} (logits up to {np.abs(expected).max():.1f})")
   assert err < TOL
 
-  ours = Greedy(run.model, eos_id=-1, pad_id=hf_models.PAD)(params, [ids[0].numpy()], images[:1], NEW_TOKENS)[0]
+  ours = Greedy(run.model, run.mesh, eos_id=-1, pad_id=hf_models.PAD)(params, [ids[0].numpy()], images[:1], NEW_TOKENS)[0]
   assert ours == hf_greedy(hf, ids[:1])
 
 
@@ -142,7 +142,7 @@ def test_llava_logits_and_greedy_match_transformers(llava):
   err = float(np.abs(got - llava["logits"]).max())
   print(f"{llava['name']}: max abs logits error {err:.2e} (logits up to {np.abs(llava['logits']).max():.1f})")
   assert err < TOL
-  ours = Greedy(model.run.model, eos_id=-1, pad_id=hf_models.PAD)(
+  ours = Greedy(model.run.model, model.run.mesh, eos_id=-1, pad_id=hf_models.PAD)(
       model.params, [llava["ids"][0].numpy()], nchw_to_ours(llava["pixels"]), NEW_TOKENS)[0]
   assert ours == hf_greedy(llava["hf"], llava["ids"], pixel_values=llava["pixels"])
   # Each param sits in the sharding training would give it (embed split 8 ways over fsdp).

@@ -20,6 +20,7 @@ from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.train import build as build_lib
 from vlm_jax.train import loop
+from vlm_jax.train import optim
 from vlm_jax.train.optim import FROZEN, component
 
 # Tolerances for fp32 runs that differ only in reduction order (sharding, micro-batching).
@@ -381,3 +382,11 @@ def test_resume_may_change_length_and_cadence(tok, runs, tmp_path):
   loop.prepare_workdir(cfg, str(tmp_path))  # no error
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["train"]["steps"] == 4 * K
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 50])
+def test_runs_shorter_than_the_warmup_reach_the_peak_lr(steps):
+  cfg = helpers.tiny_config({"train.steps": steps, "train.warmup_steps": 50, "train.lr": 1e-3})
+  lr = optim.schedule(cfg.train)
+  values = [float(lr(s)) for s in range(steps)]
+  assert all(np.isfinite(values)) and values[-1] == pytest.approx(1e-3)

@@ -25,8 +25,7 @@ class Model:
   def __init__(self, config, tokenizer: Tokenizer, run: build_lib.Run, params, step: int, origin=None):
     self.config, self.tokenizer, self.run, self.params, self.step = config, tokenizer, run, params, step
     self.origin = origin  # convert.hf_import.Origin when the model came from Hugging Face
-    self._greedy = Greedy(run.model, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                          batch_multiple=parallel.batch_divisor(run.mesh))
+    self._greedy = Greedy(run.model, run.mesh, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
   @property
   def image_tokens(self) -> int:

@@ -45,10 +45,26 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _maybe_distributed() -> None:
-  """Multi-host: each process calls jax.distributed.initialize() (env or TPU metadata)."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("VLM_JAX_DISTRIBUTED") == "1":
-    import jax
-    jax.distributed.initialize()
+  """Multi-host: each process calls jax.distributed.initialize().
+
+  VLM_JAX_DISTRIBUTED=1 lets jax find its peers (TPU metadata, SLURM, Open MPI); elsewhere
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID say it (jax itself reads only
+  the first). CPU devices exchange collectives over gloo.
+  """
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not address and os.environ.get("VLM_JAX_DISTRIBUTED") != "1":
+    return
+  import jax
+  kwargs = {}
+  if address:
+    try:
+      kwargs = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                    process_id=int(os.environ["JAX_PROCESS_ID"]))
+    except (KeyError, ValueError) as e:
+      raise UserError(f"JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
+                      f"integers too ({type(e).__name__}: {e})") from None
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # no effect on GPU/TPU devices
+  jax.distributed.initialize(address, **kwargs)
 
 
 def cmd_train(argv: list[str]) -> int:

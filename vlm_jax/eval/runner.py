@@ -27,8 +27,7 @@ class Evaluator:
     self.images = np.stack([images_lib.preprocess(e.image, cfg.model.vision.image_size,
                                                   cfg.data.image_mean, cfg.data.image_std)
                             for e in self.examples])
-    self.greedy = Greedy(run.model, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                         batch_multiple=parallel.batch_divisor(run.mesh))
+    self.greedy = Greedy(run.model, run.mesh, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
   def __call__(self, params, *, shuffle_images: bool = False) -> dict[str, float]:
     """-> {"loss", "accuracy", "accuracy/<question kind>", "examples"}.

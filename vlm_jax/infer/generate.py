@@ -9,7 +9,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from vlm_jax import parallel
 from vlm_jax.models.vlm import VLM
 
 BUCKET = 32  # buffer lengths are rounded up to this, so a few shapes serve all prompts
@@ -44,10 +46,12 @@ def _greedy(params, tokens, lengths, images, *, model: VLM, max_new_tokens: int,
 class Greedy:
   """Greedy decoder for one model; compiled once per (rows, buffer length, max_new_tokens)."""
 
-  def __init__(self, model: VLM, *, eos_id: int, pad_id: int, batch_multiple: int = 1):
-    self.pad_id, self.eos_id, self.batch_multiple = pad_id, eos_id, batch_multiple
+  def __init__(self, model: VLM, mesh: Mesh, *, eos_id: int, pad_id: int):
+    self.pad_id, self.eos_id = pad_id, eos_id
+    self.batch_multiple = parallel.batch_divisor(mesh)
+    # Replicated results: every process of a multi-host mesh can read all rows.
     self._fn = jax.jit(functools.partial(_greedy, model=model, eos_id=eos_id),
-                       static_argnames=("max_new_tokens",))
+                       static_argnames=("max_new_tokens",), out_shardings=parallel.replicated(mesh))
 
   def __call__(self, params, prompts: list[np.ndarray], images: np.ndarray,
                max_new_tokens: int) -> list[list[int]]:

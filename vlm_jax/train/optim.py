@@ -53,8 +53,10 @@ def param_labels(params, train_cfg: ml_collections.ConfigDict, stage: str):
 
 def schedule(train_cfg: ml_collections.ConfigDict, mult: float = 1.0) -> optax.Schedule:
   peak = train_cfg.lr * mult
+  # A run shorter than the warmup (a quick check) warms up over all but its last step.
+  warmup = max(min(train_cfg.warmup_steps, train_cfg.steps - 1), 0)
   return optax.warmup_cosine_decay_schedule(
-      0.0, peak, min(train_cfg.warmup_steps, train_cfg.steps), max(train_cfg.steps, 1),
+      0.0, peak, warmup, max(train_cfg.steps, 1),
       end_value=peak * train_cfg.end_lr_ratio)
 
 

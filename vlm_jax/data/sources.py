@@ -123,7 +123,7 @@ class TfdsSource:
   """A TFDS dataset (array_record, no TensorFlow) through `tfds.data_source`.
 
   Features: `image` (optional) or `images` (a sequence), and either `conversations` (LLaVA's
-  list as JSON text) or `question` + `answer` (one round; "<image>\\n" goes before the question
+  list as JSON text; empty: not used) or `question` + `answer` (one round; "<image>\\n" goes before the question
   when there is an image). `id` names the sample if present.
   """
 
@@ -149,7 +149,7 @@ class TfdsSource:
     else:
       images = [record["image"]] if "image" in record else []
     key = text(record["id"]) if "id" in record else str(index)
-    if "conversations" in record:
+    if text(record.get("conversations", "")):  # an empty text: this sample is question + answer
       try:
         conversations = json.loads(text(record["conversations"]))
       except json.JSONDecodeError as e:

@@ -25,15 +25,14 @@ def sp():
 
 
 def _runs(tok, enc) -> list[tuple[bool, str]]:
-  """The sequence as (supervised, decoded text) runs, special ids shown by name."""
+  """The sequence as (supervised, decoded text) runs: BOS/EOS by name, a block of image ids as <image>."""
   names = {tok.bos_id: "<s>", tok.eos_id: "</s>", tok.image_id: IMAGE}
-  runs = []
+  runs, previous = [], None
   for i, m in zip(enc.tokens.tolist(), enc.loss_mask.tolist()):
-    text = names.get(i) or tok.decode([i])
-    if runs and runs[-1][0] == m and not (i == tok.image_id and runs[-1][1].endswith(IMAGE)):
-      runs[-1] = (m, runs[-1][1] + text)
-    elif not (i == tok.image_id and runs and runs[-1][1].endswith(IMAGE)):
-      runs.append((m, text))
+    if not (i == previous == tok.image_id):
+      text = names.get(i) or tok.decode([i])
+      runs[-1:] = [(m, runs[-1][1] + text)] if runs and runs[-1][0] == m else runs[-1:] + [(m, text)]
+    previous = i
   return runs
 
 

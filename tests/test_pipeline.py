@@ -134,21 +134,26 @@ def test_resume_sees_the_samples_of_an_unbroken_run(tok, llava, workers):
     resumed.set_state({"skipped": {}})
 
 
-def test_processes_read_disjoint_shards_that_cover_the_set(tok, llava):
-  size = 23
+def _shards(size: int, epoch: int) -> list[list[int]]:
+  """The sample indices processes 0 and 1 of 2 read in one epoch."""
+  return [[EpochOrder(0, size, SEED, p, 2)[epoch * len(range(p, size, 2)) + j][1]
+           for j in range(len(range(p, size, 2)))] for p in range(2)]
+
+
+def test_processes_read_disjoint_shards_that_cover_the_set():
   for epoch in range(2):
-    shards = [[EpochOrder(0, size, SEED, p, 2)[epoch * len(range(p, size, 2)) + j][1]
-               for j in range(len(range(p, size, 2)))] for p in range(2)]
-    assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(size))
-    if epoch == 0:
-      first = shards
-  assert shards != first  # each epoch is shuffled anew
-  # Through the whole pipeline: two processes' batches hold different samples, all of them good.
-  n_good = len(json.load(open(llava))) - len(llava_fixture.BROKEN)
-  keys = [_keys(_take(_batches(tok, f"llava:{llava}", batch=2, process_index=p, process_count=2), n_good // 4))
-          for p in range(2)]
-  assert not set(keys[0]) & set(keys[1])
-  assert len(set(keys[0])) == len(keys[0]) == n_good // 4
+    a, b = _shards(23, epoch)
+    assert not set(a) & set(b) and sorted(a + b) == list(range(23))
+  assert _shards(23, 0) != _shards(23, 1)  # each epoch is shuffled anew
+
+
+def test_two_processes_read_one_epoch_between_them(tok, tmp_path):
+  path = llava_fixture.write(str(tmp_path), 21, image_size=SIZE, broken=False)
+  ids = [r["id"] for r in json.load(open(path))]
+  keys = [_keys(_take(_batches(tok, f"llava:{path}", batch=2, process_index=p, process_count=2),
+                      len(range(p, 21, 2)))) for p in range(2)]
+  assert [len(k) for k in keys] == [11, 10]
+  assert not set(keys[0]) & set(keys[1]) and sorted(keys[0] + keys[1]) == sorted(ids)
 
 
 def test_one_epoch_sees_every_good_sample_once(tok, llava):

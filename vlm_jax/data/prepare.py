@@ -88,5 +88,6 @@ class Prepare:
     if len(enc.tokens) > self.seq_len:
       raise BadSample("too_long", f"id {sample.key}: {len(enc.tokens)} tokens > seq_len {self.seq_len}")
     images = [self.image_fn(decode_image(ref)) for ref in sample.images]
+    # No images: an empty stack that fits (broadcasts into) any image size.
     stacked = np.stack(images).astype(np.float32) if images else np.zeros((0, 1, 1, 3), np.float32)
     return Prepared(sample.key, enc.tokens, enc.loss_mask, stacked)

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece
 
 from vlm_jax.errors import UserError
-from vlm_jax.data import images, pipeline, shapes, templates, tokenizer
+from vlm_jax.data import images, pipeline, shapes, tokenizer
 from vlm_jax.data.shapes import Shape
 from vlm_jax.data.templates import encode_conversation, encode_prompt
 

@@ -12,7 +12,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from vlm_jax import config as config_lib
 from vlm_jax import parallel

@@ -144,3 +144,7 @@ def test_train_on_llava_data_skips_and_counts_bad_samples(llava_config, tmp_path
   assert result.stderr.count("skipping") == len([k for k in train[-1] if k.startswith("data/skipped/")])
   strict = run_cli("train", "--config", config, "--workdir", str(tmp_path / "s"), "--config.data.strict=true")
   assert_one_line_error(strict, "data.strict=True", "sample")
+
+
+def test_data_bad_spec():
+  assert_one_line_error(run_cli("data", "--config", CONFIG, "--data", "coco"), "'coco'", "unknown source")

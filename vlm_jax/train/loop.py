@@ -86,9 +86,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
            config.stage, dict(mesh.shape))
 
   # --- Compile once, before the loop ----------------------------------------------------------
-  batch = next(data)
+  # Batches go to the device as soon as they are read: the transfer of batch k+1 overlaps step k.
+  batch = parallel.global_batch(device_batch(next(data)), mesh)
   t0 = time.time()
-  train_step = run.train_step.lower(state, parallel.global_batch(device_batch(batch), mesh)).compile()
+  train_step = run.train_step.lower(state, batch).compile()
   memory = train_step.memory_analysis()
   log.info("train step compiled in %.1fs%s", time.time() - t0,
            f"; temp memory {memory.temp_size_in_bytes / 2**20:.0f} MiB" if memory else "")
@@ -102,7 +103,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   step = start
   end = t.steps if stop_after is None else min(t.steps, stop_after)
   while step < end:
-    state, metrics = train_step(state, parallel.global_batch(device_batch(batch), mesh))
+    state, metrics = train_step(state, batch)
     step += 1
     if step % t.log_every == 0 or step == end:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -117,7 +118,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     if step % t.checkpoint_every == 0 or step == end or preempted:
       checkpoints.save(step, state, data.get_state())
     if step < end and not preempted:
-      batch = next(data)
+      batch = parallel.global_batch(device_batch(next(data)), mesh)
     if preempted:
       log.warning("stopping at step %d on %s; run again to resume", step, preempted.signal_name)
       break

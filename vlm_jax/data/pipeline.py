@@ -86,7 +86,7 @@ class Batches:
                       f"{process_count} processes")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    for name, value, low in (("seq_len", seq_len, 1), ("max_images", max_images, 0),
+    for name, value, low in (("seq_len", seq_len, 1), ("max_images", max_images, 1),
                              ("workers", workers, 0), ("threads", threads, 0), ("prefetch", prefetch, 0)):
       if value < low:
         raise UserError(f"config.data.{name} must be >= {low}, got {value}")

@@ -242,7 +242,7 @@ def test_multi_image_sample(tok, tmp_path):
   for i, p in enumerate(pixels):
     np.testing.assert_array_equal(b["images"][0, i], images.preprocess(p, SIZE))
   assert (b["tokens"] == tok.image_id).sum() == 2 * IMAGE_TOKENS
-  with pytest.raises(UserError, match="too_many_images|2 images > data.max_images 1"):
+  with pytest.raises(UserError, match="2 image tiles > data.max_images 1"):
     _take(_batches(tok, f"llava:{path}", batch=1, strict=True), 1)
 
 

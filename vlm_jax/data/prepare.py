@@ -22,7 +22,7 @@ from vlm_jax.errors import BadSample, UserError
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-  """tokens int32 [n], loss_mask bool [n], images float32 [k, H, W, 3] in placeholder order."""
+  """tokens int32 [n], loss_mask bool [n], images float32 [tiles, H, W, 3] in placeholder order."""
   key: str
   tokens: np.ndarray
   loss_mask: np.ndarray
@@ -50,9 +50,18 @@ def decode_image(ref: ImageRef) -> PIL.Image.Image | np.ndarray:
     raise BadSample("image", f"cannot decode image bytes: {e}") from None
 
 
+def _one_tile(image: PIL.Image.Image | np.ndarray, size: int, mean: Sequence[float],
+              std: Sequence[float]) -> np.ndarray:
+  return images_lib.preprocess(image, size, mean, std)[None]
+
+
 def image_preprocessor(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-  """decoded image -> float32 [size, size, 3]: the one place image arrays are made (tiling plugs in here)."""
-  return functools.partial(images_lib.preprocess, size=size, mean=mean, std=std)
+  """decoded image -> float32 [tiles, size, size, 3]: the one place image arrays are made.
+
+  One tile (the image resized) here; AnyRes tiling plugs in as another such function. Each
+  tile takes one of the row's data.max_images image slots.
+  """
+  return functools.partial(_one_tile, size=size, mean=mean, std=std)
 
 
 class Prepare:
@@ -78,16 +87,16 @@ class Prepare:
     if placeholders != len(sample.images):
       raise BadSample("image_count", f"id {sample.key}: {len(sample.images)} image(s) but "
                       f"{placeholders} {IMAGE} placeholder(s)")
-    if len(sample.images) > self.max_images:
-      raise BadSample("too_many_images", f"id {sample.key}: {len(sample.images)} images > "
-                      f"data.max_images {self.max_images}")
     try:
       enc = encode_conversation(sample.turns, self.tokenizer, self.image_tokens, self.template)
     except BadSample as e:
       raise BadSample(e.reason, f"id {sample.key}: {e}") from None
     if len(enc.tokens) > self.seq_len:
       raise BadSample("too_long", f"id {sample.key}: {len(enc.tokens)} tokens > seq_len {self.seq_len}")
-    images = [self.image_fn(decode_image(ref)) for ref in sample.images]
+    tiles = [self.image_fn(decode_image(ref)) for ref in sample.images]
     # No images: an empty stack that fits (broadcasts into) any image size.
-    stacked = np.stack(images).astype(np.float32) if images else np.zeros((0, 1, 1, 3), np.float32)
+    stacked = np.concatenate(tiles).astype(np.float32) if tiles else np.zeros((0, 1, 1, 3), np.float32)
+    if len(stacked) > self.max_images:
+      raise BadSample("too_many_images", f"id {sample.key}: {len(stacked)} image tiles > "
+                      f"data.max_images {self.max_images}")
     return Prepared(sample.key, enc.tokens, enc.loss_mask, stacked)

@@ -10,6 +10,8 @@ import numpy as np
 from vlm_jax import parallel
 from vlm_jax.data import images as images_lib
 from vlm_jax.data import pipeline, shapes, templates
+from vlm_jax.data.packing import collate
+from vlm_jax.data.prepare import Prepared
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.infer.generate import Greedy
 from vlm_jax.train.build import Run
@@ -45,7 +47,9 @@ class Evaluator:
         chunk_images = images[start:start + self.batch_size]
         encoded = [templates.encode_conversation(e.turns, tok, self.run.image_tokens, cfg.data.template)
                    for e in chunk]
-        batch = pipeline.collate(encoded, list(chunk_images), cfg.data.seq_len, tok.pad_id)
+        rows = [[Prepared(str(start + i), enc.tokens, enc.loss_mask, image[None])]
+                for i, (enc, image) in enumerate(zip(encoded, chunk_images))]
+        batch = pipeline.device_batch(collate(rows, cfg.data.seq_len, tok.pad_id, 1, chunk_images.shape[1:3]))
         batch = {k: _pad_rows(v, self.batch_size) for k, v in batch.items()}
         out = self.run.eval_step(params, parallel.global_batch(batch, self.run.mesh))
         loss_sum += float(out["loss_sum"])

@@ -61,7 +61,7 @@ def train_step(state: dict, batch: dict, *, apply_fn: Callable, tx: optax.Gradie
   # Frozen params are passed through untouched: bit-identical, whatever the update arithmetic.
   params = jax.tree.map(lambda p, u, l: p if l == FROZEN else p + u.astype(p.dtype),
                         state["params"], updates, labels)
-  metrics = {"train/loss": loss_sum / denom, "train/grad_norm": optax.global_norm(grads),
+  metrics = {"train/loss": loss_sum / denom, "train/grad_norm": optax.tree.norm(grads),
              "train/lr": lr_fn(state["step"]), "train/supervised_tokens": count}
   return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 

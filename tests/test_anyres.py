@@ -129,3 +129,193 @@ def test_images_too_thin_for_the_grid_are_errors(size):
 def test_bad_grids_are_errors(text):
   with pytest.raises(UserError, match="grid_pinpoints"):
     anyres.parse_pinpoints(text, 336)
+
+
+# --- The model side: merged visual sequence and logits against LlavaNextForConditionalGeneration ---
+TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # LLaVA-NeXT's, at a 32-px tile
+TINY_SIZES = [(20, 50), (50, 20), (32, 32), (100, 30), (9, 90), (64, 64), (45, 77), (2, 2), (70, 10)]
+
+
+@pytest.fixture(scope="module")
+def tiny_next(tmp_path_factory):
+  """A random LlavaNextForConditionalGeneration (CLIP tiles of 32 px, 4x4 patches) saved with its
+  tokenizer and image processor."""
+  d = str(tmp_path_factory.mktemp("llava_next"))
+  tok = hf_models.save_tokenizer(d)
+  config = transformers.LlavaNextConfig(
+      vision_config=transformers.CLIPVisionConfig(**{**hf_models.VISION_KW, "image_size": 32}),
+      text_config=hf_models.text_config("llama", 64), image_token_id=tok.token_to_id("<image>"),
+      image_grid_pinpoints=TINY_PINPOINTS)
+  model = hf_models.randomize(transformers.LlavaNextForConditionalGeneration(config), seed=3)
+  model.config._attn_implementation = "eager"
+  model.save_pretrained(d)
+  LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                             image_grid_pinpoints=TINY_PINPOINTS, image_mean=CLIP_MEAN,
+                             image_std=CLIP_STD).save_pretrained(d)
+  processor = transformers.LlavaNextProcessor(
+      image_processor=transformers.AutoImageProcessor.from_pretrained(d, backend="pil"),
+      tokenizer=transformers.PreTrainedTokenizerFast.from_pretrained(d), patch_size=8,
+      vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>")
+  return {"dir": d, "hf": model, "processor": processor}
+
+
+def _hf_inputs(processor, image):
+  return processor(images=[image], text=["USER: <image> what color"], return_tensors="pt",
+                   input_data_format="channels_last")
+
+
+def test_merged_visual_sequence_and_logits_match_transformers(tiny_next):
+  import jax
+  import torch
+  import vlm_jax
+  from vlm_jax.models.vlm import VLM
+  ours = vlm_jax.load(tiny_next["dir"], dtype="float32")
+  assert ours.config.model.anyres.enabled and ours.anyres.spec.side == 4
+  images = [_image(s, seed=5) for s in TINY_SIZES]
+  tiled = [ours.anyres.prepare(im) for im in images]
+  # All images in one tile pool (one group), as a training batch packs them.
+  batch = ours.anyres.collate(tiled, groups=1, tiles_per_group=sum(t.plan.tiles for t in tiled),
+                              visual_len=max(t.plan.tokens for t in tiled))
+  encode = jax.jit(lambda p, im: ours.run.model.apply({"params": p}, im, method=VLM.encode_images))
+  visual = np.asarray(encode(ours.params, batch))
+  errors = []
+  for r, (image, t) in enumerate(zip(images, tiled)):
+    inputs = _hf_inputs(tiny_next["processor"], image)
+    with torch.no_grad():
+      hf = tiny_next["hf"].model.get_image_features(
+          inputs["pixel_values"], inputs["image_sizes"], vision_feature_layer=-2,
+          vision_feature_select_strategy="default").pooler_output[0].numpy()
+      logits = tiny_next["hf"](**inputs).logits.numpy()
+    assert hf.shape[0] == t.plan.tokens
+    np.testing.assert_allclose(np.asarray(t.tiles), inputs["pixel_values"][0].numpy().transpose(0, 2, 3, 1),
+                               atol=1e-5)
+    errors.append(float(np.abs(visual[r, :t.plan.tokens] - hf).max()))
+    # Whole model: our logits from the same ids (the processor's expansion) and our own tiles.
+    ids = inputs["input_ids"].numpy().astype(np.int32)
+    assert (ids == ours.tokenizer.image_id).sum() == t.plan.tokens
+    ours_logits = _logits(ours, ids, ours.anyres.collate_rows([t], t.plan.tokens))
+    errors.append(float(np.abs(ours_logits - logits).max()))
+  print(f"max abs error, visual tokens / logits: {max(errors[0::2]):.2e} / {max(errors[1::2]):.2e}")
+  assert max(errors) < 1e-4
+
+
+def _logits(model, ids: np.ndarray, images: dict) -> np.ndarray:
+  import jax
+  positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
+  apply = jax.jit(lambda p, *inputs: model.run.model.apply({"params": p}, *inputs))
+  return np.asarray(apply(model.params, ids, images, positions, np.ones(ids.shape, np.int32)))
+
+
+def test_llava_next_round_trip_is_bit_identical_and_loads_in_transformers(tiny_next, tmp_path):
+  import torch
+  from vlm_jax import cli
+  from vlm_jax.convert.safetensors_io import read_all
+  work, out = str(tmp_path / "work"), str(tmp_path / "out")
+  assert cli.main(["convert", "--from-hf", tiny_next["dir"], "--out", work]) == 0
+  assert cli.main(["convert", "--checkpoint", work, "--to-hf", out]) == 0
+  a, b = read_all(tiny_next["dir"]), read_all(out)
+  assert sorted(a) == sorted(b) and "image_newline" in a
+  for key in a:
+    assert a[key].tobytes() == b[key].tobytes(), key
+  back = transformers.LlavaNextForConditionalGeneration.from_pretrained(out, attn_implementation="eager")
+  inputs = _hf_inputs(tiny_next["processor"], _image((45, 77)))
+  with torch.no_grad():
+    np.testing.assert_allclose(back(**inputs).logits.numpy(), tiny_next["hf"](**inputs).logits.numpy(), atol=1e-5)
+
+
+# --- Training: static shapes over a mix of image sizes -----------------------------------------
+def _anyres_config(tok, overrides=None):
+  import helpers
+  from vlm_jax.train import build as build_lib
+  # 32-px tiles of 2x2 patches; shapes:wide images are 32 x 128..192: grids 1x4..1x6.
+  cfg = helpers.tiny_config({"model.vision.image_size": 32, "model.vision.patch_size": 16,
+                             "model.anyres.enabled": True, "model.anyres.grid_pinpoints": "(1x1),...,(1x6)",
+                             "data.sources": "shapes:wide", "data.eval_sources": "shapes:wide_test",
+                             "data.seq_len": 96, **(overrides or {})})
+  build_lib.resolve_model_config(cfg, tok.vocab_size)
+  return cfg
+
+
+def _batches(cfg, tok, tile_groups: int):
+  from vlm_jax.data import anyres_batch
+  from vlm_jax.data.pipeline import Batches
+  return Batches(cfg.data.sources, tokenizer=tok, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.batch_size,
+                 image_size=cfg.model.vision.image_size, image_tokens=0, seed=cfg.seed,
+                 image_mean=cfg.data.image_mean, image_std=cfg.data.image_std,
+                 anyres=anyres_batch.for_config(cfg), max_tiles=cfg.model.anyres.max_tiles,
+                 tile_groups=tile_groups)
+
+
+@pytest.fixture(scope="module")
+def tok():
+  from vlm_jax.data.tokenizer import Tokenizer
+  return Tokenizer.load("shapes")
+
+
+@pytest.mark.parametrize("mesh,accum,max_tiles", [((8, 1, 1), 1, 0), ((2, 2, 2), 2, 96)])
+def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles):
+  import jax
+  from vlm_jax import parallel
+  from vlm_jax.train import build as build_lib
+  cfg = _anyres_config(tok, {"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
+                             "train.grad_accum": accum,
+                             "model.anyres.max_tiles": max_tiles, "train.batch_size": 16})
+  m = parallel.make_mesh(cfg.mesh)
+  run = build_lib.build(cfg, m, tok.image_id)
+  data = _batches(cfg, tok, parallel.batch_divisor(m) * accum)
+  compiles = []
+  listener = lambda event, *_, **__: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    state = run.init(jax.random.key(0))
+    sizes, shapes, losses = set(), set(), []
+    for step in range(6):
+      start = data.get_state()["next_index"]
+      batch = next(data)
+      sizes |= {data._example(i).image.shape for i in range(start, data.get_state()["next_index"])}
+      shapes.add(tuple((k, v.shape) for k, v in jax.tree_util.tree_leaves_with_path(batch)))
+      state, metrics = run.train_step(state, parallel.global_batch(batch, m))
+      losses.append(float(metrics["train/loss"]))
+      if step == 0:
+        first = len(compiles)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  print(f"image sizes {sorted(sizes)}; compiles: {first} in step 1, {len(compiles) - first} after; "
+        f"train_step cache entries {run.train_step.__wrapped__._cache_size()}")
+  assert len(sizes) >= 3 and len(shapes) == 1  # many image sizes, one batch shape
+  assert first >= 1 and len(compiles) == first  # nothing compiles after the first step
+  assert run.train_step.__wrapped__._cache_size() == 1
+  assert all(np.isfinite(losses)) and "image_newline" in state["params"]
+
+
+def test_a_tight_tile_budget_leaves_rows_empty_and_drops_nothing(tok):
+  # 2 groups of 8 tiles: two images (5 to 7 tiles each) never share a group.
+  cfg = _anyres_config(tok, {"model.anyres.max_tiles": 16, "train.batch_size": 8})
+  data = _batches(cfg, tok, tile_groups=2)
+  seen = 0
+  for _ in range(4):
+    batch = next(data)
+    rows_with_tokens = int((batch["segment_ids"].sum(1) > 0).sum())
+    assert rows_with_tokens <= 2  # one image per group of 8 tile slots
+    assert batch["images"]["tiles"].shape == (2, 8, 32, 32, 3)
+    seen += rows_with_tokens
+  assert data.get_state()["next_index"] == seen  # every sample was used once, none skipped
+  assert not data.skipped
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model.anyres.max_tiles": 48}, "less than the 7 one image can need"),
+    ({"model.anyres.max_tiles": 15}, "multiple of the 8 tile groups")])
+def test_a_tile_budget_below_one_sample_is_an_error(tok, overrides, match):
+  cfg = _anyres_config(tok, overrides)
+  with pytest.raises(UserError, match=match):
+    _batches(cfg, tok, tile_groups=8)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model.anyres.grid_pinpoints": "[[30, 64]]"}, "grid_pinpoints"),
+    ({"model.bridge.kind": "perceiver"}, "perceiver"),
+    ({"model.vision.flavour": "clip", "model.vision.keep_cls": True}, "keep_cls")])
+def test_bad_anyres_configs_are_errors(tok, overrides, match):
+  with pytest.raises(UserError, match=match):
+    _anyres_config(tok, overrides)

@@ -223,9 +223,8 @@ def token_sources(p: Plan, spec: Spec, first_tile: int = 0) -> tuple[np.ndarray,
   y, x = yi[:, None, :, None], xi[None, :, None, :]                    # [fh, fw, ty, tx]
   tile = first_tile + base_tiles + (y // s) * p.grid[1] + x // s
   index = 1 + tile * per_tile + (y % s) * s + x % s
-  weight = yw[:, None, :, None] * xw[None, :, None, :]
   index = index.reshape(fh, fw, -1)
-  weight = np.broadcast_to(weight, index.shape).astype(np.float32)
+  weight = (yw[:, None, :, None] * xw[None, :, None, :]).reshape(index.shape).astype(np.float32)
   # A newline token closes each row.
   newline_i = np.full((fh, 1, index.shape[-1]), NEWLINE)
   newline_w = np.zeros((fh, 1, index.shape[-1]), np.float32)

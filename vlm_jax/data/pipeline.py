@@ -15,6 +15,7 @@ import numpy as np
 from vlm_jax.errors import UserError
 from vlm_jax.data import images as images_lib
 from vlm_jax.data import shapes
+from vlm_jax.data.anyres_batch import AnyRes, Packer
 from vlm_jax.data.templates import Encoded, encode_conversation, get_template
 from vlm_jax.data.tokenizer import Tokenizer
 
@@ -74,6 +75,8 @@ def collate(encoded_list: Sequence[Encoded], images_list: Sequence[np.ndarray | 
   positions = np.zeros((b, seq_len), np.int32)
   for r, enc in enumerate(encoded_list):
     n = len(enc.tokens)
+    if not n:  # an empty row
+      continue
     if n > seq_len:
       raise ValueError(f"row {r}: {n} tokens > seq_len {seq_len}")
     tokens[r, :n] = enc.tokens
@@ -96,6 +99,9 @@ def collate(encoded_list: Sequence[Encoded], images_list: Sequence[np.ndarray | 
           "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions}
 
 
+EMPTY = Encoded(np.zeros(0, np.int32), np.zeros(0, np.bool_))  # a row left empty (AnyRes packing)
+
+
 class Batches:
   """Infinite iterator of this process's rows of global batches; resumable via get/set_state.
 
@@ -106,7 +112,8 @@ class Batches:
   def __init__(self, spec: str, *, tokenizer: Tokenizer, seq_len: int, global_batch_size: int,
                image_size: int, image_tokens: int, seed: int, image_mean: Sequence[float],
                image_std: Sequence[float], template: str = "simple", process_index: int = 0,
-               process_count: int = 1, strict: bool = False, image_position: str = "before"):
+               process_count: int = 1, strict: bool = False, image_position: str = "before",
+               anyres: AnyRes | None = None, tile_groups: int = 1, max_tiles: int = 0):
     self._example = _example_fn(spec, seed, image_size, image_position)
     get_template(template)  # Fails now, not at the first batch.
     if global_batch_size <= 0 or global_batch_size % process_count:
@@ -129,6 +136,12 @@ class Batches:
     self.strict = strict
     self._preprocess = functools.partial(images_lib.preprocess, size=image_size,
                                          mean=image_mean, std=image_std)
+    # AnyRes: per-image token counts, tiles, and rows placed into tile groups (anyres_batch.py).
+    self.anyres, self._tile_groups = anyres, tile_groups
+    self._packer = None
+    if anyres:
+      tiles_per_group = anyres.tiles_per_group(max_tiles, tile_groups, global_batch_size)
+      self._packer = Packer(global_batch_size, tile_groups, tiles_per_group)
     self._next_index = 0
     self.skipped: dict[str, int] = {}
     self._warned: set[str] = set()
@@ -148,7 +161,9 @@ class Batches:
   def _encode(self, index: int, example: shapes.Example) -> Encoded | None:
     """The sample's tokens, or None if it is skipped (strict: UserError)."""
     try:
-      enc = encode_conversation(example.turns, self.tokenizer, self.image_tokens, self.template)
+      image_tokens = (self.anyres.tokens(example.image) if self.anyres and example.image is not None
+                      else self.image_tokens)
+      enc = encode_conversation(example.turns, self.tokenizer, image_tokens, self.template)
     except UserError as e:
       self._skip("invalid", index, str(e))
       return None
@@ -158,8 +173,10 @@ class Batches:
     return enc
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rows: list[tuple[shapes.Example, Encoded]] = []
+    rows: list[tuple[shapes.Example | None, Encoded]] = []
     in_a_row = 0
+    if self._packer:
+      self._packer.reset()
     while len(rows) < self.global_batch_size:
       index = self._next_index
       self._next_index += 1
@@ -172,12 +189,27 @@ class Batches:
                           f"(up to sample {index}; skipped so far {self.skipped})")
         continue
       in_a_row = 0
+      if self._packer:
+        n_tiles = 0 if example.image is None else self.anyres.plan(example.image).tiles
+        gap = self._packer.empty_rows_before(n_tiles)
+        if gap is None:  # no tile group left: the row starts the next batch
+          self._next_index -= 1
+          break
+        self._packer.add(n_tiles, gap)
+        rows += [(None, EMPTY)] * gap
       rows.append((example, enc))
+    rows += [(None, EMPTY)] * (self.global_batch_size - len(rows))
     # Only this process's rows pay for image preprocessing.
     mine = rows[self._rows]
-    return collate([enc for _, enc in mine],
-                   [None if ex.image is None else self._preprocess(ex.image) for ex, _ in mine],
-                   self.seq_len, self.tokenizer.pad_id, image_size=self.image_size)
+    prepare = self.anyres.prepare if self.anyres else self._preprocess
+    images = [None if ex is None or ex.image is None else prepare(ex.image) for ex, _ in mine]
+    batch = collate([enc for _, enc in mine], [None] * len(mine) if self.anyres else images,
+                    self.seq_len, self.tokenizer.pad_id, image_size=self.image_size)
+    if self.anyres:
+      batch["images"] = self.anyres.collate(images, groups=self._tile_groups * len(mine) // len(rows),
+                                            tiles_per_group=self._packer.tiles_per_group,
+                                            visual_len=self.seq_len)
+    return batch
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable position in the stream."""

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 
 from vlm_jax import parallel
+from vlm_jax.data import anyres_batch, pipeline, shapes, templates
 from vlm_jax.data import images as images_lib
-from vlm_jax.data import pipeline, shapes, templates
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.infer.generate import Greedy
 from vlm_jax.train.build import Run
@@ -24,9 +24,13 @@ class Evaluator:
     self.run, self.tokenizer, self.examples = run, tokenizer, list(examples)
     cfg = run.config
     self.batch_size = _round_up(cfg.train.eval_batch_size, parallel.batch_divisor(run.mesh))
-    self.images = np.stack([images_lib.preprocess(e.image, cfg.model.vision.image_size,
-                                                  cfg.data.image_mean, cfg.data.image_std)
-                            for e in self.examples])
+    self.anyres = anyres_batch.for_config(cfg)
+    if self.anyres:  # a list of Tiled: each image has its own plan and token count
+      self.images = [self.anyres.prepare(e.image) for e in self.examples]
+    else:
+      self.images = np.stack([images_lib.preprocess(e.image, cfg.model.vision.image_size,
+                                                    cfg.data.image_mean, cfg.data.image_std)
+                              for e in self.examples])
     self.greedy = Greedy(run.model, run.mesh, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
   def __call__(self, params, *, shuffle_images: bool = False) -> dict[str, float]:
@@ -36,23 +40,33 @@ class Evaluator:
     model that uses the image should then score near chance.
     """
     cfg, tok = self.run.config, self.tokenizer
-    images = np.roll(self.images, 1, axis=0) if shuffle_images else self.images
+    images = self.images
+    if shuffle_images:
+      images = self.images[-1:] + self.images[:-1] if self.anyres else np.roll(self.images, 1, axis=0)
     loss_sum = count = 0.0
     correct: dict[str, list[bool]] = defaultdict(list)
     with jax.set_mesh(self.run.mesh), nn.logical_axis_rules(parallel.RULES):
       for start in range(0, len(self.examples), self.batch_size):
         chunk = self.examples[start:start + self.batch_size]
         chunk_images = images[start:start + self.batch_size]
-        encoded = [templates.encode_conversation(e.turns, tok, self.run.image_tokens, cfg.data.template)
-                   for e in chunk]
-        batch = pipeline.collate(encoded, list(chunk_images), cfg.data.seq_len, tok.pad_id)
+        n_tokens = ([im.plan.tokens for im in chunk_images] if self.anyres
+                    else [self.run.image_tokens] * len(chunk))
+        encoded = [templates.encode_conversation(e.turns, tok, n, cfg.data.template)
+                   for e, n in zip(chunk, n_tokens)]
+        batch = pipeline.collate(encoded, [None] * len(chunk) if self.anyres else list(chunk_images),
+                                 cfg.data.seq_len, tok.pad_id, image_size=cfg.model.vision.image_size)
         batch = {k: _pad_rows(v, self.batch_size) for k, v in batch.items()}
+        if self.anyres:
+          batch["images"] = self.anyres.collate_rows(
+              list(chunk_images) + [None] * (self.batch_size - len(chunk)), cfg.data.seq_len)
         out = self.run.eval_step(params, parallel.global_batch(batch, self.run.mesh))
         loss_sum += float(out["loss_sum"])
         count += float(out["count"])
-        prompts = [templates.encode_prompt(e.turns[0][1], tok, self.run.image_tokens, cfg.data.template)
-                   for e in chunk]
-        answers = self.greedy(params, prompts, chunk_images[:, None], MAX_ANSWER_TOKENS)
+        prompts = [templates.encode_prompt(e.turns[0][1], tok, n, cfg.data.template)
+                   for e, n in zip(chunk, n_tokens)]
+        pixels = (self.anyres.collate_rows(chunk_images, cfg.data.seq_len) if self.anyres
+                  else chunk_images[:, None])
+        answers = self.greedy(params, prompts, pixels, MAX_ANSWER_TOKENS)
         for e, ids in zip(chunk, answers):
           correct[e.kind].append(shapes.answer_matches(tok.decode(ids), e.answer))
     every = [c for kind in correct.values() for c in kind]

@@ -16,6 +16,7 @@ import numpy as np
 
 from vlm_jax import config as config_lib
 from vlm_jax import parallel
+from vlm_jax.data import anyres_batch
 from vlm_jax.data.pipeline import Batches
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
@@ -70,7 +71,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                  image_tokens=run.image_tokens, seed=config.seed, image_mean=config.data.image_mean,
                  image_std=config.data.image_std, template=config.data.template,
                  process_index=jax.process_index(), process_count=jax.process_count(),
-                 strict=config.data.strict, image_position=config.data.image_position)
+                 strict=config.data.strict, image_position=config.data.image_position,
+                 anyres=anyres_batch.for_config(config),
+                 tile_groups=parallel.batch_divisor(mesh) * t.grad_accum,
+                 max_tiles=config.model.anyres.max_tiles)
   evaluate = evaluator_for(run, tokenizer, config.data.eval_sources, t.eval_examples)
 
   # --- Restore or init ------------------------------------------------------------------------

@@ -95,9 +95,6 @@ def select_best_resolution(size: tuple[int, int], pinpoints: Sequence[tuple[int,
     waste = ph * pw - kept
     if kept > most or (kept == most and waste < least_waste):
       best, most, least_waste = (ph, pw), kept, waste
-  if best is None:
-    raise UserError(f"image {h}x{w} (HxW): too thin for every grid pinpoint (no pinpoint keeps a "
-                    "whole pixel row); crop or pad it")
   return best
 
 

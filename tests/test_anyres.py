@@ -356,3 +356,20 @@ def test_tokens_command_bad_sizes(size, needle, capsys, monkeypatch):
   assert cli.main(["tokens", "--config", NEXT_REF, f"--image-size={size}", "--json"]) == 2
   out = capsys.readouterr()
   assert out.out == "" and len(out.err.strip().splitlines()) == 1 and needle in out.err
+
+
+def test_generate_tiles_each_prompt_image_as_transformers_does(tiny_next):
+  import torch
+  import vlm_jax
+  ours = vlm_jax.load(tiny_next["dir"], dtype="float32")
+  images = [_image((45, 77), seed=1), _image((90, 20), seed=2)]  # different plans in one batch
+  prompt = "USER: <image> what color"
+  got = ours.generate_ids(images, [prompt] * 2, max_new_tokens=8, raw_prompt=True)
+  hf = tiny_next["hf"]
+  hf.generation_config.eos_token_id = None
+  for image, ids in zip(images, got):
+    inputs = _hf_inputs(tiny_next["processor"], image)
+    assert ours.encode_prompt(prompt, raw_prompt=True, image=image).tolist() == inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+      want = hf.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=hf_models.PAD)
+    assert ids == want[0, inputs["input_ids"].shape[1]:].tolist()

@@ -373,3 +373,26 @@ def test_generate_tiles_each_prompt_image_as_transformers_does(tiny_next):
     with torch.no_grad():
       want = hf.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=hf_models.PAD)
     assert ids == want[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("size", [(1080, 1920), (3000, 4000), (600, 1000), (2000, 400), (384, 384)])
+def test_onevision_token_sources_match_its_packing(size):
+  """anyres_max_9's bilinear shrink (4 taps a token), against LlavaOnevisionModel.pack_image_features
+  on random features (the model's weights play no part in the packing)."""
+  import types
+  import torch
+  plan = anyres.plan(size, ONEVISION)
+  rng = np.random.default_rng(0)
+  feats = rng.normal(size=(plan.tiles, 27 * 27, 8)).astype(np.float32)
+  newline = rng.normal(size=(8,)).astype(np.float32)
+  index, weight = anyres.token_sources(plan, ONEVISION)
+  pool = np.concatenate([newline[None], feats.reshape(-1, 8)])
+  ours = (pool[index] * weight[..., None]).sum(1)
+  fake = types.SimpleNamespace(config=types.SimpleNamespace(
+      vision_config=types.SimpleNamespace(image_size=384, patch_size=14),
+      image_grid_pinpoints=[list(p) for p in ONEVISION.pinpoints]))
+  packed, lens = transformers.LlavaOnevisionModel.pack_image_features(
+      fake, [torch.from_numpy(feats)], torch.tensor([size]), torch.from_numpy(newline))
+  assert list(lens) == [plan.tokens]
+  # torch's float32 source positions (ulp 4e-6 at 40) bound the agreement of the bilinear taps.
+  np.testing.assert_allclose(ours, packed[0].numpy(), atol=1e-4)

@@ -183,7 +183,9 @@ def tiles(image: "PIL.Image.Image | np.ndarray", p: Plan, spec: Spec, mean: Sequ
 def _bilinear(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
   """For each output position: (2 source indices, 2 weights), as torch's bilinear
   interpolate with align_corners=False (half-pixel centres, no antialiasing)."""
-  src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0).astype(np.float32)
+  # float32 arithmetic, as torch's: source positions carry its rounding (~1e-6 at position 40).
+  scale = np.float32(n_in) / np.float32(n_out)
+  src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
   i0 = src.astype(np.int64)
   i1 = np.minimum(i0 + 1, n_in - 1)
   frac = src - i0

@@ -1,10 +1,10 @@
 """AnyRes demonstration: does tiling help when the answer is in fine detail?
 
-Trains the same tiny VLM from scratch on `shapes:wide` (2-3 shapes of 12 px in 32 x 128..192 px
-strips; questions that need the shape itself) twice, with the same steps, batch and learning rate:
-once with one 32-px view of the whole image (each shape squashed to 2-3 px across), once with
-AnyRes (32-px tiles over grids of 1x1..1x6, plus the base view). Reports held-out accuracy on
-`shapes:wide_test` and wall time.
+Trains the same tiny VLM from scratch on `shapes:wide` (one 12-px shape in a 32 x 128..192 px
+strip; "What shape is in the image?") twice, with the same steps, batch and learning rate: once
+with one 32-px view of the whole image (the shape squashed to 2-3 px across), once with AnyRes
+(32-px tiles over grids of 1x1..1x6, plus the base view). Reports held-out accuracy on
+`shapes:wide_test` (chance: 1/3) and wall time.
 
   python bench/anyres_demo.py [--steps 600] [--workdir /tmp/anyres_demo]
 """
@@ -24,7 +24,7 @@ def demo_config(anyres: bool, steps: int):
   c.model.vision.update(dict(image_size=32, patch_size=16))  # one tile = 2 x 2 patches of a 16-px cell
   c.model.anyres.update(dict(enabled=anyres, grid_pinpoints="(1x1),...,(1x6)"))
   c.data.sources, c.data.eval_sources = "shapes:wide", "shapes:wide_test"
-  c.data.seq_len = 64         # AnyRes: at most 4 + 2 x 13 image tokens; two question rounds
+  c.data.seq_len = 48         # AnyRes: at most 4 + 2 x 13 image tokens, then one question
   c.train.update(dict(steps=steps, batch_size=32, lr=5e-4, warmup_steps=50, log_every=50,
                       eval_every=steps, checkpoint_every=steps, eval_examples=256))
   c.mesh.update(dict(data=1, fsdp=1, tensor=1))

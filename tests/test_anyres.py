@@ -2,18 +2,32 @@
 the merged visual sequence against LlavaNextForConditionalGeneration, static shapes in training,
 and bad input."""
 
+import json
+import os
 import tempfile
+import types
 
+import jax
 import numpy as np
 import pytest
+import torch
 import transformers
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil)
 
+import helpers
 import hf_models
-from vlm_jax.data import anyres
+import vlm_jax
+from vlm_jax import cli, parallel
+from vlm_jax.convert import hf_export
+from vlm_jax.convert.safetensors_io import read_all
+from vlm_jax.data import anyres, anyres_batch
+from vlm_jax.data.pipeline import Batches
+from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
+from vlm_jax.models.vlm import VLM
+from vlm_jax.train import build as build_lib
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -165,10 +179,6 @@ def _hf_inputs(processor, image):
 
 
 def test_merged_visual_sequence_and_logits_match_transformers(tiny_next):
-  import jax
-  import torch
-  import vlm_jax
-  from vlm_jax.models.vlm import VLM
   ours = vlm_jax.load(tiny_next["dir"], dtype="float32")
   assert ours.config.model.anyres.enabled and ours.anyres.spec.side == 4
   images = [_image(s, seed=5) for s in TINY_SIZES]
@@ -200,16 +210,12 @@ def test_merged_visual_sequence_and_logits_match_transformers(tiny_next):
 
 
 def _logits(model, ids: np.ndarray, images: dict) -> np.ndarray:
-  import jax
   positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
   apply = jax.jit(lambda p, *inputs: model.run.model.apply({"params": p}, *inputs))
   return np.asarray(apply(model.params, ids, images, positions, np.ones(ids.shape, np.int32)))
 
 
 def test_llava_next_round_trip_is_bit_identical_and_loads_in_transformers(tiny_next, tmp_path):
-  import torch
-  from vlm_jax import cli
-  from vlm_jax.convert.safetensors_io import read_all
   work, out = str(tmp_path / "work"), str(tmp_path / "out")
   assert cli.main(["convert", "--from-hf", tiny_next["dir"], "--out", work]) == 0
   assert cli.main(["convert", "--checkpoint", work, "--to-hf", out]) == 0
@@ -225,8 +231,6 @@ def test_llava_next_round_trip_is_bit_identical_and_loads_in_transformers(tiny_n
 
 # --- Training: static shapes over a mix of image sizes -----------------------------------------
 def _anyres_config(tok, overrides=None):
-  import helpers
-  from vlm_jax.train import build as build_lib
   # 32-px tiles of 2x2 patches; shapes:wide images are 32 x 128..192: grids 1x4..1x6.
   cfg = helpers.tiny_config({"model.vision.image_size": 32, "model.vision.patch_size": 16,
                              "model.anyres.enabled": True, "model.anyres.grid_pinpoints": "(1x1),...,(1x6)",
@@ -237,8 +241,6 @@ def _anyres_config(tok, overrides=None):
 
 
 def _batches(cfg, tok, tile_groups: int):
-  from vlm_jax.data import anyres_batch
-  from vlm_jax.data.pipeline import Batches
   return Batches(cfg.data.sources, tokenizer=tok, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.batch_size,
                  image_size=cfg.model.vision.image_size, image_tokens=0, seed=cfg.seed,
                  image_mean=cfg.data.image_mean, image_std=cfg.data.image_std,
@@ -248,15 +250,11 @@ def _batches(cfg, tok, tile_groups: int):
 
 @pytest.fixture(scope="module")
 def tok():
-  from vlm_jax.data.tokenizer import Tokenizer
   return Tokenizer.load("shapes")
 
 
 @pytest.mark.parametrize("mesh,accum,max_tiles", [((8, 1, 1), 1, 0), ((2, 2, 2), 2, 96)])
 def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles):
-  import jax
-  from vlm_jax import parallel
-  from vlm_jax.train import build as build_lib
   cfg = _anyres_config(tok, {"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
                              "train.grad_accum": accum,
                              "model.anyres.max_tiles": max_tiles, "train.batch_size": 16})
@@ -335,9 +333,6 @@ NEXT_REF = "configs/llava_next_ref.py"
                                              "image_tokens": 16}),
 ])
 def test_tokens_command(args, expected, capsys, monkeypatch):
-  import json
-  import os
-  from vlm_jax import cli
   monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   config, size, *flags = args
   assert cli.main(["tokens", "--config", config, "--image-size", size, "--json", *flags]) == 0
@@ -350,8 +345,6 @@ def test_tokens_command(args, expected, capsys, monkeypatch):
                                          ("2x5000", "no feature row"), ("600", "HxW"), ("axb", "HxW"),
                                          ("-3x5", "HxW")])
 def test_tokens_command_bad_sizes(size, needle, capsys, monkeypatch):
-  import os
-  from vlm_jax import cli
   monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert cli.main(["tokens", "--config", NEXT_REF, f"--image-size={size}", "--json"]) == 2
   out = capsys.readouterr()
@@ -359,8 +352,6 @@ def test_tokens_command_bad_sizes(size, needle, capsys, monkeypatch):
 
 
 def test_generate_tiles_each_prompt_image_as_transformers_does(tiny_next):
-  import torch
-  import vlm_jax
   ours = vlm_jax.load(tiny_next["dir"], dtype="float32")
   images = [_image((45, 77), seed=1), _image((90, 20), seed=2)]  # different plans in one batch
   prompt = "USER: <image> what color"
@@ -379,8 +370,6 @@ def test_generate_tiles_each_prompt_image_as_transformers_does(tiny_next):
 def test_onevision_token_sources_match_its_packing(size):
   """anyres_max_9's bilinear shrink (4 taps a token), against LlavaOnevisionModel.pack_image_features
   on random features (the model's weights play no part in the packing)."""
-  import types
-  import torch
   plan = anyres.plan(size, ONEVISION)
   rng = np.random.default_rng(0)
   feats = rng.normal(size=(plan.tiles, 27 * 27, 8)).astype(np.float32)
@@ -396,3 +385,31 @@ def test_onevision_token_sources_match_its_packing(size):
   assert list(lens) == [plan.tokens]
   # torch's float32 source positions (ulp 4e-6 at 40) bound the agreement of the bilinear taps.
   np.testing.assert_allclose(ours, packed[0].numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("flavour", ["clip", "siglip"])
+def test_model_trained_here_exports_to_a_working_llava_next(flavour, tmp_path):
+  """A from-scratch AnyRes model: the exported directory's own AutoProcessor and
+  LlavaNextForConditionalGeneration give our token counts, tiles and logits."""
+  tok = Tokenizer.load("shapes")
+  cfg = _anyres_config(tok, {"model.vision.flavour": flavour, "model.vision.patch_size": 8, "mesh.data": -1,
+                             "model.anyres.grid_pinpoints": str(TINY_PINPOINTS)})
+  run = build_lib.build(cfg, parallel.make_mesh(cfg.mesh), tok.image_id)
+  params = run.init(jax.random.key(4))["params"]
+  out = str(tmp_path / "out")
+  hf_export.export(cfg, tok, params, None, out)
+  processor = transformers.AutoProcessor.from_pretrained(out)
+  hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(out, attn_implementation="eager")
+  ours = vlm_jax.load(out, dtype="float32")
+  for size in [(45, 77), (90, 20)]:
+    image = _image(size, seed=9)
+    inputs = processor(images=[image], text=["<image>\nWhat shape is in the image?"], return_tensors="pt",
+                       input_data_format="channels_last")
+    plan = ours.anyres.plan(image)
+    assert int((inputs["input_ids"] == tok.image_id).sum()) == plan.tokens
+    t = ours.anyres.prepare(image)
+    np.testing.assert_allclose(t.tiles, inputs["pixel_values"][0].numpy().transpose(0, 2, 3, 1), atol=1e-5)
+    with torch.no_grad():
+      want = hf(**inputs).logits.numpy()
+    got = _logits(ours, inputs["input_ids"].numpy().astype(np.int32), ours.anyres.collate_rows([t], plan.tokens))
+    np.testing.assert_allclose(got, want, atol=1e-4)

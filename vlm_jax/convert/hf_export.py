@@ -156,7 +156,20 @@ def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: st
   if not os.path.isfile(os.path.join(out, "preprocessor_config.json")):
     with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
       json.dump(_preprocessor(config), f, indent=2)
+  if config.model.anyres.enabled and not os.path.isfile(os.path.join(out, "processor_config.json")):
+    with open(os.path.join(out, "processor_config.json"), "w") as f:
+      json.dump(_next_processor(config), f, indent=2)
   return out
+
+
+def _next_processor(config) -> dict:
+  """LlavaNextProcessor settings that expand <image> to our plan's count (CLIP: +1 CLS, then the
+  "default" strategy drops it again)."""
+  v = config.model.vision
+  clip = v.flavour == "clip"
+  return {"processor_class": "LlavaNextProcessor", "image_token": "<image>", "patch_size": v.patch_size,
+          "vision_feature_select_strategy": "default" if clip else "full",
+          "num_additional_image_tokens": int(clip)}
 
 
 def _dominant(dtypes: dict[str, str]) -> str:

@@ -20,6 +20,7 @@ import helpers
 import hf_models
 import vlm_jax
 from vlm_jax import cli, parallel
+from vlm_jax import config as config_lib
 from vlm_jax.convert import hf_export
 from vlm_jax.convert.safetensors_io import read_all
 from vlm_jax.data import anyres, anyres_batch
@@ -28,6 +29,7 @@ from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.models.vlm import VLM
 from vlm_jax.train import build as build_lib
+from vlm_jax.train import loop
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -413,3 +415,16 @@ def test_model_trained_here_exports_to_a_working_llava_next(flavour, tmp_path):
       want = hf(**inputs).logits.numpy()
     got = _logits(ours, inputs["input_ids"].numpy().astype(np.int32), ours.anyres.collate_rows([t], plan.tokens))
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_a_run_started_before_anyres_existed_still_resumes(tmp_path):
+  cfg = helpers.tiny_config()
+  loop.prepare_workdir(cfg, str(tmp_path))
+  saved = json.loads((tmp_path / "config.json").read_text())
+  del saved["model"]["anyres"]  # as written by an earlier version
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  loop.prepare_workdir(cfg, str(tmp_path))  # no "different config" error
+  cfg.model.anyres.enabled = True
+  with pytest.raises(UserError, match="model.anyres.enabled"):
+    loop.prepare_workdir(cfg, str(tmp_path))
+  assert config_lib.from_json(json.dumps(saved)).model.anyres.enabled is False

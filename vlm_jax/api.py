@@ -40,6 +40,9 @@ class Model:
 
   def encode_prompt(self, prompt: str, raw_prompt: bool = False, image=None) -> np.ndarray:
     """Prompt ids; with AnyRes the image decides how many placeholders <image> becomes."""
+    if self.anyres and image is None:
+      raise UserError("encode_prompt: an AnyRes model's <image> takes as many tokens as the image's tile "
+                      "plan; pass the image")
     n = self.image_tokens if image is None else self.image_tokens_for(image)
     return templates.encode_prompt(prompt, self.tokenizer, n, self.config.data.template,
                                    raw=raw_prompt, image_position=self.config.data.image_position)

@@ -16,7 +16,8 @@ from vlm_jax.models.vit import ViT
 
 
 def image_tokens(model_cfg: ml_collections.ConfigDict) -> int:
-  """Placeholder tokens one image occupies in the sequence."""
+  """Placeholder tokens one image occupies in the sequence (AnyRes: one tile's; an image's tile
+  plan decides its count, see data/anyres.py)."""
   return bridge_lib.num_output_tokens(model_cfg.bridge, vit_lib.num_output_tokens(model_cfg.vision))
 
 

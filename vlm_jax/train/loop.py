@@ -39,8 +39,10 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = config_lib.flatten(json.load(f))
+    # A field added to vlm-jax after the run started (e.g. model.anyres.*) had its default then.
+    defaults = config_lib.flatten(json.loads(config_lib.to_json(config_lib.base())))
     changed = sorted(k for k, v in config_lib.flatten(json.loads(config_lib.to_json(config))).items()
-                     if saved.get(k) != v and k not in RESUMABLE_CHANGES)
+                     if saved.get(k, defaults.get(k)) != v and k not in RESUMABLE_CHANGES)
     if changed:
       raise UserError(f"--workdir {workdir} holds a run with a different config ({', '.join(changed[:5])}); "
                       "use a new workdir, or the same config to resume")

@@ -12,9 +12,9 @@ def get_config(arg=None):
   config.stage = "full"  # nothing is pretrained here: everything learns
   config.model.vision.patch_size = 16
   config.data.seq_len = 80  # 16 image tokens + 4 question/answer rounds (longest: 71 tokens)
-  config.train.steps = 1500
+  config.train.steps = 2400  # ~8 min alone on 2 cores; held-out accuracy passes 90% near 2000
   config.train.lr = 5e-4
   config.train.log_every = 50
-  config.train.eval_every = 500
-  config.train.checkpoint_every = 500
+  config.train.eval_every = 800
+  config.train.checkpoint_every = 800
   return config

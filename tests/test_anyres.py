@@ -23,8 +23,8 @@ from vlm_jax import cli, parallel
 from vlm_jax import config as config_lib
 from vlm_jax.convert import hf_export
 from vlm_jax.convert.safetensors_io import read_all
-from vlm_jax.data import anyres, anyres_batch
-from vlm_jax.data.pipeline import Batches
+from vlm_jax.data import anyres
+from vlm_jax.data.pipeline import Batches, device_batch
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.models.vlm import VLM
@@ -186,7 +186,7 @@ def test_merged_visual_sequence_and_logits_match_transformers(tiny_next):
   images = [_image(s, seed=5) for s in TINY_SIZES]
   tiled = [ours.anyres.prepare(im) for im in images]
   # All images in one tile pool (one group), as a training batch packs them.
-  batch = ours.anyres.collate(tiled, groups=1, tiles_per_group=sum(t.plan.tiles for t in tiled),
+  batch = ours.anyres.collate([[t] for t in tiled], groups=1, tiles_per_group=sum(t.plan.tiles for t in tiled),
                               visual_len=max(t.plan.tokens for t in tiled))
   encode = jax.jit(lambda p, im: ours.run.model.apply({"params": p}, im, method=VLM.encode_images))
   visual = np.asarray(encode(ours.params, batch))
@@ -243,11 +243,7 @@ def _anyres_config(tok, overrides=None):
 
 
 def _batches(cfg, tok, tile_groups: int):
-  return Batches(cfg.data.sources, tokenizer=tok, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.batch_size,
-                 image_size=cfg.model.vision.image_size, image_tokens=0, seed=cfg.seed,
-                 image_mean=cfg.data.image_mean, image_std=cfg.data.image_std,
-                 anyres=anyres_batch.for_config(cfg), max_tiles=cfg.model.anyres.max_tiles,
-                 tile_groups=tile_groups)
+  return Batches.from_config(cfg, tok, 0, tile_groups=tile_groups)
 
 
 @pytest.fixture(scope="module")
@@ -268,11 +264,10 @@ def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     state = run.init(jax.random.key(0))
-    sizes, shapes, losses = set(), set(), []
+    counts, shapes, losses = set(), set(), []
     for step in range(6):
-      start = data.get_state()["next_index"]
-      batch = next(data)
-      sizes |= {data._example(i).image.shape for i in range(start, data.get_state()["next_index"])}
+      batch = device_batch(next(data))
+      counts |= set((batch["tokens"] == tok.image_id).sum(1).tolist()) - {0}  # one per grid
       shapes.add(tuple((k, v.shape) for k, v in jax.tree_util.tree_leaves_with_path(batch)))
       state, metrics = run.train_step(state, parallel.global_batch(batch, m))
       losses.append(float(metrics["train/loss"]))
@@ -280,9 +275,9 @@ def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles
         first = len(compiles)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  print(f"image sizes {sorted(sizes)}; compiles: {first} in step 1, {len(compiles) - first} after; "
+  print(f"image token counts {sorted(counts)}; compiles: {first} in step 1, {len(compiles) - first} after; "
         f"train_step cache entries {run.train_step.__wrapped__._cache_size()}")
-  assert len(sizes) >= 3 and len(shapes) == 1  # many image sizes, one batch shape
+  assert len(counts) >= 3 and len(shapes) == 1  # many image sizes, one batch shape
   assert first >= 1 and len(compiles) == first  # nothing compiles after the first step
   assert run.train_step.__wrapped__._cache_size() == 1
   assert all(np.isfinite(losses)) and "image_newline" in state["params"]
@@ -292,14 +287,17 @@ def test_a_tight_tile_budget_leaves_rows_empty_and_drops_nothing(tok):
   # 2 groups of 8 tiles: two images (5 to 7 tiles each) never share a group.
   cfg = _anyres_config(tok, {"model.anyres.max_tiles": 16, "train.batch_size": 8})
   data = _batches(cfg, tok, tile_groups=2)
-  seen = 0
+  seen = []
   for _ in range(4):
     batch = next(data)
     rows_with_tokens = int((batch["segment_ids"].sum(1) > 0).sum())
     assert rows_with_tokens <= 2  # one image per group of 8 tile slots
     assert batch["images"]["tiles"].shape == (2, 8, 32, 32, 3)
-    seen += rows_with_tokens
-  assert data.get_state()["next_index"] == seen  # every sample was used once, none skipped
+    seen += [key for row in batch["keys"] for key in row]
+  # Every sample was used once, none skipped: the same samples as the stream's start with room to spare.
+  roomy = _batches(_anyres_config(tok, {"train.batch_size": 8}), tok, tile_groups=2)
+  stream = [key for _ in range(4) for row in next(roomy)["keys"] for key in row]
+  assert len(seen) == len(set(seen)) and set(seen) == set(stream[:len(seen)])
   assert not data.skipped
 
 

@@ -1,5 +1,7 @@
 """Bad input at the CLI: one clear line on stderr, exit status 2, no traceback."""
 
+import collections
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +9,8 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
+
+from vlm_jax.data import llava_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py")
@@ -77,3 +81,70 @@ def test_generate_not_a_workdir(tmp_path):
 def test_unknown_command_and_flag(tmp_path):
   assert_one_line_error(run_cli("trian"), "unknown command")
   assert_one_line_error(run_cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--bogus"), "--bogus")
+
+
+# --- LLaVA-format data: inspect and train ----------------------------------------------------
+
+LLAVA_CONFIG = """
+from vlm_jax.config import base
+
+
+def get_config(arg=None):
+  c = base()
+  c.model.dtype = "float32"
+  c.model.vision.update(dict(image_size=16, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64))
+  c.model.llm.update(dict(width=32, depth=1, heads=2, kv_heads=1, head_dim=16, mlp_dim=64))
+  c.data.sources = "llava:{path}"
+  c.data.template = "vicuna_v1"
+  c.data.seq_len = 256
+  c.data.pack = True
+  c.data.max_images = 3
+  c.train.steps = 4
+  c.train.batch_size = 2
+  c.train.log_every = 2
+  c.train.eval_every = 1000
+  c.train.eval_examples = 2
+  c.train.eval_batch_size = 2
+  c.train.checkpoint_every = 1000
+  c.mesh.data = 1
+  return c
+"""
+
+
+@pytest.fixture(scope="module")
+def llava_config(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("llava")
+  path = llava_fixture.write(str(directory), 20, image_size=16)
+  config = directory / "llava_tiny.py"
+  config.write_text(LLAVA_CONFIG.format(path=path))
+  return str(config), path
+
+
+def test_data_json_counts_one_pass(llava_config):
+  config, _ = llava_config
+  result = run_cli("data", "--config", config, "--json")
+  assert result.returncode == 0, result.stderr
+  summary = json.loads(result.stdout)
+  assert summary["examples"] == 20
+  assert summary["skipped"] == dict(collections.Counter(llava_fixture.BROKEN.values()))
+  assert 0 < summary["supervised_tokens"] < summary["tokens"]
+  text = run_cli("data", "--config", config, "--n", "2")
+  assert text.returncode == 0 and text.stdout.count("--- ") == 2 and "[[" in text.stdout
+
+
+def test_train_on_llava_data_skips_and_counts_bad_samples(llava_config, tmp_path):
+  config, _ = llava_config
+  result = run_cli("train", "--config", config, "--workdir", str(tmp_path / "w"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+  train = [l for l in lines if "train/loss" in l]
+  assert [l["step"] for l in train] == [2, 4] and all(np.isfinite(l["train/loss"]) for l in train)
+  assert train[-1]["data/skipped"] > 0
+  assert train[-1]["data/skipped"] == sum(v for k, v in train[-1].items() if k.startswith("data/skipped/"))
+  assert result.stderr.count("skipping") == len([k for k in train[-1] if k.startswith("data/skipped/")])
+  strict = run_cli("train", "--config", config, "--workdir", str(tmp_path / "s"), "--config.data.strict=true")
+  assert_one_line_error(strict, "data.strict=True", "sample")
+
+
+def test_data_bad_spec():
+  assert_one_line_error(run_cli("data", "--config", CONFIG, "--data", "coco"), "'coco'", "unknown source")

@@ -47,7 +47,8 @@ def test_default_config_learns_from_the_image(trained):
                                 "--max-examples", "256", "--shuffle-images", "--json").stdout)
   print("shuffled images:", shuffled)
   assert shuffled["examples"] == 256
-  assert final["eval/shapes_test/accuracy"] >= shuffled["accuracy"] + 0.15
+  assert final["eval/shapes_test/accuracy"] >= 0.9  # the foundation issue's acceptance bar
+  assert final["eval/shapes_test/accuracy"] >= shuffled["accuracy"] + 0.4
   assert shuffled["accuracy/count"] <= 0.6
 
 
@@ -64,6 +65,9 @@ THREE = [Shape("circle", "yellow", 8, 8, 12), Shape("square", "red", 24, 8, 12),
     (ONE, "How many shapes are there?", "one"),
     (TWO, "How many shapes are there?", "two"),
     (ONE, "What shape is purple?", "square"),
+    (THREE, "What color is the circle?", "yellow"),
+    (TWO, "What color is the triangle?", "orange"),
+    (ONE, "Which side is the square on?", "left"),
 ])
 def test_generate_answers_about_a_new_image(trained, tmp_path, objects, prompt, answer):
   assert shapes._is_held_out(objects, "dark")  # not an image the model was trained on

@@ -352,7 +352,8 @@ def test_checkpoint_holds_the_data_position_of_its_step(runs):
   """A checkpoint at step K must resume at batch K+1, whether or not the run stopped at K."""
   stopped = checkpoint_data_state(runs["a"], K)
   unbroken = checkpoint_data_state(runs["b"], K)
-  assert stopped["next_index"] == K * 8  # batch_size 8; shapes at seq_len 64 skips nothing
+  # batch_size 8, unpacked; shapes at seq_len 64 skips nothing: the next sample is number K * 8.
+  assert stopped["loader"]["parent"]["next_index"] == K * 8
   assert unbroken == stopped
 
 

@@ -10,7 +10,6 @@ import time
 from vlm_jax.errors import UserError
 
 COMMANDS = ("train", "eval", "generate", "convert", "tokens", "data")
-LATER = {"data": "the data-pipeline inspector"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -243,6 +242,32 @@ def cmd_tokens(argv: list[str]) -> int:
   return 0
 
 
+def cmd_data(argv: list[str]) -> int:
+  argv, overrides = _split_overrides(argv)
+  p = _Parser(prog="vlm-jax data")
+  p.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
+  p.add_argument("--data", help="data spec (default: the config's data.sources)")
+  p.add_argument("--n", type=int, default=3, help="samples to print")
+  p.add_argument("--limit", type=int, help="with --json: at most this many samples of each source")
+  p.add_argument("--json", action="store_true", help="one pass over the data; one JSON summary on stdout")
+  args = p.parse_args(argv)
+  from vlm_jax import config as config_lib
+  config = config_lib.load_file(args.config)
+  config_lib.apply_overrides(config, overrides)
+  config_lib.validate(config)
+  from vlm_jax.data import report
+  from vlm_jax.data.tokenizer import Tokenizer
+  from vlm_jax.models.vlm import image_tokens
+  tokenizer = Tokenizer.load(config.data.tokenizer)
+  items = report.samples(config, tokenizer, image_tokens(config.model), args.data or config.data.sources,
+                         limit=args.limit if args.json else None)
+  if args.json:
+    print(json.dumps(report.pass_totals(items, tokenizer.image_id).to_json()))
+  else:
+    report.print_samples(items, tokenizer, args.n)
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help"):
@@ -251,10 +276,8 @@ def main(argv: list[str] | None = None) -> int:
   command, rest = argv[0], argv[1:]
   _setup_logging(verbose=command == "train")
   try:
-    if command in LATER:
-      raise UserError(f"vlm-jax {command}: {LATER[command]} is not available in this version")
     handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert,
-               "tokens": cmd_tokens}.get(command)
+               "tokens": cmd_tokens, "data": cmd_data}.get(command)
     if handler is None:
       raise UserError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
     return handler(rest)

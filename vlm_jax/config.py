@@ -68,7 +68,13 @@ def base() -> ml_collections.ConfigDict:
   c.data.seq_len = 128
   c.data.image_mean = (0.5, 0.5, 0.5)
   c.data.image_std = (0.5, 0.5, 0.5)
-  c.data.strict = False
+  c.data.strict = False      # True: a bad sample stops the run (else it is skipped and counted)
+  c.data.pack = False        # several samples per row (segment ids, restarted positions)
+  c.data.max_images = 1      # image slots per row (multi-image samples; packed rows share them)
+  c.data.workers = 0         # loader processes that prepare and batch (0: in the training process)
+  c.data.threads = 4         # reader threads per loader process (image decode and resize)
+  c.data.prefetch = 2        # batches prefetched per loader process
+  c.data.tfds_dir = ""       # TFDS data_dir for tfds: specs ("" = TFDS_DATA_DIR or ~/tensorflow_datasets)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000

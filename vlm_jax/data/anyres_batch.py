@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax.data import anyres
+from vlm_jax.data.prepare import Prepared
 from vlm_jax.errors import UserError
 
 
@@ -69,11 +70,11 @@ class AnyRes:
                       f"one image can need; raise it to at least {self.spec.max_tiles * groups}")
     return per_group
 
-  def collate(self, images: Sequence[Tiled | None], *, groups: int, tiles_per_group: int,
+  def collate(self, rows: Sequence[Sequence[Tiled]], *, groups: int, tiles_per_group: int,
               visual_len: int) -> dict[str, np.ndarray]:
-    """Rows' images (None: no image) -> {"tiles", "index", "weight"}; each group's images must
-    fit its pool (Packer decides that upstream)."""
-    b, t, k = len(images), self.spec.tile, self.spec.taps
+    """Each row's images in placeholder order -> {"tiles", "index", "weight"}; a row's visual
+    tokens follow one another. Each group's images must fit its pool (PackBatches sees to it)."""
+    b, t, k = len(rows), self.spec.tile, self.spec.taps
     if b % groups:
       raise ValueError(f"{b} rows do not split into {groups} groups")
     rows_per_group = b // groups
@@ -81,52 +82,44 @@ class AnyRes:
     index = np.zeros((b, visual_len, k), np.int32)
     weight = np.zeros((b, visual_len, k), np.float32)
     used = [0] * groups
-    for r, im in enumerate(images):
-      if im is None:
-        continue
-      g = r // rows_per_group
-      n = im.plan.tiles
-      if used[g] + n > tiles_per_group:
-        raise ValueError(f"group {g}: {used[g] + n} tiles > {tiles_per_group} slots")
-      if im.plan.tokens > visual_len:
-        raise ValueError(f"row {r}: {im.plan.tokens} visual tokens > {visual_len}")
-      tiles[g, used[g]:used[g] + n] = im.tiles
-      i, w = anyres.token_sources(im.plan, self.spec, first_tile=used[g])
-      index[r, :len(i)], weight[r, :len(w)] = i, w
-      used[g] += n
+    for r, row in enumerate(rows):
+      g, v = r // rows_per_group, 0
+      for im in row:
+        n = im.plan.tiles
+        if used[g] + n > tiles_per_group:
+          raise ValueError(f"group {g}: {used[g] + n} tiles > {tiles_per_group} slots")
+        if v + im.plan.tokens > visual_len:
+          raise ValueError(f"row {r}: {v + im.plan.tokens} visual tokens > {visual_len}")
+        tiles[g, used[g]:used[g] + n] = im.tiles
+        i, w = anyres.token_sources(im.plan, self.spec, first_tile=used[g])
+        index[r, v:v + len(i)], weight[r, v:v + len(w)] = i, w
+        used[g] += n
+        v += len(i)
     return {"tiles": tiles, "index": index, "weight": weight}
 
-
   def collate_rows(self, images: Sequence[Tiled | None], visual_len: int) -> dict[str, np.ndarray]:
-    """Inference and eval: one group per row, each with room for the largest plan."""
-    return self.collate(images, groups=len(images), tiles_per_group=self.spec.max_tiles,
-                        visual_len=visual_len)
+    """Inference and eval: one image or none (None) per row, one group per row with room for the
+    largest plan."""
+    return self.collate([[] if im is None else [im] for im in images], groups=len(images),
+                        tiles_per_group=self.spec.max_tiles, visual_len=visual_len)
 
 
-class Packer:
-  """Places rows into tile groups in stream order: a row whose tiles do not fit the current
-  group's remaining slots starts the next group, and the rows left in the current one stay empty
-  (no tokens, no loss). Nothing is dropped or truncated; a full batch hands the row to the next."""
+@dataclasses.dataclass(frozen=True)
+class TileGroups:
+  """The local batch's rows in `groups` contiguous groups, each with a pool of `tiles_per_group`
+  tile slots; PackBatches places a sample only in a row whose group has room for its tiles."""
+  anyres: AnyRes
+  groups: int
+  tiles_per_group: int
+  visual_len: int
 
-  def __init__(self, rows: int, groups: int, tiles_per_group: int):
-    self.rows_per_group, self.tiles_per_group = rows // groups, tiles_per_group
-    self.rows = rows
-    self.reset()
+  def collate(self, rows: Sequence[Sequence[Prepared]]) -> dict[str, dict[str, np.ndarray]]:
+    return {"images": self.anyres.collate([[im for s in row for im in _tiled(s)] for row in rows],
+                                          groups=self.groups, tiles_per_group=self.tiles_per_group,
+                                          visual_len=self.visual_len)}
 
-  def reset(self) -> None:
-    self.count, self.used = 0, 0
 
-  def empty_rows_before(self, n_tiles: int) -> int | None:
-    """Empty rows to insert before a row of n_tiles tiles; None if it must wait for the next batch."""
-    if self.used + n_tiles <= self.tiles_per_group:
-      return 0
-    gap = -self.count % self.rows_per_group  # up to the next group (mid-group: used > 0)
-    return gap if self.count + gap < self.rows else None
-
-  def add(self, n_tiles: int, empty_before: int = 0) -> None:
-    if empty_before:
-      self.count, self.used = self.count + empty_before, 0
-    self.count += 1
-    self.used += n_tiles
-    if self.count % self.rows_per_group == 0:
-      self.used = 0
+def _tiled(sample: Prepared) -> list[Tiled]:
+  """A prepared sample's images: its tiles split by plan."""
+  starts = np.cumsum([0] + [p.tiles for p in sample.plans])
+  return [Tiled(p, sample.images[a:b]) for p, a, b in zip(sample.plans, starts, starts[1:])]

@@ -1,225 +1,187 @@
-"""Deterministic, resumable, per-process training batches.
+"""The grain input pipeline: sources -> order -> prepare -> pack -> batch -> prefetch.
 
-Minimal on purpose (a later issue moves this to grain). The stream is defined globally: every
-process walks the same example indices and makes the same skip decisions (they depend on the
-text only), then keeps its own contiguous rows, so all processes agree on which example is in
-which row without talking to each other, and resuming needs one integer.
+Order: each source is shuffled anew every epoch and split into per-process shards (process p of
+n takes positions p, p + n, ... of the epoch's permutation: disjoint shards that cover the set);
+a mixture interleaves the sources by weight. Samples are prepared (tokens, loss mask, decoded
+and resized images) in `threads` reader threads, and batches are assembled and prefetched in
+`workers` processes (0: in this process, with a prefetch thread). Everything is a function of
+the config and the position in the stream, and the position (grain's iterator state) is saved
+with each checkpoint, so a resumed run sees exactly the samples an unbroken run would.
 """
 
-import functools
 import logging
-from typing import Any, Callable, Sequence
+import sys
+from typing import Any, Sequence
 
+import grain
+import ml_collections
 import numpy as np
 
-from vlm_jax.errors import UserError
-from vlm_jax.data import images as images_lib
-from vlm_jax.data import shapes
-from vlm_jax.data.anyres_batch import AnyRes, Packer
-from vlm_jax.data.templates import Encoded, encode_conversation, get_template
+from vlm_jax.data import anyres_batch, shapes, sources as sources_lib
+from vlm_jax.data.anyres_batch import AnyRes, TileGroups
+from vlm_jax.data.packing import PackBatches
+from vlm_jax.data.prepare import Prepare, image_preprocessor
+from vlm_jax.data.templates import get_template
 from vlm_jax.data.tokenizer import Tokenizer
+from vlm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# A run of this many skipped samples means the data cannot fit the config (e.g. seq_len too
-# small for every sample); stop instead of looping forever.
-MAX_SKIPPED_IN_A_ROW = 1000
+HOST_ONLY = ("keys",)  # batch entries that stay on the host (sample ids, for tests and logs)
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
-  """'shapes' -> ('shapes', 'train'); 'shapes:test' -> ('shapes', 'test')."""
-  kind, _, split = spec.partition(":")
-  if kind in ("llava", "tfds"):
-    raise UserError(f"data spec {spec!r}: llava/tfds sources are not implemented yet")
-  if kind != "shapes":
-    raise UserError(f"data spec {spec!r}: unknown source {kind!r} "
-                    "(expected shapes[:SPLIT], llava:..., tfds:...)")
-  split = split or "train"
-  if split not in shapes.SPLITS:
-    raise UserError(f"data spec {spec!r}: unknown split {split!r} "
-                    f"(shapes has {', '.join(shapes.SPLITS)})")
-  return kind, split
+class EpochOrder:
+  """Position j of this process's stream of one source -> (source number, sample index).
 
-
-def _example_fn(spec: str, seed: int, image_size: int,
-                image_position: str) -> Callable[[int], shapes.Example]:
-  """index -> Example for a data spec."""
-  _, split = parse_spec(spec)
-  return functools.partial(shapes.make_example, seed, split, image_size=image_size,
-                           image_position=image_position)
-
-
-def eval_examples(spec: str, n: int, *, seed: int, image_size: int,
-                  image_position: str = "before") -> list[shapes.Example]:
-  """The first n examples of the spec's split: a fixed held-out set."""
-  example = _example_fn(spec, seed, image_size, image_position)
-  return [example(i) for i in range(n)]
-
-
-def collate(encoded_list: Sequence[Encoded], images_list: Sequence[np.ndarray | None],
-            seq_len: int, pad_id: int, *, image_size: int | None = None) -> dict[str, np.ndarray]:
-  """Encoded samples + preprocessed images (float32 [H, W, 3] or None) -> a batch of arrays.
-
-  tokens/targets/loss_mask/segment_ids/positions are [b, seq_len]; targets[i] = tokens[i + 1],
-  and loss_mask[i] says whether that target is supervised. images [b, 1, H, W, 3] with
-  image_mask [b, 1] (0 and a zero image for a text-only sample; then `image_size` gives H, W
-  if no sample of the batch has an image).
+  Infinite: epoch e = j // shard size uses its own permutation (index_shuffle: no O(n) table).
   """
-  b = len(encoded_list)
-  if len(images_list) != b:
-    raise ValueError(f"{b} encoded samples but {len(images_list)} images")
-  tokens = np.full((b, seq_len), pad_id, np.int32)
-  targets = np.full((b, seq_len), pad_id, np.int32)
-  loss_mask = np.zeros((b, seq_len), np.float32)
-  segment_ids = np.zeros((b, seq_len), np.int32)
-  positions = np.zeros((b, seq_len), np.int32)
-  for r, enc in enumerate(encoded_list):
-    n = len(enc.tokens)
-    if not n:  # an empty row
-      continue
-    if n > seq_len:
-      raise ValueError(f"row {r}: {n} tokens > seq_len {seq_len}")
-    tokens[r, :n] = enc.tokens
-    targets[r, :n - 1] = enc.tokens[1:]
-    loss_mask[r, :n - 1] = enc.loss_mask[1:]
-    segment_ids[r, :n] = 1
-    positions[r, :n] = np.arange(n)
-  shape = next((im.shape for im in images_list if im is not None), None)
-  if shape is None:
-    if image_size is None:
-      raise ValueError("no image in the batch: pass image_size")
-    shape = (image_size, image_size, 3)
-  images = np.zeros((b, 1, *shape), np.float32)
-  image_mask = np.zeros((b, 1), np.float32)
-  for r, im in enumerate(images_list):
-    if im is not None:
-      images[r, 0] = im
-      image_mask[r, 0] = 1
-  return {"images": images, "image_mask": image_mask, "tokens": tokens, "targets": targets,
-          "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions}
+
+  def __init__(self, source_number: int, size: int, seed: int, process_index: int, process_count: int):
+    if size < process_count:
+      raise UserError(f"{size} samples cannot be split over {process_count} processes")
+    self.k, self.size = source_number, size
+    self.p, self.n = process_index, process_count
+    self.shard = len(range(process_index, size, process_count))
+    self.seed = int(np.random.SeedSequence([seed, source_number]).generate_state(1)[0])
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __getitem__(self, j: int) -> tuple[int, int]:
+    epoch, pos = divmod(j, self.shard)
+    position = self.p + pos * self.n
+    if self.size == 1:
+      return self.k, 0
+    return self.k, int(grain.experimental.index_shuffle(
+        position, max_index=self.size - 1, seed=(self.seed + epoch) % 2**32, rounds=4))
+
+  def __repr__(self) -> str:  # grain checks repr() of sources on restore
+    return f"EpochOrder({self.k}, {self.size}, {self.seed}, {self.p}, {self.n})"
 
 
-EMPTY = Encoded(np.zeros(0, np.int32), np.zeros(0, np.bool_))  # a row left empty (AnyRes packing)
+def _absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; the CLI does not use absl, so mark them parsed."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def device_batch(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The arrays that go to the device (without the host-only entries)."""
+  return {k: v for k, v in batch.items() if k not in HOST_ONLY}
 
 
 class Batches:
-  """Infinite iterator of this process's rows of global batches; resumable via get/set_state.
-
-  Global batch g holds the next `global_batch_size` usable examples in index order (indices
-  g*B .. g*B+B-1 when nothing is skipped); process p keeps rows p*b .. p*b+b-1, b = B/count.
-  """
+  """Infinite iterator of this process's batches ({name: array} + host-only `keys`); resumable
+  via get_state/set_state. `skipped` counts the rejected samples by reason."""
 
   def __init__(self, spec: str, *, tokenizer: Tokenizer, seq_len: int, global_batch_size: int,
                image_size: int, image_tokens: int, seed: int, image_mean: Sequence[float],
                image_std: Sequence[float], template: str = "simple", process_index: int = 0,
                process_count: int = 1, strict: bool = False, image_position: str = "before",
-               anyres: AnyRes | None = None, tile_groups: int = 1, max_tiles: int = 0):
-    self._example = _example_fn(spec, seed, image_size, image_position)
+               max_images: int = 1, pack: bool = False, workers: int = 0, threads: int = 4,
+               prefetch: int = 2, tfds_dir: str = "", anyres: AnyRes | None = None, tile_groups: int = 1,
+               max_tiles: int = 0):
     get_template(template)  # Fails now, not at the first batch.
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise UserError(f"batch size {global_batch_size} is not a positive multiple of the "
                       f"{process_count} processes")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if seq_len <= 0:
-      raise UserError(f"seq_len must be positive, got {seq_len}")
-    self.spec = spec
-    self.tokenizer = tokenizer
-    self.seq_len = seq_len
-    self.global_batch_size = global_batch_size
+    for name, value, low in (("seq_len", seq_len, 1), ("max_images", max_images, 1),
+                             ("workers", workers, 0), ("threads", threads, 0), ("prefetch", prefetch, 0)):
+      if value < low:
+        raise UserError(f"config.data.{name} must be >= {low}, got {value}")
+    self.spec, self.strict = spec, strict
     self.local_batch_size = global_batch_size // process_count
-    self._rows = slice(process_index * self.local_batch_size,
-                       (process_index + 1) * self.local_batch_size)
-    self.image_size = image_size
-    self.image_tokens = image_tokens
-    self.template = template
-    self.strict = strict
-    self._preprocess = functools.partial(images_lib.preprocess, size=image_size,
-                                         mean=image_mean, std=image_std)
-    # AnyRes: per-image token counts, tiles, and rows placed into tile groups (anyres_batch.py).
-    self.anyres, self._tile_groups = anyres, tile_groups
-    self._packer = None
+    options = sources_lib.Options(seed, image_size, image_position, tfds_dir)
+    sources, weights = sources_lib.open_mixture(spec, options)
+    # AnyRes: the batch's rows form tile_groups groups (tile_groups: global, a multiple of the
+    # batch shards x micro-batches), each with a pool of tile slots from max_tiles.
+    groups = None
     if anyres:
-      tiles_per_group = anyres.tiles_per_group(max_tiles, tile_groups, global_batch_size)
-      self._packer = Packer(global_batch_size, tile_groups, tiles_per_group)
-    self._next_index = 0
+      groups = TileGroups(anyres, tile_groups // process_count,
+                          anyres.tiles_per_group(max_tiles, tile_groups, global_batch_size), seq_len)
+    self.prepare = Prepare(sources, tokenizer, template=template, image_tokens=image_tokens,
+                           seq_len=seq_len, max_images=max_images,
+                           image_fn=image_preprocessor(image_size, image_mean, image_std),
+                           anyres=anyres, max_tiles=groups.tiles_per_group if groups else 0)
+    orders = [grain.MapDataset.source(EpochOrder(k, len(s), seed, process_index, process_count))
+              for k, s in enumerate(sources)]
+    ds = orders[0] if len(orders) == 1 else grain.MapDataset.mix(orders, weights)
+    # Reader threads prepare samples in order (PIL releases the GIL while decoding/resizing).
+    it = ds.map(self.prepare).to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads, 1)))
+    it = PackBatches(it, rows=self.local_batch_size, seq_len=seq_len, max_images=max_images,
+                     image_shape=(image_size, image_size), pad_id=tokenizer.pad_id, pack=pack,
+                     tile_groups=groups)
+    if workers:
+      _absl_flags_parsed()
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                       per_worker_buffer_size=max(prefetch, 1)))
+    elif prefetch:
+      it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
+    self._it = iter(it)
     self.skipped: dict[str, int] = {}
-    self._warned: set[str] = set()
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, tokenizer: Tokenizer, image_tokens: int, *,
+                  spec: str | None = None, process_index: int = 0, process_count: int = 1,
+                  tile_groups: int = 1) -> "Batches":
+    """tile_groups (AnyRes): batch shards x grad_accum, so that each group lives on one device."""
+    d = config.data
+    return cls(spec or d.sources, tokenizer=tokenizer, seq_len=d.seq_len,
+               global_batch_size=config.train.batch_size, image_size=config.model.vision.image_size,
+               image_tokens=image_tokens, seed=config.seed, image_mean=d.image_mean,
+               image_std=d.image_std, template=d.template, process_index=process_index,
+               process_count=process_count, strict=d.strict, image_position=d.image_position,
+               max_images=d.max_images, pack=d.pack, workers=d.workers, threads=d.threads,
+               prefetch=d.prefetch, tfds_dir=d.tfds_dir, anyres=anyres_batch.for_config(config),
+               tile_groups=tile_groups, max_tiles=config.model.anyres.max_tiles)
 
   def __iter__(self) -> "Batches":
     return self
 
-  def _skip(self, reason: str, index: int, why: str) -> None:
-    if self.strict:
-      raise UserError(f"data spec {self.spec!r} sample {index}: {why}")
-    self.skipped[reason] = self.skipped.get(reason, 0) + 1
-    if reason not in self._warned:
-      self._warned.add(reason)
-      log.warning("data %r: skipping sample %d: %s (further %r skips are only counted; "
-                  "data.strict=True makes them errors)", self.spec, index, why, reason)
-
-  def _encode(self, index: int, example: shapes.Example) -> Encoded | None:
-    """The sample's tokens, or None if it is skipped (strict: UserError)."""
-    try:
-      image_tokens = (self.anyres.tokens(example.image) if self.anyres and example.image is not None
-                      else self.image_tokens)
-      enc = encode_conversation(example.turns, self.tokenizer, image_tokens, self.template)
-    except UserError as e:
-      self._skip("invalid", index, str(e))
-      return None
-    if len(enc.tokens) > self.seq_len:
-      self._skip("too_long", index, f"{len(enc.tokens)} tokens > seq_len {self.seq_len}")
-      return None
-    return enc
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    rows: list[tuple[shapes.Example | None, Encoded]] = []
-    in_a_row = 0
-    if self._packer:
-      self._packer.reset()
-    while len(rows) < self.global_batch_size:
-      index = self._next_index
-      self._next_index += 1
-      example = self._example(index)
-      enc = self._encode(index, example)
-      if enc is None:
-        in_a_row += 1
-        if in_a_row >= MAX_SKIPPED_IN_A_ROW:
-          raise UserError(f"data spec {self.spec!r}: {in_a_row} samples in a row skipped "
-                          f"(up to sample {index}; skipped so far {self.skipped})")
-        continue
-      in_a_row = 0
-      if self._packer:
-        n_tiles = 0 if example.image is None else self.anyres.plan(example.image).tiles
-        gap = self._packer.empty_rows_before(n_tiles)
-        if gap is None:  # no tile group left: the row starts the next batch
-          self._next_index -= 1
-          break
-        self._packer.add(n_tiles, gap)
-        rows += [(None, EMPTY)] * gap
-      rows.append((example, enc))
-    rows += [(None, EMPTY)] * (self.global_batch_size - len(rows))
-    # Only this process's rows pay for image preprocessing.
-    mine = rows[self._rows]
-    prepare = self.anyres.prepare if self.anyres else self._preprocess
-    images = [None if ex is None or ex.image is None else prepare(ex.image) for ex, _ in mine]
-    batch = collate([enc for _, enc in mine], [None] * len(mine) if self.anyres else images,
-                    self.seq_len, self.tokenizer.pad_id, image_size=self.image_size)
-    if self.anyres:
-      batch["images"] = self.anyres.collate(images, groups=self._tile_groups * len(mine) // len(rows),
-                                            tiles_per_group=self._packer.tiles_per_group,
-                                            visual_len=self.seq_len)
+  def __next__(self) -> dict[str, Any]:
+    batch = next(self._it)
+    messages = batch.pop("skip_messages")
+    for reason, count in batch.pop("skipped").items():
+      if self.strict:
+        raise UserError(f"{messages[reason]} (data.strict=True; False skips and counts such samples)")
+      if reason not in self.skipped:
+        log.warning("data: skipping %s (further %r skips are only counted in data/skipped/%s; "
+                    "data.strict=True makes them errors)", messages[reason], reason, reason)
+      self.skipped[reason] = self.skipped.get(reason, 0) + count
     return batch
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable position in the stream."""
-    return {"next_index": self._next_index, "skipped": dict(self.skipped)}
+    return {"loader": self._it.get_state(), "skipped": dict(self.skipped)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues exactly where get_state() was taken."""
     try:
-      next_index = int(state["next_index"])
+      loader = state["loader"]
       skipped = {str(k): int(v) for k, v in state.get("skipped", {}).items()}
+      self._it.set_state(loader)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-      raise UserError(f"data iterator state {state!r:.100}: malformed ({e})") from None
-    self._next_index, self.skipped = next_index, skipped
+      raise UserError(f"data iterator state {state!r:.100}: malformed ({type(e).__name__}: {e}); "
+                      "was it written by another version of the pipeline?") from None
+    self.skipped = skipped
+
+  def close(self) -> None:
+    """Stops the worker processes, if any."""
+    close = getattr(self._it, "close", None)
+    if close:
+      close()
+
+
+def eval_examples(spec: str, n: int, *, seed: int, image_size: int,
+                  image_position: str = "before") -> list[shapes.Example]:
+  """The first n examples of a `shapes` split: a fixed held-out set (eval reads shapes only)."""
+  kind, _, split = spec.partition(":")
+  split = split or "train"
+  if kind != "shapes" or split not in shapes.SPLITS:
+    raise UserError(f"eval data spec {spec!r}: the periodic eval reads shapes[:SPLIT] only in this version "
+                    f"(splits: {', '.join(shapes.SPLITS)})")
+  return [shapes.make_example(seed, split, i, image_size, image_position) for i in range(n)]

@@ -1,34 +1,62 @@
-"""Chat templates: a conversation -> tokens and a loss mask built from per-piece spans.
+"""Chat templates: a conversation -> tokens and a loss mask built from per-turn spans.
 
-Each piece (header, user text, answer, EOS) is encoded on its own and concatenated, and the
-loss mask is set piece by piece, so the mask cannot drift from the tokens when a template
-changes. A space between pieces is glued to the front of the following piece: sentencepiece
-attaches a space to the word after it, so the pieces concatenate to exactly the tokens of the
-whole text.
+A conversation is rendered as alternating runs of unsupervised text (BOS, system, user turns and
+the assistant header) and supervised text (each answer with its end-of-turn marker). Each run is
+encoded on its own and its mask set as it is appended, so the mask cannot drift from the tokens
+when a template changes (LLaVA's "tokenization mismatch" re-tokenized and subtracted lengths).
+Runs split only where supervision changes, and a supervised run starts with its own leading
+space (" red"), the way sentencepiece and byte-level BPE attach a space to the word after it, so
+the runs concatenate to the tokens of the whole text.
 """
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from vlm_jax.data import chat_template
-from vlm_jax.errors import UserError
+from vlm_jax.errors import BadSample, UserError
 from vlm_jax.data.tokenizer import IMAGE, Tokenizer
 
 ROLES = ("user", "assistant")
+TEXT = "{}"  # where a turn's text goes in a template string (not str.format: texts hold braces)
 
 
 @dataclasses.dataclass(frozen=True)
 class Template:
-  """Text around each round: user_header, sep + user text, assistant_header, sep + answer, EOS."""
-  user_header: str
-  assistant_header: str
-  sep: str
+  """[BOS] system, then per round `user` (unsupervised, ends with the assistant header), `answer`
+  (supervised) [+ EOS id, supervised] and `after_answer` (unsupervised)."""
+  user: str
+  answer: str
+  eos: bool = False         # the tokenizer's EOS id ends each answer
+  bos: bool = True          # the tokenizer's BOS id starts the sequence (if it has one)
+  system: str = ""
+  after_answer: str = ""
+  trim: bool = False        # strip each turn's text (Jinja's `| trim` in Llama 3 and Gemma)
+  captions: bool = False    # stage-1 captions: one round, the user text is reduced to its images
 
 
-# Vicuna-like: "USER: <q> ASSISTANT: <a></s>USER: ..."
-TEMPLATES = {"simple": Template(user_header="USER:", assistant_header=" ASSISTANT:", sep=" ")}
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions. ")
+
+TEMPLATES = {
+    # Vicuna-like without a system prompt: "USER: <q> ASSISTANT: <a></s>USER: ..."
+    "simple": Template(user="USER: {} ASSISTANT:", answer=" {}", eos=True),
+    # LLaVA stage 1: "<image>caption\n"; only the caption and its newline are supervised.
+    "plain": Template(user=TEXT, answer="{}\n", captions=True),
+    # LLaVA-1.5: "SYS USER: <image>\nQ ASSISTANT: A</s>USER: ..."
+    "vicuna_v1": Template(system=VICUNA_SYSTEM, user="USER: {} ASSISTANT:", answer=" {}", eos=True),
+    # Meta Llama 3 Instruct; the header is not supervised, the answer and <|eot_id|> are.
+    "llama3": Template(user="<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+                            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                       answer="{}<|eot_id|>", trim=True),
+    # Qwen2 (ChatML) with its default system message; no BOS.
+    "chatml": Template(system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+                       user="<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+                       answer="{}<|im_end|>", after_answer="\n", bos=False),
+    "gemma": Template(user="<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n",
+                      answer="{}<end_of_turn>", after_answer="\n", trim=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,71 +75,109 @@ def get_template(name: str) -> Template | None:
   return TEMPLATES[name]
 
 
-def _bos(tokenizer: Tokenizer) -> list[int]:
-  return [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # Qwen2 has no BOS
+def _bos(tokenizer: Tokenizer, tpl: Template | None = None) -> list[int]:
+  if tokenizer.bos_id is None or (tpl is not None and not tpl.bos):
+    return []  # Qwen2 has no BOS
+  return [tokenizer.bos_id]
 
 
-def _check_images(texts: Sequence[str], image_tokens: int) -> None:
-  """At most one <image> per sample, and only where the model has image tokens to put there."""
+def _check_images(texts: Sequence[str], image_tokens: int | Sequence[int], at_most: int | None = None) -> None:
+  """<image> only where the model has image tokens to put there (and at most `at_most`)."""
   count = sum(t.count(IMAGE) for t in texts)
-  if count > 1:
-    raise UserError(f"{count} {IMAGE} placeholders in one sample; at most 1 is supported")
-  if count and image_tokens <= 0:
-    raise UserError(f"{IMAGE} placeholder but the model takes no image tokens (image_tokens=0)")
+  if at_most is not None and count > at_most:
+    raise BadSample("image_count", f"{count} {IMAGE} placeholders; at most {at_most} supported here")
+  if not isinstance(image_tokens, int):
+    if count != len(image_tokens):
+      raise BadSample("image_count", f"{count} {IMAGE} placeholders for {len(image_tokens)} images")
+  elif count and image_tokens <= 0:
+    raise BadSample("image_count", f"{IMAGE} placeholder but the model takes no image tokens (image_tokens=0)")
 
 
-def _text_ids(text: str, tokenizer: Tokenizer, image_tokens: int) -> list[int]:
-  """Encodes text, expanding each <image> into `image_tokens` placeholder ids."""
+def _per_image(image_tokens: int | Sequence[int]) -> Callable[[], int]:
+  """The placeholder count of each next <image>: one count for all, or (AnyRes) one per image."""
+  if isinstance(image_tokens, int):
+    return lambda: image_tokens
+  counts = iter(image_tokens)
+  return lambda: next(counts)
+
+
+def _text_ids(text: str, tokenizer: Tokenizer, next_count: Callable[[], int]) -> list[int]:
+  """Encodes text, expanding each <image> into next_count() placeholder ids."""
   out = []
   for i in tokenizer.encode(text):
-    out.extend([i] * image_tokens if i == tokenizer.image_id else [i])
+    out.extend([i] * next_count() if i == tokenizer.image_id else [i])
   return out
-
-
-def _user_ids(tpl: Template, text: str, tokenizer: Tokenizer, image_tokens: int) -> list[int]:
-  """One user turn up to and including the assistant header (where generation starts)."""
-  return (tokenizer.encode(tpl.user_header) + _text_ids(tpl.sep + text, tokenizer, image_tokens)
-          + tokenizer.encode(tpl.assistant_header))
 
 
 def _check_turns(turns: Sequence[tuple[str, str]]) -> None:
   if not turns:
-    raise UserError("empty conversation")
+    raise BadSample("empty", "empty conversation")
   for i, turn in enumerate(turns):
     if len(turn) != 2 or not isinstance(turn[1], str):
-      raise UserError(f"turn {i}: expected (role, text), got {turn!r:.60}")
+      raise BadSample("format", f"turn {i}: expected (role, text), got {turn!r:.60}")
     role, text = turn
     if role not in ROLES:
-      raise UserError(f"turn {i}: unknown role {role!r} (expected 'user' or 'assistant')")
+      raise BadSample("role", f"turn {i}: unknown role {role!r} (expected 'user' or 'assistant')")
     if role != ROLES[i % 2]:
-      raise UserError(f"turn {i}: expected a {ROLES[i % 2]!r} turn, got {role!r} "
+      raise BadSample("role", f"turn {i}: expected a {ROLES[i % 2]!r} turn, got {role!r} "
                       "(turns alternate, starting with 'user')")
     if not text.strip():
-      raise UserError(f"turn {i}: empty {role} text")
+      raise BadSample("empty", f"turn {i}: empty {role} text")
     if role == "assistant" and IMAGE in text:
-      raise UserError(f"turn {i}: {IMAGE} in an assistant turn")
+      raise BadSample("image_count", f"turn {i}: {IMAGE} in an assistant turn")
   if len(turns) % 2:
-    raise UserError(f"turn {len(turns) - 1}: conversation ends with a user turn (nothing to learn)")
+    raise BadSample("role", f"turn {len(turns) - 1}: conversation ends with a user turn (nothing to learn)")
+
+
+def _caption_turns(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+  """plain: one round whose user text becomes its <image> markers alone (the prompt is dropped)."""
+  if len(turns) != 2:
+    raise BadSample("format", f"the plain (caption) template takes one round, got {len(turns) // 2}")
+  images = turns[0][1].count(IMAGE)
+  if not images:
+    raise BadSample("image_count", f"the plain (caption) template needs an {IMAGE} in the user turn")
+  return [("user", IMAGE * images), turns[1]]
+
+
+def _fill(fmt: str, text: str, tpl: Template) -> str:
+  return fmt.replace(TEXT, text.strip() if tpl.trim else text)
 
 
 def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer: Tokenizer,
-                        image_tokens: int, template: str = "simple") -> Encoded:
-  """BOS + rounds; the answers and their EOS are supervised, nothing else is."""
+                        image_tokens: int | Sequence[int], template: str = "simple") -> Encoded:
+  """[BOS] + rounds; the answers and their end-of-turn markers are supervised, nothing else is.
+
+  image_tokens: placeholders per <image>, or a count for each image in order (AnyRes).
+
+  A conversation the template cannot take raises BadSample (a UserError) naming the turn.
+  """
   tpl = get_template(template)
   _check_turns(turns)
   _check_images([text for _, text in turns], image_tokens)
+  next_count = _per_image(image_tokens)
   if tpl is None:
     return Encoded(*chat_template.encode_conversation(
-        turns, tokenizer, lambda text: _text_ids(text, tokenizer, image_tokens)))
-  tokens = _bos(tokenizer)
+        turns, tokenizer, lambda text: _text_ids(text, tokenizer, next_count)))
+  if tpl.captions:
+    turns = _caption_turns(turns)
+  tokens = _bos(tokenizer, tpl)
   mask = [False] * len(tokens)
+
+  def add(text: str, supervised: bool) -> None:
+    ids = _text_ids(text, tokenizer, next_count)
+    tokens.extend(ids)
+    mask.extend([supervised] * len(ids))
+
+  unsupervised = tpl.system
   for (_, user), (_, answer) in zip(turns[0::2], turns[1::2]):
-    ids = _user_ids(tpl, user, tokenizer, image_tokens)
-    tokens += ids
-    mask += [False] * len(ids)
-    ids = tokenizer.encode(tpl.sep + answer) + [tokenizer.eos_id]
-    tokens += ids
-    mask += [True] * len(ids)
+    add(unsupervised + _fill(tpl.user, user, tpl), False)
+    add(_fill(tpl.answer, answer, tpl), True)
+    if tpl.eos:
+      tokens.append(tokenizer.eos_id)
+      mask.append(True)
+    unsupervised = tpl.after_answer
+  if unsupervised:
+    add(unsupervised, False)
   return Encoded(np.asarray(tokens, np.int32), np.asarray(mask, np.bool_))
 
 
@@ -128,20 +194,22 @@ def place_image(text: str, position: str = "before") -> str:
 def encode_prompt(prompt: str, tokenizer: Tokenizer, image_tokens: int,
                   template: str = "simple", raw: bool = False,
                   image_position: str = "before") -> np.ndarray:
-  """Generation input: BOS + the first user turn ending with the assistant header.
+  """Generation input: [BOS] + the first user turn ending with the assistant header.
 
   Without `raw`, a prompt with no <image> gets "<image>\\n" in front when the model takes
   image tokens (the LLaVA convention). With `raw`, the text is tokenized as written.
   """
   tpl = get_template(template)
-  _check_images([prompt], image_tokens)
+  _check_images([prompt], image_tokens, at_most=1)
+  next_count = _per_image(image_tokens)
   if raw:
-    ids = _text_ids(prompt, tokenizer, image_tokens)
-  else:
-    if IMAGE not in prompt and image_tokens > 0:
-      prompt = place_image(prompt, image_position)
-    if tpl is None:
-      return chat_template.encode_prompt(prompt, tokenizer,
-                                         lambda text: _text_ids(text, tokenizer, image_tokens))
-    ids = _user_ids(tpl, prompt, tokenizer, image_tokens)
-  return np.asarray(_bos(tokenizer) + ids, np.int32)
+    return np.asarray(_bos(tokenizer) + _text_ids(prompt, tokenizer, next_count), np.int32)
+  if IMAGE not in prompt and image_tokens > 0:
+    prompt = place_image(prompt, image_position)
+  if tpl is None:
+    return chat_template.encode_prompt(prompt, tokenizer,
+                                       lambda text: _text_ids(text, tokenizer, next_count))
+  if tpl.captions:
+    prompt = IMAGE * prompt.count(IMAGE)
+  text = tpl.system + _fill(tpl.user, prompt, tpl)
+  return np.asarray(_bos(tokenizer, tpl) + _text_ids(text, tokenizer, next_count), np.int32)

@@ -10,11 +10,14 @@ import numpy as np
 from vlm_jax import parallel
 from vlm_jax.data import anyres_batch, pipeline, shapes, templates
 from vlm_jax.data import images as images_lib
+from vlm_jax.data.packing import collate_text
+from vlm_jax.data.prepare import Prepared
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.infer.generate import Greedy
 from vlm_jax.train.build import Run
 
 MAX_ANSWER_TOKENS = 8
+NO_IMAGES = np.zeros((0, 1, 1, 3), np.float32)  # images go in separately (_pixels)
 
 
 class Evaluator:
@@ -53,20 +56,16 @@ class Evaluator:
                     else [self.run.image_tokens] * len(chunk))
         encoded = [templates.encode_conversation(e.turns, tok, n, cfg.data.template)
                    for e, n in zip(chunk, n_tokens)]
-        batch = pipeline.collate(encoded, [None] * len(chunk) if self.anyres else list(chunk_images),
-                                 cfg.data.seq_len, tok.pad_id, image_size=cfg.model.vision.image_size)
+        rows = [[Prepared(str(start + i), enc.tokens, enc.loss_mask, NO_IMAGES)] for i, enc in enumerate(encoded)]
+        batch = pipeline.device_batch(collate_text(rows, cfg.data.seq_len, tok.pad_id))
         batch = {k: _pad_rows(v, self.batch_size) for k, v in batch.items()}
-        if self.anyres:
-          batch["images"] = self.anyres.collate_rows(
-              list(chunk_images) + [None] * (self.batch_size - len(chunk)), cfg.data.seq_len)
+        batch["images"] = self._pixels(chunk_images, self.batch_size)
         out = self.run.eval_step(params, parallel.global_batch(batch, self.run.mesh))
         loss_sum += float(out["loss_sum"])
         count += float(out["count"])
         prompts = [templates.encode_prompt(e.turns[0][1], tok, n, cfg.data.template)
                    for e, n in zip(chunk, n_tokens)]
-        pixels = (self.anyres.collate_rows(chunk_images, cfg.data.seq_len) if self.anyres
-                  else chunk_images[:, None])
-        answers = self.greedy(params, prompts, pixels, MAX_ANSWER_TOKENS)
+        answers = self.greedy(params, prompts, self._pixels(chunk_images, len(chunk)), MAX_ANSWER_TOKENS)
         for e, ids in zip(chunk, answers):
           correct[e.kind].append(shapes.answer_matches(tok.decode(ids), e.answer))
     every = [c for kind in correct.values() for c in kind]
@@ -74,6 +73,12 @@ class Evaluator:
                "examples": len(every)}
     metrics.update({f"accuracy/{kind}": float(np.mean(v)) for kind, v in sorted(correct.items())})
     return metrics
+
+  def _pixels(self, images, rows: int):
+    """A chunk's images as the model takes them, padded to `rows` rows."""
+    if self.anyres:
+      return self.anyres.collate_rows(list(images) + [None] * (rows - len(images)), self.run.config.data.seq_len)
+    return _pad_rows(images[:, None], rows)
 
 
 def evaluator_for(run: Run, tokenizer: Tokenizer, spec: str, n: int) -> Evaluator:

@@ -12,12 +12,10 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from vlm_jax import config as config_lib
 from vlm_jax import parallel
-from vlm_jax.data import anyres_batch
-from vlm_jax.data.pipeline import Batches
+from vlm_jax.data.pipeline import Batches, device_batch
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.eval.runner import evaluator_for
@@ -29,7 +27,8 @@ log = logging.getLogger("vlm_jax")
 
 # Fields that may change when a run is resumed (cadence, length); any other change is an error.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                     "train.max_to_keep", "train.eval_examples", "train.eval_batch_size")
+                     "train.max_to_keep", "train.eval_examples", "train.eval_batch_size", "data.threads",
+                     "data.prefetch")
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -68,15 +67,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
 
   # --- Model, optimizer, shardings; data ------------------------------------------------------
   run = build_lib.build(config, mesh, tokenizer.image_id)
-  data = Batches(config.data.sources, tokenizer=tokenizer, seq_len=config.data.seq_len,
-                 global_batch_size=t.batch_size, image_size=config.model.vision.image_size,
-                 image_tokens=run.image_tokens, seed=config.seed, image_mean=config.data.image_mean,
-                 image_std=config.data.image_std, template=config.data.template,
-                 process_index=jax.process_index(), process_count=jax.process_count(),
-                 strict=config.data.strict, image_position=config.data.image_position,
-                 anyres=anyres_batch.for_config(config),
-                 tile_groups=parallel.batch_divisor(mesh) * t.grad_accum,
-                 max_tiles=config.model.anyres.max_tiles)
+  data = Batches.from_config(config, tokenizer, run.image_tokens, process_index=jax.process_index(),
+                             process_count=jax.process_count(),
+                             tile_groups=parallel.batch_divisor(mesh) * t.grad_accum)
   evaluate = evaluator_for(run, tokenizer, config.data.eval_sources, t.eval_examples)
 
   # --- Restore or init ------------------------------------------------------------------------
@@ -96,9 +89,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
            config.stage, dict(mesh.shape))
 
   # --- Compile once, before the loop ----------------------------------------------------------
-  batch = next(data)
+  # Batches go to the device as soon as they are read: the transfer of batch k+1 overlaps step k.
+  batch = parallel.global_batch(device_batch(next(data)), mesh)
   t0 = time.time()
-  train_step = run.train_step.lower(state, parallel.global_batch(batch, mesh)).compile()
+  train_step = run.train_step.lower(state, batch).compile()
   memory = train_step.memory_analysis()
   log.info("train step compiled in %.1fs%s", time.time() - t0,
            f"; temp memory {memory.temp_size_in_bytes / 2**20:.0f} MiB" if memory else "")
@@ -112,11 +106,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   step = start
   end = t.steps if stop_after is None else min(t.steps, stop_after)
   while step < end:
-    state, metrics = train_step(state, parallel.global_batch(batch, mesh))
+    state, metrics = train_step(state, batch)
     step += 1
     if step % t.log_every == 0 or step == end:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       metrics["train/tokens_per_s"] = progress.update(step, tokens_per_step)
+      metrics["data/skipped"] = sum(data.skipped.values())
       metrics.update({f"data/skipped/{k}": v for k, v in data.skipped.items()})
       writer.write(step, metrics)
       log.info(progress.line(step, metrics))
@@ -126,11 +121,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     if step % t.checkpoint_every == 0 or step == end or preempted:
       checkpoints.save(step, state, data.get_state())
     if step < end and not preempted:
-      batch = next(data)
+      batch = parallel.global_batch(device_batch(next(data)), mesh)
     if preempted:
       log.warning("stopping at step %d on %s; run again to resume", step, preempted.signal_name)
       break
   preempted.restore()
+  data.close()
   checkpoints.wait()
   checkpoints.close()
   writer.close()

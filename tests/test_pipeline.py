@@ -1,0 +1,262 @@
+"""The grain pipeline: layout, packing, resume, shards, mixtures, bad samples, multi-image rows."""
+
+import collections
+import json
+import logging
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+
+from helpers import tiny_config
+from vlm_jax.data import images, llava_fixture, shapes, sources
+from vlm_jax.data.packing import collate
+from vlm_jax.data.pipeline import Batches, EpochOrder, device_batch
+from vlm_jax.data.prepare import Prepared, Skipped
+from vlm_jax.data.templates import encode_conversation
+from vlm_jax.data.tokenizer import IMAGE, Tokenizer
+from vlm_jax.errors import UserError
+from vlm_jax.models.vlm import VLM, image_tokens as model_image_tokens
+
+SIZE, IMAGE_TOKENS, SEED, N = 16, 4, 5, 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return Tokenizer.load("shapes")
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+  return llava_fixture.write(str(tmp_path_factory.mktemp("llava")), N, image_size=SIZE)
+
+
+def _batches(tok, spec, *, seq_len=128, batch=4, **kwargs):
+  kwargs = {"threads": 2, **kwargs}
+  return Batches(spec, tokenizer=tok, seq_len=seq_len, global_batch_size=batch, image_size=SIZE,
+                 image_tokens=IMAGE_TOKENS, seed=SEED, image_mean=(0.5, 0.5, 0.5),
+                 image_std=(0.5, 0.5, 0.5), **kwargs)
+
+
+def _take(it, n):
+  out = [next(it) for _ in range(n)]
+  it.close()
+  return out
+
+
+def _keys(batches):
+  return [k for b in batches for row in b["keys"] for k in row]
+
+
+def test_unpacked_rows_are_the_samples_encoded(tok):
+  b = _take(_batches(tok, "shapes", batch=4), 1)[0]
+  assert {k: v.shape for k, v in device_batch(b).items()} == {
+      "images": (4, 1, SIZE, SIZE, 3), "image_mask": (4, 1), "tokens": (4, 128), "targets": (4, 128),
+      "loss_mask": (4, 128), "segment_ids": (4, 128), "positions": (4, 128)}
+  for r, (key,) in enumerate(b["keys"]):
+    ex = shapes.make_example(SEED, "train", int(key), SIZE)
+    enc = encode_conversation(ex.turns, tok, IMAGE_TOKENS)
+    n = len(enc.tokens)
+    np.testing.assert_array_equal(b["images"][r, 0], images.preprocess(ex.image, SIZE))
+    assert b["tokens"][r, :n].tolist() == enc.tokens.tolist() and np.all(b["tokens"][r, n:] == tok.pad_id)
+    assert b["targets"][r, :n - 1].tolist() == enc.tokens[1:].tolist()
+    assert b["segment_ids"][r].tolist() == [1] * n + [0] * (128 - n)
+    assert b["positions"][r].tolist() == list(range(n)) + [0] * (128 - n)
+    assert b["loss_mask"][r, :n - 1].tolist() == enc.loss_mask[1:].tolist()
+    assert b["loss_mask"][r, n - 1:].sum() == 0
+
+
+def test_packed_rows(tok, llava):
+  batches = _take(_batches(tok, f"llava:{llava}", seq_len=160, pack=True, max_images=4), 4)
+  for b in batches:
+    assert max(len(row) for row in b["keys"]) >= 2  # several samples share a row
+    for r, row in enumerate(b["keys"]):
+      seg = b["segment_ids"][r]
+      assert sorted(set(seg.tolist()) - {0}) == list(range(1, len(row) + 1))
+      for s in range(1, len(row) + 1):
+        where = np.flatnonzero(seg == s)
+        assert np.all(np.diff(where) == 1) and b["positions"][r, where].tolist() == list(range(len(where)))
+        assert b["loss_mask"][r, where[-1]] == 0  # no target across samples
+      n_images = (b["tokens"][r] == tok.image_id).sum() // IMAGE_TOKENS
+      assert b["image_mask"][r].tolist() == [1.0] * n_images + [0.0] * (4 - n_images)
+
+
+def _per_sample_loss(model, params, batch) -> dict[str, float]:
+  logits = model.apply({"params": params}, batch["tokens"], batch["images"], batch["positions"],
+                       batch["segment_ids"])
+  logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+  nll = -np.take_along_axis(np.asarray(logp), batch["targets"][..., None], axis=-1)[..., 0]
+  out = {}
+  for r, row in enumerate(batch["keys"]):
+    for s, key in enumerate(row, start=1):
+      mask = (batch["segment_ids"][r] == s) * batch["loss_mask"][r]
+      out[key] = float((nll[r] * mask).sum() / mask.sum())
+  return out
+
+
+def test_packed_loss_equals_unpacked(tok):
+  cfg = tiny_config({"model.llm.vocab_size": tok.vocab_size, "model.vision.image_size": SIZE})
+  model = VLM(cfg.model, tok.image_id)
+  n_image = model_image_tokens(cfg.model)
+  it = Batches("shapes", tokenizer=tok, seq_len=192, global_batch_size=2, image_size=SIZE,
+               image_tokens=n_image, seed=SEED, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
+               pack=True, max_images=3, threads=0, prefetch=0)
+  packed = next(it)
+  assert max(len(row) for row in packed["keys"]) >= 2
+  samples = [it.prepare((0, int(k))) for row in packed["keys"] for k in row]
+  unpacked = collate([[s] for s in samples], 192, tok.pad_id, 3, (SIZE, SIZE))
+  params = model.init(jax.random.key(0), *(unpacked[k][:1] for k in ("tokens", "images", "positions",
+                                                                    "segment_ids")))["params"]
+  a, b = _per_sample_loss(model, params, packed), _per_sample_loss(model, params, unpacked)
+  assert a.keys() == b.keys()
+  np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5)
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_resume_sees_the_samples_of_an_unbroken_run(tok, llava, workers):
+  kwargs = dict(seq_len=160, pack=True, max_images=4, workers=workers)
+  k = 5
+  unbroken = _take(_batches(tok, f"llava:{llava}", **kwargs), 2 * k)
+  first = _batches(tok, f"llava:{llava}", **kwargs)
+  _take(first, k)
+  state = json.loads(json.dumps(first.get_state()))
+  assert sum(state["skipped"].values()) > 0  # the stream so far skipped some broken samples
+  resumed = _batches(tok, f"llava:{llava}", **kwargs)
+  resumed.set_state(state)
+  rest = _take(resumed, k)
+  assert [b["keys"] for b in rest] == [b["keys"] for b in unbroken[k:]]
+  for a, b in zip(rest, unbroken[k:]):
+    for name in device_batch(a):
+      np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  with pytest.raises(UserError, match="data iterator state"):
+    resumed.set_state({"skipped": {}})
+
+
+def _shards(size: int, epoch: int) -> list[list[int]]:
+  """The sample indices processes 0 and 1 of 2 read in one epoch."""
+  return [[EpochOrder(0, size, SEED, p, 2)[epoch * len(range(p, size, 2)) + j][1]
+           for j in range(len(range(p, size, 2)))] for p in range(2)]
+
+
+def test_processes_read_disjoint_shards_that_cover_the_set():
+  for epoch in range(2):
+    a, b = _shards(23, epoch)
+    assert not set(a) & set(b) and sorted(a + b) == list(range(23))
+  assert _shards(23, 0) != _shards(23, 1)  # each epoch is shuffled anew
+
+
+def test_two_processes_read_one_epoch_between_them(tok, tmp_path):
+  path = llava_fixture.write(str(tmp_path), 21, image_size=SIZE, broken=False)
+  ids = [r["id"] for r in json.load(open(path))]
+  keys = [_keys(_take(_batches(tok, f"llava:{path}", batch=2, process_index=p, process_count=2),
+                      len(range(p, 21, 2)))) for p in range(2)]
+  assert [len(k) for k in keys] == [11, 10]
+  assert not set(keys[0]) & set(keys[1]) and sorted(keys[0] + keys[1]) == sorted(ids)
+
+
+def test_one_epoch_sees_every_good_sample_once(tok, llava):
+  records = json.load(open(llava))
+  good = [r["id"] for r in records if r["id"] not in llava_fixture.BROKEN]
+  it = _batches(tok, f"llava:{llava}", batch=1, seq_len=160)
+  keys = _keys(_take(it, len(good)))
+  assert sorted(keys) == sorted(good)
+
+
+def test_bad_samples_are_skipped_counted_and_logged_once(tok, llava, caplog):
+  records = json.load(open(llava))
+  it = _batches(tok, f"llava:{llava}", batch=1, seq_len=160)
+  prepare = it.prepare
+  for index, record in enumerate(records):
+    out = prepare((0, index))
+    if record["id"] in llava_fixture.BROKEN:
+      assert isinstance(out, Skipped), record["id"]
+      assert out.reason == llava_fixture.BROKEN[record["id"]], out
+      assert out.message.startswith(f"llava:{llava} sample {index}: ")
+    else:
+      assert isinstance(out, Prepared) and out.key == record["id"]
+      assert len(out.images) == ("image" in record)
+  good = len(records) - len(llava_fixture.BROKEN)
+  with caplog.at_level(logging.WARNING):
+    _take(it, 2 * good)  # two epochs: every broken sample met twice
+  expected = collections.Counter(llava_fixture.BROKEN.values())
+  assert it.skipped == {reason: 2 * n for reason, n in expected.items()}
+  assert len([r for r in caplog.records if "skipping" in r.getMessage()]) == len(expected)
+  with pytest.raises(UserError, match=rf"llava:{llava} sample \d+: .*data.strict=True"):
+    _take(_batches(tok, f"llava:{llava}", batch=1, seq_len=160, strict=True), good)
+
+
+def test_skipping_everything_stops(tok):
+  with pytest.raises(UserError, match="in a row skipped"):
+    next(_batches(tok, "shapes", seq_len=8))
+
+
+def test_jsonl_with_a_broken_line(tok, tmp_path):
+  path = llava_fixture.write(str(tmp_path), 6, image_size=SIZE, broken=False, jsonl=True)
+  with open(path, "a") as f:
+    f.write("{not json\n")
+  source = sources.open_source(f"llava:{path}", sources.Options())
+  assert len(source) == 7
+  it = _batches(tok, f"llava:{path}", batch=1)
+  assert isinstance(it.prepare((0, 6)), Skipped) and it.prepare((0, 6)).reason == "format"
+  assert sorted(_keys(_take(it, 6))) == sorted(json.loads(l)["id"] for l in open(path).read().splitlines()[:6])
+
+
+def test_mixture_follows_the_weights(tok, llava):
+  it = _batches(tok, f"shapes=3,llava:{llava}=1", batch=8, seq_len=160)
+  keys = _keys(_take(it, 40))
+  from_shapes = sum(k.isdigit() for k in keys) / len(keys)
+  assert abs(from_shapes - 0.75) < 0.05
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("coco", "unknown source"), ("shapes:val", "unknown split"), ("llava:/nope.json", "file not found"),
+    ("shapes=x", "not a number"), ("shapes=0", "must be positive"), ("", "no source"),
+])
+def test_spec_errors(spec, message):
+  with pytest.raises(UserError, match=message):
+    sources.open_mixture(spec, sources.Options())
+
+
+def test_unknown_template_fails_at_construction(tok):
+  with pytest.raises(UserError, match="unknown chat template"):
+    _batches(tok, "shapes", template="nope")
+
+
+def _two_image_set(tmp_path) -> tuple[str, list[np.ndarray]]:
+  pixels = [np.full((SIZE, SIZE, 3), v, np.uint8) for v in (30, 220)]
+  for i, p in enumerate(pixels):
+    PIL.Image.fromarray(p).save(tmp_path / f"{i}.png")
+  record = {"id": "two", "image": ["0.png", "1.png"],
+            "conversations": [{"from": "human", "value": f"Left {IMAGE} right {IMAGE} same?"},
+                              {"from": "gpt", "value": "no"}]}
+  path = tmp_path / "two.json"
+  path.write_text(json.dumps([record]))
+  return str(path), pixels
+
+
+def test_multi_image_sample(tok, tmp_path):
+  path, pixels = _two_image_set(tmp_path)
+  b = _take(_batches(tok, f"llava:{path}", batch=1, max_images=3), 1)[0]
+  assert b["image_mask"].tolist() == [[1.0, 1.0, 0.0]]
+  for i, p in enumerate(pixels):
+    np.testing.assert_array_equal(b["images"][0, i], images.preprocess(p, SIZE))
+  assert (b["tokens"] == tok.image_id).sum() == 2 * IMAGE_TOKENS
+  with pytest.raises(UserError, match="2 image tiles > data.max_images 1"):
+    _take(_batches(tok, f"llava:{path}", batch=1, strict=True), 1)
+
+
+def test_model_writes_each_image_into_its_own_placeholders(tok, tmp_path):
+  cfg = tiny_config({"model.llm.vocab_size": tok.vocab_size, "model.vision.image_size": SIZE})
+  model = VLM(cfg.model, tok.image_id)
+  path, _ = _two_image_set(tmp_path)
+  n_image = model_image_tokens(cfg.model)
+  b = _take(Batches(f"llava:{path}", tokenizer=tok, seq_len=64, global_batch_size=1, image_size=SIZE,
+                    image_tokens=n_image, seed=SEED, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
+                    max_images=2, threads=0, prefetch=0), 1)[0]
+  params = model.init(jax.random.key(0), b["tokens"], b["images"], b["positions"], b["segment_ids"])["params"]
+  embeds = model.apply({"params": params}, b["tokens"], b["images"], method=VLM.embed)
+  where = np.flatnonzero(b["tokens"][0] == tok.image_id)
+  for i in range(2):
+    alone = model.apply({"params": params}, b["images"][:, i:i + 1], method=VLM.encode_images)
+    np.testing.assert_allclose(embeds[0, where[i * n_image:(i + 1) * n_image]], alone[0], rtol=1e-5, atol=1e-6)

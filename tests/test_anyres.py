@@ -24,9 +24,12 @@ from vlm_jax import config as config_lib
 from vlm_jax.convert import hf_export
 from vlm_jax.convert.safetensors_io import read_all
 from vlm_jax.data import anyres
+from vlm_jax.data.anyres_batch import TileGroups
+from vlm_jax.data.packing import collate_text
 from vlm_jax.data.pipeline import Batches, device_batch
-from vlm_jax.data.tokenizer import Tokenizer
-from vlm_jax.errors import UserError
+from vlm_jax.data.sources import Sample
+from vlm_jax.data.tokenizer import IMAGE, Tokenizer
+from vlm_jax.errors import BadSample, UserError
 from vlm_jax.models.vlm import VLM
 from vlm_jax.train import build as build_lib
 from vlm_jax.train import loop
@@ -299,6 +302,55 @@ def test_a_tight_tile_budget_leaves_rows_empty_and_drops_nothing(tok):
   stream = [key for _ in range(4) for row in next(roomy)["keys"] for key in row]
   assert len(seen) == len(set(seen)) and set(seen) == set(stream[:len(seen)])
   assert not data.skipped
+
+
+def test_packed_anyres_rows_give_each_sample_its_unpacked_loss(tok):
+  # 2 rows of 96 tokens share one pool of 28 tiles: room for two 22-30-token images a row.
+  cfg = _anyres_config(tok, {"data.pack": True, "data.max_images": 3, "train.batch_size": 2,
+                             "model.anyres.max_tiles": 28, "data.threads": 0, "data.prefetch": 0})
+  data = _batches(cfg, tok, tile_groups=1)
+  packed = next(data)
+  assert max(len(row) for row in packed["keys"]) >= 2
+  assert packed["images"]["tiles"].shape == (1, 28, 32, 32, 3)
+  rows = [[data.prepare((0, int(k)))] for row in packed["keys"] for k in row]
+  one_each = TileGroups(data.prepare.anyres, len(rows), data.prepare.anyres.spec.max_tiles, cfg.data.seq_len)
+  unpacked = {**one_each.collate(rows), **collate_text(rows, cfg.data.seq_len, tok.pad_id)}
+  model = VLM(cfg.model, tok.image_id)
+  params = model.init(jax.random.key(0), *build_lib.dummy_inputs(cfg))["params"]
+  a, b = helpers.per_sample_loss(model, params, packed), helpers.per_sample_loss(model, params, unpacked)
+  assert a.keys() == b.keys()
+  np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5)
+
+
+def test_anyres_resume_sees_the_batches_of_an_unbroken_run(tok):
+  # A tight budget: samples often open the next batch, whose state must replay them.
+  cfg = _anyres_config(tok, {"model.anyres.max_tiles": 16, "train.batch_size": 8, "data.pack": True,
+                             "data.max_images": 2})
+  k = 3
+  data = _batches(cfg, tok, tile_groups=2)
+  unbroken = [next(data) for _ in range(2 * k)]
+  first = _batches(cfg, tok, tile_groups=2)
+  for _ in range(k):
+    next(first)
+  resumed = _batches(cfg, tok, tile_groups=2)
+  resumed.set_state(json.loads(json.dumps(first.get_state())))
+  for a, b in zip([next(resumed) for _ in range(k)], unbroken[k:]):
+    assert a["keys"] == b["keys"]
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(device_batch(a)),
+                            jax.tree_util.tree_leaves(device_batch(b))):
+      np.testing.assert_array_equal(x, y, err_msg=str(path))
+
+
+def test_a_sample_with_more_tiles_than_a_group_holds_is_skipped(tok):
+  cfg = _anyres_config(tok, {"data.max_images": 2, "model.anyres.max_tiles": 8, "train.batch_size": 8})
+  prepare = _batches(cfg, tok, tile_groups=1).prepare  # one group of 8 tile slots
+  strip = np.zeros((32, 160, 3), np.uint8)  # a 1x5 grid and the base view: 6 tiles
+  question = f"{IMAGE} What shape is in the image?"
+  one = prepare.prepare(Sample("one", [("user", question), ("assistant", "circle")], [strip]))
+  assert one.tiles == 6 and (one.tokens == tok.image_id).sum() == one.plans[0].tokens
+  with pytest.raises(BadSample, match="12 tiles > 8") as e:
+    prepare.prepare(Sample("two", [("user", IMAGE + question), ("assistant", "circle")], [strip, strip]))
+  assert e.value.reason == "too_many_tiles"
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -2,10 +2,11 @@
 
 With packing, each sample goes into the first row with room for its tokens and images; the
 batch is complete when a sample fits no row (that sample opens the next batch). Without it,
-each row holds one sample. With AnyRes, rows also form tile groups (anyres_batch.TileGroups):
-a sample goes only where its group's pool has room for its tiles, so a row that does not fit
-moves to the next group, or the sample opens the next batch; nothing is dropped. Either way a batch has fixed shapes, and its cost does not depend on
-the samples' lengths, so filling rows is what length-aware batching means here.
+each row holds one sample. With AnyRes the rows also form tile groups (anyres_batch.TileGroups)
+and a sample goes only where its group's pool has room for its tiles: a row that does not fit
+moves to the next group, or the sample opens the next batch; nothing is dropped. Either way a
+batch has fixed shapes, and its cost does not depend on the samples' lengths, so filling rows
+is what length-aware batching means here.
 """
 
 from typing import Any, Sequence
@@ -77,7 +78,8 @@ class PackBatches(grain.IterDataset):
   {reason: first message} of the samples rejected since the previous batch."""
 
   def __init__(self, parent: grain.IterDataset, *, rows: int, seq_len: int, max_images: int,
-               image_shape: tuple[int, int], pad_id: int, pack: bool, tile_groups: TileGroups | None = None):
+               image_shape: tuple[int, int], pad_id: int, pack: bool,
+               tile_groups: TileGroups | None = None):
     super().__init__(parent)
     self.rows, self.seq_len, self.max_images = rows, seq_len, max_images
     self.image_shape, self.pad_id, self.pack = image_shape, pad_id, pack

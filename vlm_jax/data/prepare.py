@@ -127,7 +127,7 @@ class Prepare:
     if prepared.slots > self.max_images:
       raise BadSample("too_many_images", f"id {sample.key}: {prepared.slots} "
                       f"{'images' if self.anyres else 'image tiles'} > data.max_images {self.max_images}")
-    if self.anyres and prepared.tiles > self.max_tiles:
+    if prepared.tiles > self.max_tiles:
       raise BadSample("too_many_tiles", f"id {sample.key}: {prepared.tiles} tiles > {self.max_tiles}, "
                       "the tile slots of a group (config.model.anyres.max_tiles / tile groups)")
     return prepared

@@ -100,12 +100,15 @@ class Batches:
     # batch shards x micro-batches), each with a pool of tile slots from max_tiles.
     groups = None
     if anyres:
+      if tile_groups % process_count:
+        raise UserError(f"AnyRes: {tile_groups} tile groups (batch shards x grad_accum) do not split over "
+                        f"{process_count} processes")
       groups = TileGroups(anyres, tile_groups // process_count,
                           anyres.tiles_per_group(max_tiles, tile_groups, global_batch_size), seq_len)
     self.prepare = Prepare(sources, tokenizer, template=template, image_tokens=image_tokens,
                            seq_len=seq_len, max_images=max_images,
                            image_fn=image_preprocessor(image_size, image_mean, image_std),
-                           anyres=anyres, max_tiles=groups.tiles_per_group if groups else 0)
+                           anyres=anyres, max_tiles=groups.tiles_per_group if groups else sys.maxsize)
     orders = [grain.MapDataset.source(EpochOrder(k, len(s), seed, process_index, process_count))
               for k, s in enumerate(sources)]
     ds = orders[0] if len(orders) == 1 else grain.MapDataset.mix(orders, weights)

@@ -91,3 +91,17 @@ def moment_paths(opt_state, with_none: bool = False) -> list:
     elif with_none:
       paths.append(None)
   return paths
+
+
+def per_sample_loss(model, params, batch) -> dict[str, float]:
+  """Mean loss of each sample (by key) in a batch with pipeline keys, packed or not."""
+  logits = model.apply({"params": params}, batch["tokens"], batch["images"], batch["positions"],
+                       batch["segment_ids"])
+  logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+  nll = -np.take_along_axis(np.asarray(logp), batch["targets"][..., None], axis=-1)[..., 0]
+  out = {}
+  for r, row in enumerate(batch["keys"]):
+    for s, key in enumerate(row, start=1):
+      mask = (batch["segment_ids"][r] == s) * batch["loss_mask"][r]
+      out[key] = float((nll[r] * mask).sum() / mask.sum())
+  return out

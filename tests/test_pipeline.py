@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from helpers import tiny_config
+from helpers import per_sample_loss, tiny_config
 from vlm_jax.data import images, llava_fixture, shapes, sources
 from vlm_jax.data.packing import collate
 from vlm_jax.data.pipeline import Batches, EpochOrder, device_batch
@@ -82,19 +82,6 @@ def test_packed_rows(tok, llava):
       assert b["image_mask"][r].tolist() == [1.0] * n_images + [0.0] * (4 - n_images)
 
 
-def _per_sample_loss(model, params, batch) -> dict[str, float]:
-  logits = model.apply({"params": params}, batch["tokens"], batch["images"], batch["positions"],
-                       batch["segment_ids"])
-  logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
-  nll = -np.take_along_axis(np.asarray(logp), batch["targets"][..., None], axis=-1)[..., 0]
-  out = {}
-  for r, row in enumerate(batch["keys"]):
-    for s, key in enumerate(row, start=1):
-      mask = (batch["segment_ids"][r] == s) * batch["loss_mask"][r]
-      out[key] = float((nll[r] * mask).sum() / mask.sum())
-  return out
-
-
 def test_packed_loss_equals_unpacked(tok):
   cfg = tiny_config({"model.llm.vocab_size": tok.vocab_size, "model.vision.image_size": SIZE})
   model = VLM(cfg.model, tok.image_id)
@@ -108,7 +95,7 @@ def test_packed_loss_equals_unpacked(tok):
   unpacked = collate([[s] for s in samples], 192, tok.pad_id, 3, (SIZE, SIZE))
   params = model.init(jax.random.key(0), *(unpacked[k][:1] for k in ("tokens", "images", "positions",
                                                                     "segment_ids")))["params"]
-  a, b = _per_sample_loss(model, params, packed), _per_sample_loss(model, params, unpacked)
+  a, b = per_sample_loss(model, params, packed), per_sample_loss(model, params, unpacked)
   assert a.keys() == b.keys()
   np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5)
 

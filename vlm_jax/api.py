@@ -10,11 +10,12 @@ import PIL.Image
 
 from vlm_jax import config as config_lib
 from vlm_jax import parallel
+from vlm_jax.data import anyres_batch
 from vlm_jax.data import images as images_lib
 from vlm_jax.data import templates
 from vlm_jax.data.tokenizer import BUILTIN, Tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.infer.generate import Greedy
+from vlm_jax.infer.generate import BUCKET, Greedy
 from vlm_jax.train import build as build_lib
 from vlm_jax.train.checkpoint import Checkpointer, resolve
 
@@ -26,13 +27,24 @@ class Model:
     self.config, self.tokenizer, self.run, self.params, self.step = config, tokenizer, run, params, step
     self.origin = origin  # convert.hf_import.Origin when the model came from Hugging Face
     self._greedy = Greedy(run.model, run.mesh, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    self.anyres = anyres_batch.for_config(config)
 
   @property
   def image_tokens(self) -> int:
+    """Tokens of one image (AnyRes: of a tile; see image_tokens_for)."""
     return self.run.image_tokens
 
-  def encode_prompt(self, prompt: str, raw_prompt: bool = False) -> np.ndarray:
-    return templates.encode_prompt(prompt, self.tokenizer, self.image_tokens, self.config.data.template,
+  def image_tokens_for(self, image) -> int:
+    """Tokens the image takes in the prompt: its AnyRes plan's, or the fixed count."""
+    return self.anyres.tokens(image) if self.anyres else self.image_tokens
+
+  def encode_prompt(self, prompt: str, raw_prompt: bool = False, image=None) -> np.ndarray:
+    """Prompt ids; with AnyRes the image decides how many placeholders <image> becomes."""
+    if self.anyres and image is None:
+      raise UserError("encode_prompt: an AnyRes model's <image> takes as many tokens as the image's tile "
+                      "plan; pass the image")
+    n = self.image_tokens if image is None else self.image_tokens_for(image)
+    return templates.encode_prompt(prompt, self.tokenizer, n, self.config.data.template,
                                    raw=raw_prompt, image_position=self.config.data.image_position)
 
   def preprocess(self, image: "PIL.Image.Image | np.ndarray") -> np.ndarray:
@@ -45,8 +57,13 @@ class Model:
       raise UserError(f"generate: {len(images)} images for {len(prompts)} prompts; give one image per prompt")
     if max_new_tokens < 1:
       raise UserError("--max-new-tokens must be >= 1")
-    ids = [self.encode_prompt(p, raw_prompt) for p in prompts]
-    pixels = np.stack([self.preprocess(im) for im in images])[:, None]
+    ids = [self.encode_prompt(p, raw_prompt, im) for p, im in zip(prompts, images)]
+    if self.anyres:  # each image tiled by its own plan, as in training
+      tiled = [self.anyres.prepare(im) for im in images]
+      visual_len = -(-max(t.plan.tokens for t in tiled) // BUCKET) * BUCKET  # few compiled shapes
+      pixels = self.anyres.collate_rows(tiled, visual_len)
+    else:
+      pixels = np.stack([self.preprocess(im) for im in images])[:, None]
     return self._greedy(self.params, ids, pixels, max_new_tokens)
 
   def generate(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 32,

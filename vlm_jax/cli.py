@@ -10,7 +10,6 @@ import time
 from vlm_jax.errors import UserError
 
 COMMANDS = ("train", "eval", "generate", "convert", "tokens", "data")
-LATER = {"tokens": "AnyRes tile planning"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,7 +133,7 @@ def cmd_generate(argv: list[str]) -> int:
   images = [load_image(path) for path in args.image]  # fail on a bad file before loading the model
   import vlm_jax
   model = vlm_jax.load(args.checkpoint)
-  prompt_ids = model.encode_prompt(args.prompt, args.raw_prompt)
+  prompt_ids = model.encode_prompt(args.prompt, args.raw_prompt, images[0])
   if args.raw_prompt and model.image_tokens and model.tokenizer.image_id not in prompt_ids:
     raise UserError("--raw-prompt: the prompt has no <image>; write <image> where the image goes")
   t0 = time.time()
@@ -142,7 +141,7 @@ def cmd_generate(argv: list[str]) -> int:
   text = model.tokenizer.decode(ids).strip()
   if args.json:
     print(json.dumps({"text": text, "token_ids": ids, "prompt_tokens": int(len(prompt_ids)),
-                      "image_tokens": model.image_tokens, "seconds": round(time.time() - t0, 3)}))
+                      "image_tokens": model.image_tokens_for(images[0]), "seconds": round(time.time() - t0, 3)}))
   else:
     print(text)
   return 0
@@ -201,6 +200,48 @@ def cmd_convert(argv: list[str]) -> int:
   return 0
 
 
+def _image_size(text: str) -> tuple[int, int]:
+  """"HxW" -> (H, W)."""
+  h, x, w = text.lower().partition("x")
+  if not (x and h.strip().isdigit() and w.strip().isdigit()):
+    raise UserError(f"--image-size {text!r}: expected HxW in pixels, e.g. 600x1000")
+  return int(h), int(w)
+
+
+def cmd_tokens(argv: list[str]) -> int:
+  argv, overrides = _split_overrides(argv)
+  p = _Parser(prog="vlm-jax tokens")
+  p.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
+  p.add_argument("--image-size", required=True, metavar="HxW", help="image height x width in pixels")
+  p.add_argument("--json", action="store_true")
+  args = p.parse_args(argv)
+  size = _image_size(args.image_size)
+  from vlm_jax import config as config_lib
+  config = config_lib.load_file(args.config)
+  config_lib.apply_overrides(config, overrides)
+  config_lib.validate(config)
+  from vlm_jax.data import anyres, anyres_batch
+  from vlm_jax.models import vlm
+  if config.model.anyres.enabled:
+    plan = anyres.plan(size, anyres_batch.spec_from_config(config.model))
+    out = {"height": size[0], "width": size[1], "grid": list(plan.grid), "tiles": plan.tiles,
+           "image_tokens": plan.tokens}
+    detail = [f"canvas {plan.canvas[0]}x{plan.canvas[1]}", f"resized {plan.resized[0]}x{plan.resized[1]}",
+              f"features {plan.features[0]}x{plan.features[1]} (+1 newline a row)"]
+  else:  # one square view, whatever the image
+    if min(size) < 1:
+      raise UserError(f"--image-size {args.image_size!r}: both sides must be >= 1")
+    out = {"height": size[0], "width": size[1], "grid": [1, 1], "tiles": 1,
+           "image_tokens": vlm.image_tokens(config.model)}
+    detail = ["AnyRes off: resized to one square view"]
+  if args.json:
+    print(json.dumps(out))
+  else:
+    print(f"{size[0]}x{size[1]} (HxW): grid {out['grid'][0]}x{out['grid'][1]}, {out['tiles']} tiles, "
+          f"{out['image_tokens']} image tokens; " + ", ".join(detail))
+  return 0
+
+
 def cmd_data(argv: list[str]) -> int:
   argv, overrides = _split_overrides(argv)
   p = _Parser(prog="vlm-jax data")
@@ -235,10 +276,8 @@ def main(argv: list[str] | None = None) -> int:
   command, rest = argv[0], argv[1:]
   _setup_logging(verbose=command == "train")
   try:
-    if command in LATER:
-      raise UserError(f"vlm-jax {command}: {LATER[command]} is not available in this version")
     handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert,
-               "data": cmd_data}.get(command)
+               "tokens": cmd_tokens, "data": cmd_data}.get(command)
     if handler is None:
       raise UserError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
     return handler(rest)

@@ -36,6 +36,15 @@ def base() -> ml_collections.ConfigDict:
       flavour="siglip", image_size=64, patch_size=8, width=128, depth=2, heads=4, mlp_dim=512,
       norm_eps=1e-6, keep_cls=False, final_norm=False,
       act=""))                # "" = the flavour's (quick_gelu for CLIP, gelu_tanh for SigLIP)
+  # AnyRes (LLaVA-NeXT) tiling, see vlm_jax/data/anyres.py: tiles of vision.image_size pixels.
+  c.model.anyres = ml_collections.ConfigDict(dict(
+      enabled=False,
+      # Candidate canvases: (RxC) tile grids (rows x cols), "(1x1),...,(6x6)" for a range
+      # (OneVision), or [[H, W], ...] in pixels as transformers' image_grid_pinpoints. LLaVA-NeXT's:
+      grid_pinpoints="(1x2),(2x1),(2x2),(3x1),(1x3)",
+      base_view=True,         # a downscaled whole-image tile first (S*S tokens)
+      max_n=0,                # anyres_max_N: maps larger than N tiles are shrunk (OneVision: 9); 0 = off
+      max_tiles=0))           # tiles per global batch (one ViT call); 0 = every row's largest plan
   c.model.bridge = ml_collections.ConfigDict(dict(
       kind="mlp2x_gelu", num_latents=16, depth=2, heads=4))
   c.model.llm = ml_collections.ConfigDict(dict(
@@ -186,6 +195,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config.model.llm.rope_type: {m.llm.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
   if m.llm.heads % m.llm.kv_heads:
     raise UserError("config.model.llm.heads must be a multiple of kv_heads")
+  if m.anyres.enabled:
+    _validate_anyres(m)
   if m.remat not in ("none", "full", "dots"):
     raise UserError(f"config.model.remat: {m.remat!r} is not none, full or dots")
   t = config.train
@@ -197,6 +208,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in COMPONENTS:
     if t.lr_mult[name] < 0:
       raise UserError(f"config.train.lr_mult.{name} must be >= 0")
+
+
+def _validate_anyres(m: ml_collections.ConfigDict) -> None:
+  from vlm_jax.data import anyres  # numpy + PIL only
+  anyres.parse_pinpoints(m.anyres.grid_pinpoints, m.vision.image_size)
+  if m.bridge.kind == "perceiver":
+    raise UserError("config.model.anyres: needs a bridge that keeps the patch grid (linear or mlp2x_gelu), "
+                    "not perceiver")
+  if m.vision.keep_cls:
+    raise UserError("config.model.anyres: tiles are patch grids; set config.model.vision.keep_cls=False")
+  if m.anyres.max_n < 0 or m.anyres.max_tiles < 0:
+    raise UserError("config.model.anyres.max_n and max_tiles must be >= 0")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

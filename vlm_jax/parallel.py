@@ -89,10 +89,11 @@ def batch_divisor(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Process-local rows -> global arrays sharded over the batch axes (multi-host safe)."""
+def global_batch(local: dict, mesh: Mesh) -> dict:
+  """Process-local rows (a dict of arrays, nested for AnyRes images) -> global arrays sharded
+  over the batch axes (multi-host safe)."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+  return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), local)
 
 
 def shardings_by_param_path(tree, param_shardings, params_abstract, mesh: Mesh):

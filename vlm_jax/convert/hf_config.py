@@ -221,16 +221,20 @@ def vision_to_hf(v: ml_collections.ConfigDict, total_layers: int, base: dict | N
 
 # --- LLaVA -----------------------------------------------------------------------------------
 LLAVA_ARCHITECTURE = "LlavaForConditionalGeneration"
+NEXT_ARCHITECTURE = "LlavaNextForConditionalGeneration"
+# transformers' LlavaNextConfig default.
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
 def llava_from_hf(hc: dict, where: str) -> dict:
-  """LlavaForConditionalGeneration config.json -> {"vision", "llm": our fields, "llm_family",
-  "vision_layers", "image_token_id"}."""
+  """Llava(Next)ForConditionalGeneration config.json -> {"vision", "llm", "anyres": our fields,
+  "llm_family", "vision_layers", "image_token_id"}."""
   archs = hc.get("architectures") or []
-  if hc.get("model_type") != "llava" and LLAVA_ARCHITECTURE not in archs:
+  next_ = hc.get("model_type") == "llava_next" or NEXT_ARCHITECTURE in archs
+  if not next_ and hc.get("model_type") != "llava" and LLAVA_ARCHITECTURE not in archs:
     kind = archs[0] if archs else hc.get("model_type")
-    raise UserError(f"{where}: architecture {kind!r} is not supported ({LLAVA_ARCHITECTURE}; an LLM or "
-                    "vision-tower directory is assembled with `convert --from-hf LLM_DIR --vision VISION_DIR`)")
+    raise UserError(f"{where}: architecture {kind!r} is not supported ({LLAVA_ARCHITECTURE}, {NEXT_ARCHITECTURE}; "
+                    "an LLM or vision-tower directory is assembled with `convert --from-hf LLM_DIR --vision VISION_DIR`)")
   if hc.get("projector_hidden_act", "gelu") != "gelu":
     raise UserError(f"{where}.projector_hidden_act: {hc['projector_hidden_act']!r} is not supported (gelu)")
   if not hc.get("multimodal_projector_bias", True):
@@ -240,13 +244,19 @@ def llava_from_hf(hc: dict, where: str) -> dict:
                                     hc.get("vision_feature_select_strategy", "default"), f"{where}.vision_config")
   llm, family = llm_from_hf(hc.get("text_config") or {"model_type": "llama"}, f"{where}.text_config")
   image_token_id = hc.get("image_token_id", hc.get("image_token_index", 32000))
-  return dict(vision=vision, llm=llm, llm_family=family, vision_layers=n_layers,
+  anyres = dict(enabled=False)
+  if next_:  # pinpoints are (H, W) pixels in transformers, as in our config
+    anyres = dict(enabled=True, grid_pinpoints=json.dumps(hc.get("image_grid_pinpoints") or NEXT_PINPOINTS),
+                  base_view=True, max_n=0)
+  return dict(vision=vision, llm=llm, anyres=anyres, llm_family=family, vision_layers=n_layers,
               image_token_id=int(image_token_id))
 
 
 def llava_to_hf(model: ml_collections.ConfigDict, *, image_token_id: int, llm_family: str,
                 vision_layers: int, has_vision_head: bool, base: dict | None = None) -> dict:
-  """Our config.model -> a LlavaForConditionalGeneration config.json dict."""
+  """Our config.model -> a Llava(Next)ForConditionalGeneration config.json dict."""
+  if model.anyres.enabled and (model.anyres.max_n or not model.anyres.base_view):
+    raise UserError("config.model.anyres: max_n and base_view=False cannot be written as a HF LlavaNext model")
   if model.bridge.kind != "mlp2x_gelu":
     raise UserError(f"config.model.bridge.kind: {model.bridge.kind!r} cannot be written as a HF Llava "
                     "projector (mlp2x_gelu)")
@@ -254,7 +264,14 @@ def llava_to_hf(model: ml_collections.ConfigDict, *, image_token_id: int, llm_fa
   vision, layer, strategy = vision_to_hf(model.vision, vision_layers, base.get("vision_config"), has_vision_head)
   text = llm_to_hf(model.llm, llm_family, base.get("text_config"))
   base.pop("image_token_index", None)
-  base.update(architectures=[LLAVA_ARCHITECTURE], model_type="llava", vision_config=vision, text_config=text,
+  if model.anyres.enabled:
+    from vlm_jax.data import anyres  # numpy + PIL only
+    base.update(architectures=[NEXT_ARCHITECTURE], model_type="llava_next", image_grid_pinpoints=[
+        list(p) for p in anyres.parse_pinpoints(model.anyres.grid_pinpoints, model.vision.image_size)])
+  else:
+    base.update(architectures=[LLAVA_ARCHITECTURE], model_type="llava")
+    base.pop("image_grid_pinpoints", None)
+  base.update(vision_config=vision, text_config=text,
               image_token_id=image_token_id, projector_hidden_act="gelu", multimodal_projector_bias=True,
               vision_feature_layer=layer, vision_feature_select_strategy=strategy,
               tie_word_embeddings=model.llm.tie_embeddings,

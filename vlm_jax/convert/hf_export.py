@@ -16,9 +16,9 @@ import ml_dtypes
 import numpy as np
 
 from vlm_jax.convert import hf_config, layout as layout_lib, params as params_lib
-from vlm_jax.convert.hf_import import AUX_FILES, COMPONENTS, Origin, flat
+from vlm_jax.convert.hf_import import AUX_FILES, Origin, components, flat
 from vlm_jax.convert.safetensors_io import Reader, Tensor, write_sharded
-from vlm_jax.data import hf_tokenizer
+from vlm_jax.data import anyres, hf_tokenizer
 from vlm_jax.errors import UserError
 
 DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
@@ -84,8 +84,16 @@ def _write_tokenizer(tokenizer, config, out: str) -> None:
 
 
 def _preprocessor(config) -> dict:
-  """CLIPImageProcessor doing what data/images.preprocess does: bicubic resize to a square."""
+  """CLIPImageProcessor doing what data/images.preprocess does (bicubic resize to a square), or
+  with AnyRes LlavaNextImageProcessor doing what data/anyres.py does."""
   size = config.model.vision.image_size
+  if config.model.anyres.enabled:
+    return {"image_processor_type": "LlavaNextImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+            "crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_pad": True,
+            "image_grid_pinpoints": [list(p) for p in anyres.parse_pinpoints(config.model.anyres.grid_pinpoints, size)],
+            "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(config.data.image_mean), "image_std": list(config.data.image_std),
+            "do_convert_rgb": True}
   return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
           "resample": 3, "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255,
           "do_normalize": True, "image_mean": list(config.data.image_mean), "image_std": list(config.data.image_std),
@@ -121,7 +129,8 @@ def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: st
     hc["text_config"].setdefault(key, value)  # an HF config's own (e.g. several EOS ids) win
 
   shapes = {k: v.shape for k, v in flat(params).items()}
-  items = params_lib.plan(model, origin.layout, shapes, COMPONENTS)
+  # A model that gained AnyRes after import (e.g. from LLaVA-1.5) writes image_newline at the top.
+  items = params_lib.plan(model, {"image_newline": "", **origin.layout}, shapes, components(model))
   tensors = params_lib.hf_tensors(items, flat(params), dtype_of)
   reader = Reader(origin.extras_dir) if origin.extra_keys else None
   for key in origin.extra_keys:
@@ -147,7 +156,20 @@ def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: st
   if not os.path.isfile(os.path.join(out, "preprocessor_config.json")):
     with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
       json.dump(_preprocessor(config), f, indent=2)
+  if config.model.anyres.enabled and not os.path.isfile(os.path.join(out, "processor_config.json")):
+    with open(os.path.join(out, "processor_config.json"), "w") as f:
+      json.dump(_next_processor(config), f, indent=2)
   return out
+
+
+def _next_processor(config) -> dict:
+  """LlavaNextProcessor settings that expand <image> to our plan's count (CLIP: +1 CLS, then the
+  "default" strategy drops it again)."""
+  v = config.model.vision
+  clip = v.flavour == "clip"
+  return {"processor_class": "LlavaNextProcessor", "image_token": "<image>", "patch_size": v.patch_size,
+          "vision_feature_select_strategy": "default" if clip else "full",
+          "num_additional_image_tokens": int(clip)}
 
 
 def _dominant(dtypes: dict[str, str]) -> str:

@@ -36,6 +36,15 @@ SIDECAR = "hf"                 # inside a converted workdir
 META = "convert.json"
 EXTRAS = "extras.safetensors"
 COMPONENTS = ("vision", "bridge", "llm")
+
+
+def components(model_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The parts a LLaVA file holds for this model: AnyRes (LLaVA-NeXT) adds image_newline."""
+  return COMPONENTS + (("image_newline",) if model_cfg.anyres.enabled else ())
+
+
+def slots(model_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return components(model_cfg) + ("llm_head",)
 # Copied beside the weights so that the tokenizer, processor and generation settings travel.
 AUX_FILES = hf_tokenizer.FILES + ("preprocessor_config.json", "processor_config.json", "generation_config.json")
 
@@ -119,8 +128,8 @@ def read_llava_params(directory: str, model_cfg: ml_collections.ConfigDict, abst
   """A LLaVA directory's params for a model config built elsewhere (config.model.init_from):
   every tensor must have the shape the config implies."""
   with Reader(directory) as reader:
-    layout = layout_lib.detect(reader.keys(), ("vision", "bridge", "llm", "llm_head"), directory)
-    out, _ = _read(reader, model_cfg, abstract_params, shardings, layout, COMPONENTS, directory)
+    layout = layout_lib.detect(reader.keys(), slots(model_cfg), directory)
+    out, _ = _read(reader, model_cfg, abstract_params, shardings, layout, components(model_cfg), directory)
   return params_lib.unflatten(out)
 
 
@@ -143,14 +152,16 @@ def open_llava(directory: str, dtype: str | None = None, base: ml_collections.Co
                     f"image_token_id is {info['image_token_id']}")
   config = _fill_config(base, info["vision"], info["llm"], tokenizer,
                         _image_norm(directory, info["vision"]["flavour"]), llava=True)
+  config.model.anyres.update(info["anyres"])
+  config_lib.validate(config)
   config.data.tokenizer = directory
   if dtype:
     config.model.dtype = dtype
   build_lib.resolve_model_config(config, tokenizer.vocab_size)
   run = build_lib.build(config, inference_mesh(config), tokenizer.image_id)
   with Reader(directory) as reader:
-    layout = layout_lib.detect(reader.keys(), ("vision", "bridge", "llm", "llm_head"), directory)
-    flat_params, items = _read_into(reader, config, run, layout, COMPONENTS, directory)
+    layout = layout_lib.detect(reader.keys(), slots(config.model), directory)
+    flat_params, items = _read_into(reader, config, run, layout, components(config.model), directory)
     # A tied head stored anyway is the embedding again: never keep a copy that training leaves stale.
     tied = layout["llm_head"] + "lm_head.weight" if config.model.llm.tie_embeddings else None
     origin = Origin(directory, hc, layout, info["llm_family"], info["vision_layers"], info["image_token_id"],

@@ -13,13 +13,15 @@ from vlm_jax.errors import UserError
 Layout = dict[str, str]
 
 PROBES = {"llm": "embed_tokens.weight", "llm_head": "lm_head.weight",
-          "vision": "embeddings.patch_embedding.weight", "bridge": "linear_1.weight"}
+          "vision": "embeddings.patch_embedding.weight", "bridge": "linear_1.weight",
+          "image_newline": "image_newline"}  # LLaVA-NeXT's row end token
 CANDIDATES = {
     "llm": ("language_model.model.", "model.language_model.", "model.", ""),
     "llm_head": ("language_model.", ""),
     "vision": ("vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_tower.",
                "model.vision_tower.", "vision_model.", ""),
     "bridge": ("multi_modal_projector.", "model.multi_modal_projector."),
+    "image_newline": ("", "model."),
 }
 # lm_head's prefix when the file has none to probe (tied embeddings): the body's sibling.
 HEAD_FOR_BODY = {"language_model.model.": "language_model.", "model.language_model.": "", "model.": "", "": ""}
@@ -27,7 +29,7 @@ HEAD_FOR_BODY = {"language_model.model.": "language_model.", "model.language_mod
 # Written for models that were not read from HF: the hub's LLaVA layout, which transformers 4.x
 # and 5.x both load.
 LLAVA = {"vision": "vision_tower.vision_model.", "bridge": "multi_modal_projector.",
-         "llm": "language_model.model.", "llm_head": "language_model."}
+         "llm": "language_model.model.", "llm_head": "language_model.", "image_newline": ""}
 
 
 def detect(keys, slots: tuple[str, ...], where: str) -> Layout:

@@ -44,7 +44,7 @@ def plan(model_cfg: ml_collections.ConfigDict, layout: Layout, shapes: dict[str,
   items = []
   for comp, entries in tables.entries(model_cfg, components).items():
     for e in entries:
-      path = f"{comp}/{e.ours}"
+      path = f"{comp}/{e.ours}" if e.ours else comp
       if path not in shapes:
         raise KeyError(f"table entry {path} is not a param of the model")  # a table bug, not user input
       prefix = layout[e.slot or comp]

@@ -143,8 +143,12 @@ LLAVA_PROJECTOR = (
 )
 
 
+# --- LLaVA-NeXT's image_newline: a top-level param of ours (no path below the component) ---
+IMAGE_NEWLINE = (_block("", "image_newline"),)
+
+
 def entries(model_cfg: ml_collections.ConfigDict, components: tuple[str, ...]) -> dict[str, tuple[Entry, ...]]:
   """{component: its entries} for the given components of a model config."""
   table = {"vision": lambda: vision_entries(model_cfg.vision), "bridge": lambda: LLAVA_PROJECTOR,
-           "llm": lambda: llm_entries(model_cfg.llm)}
+           "llm": lambda: llm_entries(model_cfg.llm), "image_newline": lambda: IMAGE_NEWLINE}
   return {c: table[c]() for c in components}

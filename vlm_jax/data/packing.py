@@ -2,8 +2,11 @@
 
 With packing, each sample goes into the first row with room for its tokens and images; the
 batch is complete when a sample fits no row (that sample opens the next batch). Without it,
-each row holds one sample. Either way a batch has fixed shapes, and its cost does not depend on
-the samples' lengths, so filling rows is what length-aware batching means here.
+each row holds one sample. With AnyRes the rows also form tile groups (anyres_batch.TileGroups)
+and a sample goes only where its group's pool has room for its tiles: a row that does not fit
+moves to the next group, or the sample opens the next batch; nothing is dropped. Either way a
+batch has fixed shapes, and its cost does not depend on the samples' lengths, so filling rows
+is what length-aware batching means here.
 """
 
 from typing import Any, Sequence
@@ -11,6 +14,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from vlm_jax.data.anyres_batch import TileGroups
 from vlm_jax.data.prepare import Prepared, Skipped
 from vlm_jax.errors import UserError
 
@@ -21,13 +25,15 @@ MAX_SKIPPED_IN_A_ROW = 1000
 
 def collate(rows: Sequence[Sequence[Prepared]], seq_len: int, pad_id: int, max_images: int,
             image_shape: tuple[int, int]) -> dict[str, Any]:
-  """Rows of samples -> a batch.
+  """Rows of samples -> a batch: collate_text's arrays and square_images'."""
+  return {**square_images(rows, max_images, image_shape), **collate_text(rows, seq_len, pad_id)}
 
-  tokens/targets/loss_mask/segment_ids/positions [b, seq_len]: sample j of a row is segment
+
+def collate_text(rows: Sequence[Sequence[Prepared]], seq_len: int, pad_id: int) -> dict[str, Any]:
+  """tokens/targets/loss_mask/segment_ids/positions [b, seq_len]: sample j of a row is segment
   j + 1 (0 = padding) with positions restarting at 0; targets[i] = tokens[i + 1] within a
   sample and loss_mask[i] says whether that target is supervised (never across samples).
-  images [b, max_images, H, W, 3] in the order of the row's placeholders, image_mask [b,
-  max_images]. keys: per row, the ids of its samples (host-only, not for the device).
+  keys: per row, the ids of its samples (host-only, not for the device).
   """
   b = len(rows)
   tokens = np.full((b, seq_len), pad_id, np.int32)
@@ -35,26 +41,36 @@ def collate(rows: Sequence[Sequence[Prepared]], seq_len: int, pad_id: int, max_i
   loss_mask = np.zeros((b, seq_len), np.float32)
   segment_ids = np.zeros((b, seq_len), np.int32)
   positions = np.zeros((b, seq_len), np.int32)
-  images = np.zeros((b, max_images, *image_shape, 3), np.float32)
-  image_mask = np.zeros((b, max_images), np.float32)
   for r, row in enumerate(rows):
-    start = n_images = 0
+    start = 0
     for j, sample in enumerate(row):
       n, end = len(sample.tokens), start + len(sample.tokens)
-      if end > seq_len or n_images + len(sample.images) > max_images:
-        raise ValueError(f"row {r}: samples need {end} tokens / {n_images + len(sample.images)} images, "
-                         f"more than {seq_len} / {max_images}")
+      if end > seq_len:
+        raise ValueError(f"row {r}: samples need {end} tokens, more than {seq_len}")
       tokens[r, start:end] = sample.tokens
       targets[r, start:end - 1] = sample.tokens[1:]
       loss_mask[r, start:end - 1] = sample.loss_mask[1:]
       segment_ids[r, start:end] = j + 1
       positions[r, start:end] = np.arange(n)
+      start = end
+  return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "segment_ids": segment_ids,
+          "positions": positions, "keys": [[s.key for s in row] for row in rows]}
+
+
+def square_images(rows: Sequence[Sequence[Prepared]], max_images: int,
+                  image_shape: tuple[int, int]) -> dict[str, np.ndarray]:
+  """images [b, max_images, H, W, 3] in the order of the row's placeholders, image_mask [b, max_images]."""
+  images = np.zeros((len(rows), max_images, *image_shape, 3), np.float32)
+  image_mask = np.zeros((len(rows), max_images), np.float32)
+  for r, row in enumerate(rows):
+    n_images = 0
+    for sample in row:
+      if n_images + len(sample.images) > max_images:
+        raise ValueError(f"row {r}: samples need {n_images + len(sample.images)} images, more than {max_images}")
       images[r, n_images:n_images + len(sample.images)] = sample.images
       image_mask[r, n_images:n_images + len(sample.images)] = 1
-      start, n_images = end, n_images + len(sample.images)
-  return {"images": images, "image_mask": image_mask, "tokens": tokens, "targets": targets,
-          "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions,
-          "keys": [[s.key for s in row] for row in rows]}
+      n_images += len(sample.images)
+  return {"images": images, "image_mask": image_mask}
 
 
 class PackBatches(grain.IterDataset):
@@ -62,10 +78,12 @@ class PackBatches(grain.IterDataset):
   {reason: first message} of the samples rejected since the previous batch."""
 
   def __init__(self, parent: grain.IterDataset, *, rows: int, seq_len: int, max_images: int,
-               image_shape: tuple[int, int], pad_id: int, pack: bool):
+               image_shape: tuple[int, int], pad_id: int, pack: bool,
+               tile_groups: TileGroups | None = None):
     super().__init__(parent)
     self.rows, self.seq_len, self.max_images = rows, seq_len, max_images
     self.image_shape, self.pad_id, self.pack = image_shape, pad_id, pack
+    self.tile_groups = tile_groups  # AnyRes: rows in groups, each with a pool of tile slots
 
   def __iter__(self) -> grain.DatasetIterator:
     return _PackIterator(self._parent.__iter__(), self)
@@ -91,6 +109,9 @@ class _PackIterator(grain.DatasetIterator):
     s = self._spec
     rows: list[list[Prepared]] = [[] for _ in range(s.rows)]
     room = [[s.seq_len, s.max_images] for _ in range(s.rows)]
+    groups = s.tile_groups.groups if s.tile_groups else 1
+    tiles_left = [s.tile_groups.tiles_per_group if s.tile_groups else 0] * groups
+    rows_per_group = s.rows // groups
     skipped: dict[str, int] = {}
     messages: dict[str, str] = {}
     in_a_row = 0
@@ -105,16 +126,19 @@ class _PackIterator(grain.DatasetIterator):
                           f"reasons {skipped})")
         continue
       in_a_row = 0
-      need = (len(element.tokens), len(element.images))
+      need = (len(element.tokens), element.slots)
       r = next((r for r in range(s.rows) if room[r][0] >= need[0] and room[r][1] >= need[1]
-                and (s.pack or not rows[r])), None)
+                and tiles_left[r // rows_per_group] >= element.tiles and (s.pack or not rows[r])), None)
       if r is None:
         self._pending = (element, state)
         break
       rows[r].append(element)
       room[r][0] -= need[0]
       room[r][1] -= need[1]
-    batch = collate(rows, s.seq_len, s.pad_id, s.max_images, s.image_shape)
+      tiles_left[r // rows_per_group] -= element.tiles
+    images = (s.tile_groups.collate(rows) if s.tile_groups
+              else square_images(rows, s.max_images, s.image_shape))
+    batch = {**images, **collate_text(rows, s.seq_len, s.pad_id)}
     batch.update(skipped=skipped, skip_messages=messages)
     return batch
 

@@ -17,7 +17,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from vlm_jax.data import shapes, sources as sources_lib
+from vlm_jax.data import anyres_batch, shapes, sources as sources_lib
+from vlm_jax.data.anyres_batch import AnyRes, TileGroups
 from vlm_jax.data.packing import PackBatches
 from vlm_jax.data.prepare import Prepare, image_preprocessor
 from vlm_jax.data.templates import get_template
@@ -79,7 +80,8 @@ class Batches:
                image_std: Sequence[float], template: str = "simple", process_index: int = 0,
                process_count: int = 1, strict: bool = False, image_position: str = "before",
                max_images: int = 1, pack: bool = False, workers: int = 0, threads: int = 4,
-               prefetch: int = 2, tfds_dir: str = ""):
+               prefetch: int = 2, tfds_dir: str = "", anyres: AnyRes | None = None, tile_groups: int = 1,
+               max_tiles: int = 0):
     get_template(template)  # Fails now, not at the first batch.
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise UserError(f"batch size {global_batch_size} is not a positive multiple of the "
@@ -94,9 +96,19 @@ class Batches:
     self.local_batch_size = global_batch_size // process_count
     options = sources_lib.Options(seed, image_size, image_position, tfds_dir)
     sources, weights = sources_lib.open_mixture(spec, options)
+    # AnyRes: the batch's rows form tile_groups groups (tile_groups: global, a multiple of the
+    # batch shards x micro-batches), each with a pool of tile slots from max_tiles.
+    groups = None
+    if anyres:
+      if tile_groups % process_count:
+        raise UserError(f"AnyRes: {tile_groups} tile groups (batch shards x grad_accum) do not split over "
+                        f"{process_count} processes")
+      groups = TileGroups(anyres, tile_groups // process_count,
+                          anyres.tiles_per_group(max_tiles, tile_groups, global_batch_size), seq_len)
     self.prepare = Prepare(sources, tokenizer, template=template, image_tokens=image_tokens,
                            seq_len=seq_len, max_images=max_images,
-                           image_fn=image_preprocessor(image_size, image_mean, image_std))
+                           image_fn=image_preprocessor(image_size, image_mean, image_std),
+                           anyres=anyres, max_tiles=groups.tiles_per_group if groups else sys.maxsize)
     orders = [grain.MapDataset.source(EpochOrder(k, len(s), seed, process_index, process_count))
               for k, s in enumerate(sources)]
     ds = orders[0] if len(orders) == 1 else grain.MapDataset.mix(orders, weights)
@@ -104,7 +116,8 @@ class Batches:
     it = ds.map(self.prepare).to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads, 1)))
     it = PackBatches(it, rows=self.local_batch_size, seq_len=seq_len, max_images=max_images,
-                     image_shape=(image_size, image_size), pad_id=tokenizer.pad_id, pack=pack)
+                     image_shape=(image_size, image_size), pad_id=tokenizer.pad_id, pack=pack,
+                     tile_groups=groups)
     if workers:
       _absl_flags_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
@@ -116,7 +129,9 @@ class Batches:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, tokenizer: Tokenizer, image_tokens: int, *,
-                  spec: str | None = None, process_index: int = 0, process_count: int = 1) -> "Batches":
+                  spec: str | None = None, process_index: int = 0, process_count: int = 1,
+                  tile_groups: int = 1) -> "Batches":
+    """tile_groups (AnyRes): batch shards x grad_accum, so that each group lives on one device."""
     d = config.data
     return cls(spec or d.sources, tokenizer=tokenizer, seq_len=d.seq_len,
                global_batch_size=config.train.batch_size, image_size=config.model.vision.image_size,
@@ -124,7 +139,8 @@ class Batches:
                image_std=d.image_std, template=d.template, process_index=process_index,
                process_count=process_count, strict=d.strict, image_position=d.image_position,
                max_images=d.max_images, pack=d.pack, workers=d.workers, threads=d.threads,
-               prefetch=d.prefetch, tfds_dir=d.tfds_dir)
+               prefetch=d.prefetch, tfds_dir=d.tfds_dir, anyres=anyres_batch.for_config(config),
+               tile_groups=tile_groups, max_tiles=config.model.anyres.max_tiles)
 
   def __iter__(self) -> "Batches":
     return self

@@ -8,25 +8,43 @@ data.strict, stops with its message, which names the source and the sample index
 import dataclasses
 import functools
 import io
-from typing import Callable, Sequence
+import sys
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import PIL.Image
 
+from vlm_jax.data import anyres
 from vlm_jax.data import images as images_lib
 from vlm_jax.data.sources import ImageRef, Sample, Source
 from vlm_jax.data.templates import encode_conversation
 from vlm_jax.data.tokenizer import IMAGE, Tokenizer
 from vlm_jax.errors import BadSample, UserError
 
+if TYPE_CHECKING:
+  from vlm_jax.data.anyres_batch import AnyRes
+
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-  """tokens int32 [n], loss_mask bool [n], images float32 [tiles, H, W, 3] in placeholder order."""
+  """tokens int32 [n], loss_mask bool [n], images float32 [tiles, H, W, 3] in placeholder order;
+  with AnyRes, plans: each image's plan (its plan.tiles tiles are consecutive in `images`)."""
   key: str
   tokens: np.ndarray
   loss_mask: np.ndarray
   images: np.ndarray
+  plans: tuple[anyres.Plan, ...] = ()
+
+  @property
+  def slots(self) -> int:
+    """The row image slots it takes: a tile each, or with AnyRes an image each (tiles go to
+    the tile group's pool)."""
+    return len(self.plans) if self.plans else len(self.images)
+
+  @property
+  def tiles(self) -> int:
+    """Tiles it puts in its tile group's pool (AnyRes; 0 otherwise)."""
+    return sum(p.tiles for p in self.plans)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +74,10 @@ def _one_tile(image: PIL.Image.Image | np.ndarray, size: int, mean: Sequence[flo
 
 
 def image_preprocessor(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-  """decoded image -> float32 [tiles, size, size, 3]: the one place image arrays are made.
+  """decoded image -> float32 [tiles, size, size, 3]: the one place square image arrays are made.
 
-  One tile (the image resized) here; AnyRes tiling plugs in as another such function. Each
-  tile takes one of the row's data.max_images image slots.
+  One tile (the image resized); each takes one of the row's data.max_images image slots. With
+  AnyRes, Prepare tiles each image by its plan instead (AnyRes.prepare).
   """
   return functools.partial(_one_tile, size=size, mean=mean, std=std)
 
@@ -68,10 +86,12 @@ class Prepare:
   """(source number, index) -> Prepared | Skipped. Picklable, for worker processes."""
 
   def __init__(self, sources: Sequence[Source], tokenizer: Tokenizer, *, template: str,
-               image_tokens: int, seq_len: int, max_images: int, image_fn: Callable):
+               image_tokens: int, seq_len: int, max_images: int, image_fn: Callable,
+               anyres: "AnyRes | None" = None, max_tiles: int = sys.maxsize):
     self.sources, self.tokenizer, self.template = list(sources), tokenizer, template
     self.image_tokens, self.seq_len, self.max_images = image_tokens, seq_len, max_images
     self.image_fn = image_fn
+    self.anyres, self.max_tiles = anyres, max_tiles  # AnyRes: max_tiles = a tile group's pool size
 
   def __call__(self, item: tuple[int, int]) -> Prepared | Skipped:
     k, index = item
@@ -87,16 +107,33 @@ class Prepare:
     if placeholders != len(sample.images):
       raise BadSample("image_count", f"id {sample.key}: {len(sample.images)} image(s) but "
                       f"{placeholders} {IMAGE} placeholder(s)")
+    # AnyRes: an image's token count follows from its size, so images are decoded first.
+    decoded = [decode_image(ref) for ref in sample.images] if self.anyres else None
+    plans = tuple(self._plan(sample.key, image) for image in decoded) if self.anyres else ()
     try:
-      enc = encode_conversation(sample.turns, self.tokenizer, self.image_tokens, self.template)
+      enc = encode_conversation(sample.turns, self.tokenizer,
+                                [p.tokens for p in plans] if self.anyres else self.image_tokens, self.template)
     except BadSample as e:
       raise BadSample(e.reason, f"id {sample.key}: {e}") from None
     if len(enc.tokens) > self.seq_len:
       raise BadSample("too_long", f"id {sample.key}: {len(enc.tokens)} tokens > seq_len {self.seq_len}")
-    tiles = [self.image_fn(decode_image(ref)) for ref in sample.images]
+    if self.anyres:
+      tiles = [self.anyres.prepare(image).tiles for image in decoded]
+    else:
+      tiles = [self.image_fn(decode_image(ref)) for ref in sample.images]
     # No images: an empty stack that fits (broadcasts into) any image size.
     stacked = np.concatenate(tiles).astype(np.float32) if tiles else np.zeros((0, 1, 1, 3), np.float32)
-    if len(stacked) > self.max_images:
-      raise BadSample("too_many_images", f"id {sample.key}: {len(stacked)} image tiles > "
-                      f"data.max_images {self.max_images}")
-    return Prepared(sample.key, enc.tokens, enc.loss_mask, stacked)
+    prepared = Prepared(sample.key, enc.tokens, enc.loss_mask, stacked, plans)
+    if prepared.slots > self.max_images:
+      raise BadSample("too_many_images", f"id {sample.key}: {prepared.slots} "
+                      f"{'images' if self.anyres else 'image tiles'} > data.max_images {self.max_images}")
+    if prepared.tiles > self.max_tiles:
+      raise BadSample("too_many_tiles", f"id {sample.key}: {prepared.tiles} tiles > {self.max_tiles}, "
+                      "the tile slots of a group (config.model.anyres.max_tiles / tile groups)")
+    return prepared
+
+  def _plan(self, key: str, image) -> anyres.Plan:
+    try:
+      return self.anyres.plan(image)
+    except UserError as e:  # e.g. an image thinner than 2 pixels
+      raise BadSample("image", f"id {key}: {e}") from None

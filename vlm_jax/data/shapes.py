@@ -27,7 +27,7 @@ BACKGROUNDS = {"light": (235, 235, 235), "dark": (25, 25, 25)}
 NUMBERS = ("one", "two", "three")
 SIDES = ("left", "right")
 KINDS = ("color", "shape", "count", "side")
-SPLITS = {"train": 0, "test": 1}  # Part of the rng seed: the splits never share a stream.
+SPLITS = {"train": 0, "test": 1, "wide": 2, "wide_test": 3}  # Part of the rng seed: the splits never share a stream.
 
 QUESTIONS = {
     "color": "What color is the {shape}?",
@@ -57,18 +57,20 @@ class Example:
   objects: tuple[Shape, ...] = ()
 
 
-def draw_shapes(objects: list[Shape] | tuple[Shape, ...], image_size: int,
+def draw_shapes(objects: list[Shape] | tuple[Shape, ...], image_size: int | tuple[int, int],
                 background: str | tuple[int, int, int] = "light") -> np.ndarray:
-  """Draws filled shapes on a plain background; returns uint8 [image_size, image_size, 3]."""
+  """Draws filled shapes on a plain background; returns uint8 [H, W, 3] (image_size: a square's
+  side or (H, W))."""
   if isinstance(background, str):
     background = BACKGROUNDS[background]
-  image = np.empty((image_size, image_size, 3), np.uint8)
+  height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+  image = np.empty((height, width, 3), np.uint8)
   image[:] = background
   for o in objects:
     half = o.size / 2
     # Only the pixels of the bounding square are tested (much faster than the whole image).
-    x0, x1 = max(int(o.cx - half), 0), min(int(np.ceil(o.cx + half)) + 1, image_size)
-    y0, y1 = max(int(o.cy - half), 0), min(int(np.ceil(o.cy + half)) + 1, image_size)
+    x0, x1 = max(int(o.cx - half), 0), min(int(np.ceil(o.cx + half)) + 1, width)
+    y0, y1 = max(int(o.cy - half), 0), min(int(np.ceil(o.cy + half)) + 1, height)
     # Pixel centres, so a shape covers the pixels whose centre lies inside it.
     y, x = np.arange(y0, y1)[:, None] + 0.5, np.arange(x0, x1)[None, :] + 0.5
     if o.shape == "circle":
@@ -143,6 +145,8 @@ def make_example(seed: int, split: str, index: int, image_size: int = 64,
   """
   if split not in SPLITS:
     raise UserError(f"shapes: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+  if split in WIDE:
+    return _wide_example(seed, split, index, image_position)
   rng = np.random.default_rng([seed, SPLITS[split], index])
   while True:  # rejection sampling: the split decides which images it may hold
     background = ("light", "dark")[int(rng.integers(2))]
@@ -157,6 +161,31 @@ def make_example(seed: int, split: str, index: int, image_size: int = 64,
               ("assistant", answer)]
   return Example(draw_shapes(objects, image_size, background), turns, rounds[0][1], kinds[0],
                  tuple(objects))
+
+
+# --- wide / wide_test: fine detail in wide images (the AnyRes demonstration) -----------------
+# One shape, 3/4 of a 16-px cell wide, in a random cell of a 2 x 8..12-cell strip (32 x 128..192
+# px), and one question: which shape it is. One 32-px view of the strip squashes the shape to
+# 2-3 px across; 32-px AnyRes tiles see it whole. (Its colour would survive the squash, so it is
+# not asked.)
+WIDE = {"wide": "train", "wide_test": "test"}
+WIDE_CELL, WIDE_ROWS, WIDE_COLS = 16, 2, (8, 10, 12)
+WIDE_QUESTION = "What shape is in the image?"
+
+
+def _wide_example(seed: int, split: str, index: int, image_position: str) -> Example:
+  rng = np.random.default_rng([seed, SPLITS[split], index])
+  while True:  # rejection sampling, as make_example: wide_test images never appear in wide
+    background = ("light", "dark")[int(rng.integers(2))]
+    cols = WIDE_COLS[int(rng.integers(len(WIDE_COLS)))]
+    cell = int(rng.integers(WIDE_ROWS * cols))
+    o = Shape(SHAPES[int(rng.integers(len(SHAPES)))], list(COLORS)[int(rng.integers(len(COLORS)))],
+              (cell % cols + 0.5) * WIDE_CELL, (cell // cols + 0.5) * WIDE_CELL, 0.75 * WIDE_CELL)
+    if _is_held_out([o], background) == (WIDE[split] == "test"):
+      break
+  image = draw_shapes([o], (WIDE_ROWS * WIDE_CELL, cols * WIDE_CELL), background)
+  turns = [("user", place_image(WIDE_QUESTION, image_position)), ("assistant", o.shape)]
+  return Example(image, turns, o.shape, "shape", (o,))
 
 
 def normalize_answer(text: str) -> str:

@@ -10,7 +10,7 @@ the runs concatenate to the tokens of the whole text.
 """
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -81,20 +81,31 @@ def _bos(tokenizer: Tokenizer, tpl: Template | None = None) -> list[int]:
   return [tokenizer.bos_id]
 
 
-def _check_images(texts: Sequence[str], image_tokens: int, at_most: int | None = None) -> None:
+def _check_images(texts: Sequence[str], image_tokens: int | Sequence[int], at_most: int | None = None) -> None:
   """<image> only where the model has image tokens to put there (and at most `at_most`)."""
   count = sum(t.count(IMAGE) for t in texts)
   if at_most is not None and count > at_most:
     raise BadSample("image_count", f"{count} {IMAGE} placeholders; at most {at_most} supported here")
-  if count and image_tokens <= 0:
+  if not isinstance(image_tokens, int):
+    if count != len(image_tokens):
+      raise BadSample("image_count", f"{count} {IMAGE} placeholders for {len(image_tokens)} images")
+  elif count and image_tokens <= 0:
     raise BadSample("image_count", f"{IMAGE} placeholder but the model takes no image tokens (image_tokens=0)")
 
 
-def _text_ids(text: str, tokenizer: Tokenizer, image_tokens: int) -> list[int]:
-  """Encodes text, expanding each <image> into `image_tokens` placeholder ids."""
+def _per_image(image_tokens: int | Sequence[int]) -> Callable[[], int]:
+  """The placeholder count of each next <image>: one count for all, or (AnyRes) one per image."""
+  if isinstance(image_tokens, int):
+    return lambda: image_tokens
+  counts = iter(image_tokens)
+  return lambda: next(counts)
+
+
+def _text_ids(text: str, tokenizer: Tokenizer, next_count: Callable[[], int]) -> list[int]:
+  """Encodes text, expanding each <image> into next_count() placeholder ids."""
   out = []
   for i in tokenizer.encode(text):
-    out.extend([i] * image_tokens if i == tokenizer.image_id else [i])
+    out.extend([i] * next_count() if i == tokenizer.image_id else [i])
   return out
 
 
@@ -133,24 +144,27 @@ def _fill(fmt: str, text: str, tpl: Template) -> str:
 
 
 def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer: Tokenizer,
-                        image_tokens: int, template: str = "simple") -> Encoded:
+                        image_tokens: int | Sequence[int], template: str = "simple") -> Encoded:
   """[BOS] + rounds; the answers and their end-of-turn markers are supervised, nothing else is.
+
+  image_tokens: placeholders per <image>, or a count for each image in order (AnyRes).
 
   A conversation the template cannot take raises BadSample (a UserError) naming the turn.
   """
   tpl = get_template(template)
   _check_turns(turns)
   _check_images([text for _, text in turns], image_tokens)
+  next_count = _per_image(image_tokens)
   if tpl is None:
     return Encoded(*chat_template.encode_conversation(
-        turns, tokenizer, lambda text: _text_ids(text, tokenizer, image_tokens)))
+        turns, tokenizer, lambda text: _text_ids(text, tokenizer, next_count)))
   if tpl.captions:
     turns = _caption_turns(turns)
   tokens = _bos(tokenizer, tpl)
   mask = [False] * len(tokens)
 
   def add(text: str, supervised: bool) -> None:
-    ids = _text_ids(text, tokenizer, image_tokens)
+    ids = _text_ids(text, tokenizer, next_count)
     tokens.extend(ids)
     mask.extend([supervised] * len(ids))
 
@@ -187,14 +201,15 @@ def encode_prompt(prompt: str, tokenizer: Tokenizer, image_tokens: int,
   """
   tpl = get_template(template)
   _check_images([prompt], image_tokens, at_most=1)
+  next_count = _per_image(image_tokens)
   if raw:
-    return np.asarray(_bos(tokenizer) + _text_ids(prompt, tokenizer, image_tokens), np.int32)
+    return np.asarray(_bos(tokenizer) + _text_ids(prompt, tokenizer, next_count), np.int32)
   if IMAGE not in prompt and image_tokens > 0:
     prompt = place_image(prompt, image_position)
   if tpl is None:
     return chat_template.encode_prompt(prompt, tokenizer,
-                                       lambda text: _text_ids(text, tokenizer, image_tokens))
+                                       lambda text: _text_ids(text, tokenizer, next_count))
   if tpl.captions:
     prompt = IMAGE * prompt.count(IMAGE)
   text = tpl.system + _fill(tpl.user, prompt, tpl)
-  return np.asarray(_bos(tokenizer, tpl) + _text_ids(text, tokenizer, image_tokens), np.int32)
+  return np.asarray(_bos(tokenizer, tpl) + _text_ids(text, tokenizer, next_count), np.int32)

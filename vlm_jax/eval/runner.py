@@ -8,15 +8,16 @@ import jax
 import numpy as np
 
 from vlm_jax import parallel
+from vlm_jax.data import anyres_batch, pipeline, shapes, templates
 from vlm_jax.data import images as images_lib
-from vlm_jax.data import pipeline, shapes, templates
-from vlm_jax.data.packing import collate
+from vlm_jax.data.packing import collate_text
 from vlm_jax.data.prepare import Prepared
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.infer.generate import Greedy
 from vlm_jax.train.build import Run
 
 MAX_ANSWER_TOKENS = 8
+NO_IMAGES = np.zeros((0, 1, 1, 3), np.float32)  # images go in separately (_pixels)
 
 
 class Evaluator:
@@ -26,9 +27,13 @@ class Evaluator:
     self.run, self.tokenizer, self.examples = run, tokenizer, list(examples)
     cfg = run.config
     self.batch_size = _round_up(cfg.train.eval_batch_size, parallel.batch_divisor(run.mesh))
-    self.images = np.stack([images_lib.preprocess(e.image, cfg.model.vision.image_size,
-                                                  cfg.data.image_mean, cfg.data.image_std)
-                            for e in self.examples])
+    self.anyres = anyres_batch.for_config(cfg)
+    if self.anyres:  # a list of Tiled: each image has its own plan and token count
+      self.images = [self.anyres.prepare(e.image) for e in self.examples]
+    else:
+      self.images = np.stack([images_lib.preprocess(e.image, cfg.model.vision.image_size,
+                                                    cfg.data.image_mean, cfg.data.image_std)
+                              for e in self.examples])
     self.greedy = Greedy(run.model, run.mesh, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
   def __call__(self, params, *, shuffle_images: bool = False) -> dict[str, float]:
@@ -38,25 +43,29 @@ class Evaluator:
     model that uses the image should then score near chance.
     """
     cfg, tok = self.run.config, self.tokenizer
-    images = np.roll(self.images, 1, axis=0) if shuffle_images else self.images
+    images = self.images
+    if shuffle_images:
+      images = self.images[-1:] + self.images[:-1] if self.anyres else np.roll(self.images, 1, axis=0)
     loss_sum = count = 0.0
     correct: dict[str, list[bool]] = defaultdict(list)
     with jax.set_mesh(self.run.mesh), nn.logical_axis_rules(parallel.RULES):
       for start in range(0, len(self.examples), self.batch_size):
         chunk = self.examples[start:start + self.batch_size]
         chunk_images = images[start:start + self.batch_size]
-        encoded = [templates.encode_conversation(e.turns, tok, self.run.image_tokens, cfg.data.template)
-                   for e in chunk]
-        rows = [[Prepared(str(start + i), enc.tokens, enc.loss_mask, image[None])]
-                for i, (enc, image) in enumerate(zip(encoded, chunk_images))]
-        batch = pipeline.device_batch(collate(rows, cfg.data.seq_len, tok.pad_id, 1, chunk_images.shape[1:3]))
+        n_tokens = ([im.plan.tokens for im in chunk_images] if self.anyres
+                    else [self.run.image_tokens] * len(chunk))
+        encoded = [templates.encode_conversation(e.turns, tok, n, cfg.data.template)
+                   for e, n in zip(chunk, n_tokens)]
+        rows = [[Prepared(str(start + i), enc.tokens, enc.loss_mask, NO_IMAGES)] for i, enc in enumerate(encoded)]
+        batch = pipeline.device_batch(collate_text(rows, cfg.data.seq_len, tok.pad_id))
         batch = {k: _pad_rows(v, self.batch_size) for k, v in batch.items()}
+        batch["images"] = self._pixels(chunk_images, self.batch_size)
         out = self.run.eval_step(params, parallel.global_batch(batch, self.run.mesh))
         loss_sum += float(out["loss_sum"])
         count += float(out["count"])
-        prompts = [templates.encode_prompt(e.turns[0][1], tok, self.run.image_tokens, cfg.data.template)
-                   for e in chunk]
-        answers = self.greedy(params, prompts, chunk_images[:, None], MAX_ANSWER_TOKENS)
+        prompts = [templates.encode_prompt(e.turns[0][1], tok, n, cfg.data.template)
+                   for e, n in zip(chunk, n_tokens)]
+        answers = self.greedy(params, prompts, self._pixels(chunk_images, len(chunk)), MAX_ANSWER_TOKENS)
         for e, ids in zip(chunk, answers):
           correct[e.kind].append(shapes.answer_matches(tok.decode(ids), e.answer))
     every = [c for kind in correct.values() for c in kind]
@@ -64,6 +73,12 @@ class Evaluator:
                "examples": len(every)}
     metrics.update({f"accuracy/{kind}": float(np.mean(v)) for kind, v in sorted(correct.items())})
     return metrics
+
+  def _pixels(self, images, rows: int):
+    """A chunk's images as the model takes them, padded to `rows` rows."""
+    if self.anyres:
+      return self.anyres.collate_rows(list(images) + [None] * (rows - len(images)), self.run.config.data.seq_len)
+    return _pad_rows(images[:, None], rows)
 
 
 def evaluator_for(run: Run, tokenizer: Tokenizer, spec: str, n: int) -> Evaluator:

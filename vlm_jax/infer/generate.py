@@ -53,12 +53,13 @@ class Greedy:
     self._fn = jax.jit(functools.partial(_greedy, model=model, eos_id=eos_id),
                        static_argnames=("max_new_tokens",), out_shardings=parallel.replicated(mesh))
 
-  def __call__(self, params, prompts: list[np.ndarray], images: np.ndarray,
+  def __call__(self, params, prompts: list[np.ndarray], images: "np.ndarray | dict",
                max_new_tokens: int) -> list[list[int]]:
     """Greedy continuation of each prompt (ids, placeholders included) -> new ids (eos dropped).
 
-    images [B, N, H, W, 3]. Rows are padded up to a multiple of `batch_multiple` (the mesh's
-    batch axes) and the buffer to a multiple of BUCKET.
+    images [B, N, H, W, 3], or AnyRes's {"tiles", "index", "weight"} (data/anyres_batch.py).
+    Rows are padded up to a multiple of `batch_multiple` (the mesh's batch axes) and the buffer
+    to a multiple of BUCKET.
     """
     n, pad_id, eos_id = len(prompts), self.pad_id, self.eos_id
     rows = -(-n // self.batch_multiple) * self.batch_multiple
@@ -69,8 +70,9 @@ class Greedy:
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
       lengths[i] = len(p)
-    padded_images = np.zeros((rows,) + images.shape[1:], np.float32)
-    padded_images[:n] = images
+    # AnyRes images are a dict with one tile group per row: every leaf pads the same way.
+    padded_images = jax.tree.map(
+        lambda x: np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)]), images)
     out, out_lengths = self._fn(params, tokens, lengths, padded_images, max_new_tokens=max_new_tokens)
     out, out_lengths = np.asarray(out), np.asarray(out_lengths)
     results = []

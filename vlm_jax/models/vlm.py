@@ -1,5 +1,7 @@
 """The VLM: images -> ViT -> bridge -> visual tokens written into the `<image>` placeholder slots -> LLM."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,12 +10,14 @@ import ml_collections
 from vlm_jax.models import bridge as bridge_lib
 from vlm_jax.models import vit as vit_lib
 from vlm_jax.models.bridge import Bridge
+from vlm_jax.models.layers import logical
 from vlm_jax.models.llm import LLM
 from vlm_jax.models.vit import ViT
 
 
 def image_tokens(model_cfg: ml_collections.ConfigDict) -> int:
-  """Placeholder tokens one image occupies in the sequence."""
+  """Placeholder tokens one image occupies in the sequence (AnyRes: one tile's; an image's tile
+  plan decides its count, see data/anyres.py)."""
   return bridge_lib.num_output_tokens(model_cfg.bridge, vit_lib.num_output_tokens(model_cfg.vision))
 
 
@@ -38,12 +42,37 @@ class VLM(nn.Module):
     self.vision = ViT(c.vision, dtype, c.remat, c.attention)
     self.bridge = Bridge(c.bridge, c.llm.width, dtype)
     self.llm = LLM(c.llm, dtype, c.remat, c.attention)
+    if c.anyres.enabled:  # LLaVA-NeXT's row end marker, randn / sqrt(width) as there
+      self.image_newline = self.param("image_newline", logical(
+          nn.initializers.normal(1 / math.sqrt(c.llm.width)), ("embed",)), (c.llm.width,))
 
-  def encode_images(self, images: jax.Array) -> jax.Array:
-    """images [B, N, H, W, 3] -> visual tokens [B, N * image_tokens, llm_width]."""
+  def encode_images(self, images: "jax.Array | dict") -> jax.Array:
+    """images [B, N, H, W, 3] -> visual tokens [B, N * image_tokens, llm_width]; AnyRes: see
+    encode_tiles."""
+    if self.cfg.anyres.enabled:
+      return self.encode_tiles(images)
     b, n = images.shape[:2]
     visual = self.bridge(self.vision(images.reshape((b * n,) + images.shape[2:])))
     return visual.reshape(b, n * visual.shape[1], visual.shape[2])
+
+  def encode_tiles(self, images: dict) -> jax.Array:
+    """AnyRes: {"tiles" [G, Tg, t, t, 3], "index", "weight" [B, V, K]} -> visual tokens [B, V, D].
+
+    All tiles of the batch go through the ViT in one call. The batch's rows form G contiguous
+    groups, each with a pool of Tg tiles (padding tiles are never read). Visual token v of a row
+    is sum_k weight * pool[index], where pool[0] is image_newline and pool[1 + f] is feature f
+    of the group's tiles: unpad, newline order and the anyres_max_N bilinear shrink are all in
+    the host-built index (data/anyres.py), so every shape is static.
+    """
+    tiles, index, weight = images["tiles"], images["index"], images["weight"]
+    g, tg = tiles.shape[:2]
+    b, v, k = index.shape
+    feats = self.bridge(self.vision(tiles.reshape((g * tg,) + tiles.shape[2:])))
+    d = feats.shape[-1]
+    newline = jnp.broadcast_to(self.image_newline.astype(feats.dtype), (g, 1, d))
+    pool = jnp.concatenate([newline, feats.reshape(g, -1, d)], axis=1)
+    gathered = jnp.take_along_axis(pool, index.reshape(g, -1, 1), axis=1).reshape(b, v, k, d)
+    return jnp.einsum("bvkd,bvk->bvd", gathered, weight.astype(gathered.dtype))
 
   def embed(self, tokens: jax.Array, images: jax.Array) -> jax.Array:
     """Token embeddings with the visual tokens written into the placeholder slots."""

@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from vlm_jax import parallel
+from vlm_jax.data.anyres_batch import spec_from_config
 from vlm_jax.errors import UserError
 from vlm_jax.models.vlm import VLM, image_tokens
 from vlm_jax.train import optim, step as step_lib
@@ -37,8 +38,13 @@ def make_model(config: ml_collections.ConfigDict, image_token_id: int) -> VLM:
 
 def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1) -> tuple[jax.Array, ...]:
   v, length = config.model.vision, config.data.seq_len
-  return (jnp.zeros((batch, length), jnp.int32),
-          jnp.zeros((batch, 1, v.image_size, v.image_size, 3), jnp.float32),
+  images = jnp.zeros((batch, 1, v.image_size, v.image_size, 3), jnp.float32)
+  if config.model.anyres.enabled:  # one group, one tile: shapes do not matter to init
+    taps = spec_from_config(config.model).taps
+    images = {"tiles": jnp.zeros((1, 1, v.image_size, v.image_size, 3), jnp.float32),
+              "index": jnp.zeros((batch, length, taps), jnp.int32),
+              "weight": jnp.zeros((batch, length, taps), jnp.float32)}
+  return (jnp.zeros((batch, length), jnp.int32), images,
           jnp.zeros((batch, length), jnp.int32), jnp.ones((batch, length), jnp.int32))
 
 

@@ -38,8 +38,10 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = config_lib.flatten(json.load(f))
+    # A field added to vlm-jax after the run started (e.g. model.anyres.*) had its default then.
+    defaults = config_lib.flatten(json.loads(config_lib.to_json(config_lib.base())))
     changed = sorted(k for k, v in config_lib.flatten(json.loads(config_lib.to_json(config))).items()
-                     if saved.get(k) != v and k not in RESUMABLE_CHANGES)
+                     if saved.get(k, defaults.get(k)) != v and k not in RESUMABLE_CHANGES)
     if changed:
       raise UserError(f"--workdir {workdir} holds a run with a different config ({', '.join(changed[:5])}); "
                       "use a new workdir, or the same config to resume")
@@ -66,7 +68,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   # --- Model, optimizer, shardings; data ------------------------------------------------------
   run = build_lib.build(config, mesh, tokenizer.image_id)
   data = Batches.from_config(config, tokenizer, run.image_tokens, process_index=jax.process_index(),
-                             process_count=jax.process_count())
+                             process_count=jax.process_count(),
+                             tile_groups=parallel.batch_divisor(mesh) * t.grad_accum)
   evaluate = evaluator_for(run, tokenizer, config.data.eval_sources, t.eval_examples)
 
   # --- Restore or init ------------------------------------------------------------------------

@@ -1,10 +1,8 @@
 """`vlm_jax.load(PATH)`: a trained model ready to answer questions about images."""
 
 import os
-import time
 from typing import Sequence
 
-import jax
 import numpy as np
 import PIL.Image
 

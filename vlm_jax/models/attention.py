@@ -1,7 +1,6 @@
 """The one attention entry point: masks from segment ids, causal or bidirectional, GQA."""
 
 import jax
-import jax.numpy as jnp
 
 
 def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:

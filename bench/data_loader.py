@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from vlm_jax.data import llava_fixture
+from vlm_jax.data.images import Preprocessing
 from vlm_jax.data.pipeline import Batches
 from vlm_jax.data.tokenizer import Tokenizer
 
@@ -39,8 +40,8 @@ def write_set(directory: str, samples: int, rounds: int) -> str:
 
 def measure(path: str, pack: bool, batches: int) -> dict:
   tok = Tokenizer.load("shapes")
-  it = Batches(f"llava:{path}", tokenizer=tok, seq_len=SEQ_LEN, global_batch_size=ROWS, image_size=IMAGE_SIZE,
-               image_tokens=IMAGE_TOKENS, seed=0, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, pack=pack,
+  it = Batches(f"llava:{path}", tokenizer=tok, seq_len=SEQ_LEN, global_batch_size=ROWS, preprocessing=Preprocessing(IMAGE_SIZE),
+               image_tokens=IMAGE_TOKENS, seed=0, pack=pack,
                max_images=8 if pack else 1, threads=1, prefetch=0)
   next(it)  # warm-up: file list, first reads
   t0, cpu0 = time.perf_counter(), time.process_time()

@@ -303,18 +303,47 @@ def test_load_and_preprocess(tmp_path):
   PIL.Image.fromarray(rgb).convert("RGBA").save(tmp_path / "a.png")
   image = images.load_image(str(tmp_path / "a.png"))
   assert image.mode == "RGB" and image.size == (40, 30)
-  x = images.preprocess(image, 32)
+  x = images.Preprocessing(32)(image)
   assert x.dtype == np.float32 and x.shape == (32, 32, 3)
   np.testing.assert_allclose(x[..., 0], 1.0, atol=1e-6)
   np.testing.assert_allclose(x[..., 1:], -1.0, atol=1e-6)
   # Arrays of the right size skip the resize and match the PIL path.
   ex = shapes.make_example(0, "train", 0, 32).image
-  y = images.preprocess(ex, 32, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))
+  y = images.Preprocessing(32, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))(ex)
   np.testing.assert_allclose(y, (ex / 255 - [0.1, 0.2, 0.3]) / [0.5, 0.25, 2.0], rtol=1e-5)
-  np.testing.assert_array_equal(images.preprocess(PIL.Image.fromarray(ex), 32),
-                                images.preprocess(ex, 32))
-  grey = images.preprocess(np.full((8, 8), 255, np.uint8), 8)
+  np.testing.assert_array_equal(images.Preprocessing(32)(PIL.Image.fromarray(ex)), images.Preprocessing(32)(ex))
+  grey = images.Preprocessing(8)(np.full((8, 8), 255, np.uint8))
   np.testing.assert_allclose(grey, 1.0)
+
+
+def test_transparency_is_composited_onto_white(tmp_path):
+  rgba = np.zeros((4, 6, 4), np.uint8)
+  rgba[:, :3] = (255, 0, 0, 255)          # opaque red on the left, fully transparent black on the right
+  rgba[:, 3:] = (0, 0, 0, 0)
+  PIL.Image.fromarray(rgba).save(tmp_path / "t.png")
+  loaded = np.asarray(images.load_image(str(tmp_path / "t.png")))
+  assert (loaded[:, :3] == (255, 0, 0)).all() and (loaded[:, 3:] == 255).all()
+  np.testing.assert_array_equal(images.to_rgb(rgba), loaded)
+
+
+def test_resize_modes_keep_the_middle_or_pad_around_it():
+  # A 20 x 60 image (H x W): left third red, middle green, right third blue.
+  rgb = np.zeros((20, 60, 3), np.uint8)
+  for k, c in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+    rgb[:, 20 * k:20 * (k + 1)] = c
+  crop = images.Preprocessing(20, resize="shortest_edge_crop", resample="nearest").pixels(rgb)
+  assert crop.shape == (20, 20, 3) and (crop == (0, 255, 0)).all()  # only the middle third survives
+  pad = images.Preprocessing(60, resize="pad_square", resample="nearest", fill=(1, 2, 3)).pixels(rgb)
+  assert pad.shape == (60, 60, 3)
+  assert (pad[:20] == (1, 2, 3)).all() and (pad[40:] == (1, 2, 3)).all()  # bands above and below
+  np.testing.assert_array_equal(pad[20:40], rgb)
+  squash = images.Preprocessing(30, resample="nearest").pixels(rgb)
+  assert squash.shape == (30, 30, 3) and (squash[:, :10] == (255, 0, 0)).all()  # all three thirds kept
+  # The default fill is LLaVA's: int(mean * 255).
+  assert images.Preprocessing(8, mean=(0.48145466, 0.4578275, 0.40821073)).fill_color == (122, 116, 104)
+  # A crop larger than the resized image pads it with zeros around (as transformers' center_crop).
+  small = images.center_crop(np.ones((3, 5), np.uint8), 6)
+  assert small.shape == (6, 6) and small.sum() == 15 and small[0].sum() == 0
 
 
 def test_image_errors(tmp_path):

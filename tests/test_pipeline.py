@@ -34,9 +34,8 @@ def llava(tmp_path_factory):
 
 def _batches(tok, spec, *, seq_len=128, batch=4, **kwargs):
   kwargs = {"threads": 2, **kwargs}
-  return Batches(spec, tokenizer=tok, seq_len=seq_len, global_batch_size=batch, image_size=SIZE,
-                 image_tokens=IMAGE_TOKENS, seed=SEED, image_mean=(0.5, 0.5, 0.5),
-                 image_std=(0.5, 0.5, 0.5), **kwargs)
+  return Batches(spec, tokenizer=tok, seq_len=seq_len, global_batch_size=batch, preprocessing=images.Preprocessing(SIZE),
+                 image_tokens=IMAGE_TOKENS, seed=SEED, **kwargs)
 
 
 def _take(it, n):
@@ -58,7 +57,7 @@ def test_unpacked_rows_are_the_samples_encoded(tok):
     ex = shapes.make_example(SEED, "train", int(key), SIZE)
     enc = encode_conversation(ex.turns, tok, IMAGE_TOKENS)
     n = len(enc.tokens)
-    np.testing.assert_array_equal(b["images"][r, 0], images.preprocess(ex.image, SIZE))
+    np.testing.assert_array_equal(b["images"][r, 0], images.Preprocessing(SIZE)(ex.image))
     assert b["tokens"][r, :n].tolist() == enc.tokens.tolist() and np.all(b["tokens"][r, n:] == tok.pad_id)
     assert b["targets"][r, :n - 1].tolist() == enc.tokens[1:].tolist()
     assert b["segment_ids"][r].tolist() == [1] * n + [0] * (128 - n)
@@ -86,9 +85,8 @@ def test_packed_loss_equals_unpacked(tok):
   cfg = tiny_config({"model.llm.vocab_size": tok.vocab_size, "model.vision.image_size": SIZE})
   model = VLM(cfg.model, tok.image_id)
   n_image = model_image_tokens(cfg.model)
-  it = Batches("shapes", tokenizer=tok, seq_len=192, global_batch_size=2, image_size=SIZE,
-               image_tokens=n_image, seed=SEED, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
-               pack=True, max_images=3, threads=0, prefetch=0)
+  it = Batches("shapes", tokenizer=tok, seq_len=192, global_batch_size=2, preprocessing=images.Preprocessing(SIZE),
+               image_tokens=n_image, seed=SEED, pack=True, max_images=3, threads=0, prefetch=0)
   packed = next(it)
   assert max(len(row) for row in packed["keys"]) >= 2
   samples = [it.prepare((0, int(k))) for row in packed["keys"] for k in row]
@@ -227,7 +225,7 @@ def test_multi_image_sample(tok, tmp_path):
   b = _take(_batches(tok, f"llava:{path}", batch=1, max_images=3), 1)[0]
   assert b["image_mask"].tolist() == [[1.0, 1.0, 0.0]]
   for i, p in enumerate(pixels):
-    np.testing.assert_array_equal(b["images"][0, i], images.preprocess(p, SIZE))
+    np.testing.assert_array_equal(b["images"][0, i], images.Preprocessing(SIZE)(p))
   assert (b["tokens"] == tok.image_id).sum() == 2 * IMAGE_TOKENS
   with pytest.raises(UserError, match="2 image tiles > data.max_images 1"):
     _take(_batches(tok, f"llava:{path}", batch=1, strict=True), 1)
@@ -238,9 +236,8 @@ def test_model_writes_each_image_into_its_own_placeholders(tok, tmp_path):
   model = VLM(cfg.model, tok.image_id)
   path, _ = _two_image_set(tmp_path)
   n_image = model_image_tokens(cfg.model)
-  b = _take(Batches(f"llava:{path}", tokenizer=tok, seq_len=64, global_batch_size=1, image_size=SIZE,
-                    image_tokens=n_image, seed=SEED, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
-                    max_images=2, threads=0, prefetch=0), 1)[0]
+  b = _take(Batches(f"llava:{path}", tokenizer=tok, seq_len=64, global_batch_size=1, preprocessing=images.Preprocessing(SIZE),
+                    image_tokens=n_image, seed=SEED, max_images=2, threads=0, prefetch=0), 1)[0]
   params = model.init(jax.random.key(0), b["tokens"], b["images"], b["positions"], b["segment_ids"])["params"]
   embeds = model.apply({"params": params}, b["tokens"], b["images"], method=VLM.embed)
   where = np.flatnonzero(b["tokens"][0] == tok.image_id)

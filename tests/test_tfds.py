@@ -61,8 +61,8 @@ def data_dir(tmp_path_factory):
 
 def test_tfds_source_through_the_pipeline(data_dir):
   tok = Tokenizer.load("shapes")
-  it = Batches("tfds:tiny_vqa:train", tokenizer=tok, seq_len=64, global_batch_size=1, image_size=SIZE,
-               image_tokens=2, seed=0, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, tfds_dir=data_dir,
+  it = Batches("tfds:tiny_vqa:train", tokenizer=tok, seq_len=64, global_batch_size=1, preprocessing=images.Preprocessing(SIZE),
+               image_tokens=2, seed=0, tfds_dir=data_dir,
                threads=0, prefetch=0)
   prepared = [it.prepare((0, i)) for i in range(6)]  # tfds orders records by a hash of their keys
   broken = [p for p in prepared if isinstance(p, Skipped)]
@@ -76,7 +76,7 @@ def test_tfds_source_through_the_pipeline(data_dir):
   assert sorted(seen) == [f"s{i}" for i in range(5)] and it.skipped == {"format": 1}
   for key, b in seen.items():
     i = int(key[1:])
-    np.testing.assert_array_equal(b["images"][0, 0], images.preprocess(_pixels(i), SIZE))
+    np.testing.assert_array_equal(b["images"][0, 0], images.Preprocessing(SIZE)(_pixels(i)))
     answer = f"grey {i}" if i < 3 else f"thing {i}"
     assert tok.decode(b["targets"][0][b["loss_mask"][0] == 1]) == f" {answer}"
     assert (b["tokens"][0] == tok.image_id).sum() == 2
@@ -84,5 +84,5 @@ def test_tfds_source_through_the_pipeline(data_dir):
 
 def test_unknown_tfds_dataset(tmp_path):
   with pytest.raises(UserError, match="tfds:nope:train"):
-    Batches("tfds:nope", tokenizer=Tokenizer.load("shapes"), seq_len=64, global_batch_size=1, image_size=SIZE,
-            image_tokens=2, seed=0, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, tfds_dir=str(tmp_path))
+    Batches("tfds:nope", tokenizer=Tokenizer.load("shapes"), seq_len=64, global_batch_size=1, preprocessing=images.Preprocessing(SIZE),
+            image_tokens=2, seed=0, tfds_dir=str(tmp_path))

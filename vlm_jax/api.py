@@ -26,6 +26,7 @@ class Model:
     self.origin = origin  # convert.hf_import.Origin when the model came from Hugging Face
     self._greedy = Greedy(run.model, run.mesh, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     self.anyres = anyres_batch.for_config(config)
+    self.preprocessing = images_lib.Preprocessing.from_config(config)
 
   @property
   def image_tokens(self) -> int:
@@ -46,8 +47,8 @@ class Model:
                                    raw=raw_prompt, image_position=self.config.data.image_position)
 
   def preprocess(self, image: "PIL.Image.Image | np.ndarray") -> np.ndarray:
-    d = self.config.data
-    return images_lib.preprocess(image, self.config.model.vision.image_size, d.image_mean, d.image_std)
+    """float32 [H, W, 3]: the model's input for one image (one tile; see AnyRes.prepare for tiling)."""
+    return self.preprocessing(image)
 
   def generate_ids(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 32,
                    raw_prompt: bool = False) -> list[list[int]]:

@@ -216,6 +216,8 @@ def cmd_tokens(argv: list[str]) -> int:
   p.add_argument("--json", action="store_true")
   args = p.parse_args(argv)
   size = _image_size(args.image_size)
+  if min(size) < 1:
+    raise UserError(f"--image-size {args.image_size!r}: both sides must be >= 1")
   from vlm_jax import config as config_lib
   config = config_lib.load_file(args.config)
   config_lib.apply_overrides(config, overrides)
@@ -229,8 +231,6 @@ def cmd_tokens(argv: list[str]) -> int:
     detail = [f"canvas {plan.canvas[0]}x{plan.canvas[1]}", f"resized {plan.resized[0]}x{plan.resized[1]}",
               f"features {plan.features[0]}x{plan.features[1]} (+1 newline a row)"]
   else:  # one square view, whatever the image
-    if min(size) < 1:
-      raise UserError(f"--image-size {args.image_size!r}: both sides must be >= 1")
     out = {"height": size[0], "width": size[1], "grid": [1, 1], "tiles": 1,
            "image_tokens": vlm.image_tokens(config.model)}
     detail = ["AnyRes off: resized to one square view"]

@@ -17,6 +17,10 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # Names of vlm_jax.models.layers.ACTIVATIONS (not imported: config must not pull in jax).
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
 COMPONENTS = ("vision", "bridge", "llm")
+# How an image becomes the ViT's square input (vlm_jax/data/images.py).
+RESIZE_MODES = ("squash", "shortest_edge_crop", "pad_square")
+# PIL's filter codes, which transformers' image processors store as `resample`.
+RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -66,6 +70,13 @@ def base() -> ml_collections.ConfigDict:
   c.data.template = "simple"
   c.data.image_position = "before"  # where <image> goes when a prompt or sample does not say
   c.data.seq_len = 128
+  # The image processor (vlm_jax/data/images.py; import reads the checkpoint's): squash |
+  # shortest_edge_crop | pad_square, each ending at the ViT's image_size. AnyRes tiles itself
+  # (its base view is squashed).
+  c.data.image_resize = "squash"
+  c.data.image_short_side = 0       # shortest_edge_crop / pad_square: short side before the crop (0 = image_size)
+  c.data.image_fill = ()            # pad_square colour, RGB 0-255; () = int(image_mean * 255)
+  c.data.image_resample = "bicubic"  # nearest | lanczos | bilinear | bicubic | box | hamming
   c.data.image_mean = (0.5, 0.5, 0.5)
   c.data.image_std = (0.5, 0.5, 0.5)
   c.data.strict = False      # True: a bad sample stops the run (else it is skipped and counted)
@@ -195,8 +206,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config.model.llm.rope_type: {m.llm.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
   if m.llm.heads % m.llm.kv_heads:
     raise UserError("config.model.llm.heads must be a multiple of kv_heads")
+  _validate_images(config.data)
   if m.anyres.enabled:
     _validate_anyres(m)
+    if config.data.image_resize != "squash":
+      raise UserError(f"config.data.image_resize: {config.data.image_resize!r} with AnyRes, which tiles the "
+                      "image itself (its base view is squashed); leave it 'squash'")
   if m.remat not in ("none", "full", "dots"):
     raise UserError(f"config.model.remat: {m.remat!r} is not none, full or dots")
   t = config.train
@@ -208,6 +223,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in COMPONENTS:
     if t.lr_mult[name] < 0:
       raise UserError(f"config.train.lr_mult.{name} must be >= 0")
+
+
+def _validate_images(d: ml_collections.ConfigDict) -> None:
+  if d.image_resize not in RESIZE_MODES:
+    raise UserError(f"config.data.image_resize: {d.image_resize!r} is not one of {', '.join(RESIZE_MODES)}")
+  if d.image_resample not in RESAMPLE:
+    raise UserError(f"config.data.image_resample: {d.image_resample!r} is not one of {', '.join(RESAMPLE)}")
+  if d.image_short_side < 0:
+    raise UserError(f"config.data.image_short_side must be >= 0, got {d.image_short_side}")
+  if d.image_fill and (len(d.image_fill) != 3 or any(not isinstance(v, int) or not 0 <= v <= 255
+                                                     for v in d.image_fill)):
+    raise UserError(f"config.data.image_fill: {tuple(d.image_fill)} is not () or three integers 0-255")
+  for name in ("image_mean", "image_std"):
+    if len(d[name]) != 3:
+      raise UserError(f"config.data.{name}: expected 3 values (R, G, B), got {tuple(d[name])}")
+  if 0 in tuple(d.image_std):
+    raise UserError(f"config.data.image_std: {tuple(d.image_std)} has a zero")
 
 
 def _validate_anyres(m: ml_collections.ConfigDict) -> None:

@@ -163,9 +163,6 @@ VISION_FAMILIES = {
 }
 FLAVOUR_MODEL_TYPE = {flavour: mt for mt, (flavour, _) in VISION_FAMILIES.items()}
 FLAVOUR_ACT = {"clip": "quick_gelu", "siglip": "gelu_tanh"}
-# Image normalisation when the directory has no preprocessor_config.json.
-FLAVOUR_MEAN_STD = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-                    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
 
 def vision_from_hf(vc: dict, feature_layer, strategy: str, where: str) -> tuple[dict, int]:

@@ -15,10 +15,10 @@ import shutil
 import ml_dtypes
 import numpy as np
 
-from vlm_jax.convert import hf_config, layout as layout_lib, params as params_lib
+from vlm_jax.convert import hf_config, image_processor, layout as layout_lib, params as params_lib
 from vlm_jax.convert.hf_import import AUX_FILES, Origin, components, flat
 from vlm_jax.convert.safetensors_io import Reader, Tensor, write_sharded
-from vlm_jax.data import anyres, hf_tokenizer
+from vlm_jax.data import hf_tokenizer
 from vlm_jax.errors import UserError
 
 DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
@@ -83,23 +83,6 @@ def _write_tokenizer(tokenizer, config, out: str) -> None:
       f.write(SIMPLE_TEMPLATE)
 
 
-def _preprocessor(config) -> dict:
-  """CLIPImageProcessor doing what data/images.preprocess does (bicubic resize to a square), or
-  with AnyRes LlavaNextImageProcessor doing what data/anyres.py does."""
-  size = config.model.vision.image_size
-  if config.model.anyres.enabled:
-    return {"image_processor_type": "LlavaNextImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-            "crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_pad": True,
-            "image_grid_pinpoints": [list(p) for p in anyres.parse_pinpoints(config.model.anyres.grid_pinpoints, size)],
-            "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(config.data.image_mean), "image_std": list(config.data.image_std),
-            "do_convert_rgb": True}
-  return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
-          "resample": 3, "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255,
-          "do_normalize": True, "image_mean": list(config.data.image_mean), "image_std": list(config.data.image_std),
-          "do_convert_rgb": True}
-
-
 def check_out(out: str, dtype: str | None = None) -> None:
   """Fails before any loading when the output cannot be written."""
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -150,16 +133,31 @@ def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: st
   else:
     _write_tokenizer(tokenizer, config, out)
   if not os.path.isfile(os.path.join(out, "generation_config.json")):
-    with open(os.path.join(out, "generation_config.json"), "w") as f:
-      json.dump({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-                 "pad_token_id": tokenizer.pad_id}, f, indent=2)
-  if not os.path.isfile(os.path.join(out, "preprocessor_config.json")):
-    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-      json.dump(_preprocessor(config), f, indent=2)
-  if config.model.anyres.enabled and not os.path.isfile(os.path.join(out, "processor_config.json")):
-    with open(os.path.join(out, "processor_config.json"), "w") as f:
-      json.dump(_next_processor(config), f, indent=2)
+    _write_json(out, "generation_config.json", {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                                                "pad_token_id": tokenizer.pad_id})
+  _write_processor(config, out)
   return out
+
+
+def _write_json(out: str, name: str, data: dict) -> None:
+  with open(os.path.join(out, name), "w") as f:
+    json.dump(data, f, indent=2)
+
+
+def _write_processor(config, out: str) -> None:
+  """The image processor as config.data says, in the file the checkpoint had it in (transformers
+  5.x: processor_config.json's "image_processor"; before: preprocessor_config.json), its other
+  fields kept; a model without one gets preprocessor_config.json (and, with AnyRes, the
+  LlavaNextProcessor settings)."""
+  found, name = image_processor.find(out)
+  if name == "processor_config.json":
+    processor = hf_config.read_json(out, name)
+    processor["image_processor"] = image_processor.to_hf(config, found)
+    _write_json(out, name, processor)
+    return
+  _write_json(out, "preprocessor_config.json", image_processor.to_hf(config, found))
+  if config.model.anyres.enabled and not os.path.isfile(os.path.join(out, "processor_config.json")):
+    _write_json(out, "processor_config.json", _next_processor(config))
 
 
 def _next_processor(config) -> dict:

@@ -21,7 +21,7 @@ import ml_collections
 
 from vlm_jax import config as config_lib
 from vlm_jax import parallel
-from vlm_jax.convert import hf_config, layout as layout_lib, params as params_lib
+from vlm_jax.convert import hf_config, image_processor, layout as layout_lib, params as params_lib
 from vlm_jax.convert.safetensors_io import INDEX, Reader, write_sharded
 from vlm_jax.data import hf_tokenizer
 from vlm_jax.errors import UserError
@@ -36,6 +36,7 @@ SIDECAR = "hf"                 # inside a converted workdir
 META = "convert.json"
 EXTRAS = "extras.safetensors"
 COMPONENTS = ("vision", "bridge", "llm")
+CHECKPOINT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}  # config.json's "dtype"
 
 
 def components(model_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -87,22 +88,20 @@ def inference_mesh(config: ml_collections.ConfigDict):
   return parallel.make_mesh(config.mesh)
 
 
-def _image_norm(directory: str, flavour: str) -> tuple[tuple, tuple]:
-  pre = hf_config.read_json(directory, "preprocessor_config.json", required=False) or {}
-  mean, std = hf_config.FLAVOUR_MEAN_STD[flavour]
-  return tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
-
-
-def _fill_config(base: ml_collections.ConfigDict | None, vision: dict, llm: dict,
-                 tokenizer, mean_std, llava: bool) -> ml_collections.ConfigDict:
-  """base (or base()) with the model read from HF; an assembled model keeps base's bridge kind."""
+def _fill_config(base: ml_collections.ConfigDict | None, vision: dict, llm: dict, tokenizer,
+                 processor_dir: str, llava: bool, anyres: dict | None = None) -> ml_collections.ConfigDict:
+  """base (or base()) with the model read from HF and the image processor of processor_dir; an
+  assembled model keeps base's bridge kind."""
   config = config_lib.base() if base is None else base
   config.model.vision.update(vision)
   config.model.llm.update(llm)
+  if anyres is not None:  # a LLaVA checkpoint says; an assembled model keeps base's
+    config.model.anyres.update(anyres)
   if llava:
     config.model.bridge.kind = "mlp2x_gelu"
   config.data.template = "hf" if tokenizer.chat_template else "simple"
-  config.data.image_mean, config.data.image_std = mean_std
+  config.data.update(image_processor.read(processor_dir, vision["flavour"], vision["image_size"],
+                                          config.model.anyres.enabled))
   config_lib.validate(config)
   return config
 
@@ -150,11 +149,13 @@ def open_llava(directory: str, dtype: str | None = None, base: ml_collections.Co
   if tokenizer.image_id != info["image_token_id"]:
     raise UserError(f"{directory}: the tokenizer's <image> is id {tokenizer.image_id}, config.json's "
                     f"image_token_id is {info['image_token_id']}")
-  config = _fill_config(base, info["vision"], info["llm"], tokenizer,
-                        _image_norm(directory, info["vision"]["flavour"]), llava=True)
-  config.model.anyres.update(info["anyres"])
-  config_lib.validate(config)
+  config = _fill_config(base, info["vision"], info["llm"], tokenizer, directory, llava=True,
+                        anyres=info["anyres"])
   config.data.tokenizer = directory
+  if dtype is None and base is None:
+    # Computing in the checkpoint's dtype, as transformers loads it (dtype "auto"): an fp32
+    # checkpoint gives transformers' fp32 tokens; a bf16 one runs in bf16 as before.
+    dtype = CHECKPOINT_DTYPES.get(hc.get("dtype") or hc.get("torch_dtype"))
   if dtype:
     config.model.dtype = dtype
   build_lib.resolve_model_config(config, tokenizer.vocab_size)
@@ -252,7 +253,7 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
   llm, family = hf_config.llm_from_hf(tc, f"{llm_dir}/config.json")
   tokenizer = hf_tokenizer.load(llm_dir, add_image=True)
   llm["vocab_size"] = max(llm["vocab_size"], tokenizer.vocab_size)
-  config = _fill_config(base, vision, llm, tokenizer, _image_norm(vision_dir, flavour), llava=False)
+  config = _fill_config(base, vision, llm, tokenizer, vision_dir, llava=False)
   run = build_lib.build(config, inference_mesh(config), tokenizer.image_id)
   layout = dict(layout_lib.LLAVA)  # export writes the hub's LLaVA layout
   dtypes, renames = {}, {}

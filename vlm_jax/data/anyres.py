@@ -11,6 +11,10 @@ tiles of the image resized into the best pinpoint and centre-padded with black. 
 encodes each tile to S x S features; the grid's features form one map, the rows or columns that
 are padding are dropped (unpad), anyres_max_N bilinearly shrinks a map larger than N tiles, and
 a learned newline token ends each row. Tokens = S*S (base) + rows * (cols + 1).
+
+An image too elongated for any grid (e.g. 20 x 2000) keeps no feature row after unpadding: as in
+transformers, its tokens are the base view's alone (a very tall one keeps rows of zero width,
+each still ended by its newline).
 """
 
 import ast
@@ -22,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import PIL.Image
 
+from vlm_jax.data import images as images_lib
 from vlm_jax.errors import UserError
 
 NEWLINE = 0  # token source index of image_newline; feature f of a group's pool is 1 + f
@@ -112,10 +117,10 @@ def unpad_size(size: tuple[int, int], feature_map: tuple[int, int]) -> tuple[int
   """The feature map without the rows (or columns) that only saw padding."""
   h, w = size
   fh, fw = feature_map
-  if w / h > fw / fh:
-    pad = (fh - int(round(h * fw / w, 7))) // 2
+  if w / h > fw / fh:  # the products in transformers' order: h * (fw / w) can round differently
+    pad = (fh - int(round(h * (fw / w), 7))) // 2
     return fh - 2 * pad, fw
-  pad = (fw - int(round(w * fh / h, 7))) // 2
+  pad = (fw - int(round(w * (fh / h), 7))) // 2
   return fh, fw - 2 * pad
 
 
@@ -131,53 +136,32 @@ def capped_size(size: tuple[int, int], spec: Spec) -> tuple[int, int]:
 def plan(size: tuple[int, int], spec: Spec) -> Plan:
   """The tile plan of an H x W image; UserError for images AnyRes cannot represent."""
   h, w = size
-  if h < 2 or w < 2:
-    raise UserError(f"image {h}x{w} (HxW): AnyRes needs at least 2 pixels on each side")
+  if h < 1 or w < 1:
+    raise UserError(f"image {h}x{w} (HxW): an image needs at least 1 pixel on each side")
   canvas = select_best_resolution(size, spec.pinpoints)
   grid = (canvas[0] // spec.tile, canvas[1] // spec.tile)
   unpadded = unpad_size(size, (grid[0] * spec.side, grid[1] * spec.side))
   features = capped_size(unpadded, spec)
-  if min(features) < 1:
-    raise UserError(f"image {h}x{w} (HxW): so thin that no feature row survives unpadding on the "
-                    f"{grid[0]}x{grid[1]} grid; crop or pad it")
-  base = spec.side ** 2 if spec.base_view else 0
+  tokens = (spec.side ** 2 if spec.base_view else 0) + features[0] * (features[1] + 1)
+  if not tokens:
+    raise UserError(f"image {h}x{w} (HxW): so elongated that no feature row survives unpadding on the "
+                    f"{grid[0]}x{grid[1]} grid, and base_view is off: it would have no tokens; crop or pad it")
   return Plan(image=(h, w), canvas=canvas, grid=grid, resized=fit_size(size, canvas), unpadded=unpadded,
-              features=features, tiles=grid[0] * grid[1] + int(spec.base_view),
-              tokens=base + features[0] * (features[1] + 1))
+              features=features, tiles=grid[0] * grid[1] + int(spec.base_view), tokens=tokens)
 
 
-def _rgb(image: "PIL.Image.Image | np.ndarray") -> PIL.Image.Image:
-  if isinstance(image, np.ndarray):
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-      raise ValueError(f"expected a uint8 HxWx3 array, got {image.dtype} {image.shape}")
-    return PIL.Image.fromarray(image)
-  return image.convert("RGB")
-
-
-def image_size(image: "PIL.Image.Image | np.ndarray") -> tuple[int, int]:
-  """(H, W) of a PIL image (whose .size is (W, H)) or an HxWx3 array."""
-  if isinstance(image, np.ndarray):
-    return image.shape[0], image.shape[1]
-  return image.size[1], image.size[0]
-
-
-def _resize(image: PIL.Image.Image, size: tuple[int, int]) -> np.ndarray:
-  return np.asarray(image.resize((size[1], size[0]), PIL.Image.Resampling.BICUBIC))  # PIL takes (W, H)
-
-
-def tiles(image: "PIL.Image.Image | np.ndarray", p: Plan, spec: Spec, mean: Sequence[float],
-          std: Sequence[float]) -> np.ndarray:
+def tiles(image: "PIL.Image.Image | np.ndarray", p: Plan, spec: Spec,
+          pre: images_lib.Preprocessing) -> np.ndarray:
   """float32 [p.tiles, tile, tile, 3], normalised: the base view, then the grid row-major."""
-  image = _rgb(image)
+  rgb = images_lib.to_rgb(image)
   t = spec.tile
   canvas = np.zeros(p.canvas + (3,), np.uint8)  # black padding, as LLaVA-NeXT
   top, left = (p.canvas[0] - p.resized[0]) // 2, (p.canvas[1] - p.resized[1]) // 2
-  canvas[top:top + p.resized[0], left:left + p.resized[1]] = _resize(image, p.resized)
+  canvas[top:top + p.resized[0], left:left + p.resized[1]] = images_lib.resize(rgb, p.resized, pre.resample)
   grid = canvas.reshape(p.grid[0], t, p.grid[1], t, 3).transpose(0, 2, 1, 3, 4).reshape(-1, t, t, 3)
   if spec.base_view:
-    grid = np.concatenate([_resize(image, (t, t))[None], grid])
-  x = grid.astype(np.float32) / 255.0
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    grid = np.concatenate([images_lib.resize(rgb, (t, t), pre.resample)[None], grid])
+  return pre.normalize(grid)
 
 
 def _bilinear(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +206,7 @@ def token_sources(p: Plan, spec: Spec, first_tile: int = 0) -> tuple[np.ndarray,
   y, x = yi[:, None, :, None], xi[None, :, None, :]                    # [fh, fw, ty, tx]
   tile = first_tile + base_tiles + (y // s) * p.grid[1] + x // s
   index = 1 + tile * per_tile + (y % s) * s + x % s
-  index = index.reshape(fh, fw, -1)
+  index = index.reshape(fh, fw, yi.shape[1] * xi.shape[1])  # fh or fw may be 0 (elongated images)
   weight = (yw[:, None, :, None] * xw[None, :, None, :]).reshape(index.shape).astype(np.float32)
   # A newline token closes each row.
   newline_i = np.full((fh, 1, index.shape[-1]), NEWLINE)

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax.data import anyres
+from vlm_jax.data import images as images_lib
 from vlm_jax.data.prepare import Prepared
 from vlm_jax.errors import UserError
 
@@ -30,7 +31,7 @@ def for_config(config: ml_collections.ConfigDict) -> "AnyRes | None":
   """The data side of AnyRes for a full config, or None when it is off."""
   if not config.model.anyres.enabled:
     return None
-  return AnyRes(config.model, config.data.image_mean, config.data.image_std)
+  return AnyRes(config.model, images_lib.Preprocessing.from_config(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +44,12 @@ class Tiled:
 class AnyRes:
   """The data side of AnyRes for one config: token counts, tiles and batch arrays."""
 
-  def __init__(self, model_cfg: ml_collections.ConfigDict, mean: Sequence[float], std: Sequence[float]):
+  def __init__(self, model_cfg: ml_collections.ConfigDict, pre: images_lib.Preprocessing):
     self.spec = spec_from_config(model_cfg)
-    self.mean, self.std = mean, std
+    self.pre = pre  # its resample filter and normalisation
 
   def plan(self, image) -> anyres.Plan:
-    return anyres.plan(anyres.image_size(image), self.spec)
+    return anyres.plan(images_lib.image_size(image), self.spec)
 
   def tokens(self, image) -> int:
     """Placeholder tokens the image's `<image>` expands to."""
@@ -56,7 +57,7 @@ class AnyRes:
 
   def prepare(self, image) -> Tiled:
     p = self.plan(image)
-    return Tiled(p, anyres.tiles(image, p, self.spec, self.mean, self.std))
+    return Tiled(p, anyres.tiles(image, p, self.spec, self.pre))
 
   def tiles_per_group(self, max_tiles: int, groups: int, rows: int) -> int:
     """Tile slots per group from the per-batch budget (0: every row's largest plan)."""

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from vlm_jax.data.tokenizer import bos_prefix
 from vlm_jax.errors import UserError
 
 HF = "hf"
@@ -95,13 +96,12 @@ def render(tokenizer, turns: Sequence[tuple[str, str]], add_generation_prompt: b
 
 
 def _with_bos(tokenizer, text: str, ids: list[int]) -> list[int]:
-  """As transformers' processors tokenize a rendered prompt: with the tokenizer's special tokens
-  (BOS for Llama, none for Qwen2), unless the template already wrote BOS."""
+  """As transformers' processor.apply_chat_template tokenizes a rendered prompt: with the BOS the
+  tokenizer adds (Llama's, none for Qwen2), unless the template already wrote it ({{ bos_token }})."""
   bos_token = getattr(tokenizer, "bos_token", None)
-  if (tokenizer.bos_id is None or not getattr(tokenizer, "adds_bos", True)
-      or (bos_token and text.startswith(bos_token))):
+  if bos_token and text.startswith(bos_token):
     return ids
-  return [tokenizer.bos_id] + ids
+  return bos_prefix(tokenizer) + ids
 
 
 def encode_prompt(prompt: str, tokenizer, text_ids) -> np.ndarray:

@@ -118,7 +118,8 @@ class _SentencePieceBackend:
     return max([self.sp.vocab_size()] + [i + 1 for i in self.added.values()])
 
   def adds_bos(self, bos_id: int | None, tokenizer_config: dict) -> bool:
-    return bos_id is not None and tokenizer_config.get("add_bos_token", True)  # LlamaTokenizer's default
+    # transformers (5.x) converts the .model with a post-processor that adds BOS only when asked.
+    return bos_id is not None and bool(tokenizer_config.get("add_bos_token", False))
 
   def add(self, token: str) -> int:
     self.added[token] = i = self.vocab_size()

@@ -11,7 +11,7 @@ with each checkpoint, so a resumed run sees exactly the samples an unbroken run 
 
 import logging
 import sys
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import ml_collections
@@ -20,7 +20,8 @@ import numpy as np
 from vlm_jax.data import anyres_batch, shapes, sources as sources_lib
 from vlm_jax.data.anyres_batch import AnyRes, TileGroups
 from vlm_jax.data.packing import PackBatches
-from vlm_jax.data.prepare import Prepare, image_preprocessor
+from vlm_jax.data.images import Preprocessing
+from vlm_jax.data.prepare import Prepare
 from vlm_jax.data.templates import get_template
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
@@ -76,8 +77,7 @@ class Batches:
   via get_state/set_state. `skipped` counts the rejected samples by reason."""
 
   def __init__(self, spec: str, *, tokenizer: Tokenizer, seq_len: int, global_batch_size: int,
-               image_size: int, image_tokens: int, seed: int, image_mean: Sequence[float],
-               image_std: Sequence[float], template: str = "simple", process_index: int = 0,
+               preprocessing: Preprocessing, image_tokens: int, seed: int, template: str = "simple", process_index: int = 0,
                process_count: int = 1, strict: bool = False, image_position: str = "before",
                max_images: int = 1, pack: bool = False, workers: int = 0, threads: int = 4,
                prefetch: int = 2, tfds_dir: str = "", anyres: AnyRes | None = None, tile_groups: int = 1,
@@ -94,6 +94,7 @@ class Batches:
         raise UserError(f"config.data.{name} must be >= {low}, got {value}")
     self.spec, self.strict = spec, strict
     self.local_batch_size = global_batch_size // process_count
+    image_size = preprocessing.size
     options = sources_lib.Options(seed, image_size, image_position, tfds_dir)
     sources, weights = sources_lib.open_mixture(spec, options)
     # AnyRes: the batch's rows form tile_groups groups (tile_groups: global, a multiple of the
@@ -107,7 +108,7 @@ class Batches:
                           anyres.tiles_per_group(max_tiles, tile_groups, global_batch_size), seq_len)
     self.prepare = Prepare(sources, tokenizer, template=template, image_tokens=image_tokens,
                            seq_len=seq_len, max_images=max_images,
-                           image_fn=image_preprocessor(image_size, image_mean, image_std),
+                           preprocessing=preprocessing,
                            anyres=anyres, max_tiles=groups.tiles_per_group if groups else sys.maxsize)
     orders = [grain.MapDataset.source(EpochOrder(k, len(s), seed, process_index, process_count))
               for k, s in enumerate(sources)]
@@ -134,9 +135,8 @@ class Batches:
     """tile_groups (AnyRes): batch shards x grad_accum, so that each group lives on one device."""
     d = config.data
     return cls(spec or d.sources, tokenizer=tokenizer, seq_len=d.seq_len,
-               global_batch_size=config.train.batch_size, image_size=config.model.vision.image_size,
-               image_tokens=image_tokens, seed=config.seed, image_mean=d.image_mean,
-               image_std=d.image_std, template=d.template, process_index=process_index,
+               global_batch_size=config.train.batch_size, preprocessing=Preprocessing.from_config(config),
+               image_tokens=image_tokens, seed=config.seed, template=d.template, process_index=process_index,
                process_count=process_count, strict=d.strict, image_position=d.image_position,
                max_images=d.max_images, pack=d.pack, workers=d.workers, threads=d.threads,
                prefetch=d.prefetch, tfds_dir=d.tfds_dir, anyres=anyres_batch.for_config(config),

@@ -6,10 +6,9 @@ data.strict, stops with its message, which names the source and the sample index
 """
 
 import dataclasses
-import functools
 import io
 import sys
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import PIL.Image
@@ -60,7 +59,7 @@ def decode_image(ref: ImageRef) -> PIL.Image.Image | np.ndarray:
   try:
     if isinstance(ref, bytes):
       with PIL.Image.open(io.BytesIO(ref)) as image:
-        return image.convert("RGB")
+        return PIL.Image.fromarray(images_lib.to_rgb(image))
     return images_lib.load_image(ref)
   except UserError as e:
     raise BadSample("image", str(e)) from None
@@ -68,29 +67,17 @@ def decode_image(ref: ImageRef) -> PIL.Image.Image | np.ndarray:
     raise BadSample("image", f"cannot decode image bytes: {e}") from None
 
 
-def _one_tile(image: PIL.Image.Image | np.ndarray, size: int, mean: Sequence[float],
-              std: Sequence[float]) -> np.ndarray:
-  return images_lib.preprocess(image, size, mean, std)[None]
-
-
-def image_preprocessor(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-  """decoded image -> float32 [tiles, size, size, 3]: the one place square image arrays are made.
-
-  One tile (the image resized); each takes one of the row's data.max_images image slots. With
-  AnyRes, Prepare tiles each image by its plan instead (AnyRes.prepare).
-  """
-  return functools.partial(_one_tile, size=size, mean=mean, std=std)
-
-
 class Prepare:
   """(source number, index) -> Prepared | Skipped. Picklable, for worker processes."""
 
   def __init__(self, sources: Sequence[Source], tokenizer: Tokenizer, *, template: str,
-               image_tokens: int, seq_len: int, max_images: int, image_fn: Callable,
+               image_tokens: int, seq_len: int, max_images: int, preprocessing: images_lib.Preprocessing,
                anyres: "AnyRes | None" = None, max_tiles: int = sys.maxsize):
+    """Without AnyRes each image is one tile, `preprocessing(image)`, and takes one of the row's
+    data.max_images image slots; with AnyRes, `anyres.prepare` tiles each image by its plan."""
     self.sources, self.tokenizer, self.template = list(sources), tokenizer, template
     self.image_tokens, self.seq_len, self.max_images = image_tokens, seq_len, max_images
-    self.image_fn = image_fn
+    self.preprocessing = preprocessing
     self.anyres, self.max_tiles = anyres, max_tiles  # AnyRes: max_tiles = a tile group's pool size
 
   def __call__(self, item: tuple[int, int]) -> Prepared | Skipped:
@@ -120,7 +107,7 @@ class Prepare:
     if self.anyres:
       tiles = [self.anyres.prepare(image).tiles for image in decoded]
     else:
-      tiles = [self.image_fn(decode_image(ref)) for ref in sample.images]
+      tiles = [self.preprocessing(decode_image(ref))[None] for ref in sample.images]
     # No images: an empty stack that fits (broadcasts into) any image size.
     stacked = np.concatenate(tiles).astype(np.float32) if tiles else np.zeros((0, 1, 1, 3), np.float32)
     prepared = Prepared(sample.key, enc.tokens, enc.loss_mask, stacked, plans)
@@ -135,5 +122,5 @@ class Prepare:
   def _plan(self, key: str, image) -> anyres.Plan:
     try:
       return self.anyres.plan(image)
-    except UserError as e:  # e.g. an image thinner than 2 pixels
+    except UserError as e:  # e.g. an elongated image with no tokens (base_view off)
       raise BadSample("image", f"id {key}: {e}") from None

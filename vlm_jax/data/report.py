@@ -9,7 +9,8 @@ from typing import Iterator, TextIO
 import ml_collections
 
 from vlm_jax.data import anyres_batch, sources as sources_lib
-from vlm_jax.data.prepare import Prepare, Prepared, Skipped, image_preprocessor
+from vlm_jax.data import images as images_lib
+from vlm_jax.data.prepare import Prepare, Prepared, Skipped
 from vlm_jax.data.templates import get_template
 from vlm_jax.data.tokenizer import Tokenizer
 
@@ -47,7 +48,7 @@ def samples(config: ml_collections.ConfigDict, tokenizer: Tokenizer, image_token
   sources, _ = sources_lib.open_mixture(spec, options)
   prepare = Prepare(sources, tokenizer, template=d.template, image_tokens=image_tokens, seq_len=d.seq_len,
                     max_images=d.max_images,
-                    image_fn=image_preprocessor(config.model.vision.image_size, d.image_mean, d.image_std),
+                    preprocessing=images_lib.Preprocessing.from_config(config),
                     anyres=anyres_batch.for_config(config))  # tile pools depend on the mesh: not checked here
   for k, source in enumerate(sources):
     for index in range(len(source) if limit is None else min(limit, len(source))):

@@ -16,7 +16,7 @@ import numpy as np
 
 from vlm_jax.data import chat_template
 from vlm_jax.errors import BadSample, UserError
-from vlm_jax.data.tokenizer import IMAGE, Tokenizer
+from vlm_jax.data.tokenizer import IMAGE, Tokenizer, bos_prefix
 
 ROLES = ("user", "assistant")
 TEXT = "{}"  # where a turn's text goes in a template string (not str.format: texts hold braces)
@@ -29,7 +29,9 @@ class Template:
   user: str
   answer: str
   eos: bool = False         # the tokenizer's EOS id ends each answer
-  bos: bool = True          # the tokenizer's BOS id starts the sequence (if it has one)
+  # BOS: "tokenizer" if the tokenizer adds one (tokenizer.bos_prefix, as LLaVA tokenizes), "template"
+  # if the model's own Jinja template writes {{ bos_token }} (Llama 3, Gemma), "none".
+  bos: str = "tokenizer"
   system: str = ""
   after_answer: str = ""
   trim: bool = False        # strip each turn's text (Jinja's `| trim` in Llama 3 and Gemma)
@@ -49,13 +51,13 @@ TEMPLATES = {
     # Meta Llama 3 Instruct; the header is not supervised, the answer and <|eot_id|> are.
     "llama3": Template(user="<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
                             "<|start_header_id|>assistant<|end_header_id|>\n\n",
-                       answer="{}<|eot_id|>", trim=True),
+                       answer="{}<|eot_id|>", trim=True, bos="template"),
     # Qwen2 (ChatML) with its default system message; no BOS.
     "chatml": Template(system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
                        user="<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
-                       answer="{}<|im_end|>", after_answer="\n", bos=False),
+                       answer="{}<|im_end|>", after_answer="\n", bos="none"),
     "gemma": Template(user="<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n",
-                      answer="{}<end_of_turn>", after_answer="\n", trim=True),
+                      answer="{}<end_of_turn>", after_answer="\n", trim=True, bos="template"),
 }
 
 
@@ -76,9 +78,10 @@ def get_template(name: str) -> Template | None:
 
 
 def _bos(tokenizer: Tokenizer, tpl: Template | None = None) -> list[int]:
-  if tokenizer.bos_id is None or (tpl is not None and not tpl.bos):
-    return []  # Qwen2 has no BOS
-  return [tokenizer.bos_id]
+  """The sequence's BOS: as the template says, or (raw text, tpl None) as the tokenizer adds it."""
+  if tpl is not None and tpl.bos != "tokenizer":
+    return [tokenizer.bos_id] if tpl.bos == "template" and tokenizer.bos_id is not None else []
+  return bos_prefix(tokenizer)
 
 
 def _check_images(texts: Sequence[str], image_tokens: int | Sequence[int], at_most: int | None = None) -> None:

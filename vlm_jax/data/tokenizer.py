@@ -35,6 +35,7 @@ class Tokenizer:
     self._drop = {self._pad_id, self.bos_id, self.eos_id, self._image_id}
 
   chat_template = None  # the "simple" template is ours; HF tokenizers bring their own
+  adds_bos = True       # BOS starts every sequence (export writes add_bos_token: true to match)
 
   @classmethod
   def load(cls, spec: str) -> "Tokenizer":
@@ -84,6 +85,14 @@ class Tokenizer:
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
+
+
+def bos_prefix(tokenizer) -> list[int]:
+  """[BOS] if the tokenizer puts it in front of text it encodes with special tokens (its
+  post-processor or add_bos_token), as transformers' processors tokenize prompts; else []."""
+  if tokenizer.bos_id is None or not tokenizer.adds_bos:
+    return []
+  return [tokenizer.bos_id]
 
 
 # Generic English, so that free-form prompts get real subwords, not only bytes.

@@ -31,9 +31,8 @@ class Evaluator:
     if self.anyres:  # a list of Tiled: each image has its own plan and token count
       self.images = [self.anyres.prepare(e.image) for e in self.examples]
     else:
-      self.images = np.stack([images_lib.preprocess(e.image, cfg.model.vision.image_size,
-                                                    cfg.data.image_mean, cfg.data.image_std)
-                              for e in self.examples])
+      preprocessing = images_lib.Preprocessing.from_config(cfg)
+      self.images = np.stack([preprocessing(e.image) for e in self.examples])
     self.greedy = Greedy(run.model, run.mesh, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
   def __call__(self, params, *, shuffle_images: bool = False) -> dict[str, float]:

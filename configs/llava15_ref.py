@@ -21,6 +21,7 @@ def get_config(arg=None):
   config = base()
   config.stage = stage
   m = config.model
+  # hidden_states[-2] of the 24-block tower: we run 23 blocks.
   m.vision.update(dict(flavour="clip", image_size=336, patch_size=14, width=1024, depth=23, heads=16,
                        mlp_dim=4096, norm_eps=1e-5, keep_cls=False, final_norm=False))
   m.bridge.kind = "mlp2x_gelu"

@@ -9,6 +9,7 @@ import PIL.Image
 import pytest
 import sentencepiece
 
+from vlm_jax import config as config_lib
 from vlm_jax.errors import UserError
 from vlm_jax.data import images, pipeline, shapes, tokenizer
 from vlm_jax.data.shapes import Shape
@@ -344,6 +345,30 @@ def test_resize_modes_keep_the_middle_or_pad_around_it():
   # A crop larger than the resized image pads it with zeros around (as transformers' center_crop).
   small = images.center_crop(np.ones((3, 5), np.uint8), 6)
   assert small.shape == (6, 6) and small.sum() == 15 and small[0].sum() == 0
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("image_resize", "crop", "config.data.image_resize: 'crop' is not one of"),
+    ("image_resample", "cubic", "config.data.image_resample: 'cubic' is not one of"),
+    ("image_fill", (1, 2), "config.data.image_fill"),
+    ("image_fill", (0, 0, 300), "config.data.image_fill"),
+    ("image_short_side", -1, "config.data.image_short_side must be >= 0"),
+    ("image_std", (0.5, 0.0, 0.5), "config.data.image_std"),
+    ("image_mean", (0.5, 0.5), "config.data.image_mean: expected 3 values"),
+])
+def test_bad_image_fields_are_one_line_errors(field, value, needle):
+  c = config_lib.base()
+  c.data[field] = value
+  with pytest.raises(UserError, match=re.escape(needle)) as e:
+    config_lib.validate(c)
+  assert "\n" not in str(e.value)
+
+
+def test_anyres_tiles_images_itself():
+  c = config_lib.base()
+  c.model.anyres.enabled, c.data.image_resize = True, "pad_square"
+  with pytest.raises(UserError, match="config.data.image_resize: 'pad_square' with AnyRes"):
+    config_lib.validate(c)
 
 
 def test_image_errors(tmp_path):

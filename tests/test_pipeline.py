@@ -231,6 +231,26 @@ def test_multi_image_sample(tok, tmp_path):
     _take(_batches(tok, f"llava:{path}", batch=1, strict=True), 1)
 
 
+@pytest.mark.parametrize("resize", ["squash", "shortest_edge_crop", "pad_square"])
+def test_training_images_follow_the_configs_resize_mode(tok, tmp_path, resize):
+  """A non-square photo is resized as config.data says (the checkpoint's processor after import)."""
+  rng = np.random.default_rng(0)
+  photo = rng.integers(0, 256, (18, 50, 3), dtype=np.uint8)
+  PIL.Image.fromarray(photo).save(tmp_path / "wide.png")
+  (tmp_path / "one.json").write_text(json.dumps([{"id": "w", "image": "wide.png", "conversations": [
+      {"from": "human", "value": f"{IMAGE}\nWhat is it?"}, {"from": "gpt", "value": "red"}]}]))
+  cfg = tiny_config({"data.image_resize": resize, "data.image_short_side": 20, "data.image_fill": (9, 99, 199),
+                     "data.sources": f"llava:{tmp_path / 'one.json'}", "data.seq_len": 64, "train.batch_size": 1})
+  cfg.data.update(dict(threads=0, prefetch=0))
+  b = next(Batches.from_config(cfg, tok, IMAGE_TOKENS))
+  pre = images.Preprocessing(SIZE, resize=resize, short_side=20, fill=(9, 99, 199))
+  np.testing.assert_array_equal(b["images"][0, 0], pre(photo))
+  # The modes differ on this photo: a test of one of them cannot pass for another.
+  others = [images.Preprocessing(SIZE, resize=r, short_side=20, fill=(9, 99, 199))(photo)
+            for r in ("squash", "shortest_edge_crop", "pad_square") if r != resize]
+  assert all(np.abs(o - b["images"][0, 0]).max() > 0.1 for o in others)
+
+
 def test_model_writes_each_image_into_its_own_placeholders(tok, tmp_path):
   cfg = tiny_config({"model.llm.vocab_size": tok.vocab_size, "model.vision.image_size": SIZE})
   model = VLM(cfg.model, tok.image_id)

@@ -7,6 +7,7 @@ import ast
 import importlib.util
 import json
 import os
+import sys
 
 import ml_collections
 
@@ -121,10 +122,13 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     raise UserError(f"--config: file not found: {path}")
   module_spec = importlib.util.spec_from_file_location("_vlm_jax_config", path)
   module = importlib.util.module_from_spec(module_spec)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # a config may build on its neighbours
   try:
     module_spec.loader.exec_module(module)
   except Exception as e:  # a user's file: report where, not a traceback
     raise UserError(f"--config: cannot load {path}: {type(e).__name__}: {e}") from e
+  finally:
+    sys.path.pop(0)
   if not hasattr(module, "get_config"):
     raise UserError(f"--config: {path} has no get_config()")
   try:

@@ -65,8 +65,10 @@ def read(directory: str, flavour: str, image_size: int, anyres: bool) -> dict:
   """The directory's image processor as config.data fields (image_resize, image_short_side,
   image_fill, image_resample, image_mean, image_std). Steps we do not reproduce are warned about."""
   cfg, name = find(directory)
-  if cfg is None:  # a bare vision tower or LLaVA dir: the tower's usual normalisation, squashed
+  if cfg is None:  # e.g. a bare vision tower: the tower's usual normalisation, squashed
     mean, std = (CLIP_MEAN, CLIP_STD) if flavour == "clip" else (HALF, HALF)
+    log.warning("%s: no image processor (processor_config.json or preprocessor_config.json); images are "
+                "squashed to %d px and normalised as %s towers usually are", directory, image_size, flavour)
     return dict(image_resize="squash", image_short_side=0, image_fill=(), image_resample="bicubic",
                 image_mean=mean, image_std=std)
   where = f"{directory}/{name}"
@@ -81,7 +83,7 @@ def read(directory: str, flavour: str, image_size: int, anyres: bool) -> dict:
     log.warning("%s: resample %r is not a PIL filter code; vlm-jax resizes with bicubic", where, get("resample"))
     resample = "bicubic"
   mean, std = _normalization(get, where)
-  size, crop = get("size"), get("crop_size") if get("do_center_crop") else None
+  size, crop = get("size"), (get("crop_size") if get("do_center_crop") else None)
   if not get("do_resize"):
     log.warning("%s: do_resize is false; vlm-jax resizes to the vision tower's %d px anyway", where, image_size)
   if crop is not None and not _square(crop, image_size):

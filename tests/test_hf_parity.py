@@ -165,9 +165,9 @@ def test_pixels_prompt_ids_and_greedy_tokens_equal_transformers(kind, checkpoint
     image = _image(size, seed=i)
     inputs = _hf_inputs(c["processor"], image)
     # Pixels: the processor's pixel_values, every tile (fp32).
-    theirs = _their_pixels(c["processor"], image)
-    assert _our_pixels(ours, image).shape == theirs.shape, size
-    np.testing.assert_allclose(_our_pixels(ours, image), theirs, atol=1e-5, err_msg=str(size))
+    mine, theirs = _our_pixels(ours, image), _their_pixels(c["processor"], image)
+    assert mine.shape == theirs.shape, size
+    np.testing.assert_allclose(mine, theirs, atol=1e-5, err_msg=str(size))
     # Prompt ids: template, BOS and image-token expansion.
     assert ours.encode_prompt(QUESTION, image=image).tolist() == inputs["input_ids"][0].tolist(), size
     # Greedy tokens, through the Python API and the CLI (from the image saved as a file).

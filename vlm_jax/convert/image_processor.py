@@ -17,7 +17,7 @@ import ml_collections
 
 from vlm_jax.config import RESAMPLE
 from vlm_jax.convert.hf_config import read_json
-from vlm_jax.data.images import Preprocessing
+from vlm_jax.data.images import Preprocessing, mean_fill
 from vlm_jax.errors import UserError
 
 log = logging.getLogger("vlm_jax")
@@ -113,8 +113,8 @@ def read(directory: str, flavour: str, image_size: int, anyres: bool) -> dict:
   else:
     log.warning("%s: size %s is not reproduced (shortest_edge or a square height/width); vlm-jax squashes "
                 "to %d", where, size, image_size)
-  fill = tuple(int(x * 255) for x in get("image_mean"))  # LlavaImageProcessor's, from the mean as saved
-  if fields["image_resize"] == "pad_square" and fill != tuple(int(m * 255) for m in mean):
+  fill = mean_fill(get("image_mean"))  # LlavaImageProcessor's, from the mean as saved
+  if fields["image_resize"] == "pad_square" and fill != mean_fill(mean):
     fields["image_fill"] = fill  # only when a rescale factor folded into the mean changed it
   return fields
 
@@ -147,7 +147,7 @@ def to_hf(config: ml_collections.ConfigDict, base: dict | None = None) -> dict:
                do_pad=True, image_grid_pinpoints=[list(p) for p in anyres.parse_pinpoints(
                    config.model.anyres.grid_pinpoints, size)])
   elif pre.resize == "pad_square":
-    if pre.fill_color != tuple(int(m * 255) for m in pre.mean):
+    if pre.fill_color != mean_fill(pre.mean):
       raise UserError(f"config.data.image_fill {pre.fill} cannot be written as a HF LlavaImageProcessor, which "
                       "pads with int(image_mean * 255)")
     new_kind = "LlavaImageProcessor"

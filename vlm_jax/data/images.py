@@ -92,6 +92,11 @@ def center_crop(x: np.ndarray, size: int) -> np.ndarray:
   return padded[max(0, top):top + size, max(0, left):left + size]
 
 
+def mean_fill(mean: Sequence[float]) -> tuple[int, ...]:
+  """LlavaImageProcessor's (and LLaVA's expand2square) pad colour for a mean: int(m * 255) each."""
+  return tuple(int(m * 255) for m in mean)
+
+
 def pad_square(rgb: np.ndarray, fill: Sequence[int]) -> np.ndarray:
   """The image centred on a square of its long side, filled with `fill` (LLaVA's expand2square)."""
   h, w = rgb.shape[:2]
@@ -125,8 +130,8 @@ class Preprocessing:
 
   @property
   def fill_color(self) -> tuple[int, ...]:
-    """LlavaImageProcessor's background: int(mean * 255) per channel unless fill is given."""
-    return tuple(self.fill) or tuple(int(m * 255) for m in self.mean)
+    """The pad colour: fill if given, else the mean's (mean_fill)."""
+    return tuple(self.fill) or mean_fill(self.mean)
 
   def pixels(self, image: "PIL.Image.Image | np.ndarray") -> np.ndarray:
     """uint8 [size, size, 3]: the resized (and cropped or padded) image."""

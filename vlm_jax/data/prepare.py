@@ -59,7 +59,7 @@ def decode_image(ref: ImageRef) -> PIL.Image.Image | np.ndarray:
   try:
     if isinstance(ref, bytes):
       with PIL.Image.open(io.BytesIO(ref)) as image:
-        return PIL.Image.fromarray(images_lib.to_rgb(image))
+        return images_lib.to_rgb(image)  # the array Preprocessing and AnyRes start from
     return images_lib.load_image(ref)
   except UserError as e:
     raise BadSample("image", str(e)) from None

@@ -16,7 +16,7 @@ import shutil
 import time
 
 from vlm_jax.config import base
-from vlm_jax.train import loop
+from vlm_jax import api
 
 
 def demo_config(anyres: bool, steps: int):
@@ -41,7 +41,7 @@ def main() -> None:
     workdir = os.path.join(args.workdir, name)
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, not a resume
     t0 = time.time()
-    metrics = loop.train(demo_config(anyres, args.steps), workdir)
+    metrics = api.train(demo_config(anyres, args.steps), workdir)
     key = "eval/shapes_wide_test/"
     results[name] = {"accuracy": round(metrics[key + "accuracy"], 4),
                      **{k[len(key):]: round(v, 4) for k, v in metrics.items() if "accuracy/" in k},

@@ -33,12 +33,11 @@ WORDS = 128000  # tokenizer words; + <|begin_of_text|>, <|end_of_text|>, <image>
 
 def write_random_llava(directory: str) -> int:
   """Random bf16 weights under the hub's LLaVA keys, from our own key tables. Returns bytes."""
-  import jax
+  from vlm_jax import build as build_lib
   from vlm_jax import config as config_lib
+  from vlm_jax import parallel
   from vlm_jax.convert import hf_config, layout, params as params_lib
-  from vlm_jax.convert.hf_import import flat
   from vlm_jax.convert.safetensors_io import write_sharded
-  from vlm_jax.train import build as build_lib
 
   hc = dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", text_config=LLAMA_1B,
             vision_config=CLIP_L_336, image_token_id=WORDS + 2, projector_hidden_act="gelu",
@@ -48,10 +47,8 @@ def write_random_llava(directory: str) -> int:
   config.model.vision.update(info["vision"])
   config.model.vision.depth = CLIP_L_336["num_hidden_layers"]  # every block on disk
   config.model.llm.update(info["llm"])
-  model = build_lib.make_model(config, hc["image_token_id"])
-  abstract = jax.eval_shape(lambda r: model.init(r, *build_lib.dummy_inputs(config))["params"], jax.random.key(0))
-  import flax.linen as nn
-  shapes = {k: v.shape for k, v in flat(nn.meta.unbox(abstract)).items()}
+  run = build_lib.build(config, parallel.inference_mesh(config), hc["image_token_id"])
+  shapes = {k: v.shape for k, v in build_lib.flat_params(run.abstract_params).items()}
   items = params_lib.plan(config.model, layout.LLAVA, shapes, ("vision", "bridge", "llm"))
   rng = np.random.default_rng(0)
 

@@ -4,9 +4,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from vlm_jax import build as build_lib
 from vlm_jax import config as config_lib
 from vlm_jax.models.vlm import image_tokens
-from vlm_jax.train import optim
 
 
 def tiny_config(overrides: dict[str, object] | None = None) -> ml_collections.ConfigDict:
@@ -24,7 +24,7 @@ def tiny_config(overrides: dict[str, object] | None = None) -> ml_collections.Co
   c.train.warmup_steps = 0  # lr > 0 from the first step, so one step moves every trained param
   c.mesh.update(dict(data=1, fsdp=1, tensor=1))
   config_lib.apply_overrides(c, {k: str(v) for k, v in (overrides or {}).items()})
-  config_lib.validate(c)
+  build_lib.validate(c)
   return c
 
 
@@ -68,11 +68,6 @@ def random_batch(seed: int, cfg: ml_collections.ConfigDict, image_id: int) -> di
 def to_host(tree):
   """Copies (never views) of every array: safe to keep across steps that donate their inputs."""
   return jax.tree.map(lambda x: np.array(x, copy=True), tree)
-
-
-def flat_params(tree) -> dict:
-  """{"vision/patch_embed/kernel": leaf, ...} for a params-like tree (params, labels, shardings)."""
-  return {optim.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def moment_paths(opt_state, with_none: bool = False) -> list:

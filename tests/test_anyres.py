@@ -19,21 +19,21 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 import helpers
 import hf_models
 import vlm_jax
-from vlm_jax import cli, parallel
+from vlm_jax import build as build_lib
+from vlm_jax import cli, parallel, tasks
 from vlm_jax import config as config_lib
 from vlm_jax.convert import hf_export
 from vlm_jax.convert.safetensors_io import read_all
-from vlm_jax.data import anyres
-from vlm_jax.data.anyres_batch import TileGroups
+from vlm_jax.data import IMAGE, anyres
 from vlm_jax.data.images import Preprocessing
-from vlm_jax.data.packing import collate_text
+from vlm_jax.data.packing import TileGroups, collate_text
 from vlm_jax.data.pipeline import Batches, device_batch
 from vlm_jax.data.sources import Sample
-from vlm_jax.data.tokenizer import IMAGE, Tokenizer
+from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import BadSample, UserError
 from vlm_jax.models.vlm import VLM
-from vlm_jax.train import build as build_lib
 from vlm_jax.train import loop
+from vlm_jax.train import trainer as trainer_lib
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -273,7 +273,7 @@ def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles
                              "train.grad_accum": accum,
                              "model.anyres.max_tiles": max_tiles, "train.batch_size": 16})
   m = parallel.make_mesh(cfg.mesh)
-  run = build_lib.build(cfg, m, tok.image_id)
+  run = trainer_lib.build(cfg, m, tok.image_id)
   data = _batches(cfg, tok, parallel.batch_divisor(m) * accum)
   compiles = []
   listener = lambda event, *_, **__: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
@@ -329,7 +329,7 @@ def test_packed_anyres_rows_give_each_sample_its_unpacked_loss(tok):
   one_each = TileGroups(data.prepare.anyres, len(rows), data.prepare.anyres.spec.max_tiles, cfg.data.seq_len)
   unpacked = {**one_each.collate(rows), **collate_text(rows, cfg.data.seq_len, tok.pad_id)}
   model = VLM(cfg.model, tok.image_id)
-  params = model.init(jax.random.key(0), *build_lib.dummy_inputs(cfg))["params"]
+  params = model.init(jax.random.key(0), *tasks.task_of(cfg).dummy_inputs(cfg, 1))["params"]
   a, b = helpers.per_sample_loss(model, params, packed), helpers.per_sample_loss(model, params, unpacked)
   assert a.keys() == b.keys()
   np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5)
@@ -463,7 +463,7 @@ def test_model_trained_here_exports_to_a_working_llava_next(flavour, tmp_path):
   cfg = _anyres_config(tok, {"model.vision.flavour": flavour, "model.vision.patch_size": 8, "mesh.data": -1,
                              "model.anyres.grid_pinpoints": str(TINY_PINPOINTS)})
   run = build_lib.build(cfg, parallel.make_mesh(cfg.mesh), tok.image_id)
-  params = run.init(jax.random.key(4))["params"]
+  params = run.init_params(jax.random.key(4))
   out = str(tmp_path / "out")
   hf_export.export(cfg, tok, params, None, out)
   processor = transformers.AutoProcessor.from_pretrained(out)
@@ -485,12 +485,12 @@ def test_model_trained_here_exports_to_a_working_llava_next(flavour, tmp_path):
 
 def test_a_run_started_before_anyres_existed_still_resumes(tmp_path):
   cfg = helpers.tiny_config()
-  loop.prepare_workdir(cfg, str(tmp_path))
+  loop.write_config(cfg, str(tmp_path))
   saved = json.loads((tmp_path / "config.json").read_text())
   del saved["model"]["anyres"]  # as written by an earlier version
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  loop.prepare_workdir(cfg, str(tmp_path))  # no "different config" error
+  loop.check_workdir(cfg, str(tmp_path))  # no "different config" error
   cfg.model.anyres.enabled = True
   with pytest.raises(UserError, match="model.anyres.enabled"):
-    loop.prepare_workdir(cfg, str(tmp_path))
+    loop.check_workdir(cfg, str(tmp_path))
   assert config_lib.from_json(json.dumps(saved)).model.anyres.enabled is False

@@ -37,11 +37,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     (("--config.stage=stage9",), ("config.stage",)),
     (("--config.mesh.data=16",), ("config.mesh", "16", "1 are available")),
     (("--config.mesh.data=3", "--config.mesh.fsdp=-1"), ("config.mesh", "do not divide")),
+    (("--config.model.bridge.kind=qformerr",), ("config.model.bridge.kind", "qformerr", "mlp2x_gelu")),
+    (("--config.train.trainable=bridge/.*,lm/.*",), ("config.train.trainable", "lm/.*", "matches no parameter")),
 ])
 def test_train_config_errors(tmp_path, args, needles):
+  """A failed start writes nothing: the workdir is not even created."""
   workdir = tmp_path / "w"
   assert_one_line_error(run_cli("train", "--config", CONFIG, "--workdir", str(workdir), *args), *needles)
-  assert not (workdir / "checkpoints").exists()
+  assert not workdir.exists()
 
 
 def test_train_missing_workdir_flag():

@@ -14,17 +14,20 @@ import transformers
 
 import hf_models
 import vlm_jax
+from vlm_jax import build as build_lib
 from vlm_jax import cli
 from vlm_jax import config as config_lib
 from vlm_jax import parallel
+from vlm_jax.build import flat_params
 from vlm_jax.convert import hf_config, hf_export, hf_import, layout as layout_lib, params as params_lib
 from vlm_jax.convert.safetensors_io import Reader, read_all
 from vlm_jax.data import templates
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
+from vlm_jax.files import read_json
 from vlm_jax.infer.generate import Greedy
 from vlm_jax.models.vit import ViT
-from vlm_jax.train import build as build_lib
+from vlm_jax.train import trainer as trainer_lib
 
 TOL = 1e-4
 NEW_TOKENS = 20
@@ -39,7 +42,7 @@ def read_component(directory: str, config, run, component: str, slots: tuple[str
   """One component's params from a HF dir, through the key tables."""
   with Reader(directory) as reader:
     layout = layout_lib.detect(reader.keys(), slots, directory)
-    shapes = {k: v.shape for k, v in hf_import.flat(run.abstract_state["params"]).items()}
+    shapes = {k: v.shape for k, v in flat_params(run.abstract_params).items()}
     items = params_lib.plan(config.model, layout, shapes, (component,))
     params_lib.check(reader, items, directory)
     return params_lib.unflatten(params_lib.read(reader, items))[component]
@@ -69,13 +72,13 @@ def test_llm_logits_and_greedy_match_transformers(tmp_path, family):
   hf = hf_models.save_llm(str(tmp_path), family, seed=1)
   config = config_lib.base()
   config.model.dtype = "float32"
-  fields, name = hf_config.llm_from_hf(hf_config.read_json(str(tmp_path)), "config.json")
+  fields, name = hf_config.llm_from_hf(read_json(str(tmp_path)), "config.json")
   assert name == family
   config.model.llm.update(fields)
   config.model.vision.update(image_size=16, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64)
   run = one_device_run(config, image_id=fields["vocab_size"] - 1)
   # Text only: vision and bridge are never run; zeros stand in for them.
-  params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), dict(run.abstract_state["params"]))
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), dict(run.abstract_params))
   params["llm"] = read_component(str(tmp_path), config, run, "llm", ("llm", "llm_head"))
 
   ids = torch.randint(4, 60, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -98,7 +101,7 @@ def test_vision_hidden_state_matches_transformers(tmp_path, flavour, layer, stra
   hf = hf_models.save_vision(str(tmp_path), flavour, seed=3)
   config = config_lib.base()
   config.model.dtype = "float32"
-  fields, n_layers = hf_config.vision_from_hf(hf_config.read_json(str(tmp_path)), layer, strategy, "config.json")
+  fields, n_layers = hf_config.vision_from_hf(read_json(str(tmp_path)), layer, strategy, "config.json")
   config.model.vision.update(fields)
   config.model.llm.update(vocab_size=16, width=32, heads=4, kv_heads=2, head_dim=8, mlp_dim=64)
   run = one_device_run(config, image_id=15)
@@ -146,8 +149,8 @@ def test_llava_logits_and_greedy_match_transformers(llava):
       model.params, [llava["ids"][0].numpy()], nchw_to_ours(llava["pixels"]), NEW_TOKENS)[0]
   assert ours == hf_greedy(llava["hf"], llava["ids"], pixel_values=llava["pixels"])
   # Each param sits in the sharding training would give it (embed split 8 ways over fsdp).
-  shardings = hf_import.flat(model.run.param_shardings)
-  for path, x in hf_import.flat(model.params).items():
+  shardings = flat_params(model.run.param_shardings)
+  for path, x in flat_params(model.params).items():
     assert x.sharding == shardings[path], path
   assert not model.params["llm"]["layers"]["gate"]["kernel"].sharding.is_fully_replicated
 
@@ -224,7 +227,7 @@ def test_model_trained_here_exports_to_transformers(tmp_path):
   tokenizer = Tokenizer.load("shapes")
   build_lib.resolve_model_config(config, tokenizer.vocab_size)
   run = one_device_run(config, tokenizer.image_id)
-  params = run.init(jax.random.key(11))["params"]
+  params = run.init_params(jax.random.key(11))
   out = str(tmp_path / "out")
   hf_export.export(config, tokenizer, params, None, out)
   prompt = templates.encode_prompt("What color is the circle?", tokenizer, 4, "simple")
@@ -305,20 +308,20 @@ def test_a_run_can_start_from_a_converted_model(small_llava, tmp_path):
   with open(os.path.join(work, "config.json")) as f:
     config = config_lib.from_json(f.read())
   config.stage = "stage1"
-  expected = hf_import.flat(vlm_jax.load(work).params)
+  expected = flat_params(vlm_jax.load(work).params)
   tokenizer = Tokenizer.load(os.path.join(work, "hf"))
   for source in (small_llava, work):
     config.model.init_from = source
-    run = one_device_run(config, tokenizer.image_id)
-    state = run.init(jax.random.key(0))
-    assert jax.tree.structure(state) == jax.tree.structure(run.abstract_state)
-    for path, x in hf_import.flat(state["params"]).items():
+    trainer = trainer_lib.make(one_device_run(config, tokenizer.image_id))
+    state = trainer.start(hf_import.load_params(source, trainer.run))  # as the loop starts from init_from
+    assert jax.tree.structure(state) == jax.tree.structure(trainer.abstract_state)
+    for path, x in flat_params(state["params"]).items():
       np.testing.assert_array_equal(np.asarray(x), np.asarray(expected[path]), err_msg=path)
   config.model.llm.mlp_dim = 48  # a model the checkpoints do not fit
   for source, message in ((small_llava, "layers.0.mlp.gate_proj.weight has shape"), (work, "do not fit")):
     config.model.init_from = source
     with pytest.raises(UserError, match=message):
-      one_device_run(config, tokenizer.image_id).init(jax.random.key(0))
+      hf_import.load_params(source, one_device_run(config, tokenizer.image_id))
 
 
 # --- 6. Bad input: one line naming the key or file, exit status 2 -----------------------------

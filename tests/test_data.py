@@ -10,10 +10,11 @@ import pytest
 import sentencepiece
 
 from vlm_jax import config as config_lib
-from vlm_jax.errors import UserError
-from vlm_jax.data import images, pipeline, shapes, tokenizer
+from vlm_jax.data import images, shapes, shapes_tokenizer, tokenizer
 from vlm_jax.data.shapes import Shape
 from vlm_jax.data.templates import encode_conversation, encode_prompt
+from vlm_jax.errors import UserError
+from vlm_jax.eval import runner
 
 ANSWER_WORDS = list(shapes.COLORS) + list(shapes.SHAPES) + list(shapes.NUMBERS) + list(shapes.SIDES)
 
@@ -188,7 +189,7 @@ def test_answer_words_are_one_token(tok):
 
 
 def test_shipped_tokenizer_matches_the_code(tok, tmp_path):
-  retrained = tokenizer.Tokenizer.load(tokenizer.train_shapes_tokenizer(str(tmp_path / "t")))
+  retrained = tokenizer.Tokenizer.load(shapes_tokenizer.train_shapes_tokenizer(str(tmp_path / "t")))
   assert retrained.vocab_size == tok.vocab_size
   assert all(retrained.id_to_piece(i) == tok.id_to_piece(i) for i in range(tok.vocab_size))
 
@@ -385,7 +386,7 @@ SIZE, SEED = 32, 5
 
 
 def test_eval_examples_are_the_first_of_the_split():
-  evals = pipeline.eval_examples("shapes:test", 5, seed=SEED, image_size=SIZE)
+  evals = runner.eval_examples("shapes:test", 5, seed=SEED, image_size=SIZE)
   assert len(evals) == 5
   for i, ex in enumerate(evals):
     ref = shapes.make_example(SEED, "test", i, SIZE)

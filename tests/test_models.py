@@ -8,7 +8,7 @@ import pytest
 
 from vlm_jax import config as config_lib
 from vlm_jax.models import vit as vit_lib
-from vlm_jax.models.bridge import Bridge
+from vlm_jax.models.bridge import make_bridge
 from vlm_jax.models.llm import LLM
 from vlm_jax.models.vit import ViT
 from vlm_jax.models.vlm import VLM, image_tokens, scatter_visual
@@ -38,14 +38,14 @@ def test_vit_token_count(flavour, keep_cls, expected):
 def test_bridge_output(kind, tokens):
   c = tiny_model_config()
   c.bridge.update(dict(kind=kind, num_latents=3, depth=1, heads=2))
-  out, _ = Bridge(c.bridge, 48, jnp.float32).init_with_output(jax.random.key(0), jnp.ones((2, 4, 32)))
+  out, _ = make_bridge(c.bridge, 48, jnp.float32).init_with_output(jax.random.key(0), jnp.ones((2, 4, 32)))
   assert out.shape == (2, tokens, 48)
   assert image_tokens(c) == tokens
 
 
 def test_mlp_bridge_uses_exact_gelu():
   c = tiny_model_config()
-  bridge = Bridge(c.bridge, 8, jnp.float32)
+  bridge = make_bridge(c.bridge, 8, jnp.float32)
   x = jax.random.normal(jax.random.key(1), (1, 2, 32))
   out, variables = bridge.init_with_output(jax.random.key(0), x)
   p = nn.meta.unbox(variables["params"])

@@ -10,12 +10,12 @@ import PIL.Image
 import pytest
 
 from helpers import per_sample_loss, tiny_config
-from vlm_jax.data import images, llava_fixture, shapes, sources
-from vlm_jax.data.packing import collate
+from vlm_jax.data import IMAGE, images, llava_fixture, shapes, sources
+from vlm_jax.data.packing import collate_text, square_images
 from vlm_jax.data.pipeline import Batches, EpochOrder, device_batch
 from vlm_jax.data.prepare import Prepared, Skipped
 from vlm_jax.data.templates import encode_conversation
-from vlm_jax.data.tokenizer import IMAGE, Tokenizer
+from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.models.vlm import VLM, image_tokens as model_image_tokens
 
@@ -90,7 +90,8 @@ def test_packed_loss_equals_unpacked(tok):
   packed = next(it)
   assert max(len(row) for row in packed["keys"]) >= 2
   samples = [it.prepare((0, int(k))) for row in packed["keys"] for k in row]
-  unpacked = collate([[s] for s in samples], 192, tok.pad_id, 3, (SIZE, SIZE))
+  rows = [[s] for s in samples]
+  unpacked = {**square_images(rows, 3, (SIZE, SIZE)), **collate_text(rows, 192, tok.pad_id)}
   params = model.init(jax.random.key(0), *(unpacked[k][:1] for k in ("tokens", "images", "positions",
                                                                     "segment_ids")))["params"]
   a, b = per_sample_loss(model, params, packed), per_sample_loss(model, params, unpacked)

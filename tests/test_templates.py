@@ -10,9 +10,9 @@ import tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from vlm_jax.data import hf_tokenizer
+from vlm_jax.data import IMAGE, hf_tokenizer
 from vlm_jax.data.templates import TEMPLATES, encode_conversation, encode_prompt
-from vlm_jax.data.tokenizer import IMAGE, Tokenizer
+from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import BadSample
 
 TURNS = [("user", f"{IMAGE}\nWhat color is the circle?"), ("assistant", "red"),

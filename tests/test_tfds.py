@@ -7,10 +7,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from vlm_jax.data import images
+from vlm_jax.data import IMAGE, images
 from vlm_jax.data.pipeline import Batches
 from vlm_jax.data.prepare import Skipped
-from vlm_jax.data.tokenizer import IMAGE, Tokenizer
+from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
 
 tfds = pytest.importorskip("tensorflow_datasets")

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import shutil
 
 import jax
@@ -15,12 +16,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 import helpers
-from vlm_jax import parallel
+from vlm_jax import api, parallel
+from vlm_jax import build as build_lib
+from vlm_jax.build import flat_params
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.train import build as build_lib
-from vlm_jax.train import loop
-from vlm_jax.train import optim
+from vlm_jax.train import loop, optim
+from vlm_jax.train import trainer as trainer_lib
 from vlm_jax.train.optim import FROZEN, component
 
 # Tolerances for fp32 runs that differ only in reduction order (sharding, micro-batching).
@@ -61,20 +63,20 @@ def train_steps(run, state, batches):
   """-> (state, [host metrics per step])"""
   metrics = []
   for batch in batches:
-    state, m = run.train_step(state, parallel.global_batch(batch, run.mesh))
+    state, m = run.train_step(state, parallel.global_batch(batch, run.run.mesh))
     metrics.append(jax.device_get(m))
   return state, metrics
 
 
 def assert_trees_close(actual, expected, **tol):
-  a, e = helpers.flat_params(actual), helpers.flat_params(expected)
+  a, e = flat_params(actual), flat_params(expected)
   assert a.keys() == e.keys()
   for path in e:
     np.testing.assert_allclose(a[path], e[path], err_msg=path, **tol)
 
 
 def assert_params_close(actual, expected, steps):
-  a, e = helpers.flat_params(actual), helpers.flat_params(expected)
+  a, e = flat_params(actual), flat_params(expected)
   assert a.keys() == e.keys()
   outliers, total = {}, 0
   for path in e:
@@ -108,7 +110,7 @@ def assert_opt_state_close(actual, expected):
 @dataclasses.dataclass
 class Reference:
   cfg: ml_collections.ConfigDict
-  run: build_lib.Run
+  run: trainer_lib.Trainer
   batches: list
   init: dict                 # host copy of the initial state
   after: list                # host copies of the state after step 1, 2, ...
@@ -120,7 +122,7 @@ def reference(tok):
   """stage=full on one device, 3 steps: the baseline for sharding, accumulation and freezing."""
   cfg = make_config(tok)
   assert cfg.train.lr == LR
-  run = build_lib.build(cfg, single_device_mesh(cfg), tok.image_id)
+  run = trainer_lib.build(cfg, single_device_mesh(cfg), tok.image_id)
   batches = [helpers.random_batch(seed, cfg, tok.image_id) for seed in range(3)]
   state = run.init(jax.random.key(cfg.seed))
   init = helpers.to_host(state)
@@ -161,7 +163,7 @@ def test_sharded_step_matches_single_device(tok, reference, shape):
   cfg = make_config(tok, {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
   mesh = parallel.make_mesh(cfg.mesh)
   assert dict(mesh.shape) == {"data": data, "fsdp": fsdp, "tensor": tensor}
-  run = build_lib.build(cfg, mesh, tok.image_id)
+  run = trainer_lib.build(cfg, mesh, tok.image_id)
   if shape == (2, 2, 2):
     # The sharded init itself must reproduce the single-device init.
     state = run.init(jax.random.key(cfg.seed))
@@ -182,8 +184,8 @@ def test_sharded_step_matches_single_device(tok, reference, shape):
 
   state, metrics = train_steps(run, state, reference.batches[:STEPS])
   # The step keeps every param in its sharding (no silent re-layout between steps).
-  expected = helpers.flat_params(run.param_shardings)
-  for path, x in helpers.flat_params(state["params"]).items():
+  expected = flat_params(run.run.param_shardings)
+  for path, x in flat_params(state["params"]).items():
     assert x.sharding.is_equivalent_to(expected[path], x.ndim), path
   compare_to_reference(reference, state, metrics)
 
@@ -200,7 +202,7 @@ def test_grad_accumulation_matches_one_big_batch(tok, reference, shape):
   cfg = make_config(tok, {"train.grad_accum": 2, "mesh.data": data, "mesh.fsdp": fsdp,
                           "mesh.tensor": tensor})
   mesh = single_device_mesh(cfg) if shape == (1, 1, 1) else parallel.make_mesh(cfg.mesh)
-  run = build_lib.build(cfg, mesh, tok.image_id)
+  run = trainer_lib.build(cfg, mesh, tok.image_id)
   state = jax.device_put(reference.init, run.state_shardings)
   state, metrics = train_steps(run, state, reference.batches[:STEPS])
   compare_to_reference(reference, state, metrics)
@@ -210,12 +212,12 @@ def test_grad_accumulation_matches_one_big_batch(tok, reference, shape):
 
 
 def trained_components(run) -> dict[str, bool]:
-  return {p: l != FROZEN for p, l in helpers.flat_params(run.labels).items()}
+  return {p: l != FROZEN for p, l in flat_params(run.labels).items()}
 
 
 def check_optimizer_state(run, trains: set[str]):
   """Adam mu and nu exist for every trained param and for no frozen one."""
-  sizes = {p: x.size for p, x in helpers.flat_params(run.abstract_state["params"]).items()}
+  sizes = {p: x.size for p, x in flat_params(run.abstract_state["params"]).items()}
   counts = collections.Counter(helpers.moment_paths(run.abstract_state["opt_state"]))
   trained_paths = {p for p in sizes if component(p) in trains}
   assert set(counts) == trained_paths, sorted(set(counts) ^ trained_paths)[:5]
@@ -225,7 +227,7 @@ def check_optimizer_state(run, trains: set[str]):
 
 
 def check_frozen_and_trained(init_params, final_params, trains: set[str]):
-  init, final = helpers.flat_params(init_params), helpers.flat_params(final_params)
+  init, final = flat_params(init_params), flat_params(final_params)
   assert {component(p) for p in init} == {"vision", "bridge", "llm"}
   for path in init:
     if component(path) in trains and path in NOISE_ONLY:
@@ -239,7 +241,7 @@ def check_frozen_and_trained(init_params, final_params, trains: set[str]):
 def run_three_steps(tok, reference, overrides):
   """Three steps from the reference's init params (fresh optimizer state for this config's labels)."""
   cfg = make_config(tok, overrides)
-  run = build_lib.build(cfg, single_device_mesh(cfg), tok.image_id)
+  run = trainer_lib.build(cfg, single_device_mesh(cfg), tok.image_id)
   params = reference.init["params"]
   state = jax.device_put({"step": np.zeros((), np.int32), "params": params,
                           "opt_state": run.tx.init(params)}, run.state_shardings)
@@ -266,8 +268,8 @@ def test_full_stage_trains_everything(reference):
 
 def test_trainable_regex_acts_like_stage1(tok, reference):
   run, init, final = run_three_steps(tok, reference, {"stage": "full", "train.trainable": "bridge/.*"})
-  assert helpers.flat_params(run.labels) == helpers.flat_params(
-      build_lib.build(make_config(tok, {"stage": "stage1"}), run.mesh, tok.image_id).labels)
+  assert flat_params(run.labels) == flat_params(
+      trainer_lib.build(make_config(tok, {"stage": "stage1"}), run.run.mesh, tok.image_id).labels)
   check_frozen_and_trained(init["params"], final["params"], {"bridge"})
   check_optimizer_state(run, {"bridge"})
 
@@ -283,7 +285,7 @@ def test_zero_lr_mult_freezes_the_llm_in_stage2(tok, reference):
 def test_bad_trainable_regex_is_a_user_error(tok, pattern, message):
   cfg = make_config(tok, {"train.trainable": pattern})
   with pytest.raises(UserError, match=message):
-    build_lib.build(cfg, single_device_mesh(cfg), tok.image_id)
+    trainer_lib.build(cfg, single_device_mesh(cfg), tok.image_id)
 
 
 # --- Resume -------------------------------------------------------------------------------------
@@ -324,11 +326,17 @@ def runs(tok, tmp_path_factory):
   """A: stopped at step K (as if preempted), then resumed to 2K. B: unbroken to 2K."""
   root = tmp_path_factory.mktemp("runs")
   a, b = str(root / "a"), str(root / "b")
-  loop.train(loop_config(tok), a, stop_after=K)
+  for overrides, message in [({"train.trainable": "bridge/.*,lm/.*"}, "matches no parameter"),
+                             ({"mesh.data": 3}, "mesh"), ({"data.sources": "coco"}, "unknown source"),
+                             ({"data.eval_sources": "llava:nope.json"}, "eval data spec")]:
+    with pytest.raises(UserError, match=message):  # typos first: nothing is written ...
+      api.train(loop_config(tok, overrides), a)
+    assert not os.path.exists(a), overrides
+  api.train(loop_config(tok), a, stop_after=K)  # ... so the corrected command starts
   a_steps_at_stop = checkpoint_steps(a)
   a_metrics_at_stop = read_metrics(a)
-  a_eval = loop.train(loop_config(tok), a)
-  b_eval = loop.train(loop_config(tok), b)
+  a_eval = api.train(loop_config(tok), a)
+  b_eval = api.train(loop_config(tok), b)
   return dict(a=a, b=b, a_steps_at_stop=a_steps_at_stop, a_metrics_at_stop=a_metrics_at_stop,
               a_eval=a_eval, b_eval=b_eval)
 
@@ -366,21 +374,41 @@ def test_resume_from_a_mid_run_checkpoint_matches_unbroken_run(tok, runs, tmp_pa
     kept = [line for line in f if json.loads(line)["step"] <= K and "train/loss" in line]
   with open(os.path.join(c, "metrics.jsonl"), "w") as f:
     f.writelines(kept)
-  loop.train(loop_config(tok), c)
+  assert_failed_starts_leave_the_run_as_it_was(tok, c)
+  api.train(loop_config(tok), c)
   c_train, _ = read_metrics(c)
   b_train, _ = read_metrics(runs["b"])
   assert [c_train[s] for s in range(K + 1, 2 * K + 1)] == [b_train[s] for s in range(K + 1, 2 * K + 1)]
 
 
+def workdir_files(workdir) -> dict[str, bytes]:
+  return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(pathlib.Path(workdir).rglob("*"))
+          if p.is_file()}
+
+
+def assert_failed_starts_leave_the_run_as_it_was(tok, workdir):
+  """Bad mesh, regex, data: refused, and every file of the run byte-identical (config.json too,
+  even where the bad command also changed a field a resume may change)."""
+  before = workdir_files(workdir)
+  for overrides, message in [({"mesh.data": 3}, "mesh"),
+                             ({"train.trainable": "lm/.*"}, "different config"),
+                             ({"train.steps": 3 * K, "data.threads": -1}, "data.threads"),
+                             ({"train.steps": 3 * K, "data.sources": "coco"}, "different config")]:
+    with pytest.raises(UserError, match=message):
+      api.train(loop_config(tok, overrides), workdir)
+    assert workdir_files(workdir) == before, overrides
+
+
 def test_resume_with_a_different_config_is_a_user_error(tok, runs):
   with pytest.raises(UserError, match=r"different config \(train\.lr\)"):
-    loop.train(loop_config(tok, {"train.lr": 3e-4}), runs["a"])
+    api.train(loop_config(tok, {"train.lr": 3e-4}), runs["a"])
 
 
 def test_resume_may_change_length_and_cadence(tok, runs, tmp_path):
   shutil.copy(os.path.join(runs["a"], "config.json"), tmp_path / "config.json")
   cfg = loop_config(tok, {"train.steps": 4 * K, "train.eval_every": 7, "train.log_every": 3})
-  loop.prepare_workdir(cfg, str(tmp_path))  # no error
+  loop.check_workdir(cfg, str(tmp_path))  # no error
+  loop.write_config(cfg, str(tmp_path))
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["train"]["steps"] == 4 * K
 

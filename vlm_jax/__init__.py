@@ -1,4 +1,19 @@
-"""vlm-jax: a JAX/Flax trainer for LLaVA-family vision-language models."""
+"""vlm-jax: a JAX/Flax trainer for LLaVA-family vision-language models.
+
+Layers, from the bottom up; a module imports only from layers below its own (tests/test_layers.py
+checks it, DESIGN.md "Layers"):
+
+  errors, files, config           one-line user errors, JSON files, config defaults and fields
+  models | data                   Flax modules | host-side data (numpy and PIL, no jax)
+  parallel                        meshes and the logical-axis rules
+  tasks, build                    what a batch and its loss are; a run's model, shardings, eval step
+  train | infer, then eval        the loop (handed its evaluator) | decoding | scoring
+  convert                         Hugging Face in and out
+  api, then cli                   vlm_jax.load / api.train, and the `vlm-jax` command
+
+Plug-in points are registries: tasks.TASKS, models.bridge.BRIDGES, models.vit.FLAVOURS,
+convert.hf_config.LLM_FAMILIES, data.templates.TEMPLATES.
+"""
 
 
 def load(path: str, dtype: str | None = None):

@@ -1,20 +1,23 @@
-"""`vlm_jax.load(PATH)`: a trained model ready to answer questions about images."""
+"""The Python API: `vlm_jax.load(PATH)`, a trained model ready to answer questions about images,
+and `train`, the training loop wired to its eval and to Hugging Face checkpoints."""
 
 import os
 from typing import Sequence
 
+import ml_collections
 import numpy as np
 import PIL.Image
 
+from vlm_jax import build as build_lib
 from vlm_jax import config as config_lib
 from vlm_jax import parallel
+from vlm_jax.convert import hf_import
 from vlm_jax.data import anyres_batch
 from vlm_jax.data import images as images_lib
 from vlm_jax.data import templates
 from vlm_jax.data.tokenizer import BUILTIN, Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.infer.generate import BUCKET, Greedy
-from vlm_jax.train import build as build_lib
 from vlm_jax.train.checkpoint import Checkpointer, resolve
 
 
@@ -76,7 +79,6 @@ def load(path: str, dtype: str | None = None) -> Model:
   """PATH: a workdir (its latest checkpoint), one of its checkpoints/<step> directories, or a
   Hugging Face LLaVA directory (converted on the fly). dtype overrides the compute dtype
   (e.g. "float32" to compare with another implementation)."""
-  from vlm_jax.convert import hf_import  # here: the converter's deps load only when used
   if hf_import.is_hf_dir(path):
     config, tokenizer, run, params, origin = hf_import.open_llava(path, dtype=dtype)
     return Model(config, tokenizer, run, params, 0, origin)
@@ -87,17 +89,25 @@ def load(path: str, dtype: str | None = None) -> Model:
     config.model.dtype = dtype
   tokenizer = Tokenizer.load(_in_workdir(config.data.tokenizer, workdir))
   build_lib.resolve_model_config(config, tokenizer.vocab_size)
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-  mesh = parallel.make_mesh(config.mesh)
-  run = build_lib.build(config, mesh, tokenizer.image_id)
+  run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id)
   checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
   step = checkpoints.latest_step() if step is None else step
   if step is None or step not in checkpoints.manager.all_steps():
     raise UserError(f"--checkpoint: no checkpoint {'yet' if step is None else step} in {workdir}/checkpoints")
   # Params only: inference needs no optimizer state (and converted checkpoints have none).
-  params = checkpoints.restore_params(step, run.abstract_state["params"], run.param_shardings)
+  params = checkpoints.restore_params(step, run.abstract_params, run.param_shardings)
   checkpoints.close()
   return Model(config, tokenizer, run, params, step, hf_import.load_origin(workdir))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir` (what `vlm-jax train` runs): the periodic eval of
+  config.data.eval_sources, and config.model.init_from may be a Hugging Face LLaVA directory.
+  Returns the last eval metrics; see vlm_jax.train.loop.train."""
+  from vlm_jax.eval import runner  # here: loading a model for inference needs neither
+  from vlm_jax.train import loop
+  return loop.train(config, workdir, evaluator=runner.periodic_evaluator, load_params=hf_import.load_params,
+                    stop_after=stop_after)
 
 
 def _in_workdir(spec: str, workdir: str) -> str:

@@ -81,12 +81,13 @@ def cmd_train(argv: list[str]) -> int:
     config.data.sources = args.data
   if args.eval_data:
     config.data.eval_sources = args.eval_data
-  config_lib.validate(config)
+  from vlm_jax import build
+  build.validate(config)
   if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
     raise UserError(f"--workdir {args.workdir} exists and is not a directory")
   _maybe_distributed()
-  from vlm_jax.train import loop
-  loop.train(config, args.workdir)
+  from vlm_jax import api
+  api.train(config, args.workdir)
   return 0
 
 
@@ -221,7 +222,8 @@ def cmd_tokens(argv: list[str]) -> int:
   from vlm_jax import config as config_lib
   config = config_lib.load_file(args.config)
   config_lib.apply_overrides(config, overrides)
-  config_lib.validate(config)
+  from vlm_jax import build
+  build.validate(config)
   from vlm_jax.data import anyres, anyres_batch
   from vlm_jax.models import vlm
   if config.model.anyres.enabled:
@@ -254,7 +256,8 @@ def cmd_data(argv: list[str]) -> int:
   from vlm_jax import config as config_lib
   config = config_lib.load_file(args.config)
   config_lib.apply_overrides(config, overrides)
-  config_lib.validate(config)
+  from vlm_jax import build
+  build.validate(config)
   from vlm_jax.data import report
   from vlm_jax.data.tokenizer import Tokenizer
   from vlm_jax.models.vlm import image_tokens

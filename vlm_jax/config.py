@@ -1,6 +1,8 @@
 """Config defaults, loading of config files, `--config.KEY=VALUE` overrides and validation.
 
 Every config file builds on `base()`, so every run has every field; unknown fields are errors.
+`validate` checks the fields themselves; the choices that name a registry entry (task, bridge
+kind, vision flavour, activations) are checked by the registries' owners (build.validate).
 """
 
 import ast
@@ -15,9 +17,9 @@ from vlm_jax.errors import UserError
 
 STAGES = ("stage1", "stage2", "full")
 ROPE_TYPES = ("default", "linear", "llama3")
-# Names of vlm_jax.models.layers.ACTIVATIONS (not imported: config must not pull in jax).
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
-COMPONENTS = ("vision", "bridge", "llm")
+REMAT = ("none", "full", "dots")
+COMPONENTS = ("vision", "bridge", "llm")   # the params tree's top-level parts
+IMAGE_POSITIONS = ("before", "after")      # where <image> goes when a prompt does not say
 # How an image becomes the ViT's square input (vlm_jax/data/images.py).
 RESIZE_MODES = ("squash", "shortest_edge_crop", "pad_square")
 # PIL's filter codes, which transformers' image processors store as `resample`.
@@ -27,6 +29,7 @@ RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.task = "vlm"              # what a batch holds and how the loss is made (vlm_jax/tasks.py)
   c.stage = "full"            # stage1: bridge; stage2: bridge + llm; full: everything
 
   c.model = ml_collections.ConfigDict()
@@ -50,7 +53,7 @@ def base() -> ml_collections.ConfigDict:
       base_view=True,         # a downscaled whole-image tile first (S*S tokens)
       max_n=0,                # anyres_max_N: maps larger than N tiles are shrunk (OneVision: 9); 0 = off
       max_tiles=0))           # tiles per global batch (one ViT call); 0 = every row's largest plan
-  c.model.bridge = ml_collections.ConfigDict(dict(
+  c.model.bridge = ml_collections.ConfigDict(dict(  # kinds: vlm_jax/models/bridge.py BRIDGES
       kind="mlp2x_gelu", num_latents=16, depth=2, heads=4))
   c.model.llm = ml_collections.ConfigDict(dict(
       vocab_size=0,           # 0: the tokenizer's vocabulary size
@@ -187,27 +190,26 @@ def check_fields(config: ml_collections.ConfigDict, reference: ml_collections.Co
       check_fields(value, reference[key], where + ".")
 
 
+def check_one_of(field: str, value, choices) -> None:
+  """A field whose value must be one of `choices` (a tuple or a registry's keys)."""
+  if value not in choices:
+    raise UserError(f"{field}: {value!r} is not one of {', '.join(choices)}")
+
+
+def check_image_position(position: str) -> None:
+  check_one_of("config.data.image_position", position, IMAGE_POSITIONS)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   check_fields(config, base())
-  if config.stage not in STAGES:
-    raise UserError(f"config.stage: {config.stage!r} is not one of {', '.join(STAGES)}")
-  if config.data.image_position not in ("before", "after"):
-    raise UserError(f"config.data.image_position: {config.data.image_position!r} is not before or after")
+  check_one_of("config.stage", config.stage, STAGES)
+  check_image_position(config.data.image_position)
   m = config.model
-  if m.vision.flavour not in ("siglip", "clip"):
-    raise UserError(f"config.model.vision.flavour: {m.vision.flavour!r} is not siglip or clip")
   if m.vision.image_size % m.vision.patch_size:
     raise UserError("config.model.vision.image_size must be a multiple of patch_size")
   if m.vision.width % m.vision.heads:
     raise UserError("config.model.vision.width must be a multiple of heads")
-  if m.bridge.kind not in ("linear", "mlp2x_gelu", "perceiver"):
-    raise UserError(f"config.model.bridge.kind: {m.bridge.kind!r} is not linear, mlp2x_gelu or perceiver")
-  if m.vision.act and m.vision.act not in ACTIVATIONS:
-    raise UserError(f"config.model.vision.act: {m.vision.act!r} is not one of {', '.join(ACTIVATIONS)}")
-  if m.llm.mlp_act not in ACTIVATIONS:
-    raise UserError(f"config.model.llm.mlp_act: {m.llm.mlp_act!r} is not one of {', '.join(ACTIVATIONS)}")
-  if m.llm.rope_type not in ROPE_TYPES:
-    raise UserError(f"config.model.llm.rope_type: {m.llm.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
+  check_one_of("config.model.llm.rope_type", m.llm.rope_type, ROPE_TYPES)
   if m.llm.heads % m.llm.kv_heads:
     raise UserError("config.model.llm.heads must be a multiple of kv_heads")
   _validate_images(config.data)
@@ -216,8 +218,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.image_resize != "squash":
       raise UserError(f"config.data.image_resize: {config.data.image_resize!r} with AnyRes, which tiles the "
                       "image itself (its base view is squashed); leave it 'squash'")
-  if m.remat not in ("none", "full", "dots"):
-    raise UserError(f"config.model.remat: {m.remat!r} is not none, full or dots")
+  check_one_of("config.model.remat", m.remat, REMAT)
   t = config.train
   for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every"):
     if t[name] < 1:
@@ -230,10 +231,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_images(d: ml_collections.ConfigDict) -> None:
-  if d.image_resize not in RESIZE_MODES:
-    raise UserError(f"config.data.image_resize: {d.image_resize!r} is not one of {', '.join(RESIZE_MODES)}")
-  if d.image_resample not in RESAMPLE:
-    raise UserError(f"config.data.image_resample: {d.image_resample!r} is not one of {', '.join(RESAMPLE)}")
+  check_one_of("config.data.image_resize", d.image_resize, RESIZE_MODES)
+  check_one_of("config.data.image_resample", d.image_resample, RESAMPLE)
   if d.image_short_side < 0:
     raise UserError(f"config.data.image_short_side must be >= 0, got {d.image_short_side}")
   if d.image_fill and (len(d.image_fill) != 3 or any(not isinstance(v, int) or not 0 <= v <= 255
@@ -247,11 +246,7 @@ def _validate_images(d: ml_collections.ConfigDict) -> None:
 
 
 def _validate_anyres(m: ml_collections.ConfigDict) -> None:
-  from vlm_jax.data import anyres  # numpy + PIL only
-  anyres.parse_pinpoints(m.anyres.grid_pinpoints, m.vision.image_size)
-  if m.bridge.kind == "perceiver":
-    raise UserError("config.model.anyres: needs a bridge that keeps the patch grid (linear or mlp2x_gelu), "
-                    "not perceiver")
+  """What AnyRes needs of the fields; its grids and bridge are checked by build.validate."""
   if m.vision.keep_cls:
     raise UserError("config.model.anyres: tiles are patch grids; set config.model.vision.keep_cls=False")
   if m.anyres.max_n < 0 or m.anyres.max_tiles < 0:

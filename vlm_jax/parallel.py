@@ -53,6 +53,13 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
+def inference_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  """FSDP over every device, whatever the run trained on: inference and conversion hold one copy
+  of the params split over all devices (sets config.mesh to match)."""
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+  return make_mesh(config.mesh)
+
+
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, path: str) -> P:
   """Drops mesh axes from dims they do not divide (a small kv_heads, an odd vocab): replicate those."""
   fitted = []

@@ -6,7 +6,7 @@ of the fields read here (transformers' config classes, without importing transfo
 
 import dataclasses
 import json
-import os
+from typing import Callable
 
 import ml_collections
 
@@ -17,26 +17,32 @@ ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
 ACT_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu", "gelu": "gelu"}
 
 
-def read_json(directory: str, name: str = "config.json", required: bool = True) -> dict | None:
-  path = os.path.join(directory, name)
-  if not os.path.isfile(path):
-    if required:
-      raise UserError(f"{directory}: no {name} (not a Hugging Face model directory?)")
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path}: not valid JSON ({e})") from None
+# --- LLMs: one registry entry per HF family ----------------------------------------------------
+def _no_check(tc: dict, get: Callable, where: str) -> None:
+  del tc, get, where
 
 
-# --- LLMs ------------------------------------------------------------------------------------
+def _qwen2_check(tc: dict, get: Callable, where: str) -> None:
+  sliding = [t for t in (tc.get("layer_types") or []) if t != "full_attention"]
+  if sliding or (tc.get("use_sliding_window") and tc.get("max_window_layers", 28) < get("num_hidden_layers")):
+    raise UserError(f"{where}.use_sliding_window: Qwen2's per-layer sliding window is not supported")
+
+
 @dataclasses.dataclass(frozen=True)
 class LLMFamily:
+  """A HF decoder family: our block variant for it and what its config holds beyond Llama's.
+
+  Adding a family that shares HF's Llama key names is one LLM_FAMILIES entry (tables.py keys
+  the optional tensors, e.g. QKV biases, off the block variant)."""
   model_type: str
   architecture: str
-  defaults: dict              # HF class defaults of the fields read below
-  fixed: dict                 # our llm fields the family's code implies
+  defaults: dict                     # HF class defaults of the fields read below
+  fixed: dict                        # our llm fields the family's code implies (the block variant)
+  sliding_window: bool = False       # reads and writes HF's sliding_window (Mistral)
+  act_aliases: dict = dataclasses.field(default_factory=dict)  # legacy hidden_act values it means otherwise
+  check: Callable[[dict, Callable, str], None] = _no_check     # raises on settings we cannot run
+  hf_fixed: dict = dataclasses.field(default_factory=dict)     # written as is into its HF config
+  derived: tuple[str, ...] = ()      # HF keys derived again from the others on load (dropped on export)
 
 
 _LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -44,20 +50,23 @@ _LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_h
               rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=2048,
               rope_theta=10000.0, sliding_window=None)
 _PLAIN = dict(qkv_bias=False, norm_offset=0.0, embed_scale=False)
-LLM_FAMILIES = {
+LLM_FAMILIES = {  # the first whose block variant fits a config trained here is the one it exports as
     "llama": LLMFamily("llama", "LlamaForCausalLM", _LLAMA, _PLAIN),
     "mistral": LLMFamily("mistral", "MistralForCausalLM",
                          {**_LLAMA, "intermediate_size": 14336, "num_key_value_heads": 8,
-                          "max_position_embeddings": 131072, "sliding_window": 4096}, _PLAIN),
+                          "max_position_embeddings": 131072, "sliding_window": 4096}, _PLAIN, sliding_window=True),
     "qwen2": LLMFamily("qwen2", "Qwen2ForCausalLM",
                        {**_LLAMA, "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
-                        "max_position_embeddings": 32768}, {**_PLAIN, "qkv_bias": True}),
+                        "max_position_embeddings": 32768}, {**_PLAIN, "qkv_bias": True}, check=_qwen2_check,
+                       hf_fixed=dict(use_sliding_window=False, sliding_window=None), derived=("layer_types",)),
     "gemma": LLMFamily("gemma", "GemmaForCausalLM",
                        {**_LLAMA, "vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576,
                         "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16,
                         "head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "tie_word_embeddings": True,
                         "max_position_embeddings": 8192},
-                       dict(qkv_bias=False, norm_offset=1.0, embed_scale=True)),
+                       dict(qkv_bias=False, norm_offset=1.0, embed_scale=True),
+                       # a legacy value of Gemma releases that means the tanh GELU (as transformers)
+                       act_aliases={"gelu": "gelu_pytorch_tanh"}),
 }
 
 
@@ -96,17 +105,11 @@ def llm_from_hf(tc: dict, where: str) -> tuple[dict, str]:
   for flag in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
     if tc.get(flag):
       raise UserError(f"{where}.{flag}: true is not supported for {family.model_type}")
-  act = get("hidden_act")
-  if family.model_type == "gemma" and act == "gelu":
-    act = "gelu_pytorch_tanh"  # a legacy value of Gemma releases that means the tanh GELU (as transformers)
+  family.check(tc, get, where)
+  act = family.act_aliases.get(get("hidden_act"), get("hidden_act"))
   if act not in ACT_FROM_HF:
     raise UserError(f"{where}.hidden_act: {act!r} is not supported ({', '.join(ACT_FROM_HF)})")
-  window = get("sliding_window") if family.model_type == "mistral" else None
-  if family.model_type == "qwen2":
-    sliding = [t for t in (tc.get("layer_types") or []) if t != "full_attention"]
-    if sliding or (tc.get("use_sliding_window") and
-                   tc.get("max_window_layers", 28) < get("num_hidden_layers")):
-      raise UserError(f"{where}.use_sliding_window: Qwen2's per-layer sliding window is not supported")
+  window = get("sliding_window") if family.sliding_window else None
   heads, width = get("num_attention_heads"), get("hidden_size")
   out = dict(vocab_size=get("vocab_size"), width=width, depth=get("num_hidden_layers"), heads=heads,
              kv_heads=get("num_key_value_heads") or heads, head_dim=get("head_dim") or width // heads,
@@ -117,11 +120,13 @@ def llm_from_hf(tc: dict, where: str) -> tuple[dict, str]:
 
 
 def infer_llm_family(llm: ml_collections.ConfigDict) -> str:
-  if llm.norm_offset == 1.0 and llm.embed_scale:
-    return "gemma"
-  if llm.qkv_bias:
-    return "qwen2"
-  return "mistral" if llm.sliding_window else "llama"
+  """The family a model trained here exports as: the first whose block variant it has (one that
+  reads a sliding window, if it uses one)."""
+  fits = [f for f in LLM_FAMILIES.values() if all(llm[k] == v for k, v in f.fixed.items())]
+  if not fits:
+    raise UserError(f"config.model.llm: no Hugging Face family has its block variant "
+                    f"({', '.join(f'{k}={llm[k]!r}' for k in _PLAIN)}); known: {', '.join(LLM_FAMILIES)}")
+  return next((f for f in fits if f.sliding_window or not llm.sliding_window), fits[0]).model_type
 
 
 def llm_to_hf(llm: ml_collections.ConfigDict, family_name: str, base: dict | None = None) -> dict:
@@ -131,7 +136,7 @@ def llm_to_hf(llm: ml_collections.ConfigDict, family_name: str, base: dict | Non
     if llm[key] != value:
       raise UserError(f"config.model.llm.{key}={llm[key]!r} cannot be written as a HF {family_name} "
                       f"model (which has {key}={value!r})")
-  if llm.sliding_window and family_name != "mistral":
+  if llm.sliding_window and not family.sliding_window:
     raise UserError(f"config.model.llm.sliding_window={llm.sliding_window} cannot be written as a HF "
                     f"{family_name} model")
   rope = dict(rope_type=llm.rope_type, rope_theta=llm.rope_theta)
@@ -140,16 +145,15 @@ def llm_to_hf(llm: ml_collections.ConfigDict, family_name: str, base: dict | Non
   if llm.rope_type == "llama3":
     rope.update(low_freq_factor=llm.rope_low_freq_factor, high_freq_factor=llm.rope_high_freq_factor,
                 original_max_position_embeddings=llm.rope_original_max_len)
-  out = {k: v for k, v in (base or {}).items() if k not in ("rope_scaling", "rope_theta", "hidden_activation")}
+  dropped = ("rope_scaling", "rope_theta", "hidden_activation") + family.derived
+  out = {k: v for k, v in (base or {}).items() if k not in dropped}
   out.update(model_type=family_name, vocab_size=llm.vocab_size, hidden_size=llm.width,
              intermediate_size=llm.mlp_dim, num_hidden_layers=llm.depth, num_attention_heads=llm.heads,
              num_key_value_heads=llm.kv_heads, head_dim=llm.head_dim, hidden_act=ACT_TO_HF[llm.mlp_act],
              rms_norm_eps=llm.norm_eps, tie_word_embeddings=llm.tie_embeddings, rope_parameters=rope)
-  if family_name == "mistral":
+  if family.sliding_window:
     out["sliding_window"] = llm.sliding_window or None
-  if family_name == "qwen2":
-    out.update(use_sliding_window=False, sliding_window=None)
-    out.pop("layer_types", None)  # derived again from use_sliding_window
+  out.update(family.hf_fixed)
   return out
 
 

@@ -15,11 +15,13 @@ import shutil
 import ml_dtypes
 import numpy as np
 
+from vlm_jax.build import flat_params
 from vlm_jax.convert import hf_config, image_processor, layout as layout_lib, params as params_lib
-from vlm_jax.convert.hf_import import AUX_FILES, Origin, components, flat
+from vlm_jax.convert.hf_import import AUX_FILES, Origin, components
 from vlm_jax.convert.safetensors_io import Reader, Tensor, write_sharded
-from vlm_jax.data import hf_tokenizer
+from vlm_jax.data import IMAGE, hf_tokenizer
 from vlm_jax.errors import UserError
+from vlm_jax.files import check_empty_dir, read_json
 
 DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -77,7 +79,7 @@ def _write_tokenizer(tokenizer, config, out: str) -> None:
     json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tokenizer.bos_id),
                "eos_token": piece(tokenizer.eos_id), "pad_token": piece(tokenizer.pad_id),
                "add_bos_token": True, "add_eos_token": False, "legacy": True, "add_prefix_space": False,
-               "extra_special_tokens": {"image_token": "<image>"}}, f, indent=2)
+               "extra_special_tokens": {"image_token": IMAGE}}, f, indent=2)
   if config.data.template == "simple":
     with open(os.path.join(out, "chat_template.jinja"), "w") as f:
       f.write(SIMPLE_TEMPLATE)
@@ -85,8 +87,7 @@ def _write_tokenizer(tokenizer, config, out: str) -> None:
 
 def check_out(out: str, dtype: str | None = None) -> None:
   """Fails before any loading when the output cannot be written."""
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise UserError(f"--to-hf {out} exists and is not an empty directory")
+  check_empty_dir(out, "--to-hf")
   if dtype is not None and dtype not in DTYPE_NAMES:
     raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
 
@@ -111,10 +112,10 @@ def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: st
                      ("pad_token_id", tokenizer.pad_id)):
     hc["text_config"].setdefault(key, value)  # an HF config's own (e.g. several EOS ids) win
 
-  shapes = {k: v.shape for k, v in flat(params).items()}
+  shapes = {k: v.shape for k, v in flat_params(params).items()}
   # A model that gained AnyRes after import (e.g. from LLaVA-1.5) writes image_newline at the top.
   items = params_lib.plan(model, {"image_newline": "", **origin.layout}, shapes, components(model))
-  tensors = params_lib.hf_tensors(items, flat(params), dtype_of)
+  tensors = params_lib.hf_tensors(items, flat_params(params), dtype_of)
   reader = Reader(origin.extras_dir) if origin.extra_keys else None
   for key in origin.extra_keys:
     tensors[key] = (reader.shape(key), dtype_of(key), lambda key=key: reader.get(key))
@@ -151,7 +152,7 @@ def _write_processor(config, out: str) -> None:
   LlavaNextProcessor settings)."""
   found, name = image_processor.find(out)
   if name == "processor_config.json":
-    processor = hf_config.read_json(out, name)
+    processor = read_json(out, name)
     processor["image_processor"] = image_processor.to_hf(config, found)
     _write_json(out, name, processor)
     return
@@ -165,7 +166,7 @@ def _next_processor(config) -> dict:
   "default" strategy drops it again)."""
   v = config.model.vision
   clip = v.flavour == "clip"
-  return {"processor_class": "LlavaNextProcessor", "image_token": "<image>", "patch_size": v.patch_size,
+  return {"processor_class": "LlavaNextProcessor", "image_token": IMAGE, "patch_size": v.patch_size,
           "vision_feature_select_strategy": "default" if clip else "full",
           "num_additional_image_tokens": int(clip)}
 

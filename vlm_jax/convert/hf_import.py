@@ -19,23 +19,25 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlm_jax import build as build_lib
 from vlm_jax import config as config_lib
 from vlm_jax import parallel
+from vlm_jax.build import flat_params
+from vlm_jax.config import COMPONENTS
 from vlm_jax.convert import hf_config, image_processor, layout as layout_lib, params as params_lib
 from vlm_jax.convert.safetensors_io import INDEX, Reader, write_sharded
 from vlm_jax.data import hf_tokenizer
 from vlm_jax.errors import UserError
+from vlm_jax.files import check_empty_dir, read_json
 from vlm_jax.models import vit as vit_lib
-from vlm_jax.models.bridge import Bridge
-from vlm_jax.train import build as build_lib
-from vlm_jax.train import optim
+from vlm_jax.models.bridge import make_bridge
+from vlm_jax.train import checkpoint as checkpoint_lib
 
 log = logging.getLogger("vlm_jax")
 
 SIDECAR = "hf"                 # inside a converted workdir
 META = "convert.json"
 EXTRAS = "extras.safetensors"
-COMPONENTS = ("vision", "bridge", "llm")
 CHECKPOINT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}  # config.json's "dtype"
 
 
@@ -78,16 +80,6 @@ class Origin:
                 image_token_id=self.image_token_id, dtypes=self.dtypes, extra_keys=list(self.extra_keys))
 
 
-def flat(tree) -> dict:
-  return {optim.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def inference_mesh(config: ml_collections.ConfigDict):
-  """FSDP over every local device, as vlm_jax.load uses."""
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-  return parallel.make_mesh(config.mesh)
-
-
 def _fill_config(base: ml_collections.ConfigDict | None, vision: dict, llm: dict, tokenizer,
                  processor_dir: str, llava: bool, anyres: dict | None = None) -> ml_collections.ConfigDict:
   """base (or base()) with the model read from HF and the image processor of processor_dir; an
@@ -102,23 +94,23 @@ def _fill_config(base: ml_collections.ConfigDict | None, vision: dict, llm: dict
   config.data.template = "hf" if tokenizer.chat_template else "simple"
   config.data.update(image_processor.read(processor_dir, vision["flavour"], vision["image_size"],
                                           config.model.anyres.enabled))
-  config_lib.validate(config)
+  build_lib.validate(config)
   return config
 
 
 def _read_into(reader: Reader, config, run, layout, components, where: str, grow_vocab: bool = False):
   """Checks, then reads the components' params into the run's shardings: ({path: array}, items)."""
-  return _read(reader, config.model, run.abstract_state["params"], run.param_shardings, layout, components,
+  return _read(reader, config.model, run.abstract_params, run.param_shardings, layout, components,
                where, grow_vocab)
 
 
 def _read(reader: Reader, model_cfg, abstract_params, shardings, layout, components, where: str,
           grow_vocab: bool = False):
-  shapes = {k: v.shape for k, v in flat(abstract_params).items()}
+  shapes = {k: v.shape for k, v in flat_params(abstract_params).items()}
   items = params_lib.plan(model_cfg, layout, shapes, components)
   params_lib.check(reader, items, where, grow_vocab)
   t0 = time.time()
-  out = params_lib.read(reader, items, flat(shardings))
+  out = params_lib.read(reader, items, flat_params(shardings))
   log.info("read %d tensors of %s in %.1fs", sum(len(i.keys) for i in items), where, time.time() - t0)
   return out, items
 
@@ -132,6 +124,14 @@ def read_llava_params(directory: str, model_cfg: ml_collections.ConfigDict, abst
   return params_lib.unflatten(out)
 
 
+def load_params(path: str, run: build_lib.Run) -> dict:
+  """config.model.init_from for vlm_jax.api.train: a Hugging Face LLaVA directory, else a
+  workdir or one of its step directories, read into the run's shardings."""
+  if is_hf_dir(path):
+    return read_llava_params(path, run.config.model, run.abstract_params, run.param_shardings)
+  return checkpoint_lib.load_params(path, run)
+
+
 def _unused(reader: Reader, items, layout, slots: tuple[str, ...] | None, skip: str | None = None) -> list[str]:
   """Keys of the given slots (all if None) that no param consumed."""
   used = params_lib.consumed(items)
@@ -143,7 +143,7 @@ def _unused(reader: Reader, items, layout, slots: tuple[str, ...] | None, skip: 
 def open_llava(directory: str, dtype: str | None = None, base: ml_collections.ConfigDict | None = None):
   """A LLaVA directory loaded for use: (config, tokenizer, run, params, origin); each param goes
   straight into its sharding on an FSDP mesh over the local devices."""
-  hc = hf_config.read_json(directory)
+  hc = read_json(directory)
   info = hf_config.llava_from_hf(hc, f"{directory}/config.json")
   tokenizer = hf_tokenizer.load(directory)
   if tokenizer.image_id != info["image_token_id"]:
@@ -159,7 +159,7 @@ def open_llava(directory: str, dtype: str | None = None, base: ml_collections.Co
   if dtype:
     config.model.dtype = dtype
   build_lib.resolve_model_config(config, tokenizer.vocab_size)
-  run = build_lib.build(config, inference_mesh(config), tokenizer.image_id)
+  run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id)
   with Reader(directory) as reader:
     layout = layout_lib.detect(reader.keys(), slots(config.model), directory)
     flat_params, items = _read_into(reader, config, run, layout, components(config.model), directory)
@@ -172,12 +172,6 @@ def open_llava(directory: str, dtype: str | None = None, base: ml_collections.Co
 
 
 # --- Writing a converted workdir -------------------------------------------------------------
-def _check_out(out: str) -> None:
-  """Before any reading: nothing is written unless the whole conversion can be."""
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise UserError(f"--out {out} exists and is not an empty directory")
-
-
 def _save_extras(origin: Origin, sidecar: str, renames: dict[str, str]) -> None:
   """The unused tensors in one file, under their keys in origin's layout (small: a layer, a head)."""
   if not origin.extra_keys:
@@ -196,7 +190,6 @@ def _save_extras(origin: Origin, sidecar: str, renames: dict[str, str]) -> None:
 def write_workdir(out: str, config: ml_collections.ConfigDict, params, origin: Origin, tokenizer,
                   renames: dict[str, str] | None = None) -> str:
   """config.json + checkpoints/0 (params only) + hf/ (files, HF config, meta, extras)."""
-  from vlm_jax.train.checkpoint import Checkpointer
   sidecar = os.path.join(out, SIDECAR)
   os.makedirs(sidecar, exist_ok=True)
   for name in AUX_FILES:
@@ -212,7 +205,7 @@ def write_workdir(out: str, config: ml_collections.ConfigDict, params, origin: O
   config.data.tokenizer = SIDECAR  # relative to the workdir; vlm_jax.load resolves it there
   with open(os.path.join(out, "config.json"), "w") as f:
     f.write(config_lib.to_json(config))
-  checkpoints = Checkpointer(os.path.join(out, "checkpoints"))
+  checkpoints = checkpoint_lib.Checkpointer(os.path.join(out, "checkpoints"))
   checkpoints.save(0, {"step": jnp.zeros((), jnp.int32), "params": params}, {"converted": True})
   checkpoints.wait()
   checkpoints.close()
@@ -221,7 +214,7 @@ def write_workdir(out: str, config: ml_collections.ConfigDict, params, origin: O
 
 def convert_llava(directory: str, out: str, base: ml_collections.ConfigDict | None = None) -> str:
   """`vlm-jax convert --from-hf DIR --out OUT`."""
-  _check_out(out)
+  check_empty_dir(out, "--out")  # before any reading: nothing is written unless all can be
   config, tokenizer, _, params, origin = open_llava(directory, base=base)
   return write_workdir(out, config, params, origin, tokenizer)
 
@@ -229,10 +222,10 @@ def convert_llava(directory: str, out: str, base: ml_collections.ConfigDict | No
 def load_origin(workdir: str) -> Origin | None:
   """The Origin saved in a converted workdir (None for a model trained here from scratch)."""
   sidecar = os.path.join(workdir, SIDECAR)
-  meta = hf_config.read_json(sidecar, META, required=False) if os.path.isdir(sidecar) else None
+  meta = read_json(sidecar, META, required=False) if os.path.isdir(sidecar) else None
   if meta is None:
     return None
-  return Origin(sidecar, hf_config.read_json(sidecar, "config.json"), meta["layout"], meta["llm_family"],
+  return Origin(sidecar, read_json(sidecar, "config.json"), meta["layout"], meta["llm_family"],
                 meta["vision_layers"], meta["image_token_id"], meta["dtypes"],
                 sidecar if meta["extra_keys"] else None, tuple(meta["extra_keys"]))
 
@@ -244,8 +237,8 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
   tower (CLIP/SigLIP, alone or inside a CLIPModel/SiglipModel) from HF, and a bridge of
   config.model.bridge.kind (mlp2x_gelu unless base says otherwise) initialised from config.seed.
   The tokenizer gains <image> if it has none; new vocab rows start as the mean row."""
-  _check_out(out)
-  vc, tc = hf_config.read_json(vision_dir), hf_config.read_json(llm_dir)
+  check_empty_dir(out, "--out")
+  vc, tc = read_json(vision_dir), read_json(llm_dir)
   vc = vc["vision_config"] if isinstance(vc.get("vision_config"), dict) else vc
   flavour = hf_config.VISION_FAMILIES.get(vc.get("model_type"), ("clip",))[0]
   vision, n_layers = hf_config.vision_from_hf(vc, feature_layer, "default" if flavour == "clip" else "full",
@@ -254,7 +247,7 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
   tokenizer = hf_tokenizer.load(llm_dir, add_image=True)
   llm["vocab_size"] = max(llm["vocab_size"], tokenizer.vocab_size)
   config = _fill_config(base, vision, llm, tokenizer, vision_dir, llava=False)
-  run = build_lib.build(config, inference_mesh(config), tokenizer.image_id)
+  run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id)
   layout = dict(layout_lib.LLAVA)  # export writes the hub's LLaVA layout
   dtypes, renames = {}, {}
   params = {}
@@ -286,10 +279,10 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
 def _fresh_bridge(config: ml_collections.ConfigDict, run, seed: int) -> dict:
   """The bridge's params from the model's own initialisers, created in their shardings."""
   m = config.model
-  bridge = Bridge(m.bridge, m.llm.width, jnp.dtype(m.dtype))
+  bridge = make_bridge(m.bridge, m.llm.width, jnp.dtype(m.dtype))
   features = jnp.zeros((1, vit_lib.num_output_tokens(m.vision), m.vision.width), jnp.float32)
-  shardings = {k[len("bridge/"):]: s for k, s in flat(run.param_shardings).items() if k.startswith("bridge/")}
-  init = jax.jit(lambda key: flat(nn.meta.unbox(bridge.init(key, features)["params"])), out_shardings=shardings)
+  shardings = {k[len("bridge/"):]: s for k, s in flat_params(run.param_shardings).items() if k.startswith("bridge/")}
+  init = jax.jit(lambda key: flat_params(nn.meta.unbox(bridge.init(key, features)["params"])), out_shardings=shardings)
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(parallel.RULES):
     out = init(jax.random.key(seed))
   return {f"bridge/{k}": x for k, x in out.items()}

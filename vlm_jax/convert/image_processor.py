@@ -16,9 +16,9 @@ import math
 import ml_collections
 
 from vlm_jax.config import RESAMPLE
-from vlm_jax.convert.hf_config import read_json
 from vlm_jax.data.images import Preprocessing, mean_fill
 from vlm_jax.errors import UserError
+from vlm_jax.files import read_json
 
 log = logging.getLogger("vlm_jax")
 

@@ -16,7 +16,6 @@ import numpy as np
 
 from vlm_jax.data import anyres
 from vlm_jax.data import images as images_lib
-from vlm_jax.data.prepare import Prepared
 from vlm_jax.errors import UserError
 
 
@@ -103,24 +102,3 @@ class AnyRes:
     largest plan."""
     return self.collate([[] if im is None else [im] for im in images], groups=len(images),
                         tiles_per_group=self.spec.max_tiles, visual_len=visual_len)
-
-
-@dataclasses.dataclass(frozen=True)
-class TileGroups:
-  """The local batch's rows in `groups` contiguous groups, each with a pool of `tiles_per_group`
-  tile slots; PackBatches places a sample only in a row whose group has room for its tiles."""
-  anyres: AnyRes
-  groups: int
-  tiles_per_group: int
-  visual_len: int
-
-  def collate(self, rows: Sequence[Sequence[Prepared]]) -> dict[str, dict[str, np.ndarray]]:
-    return {"images": self.anyres.collate([[im for s in row for im in _tiled(s)] for row in rows],
-                                          groups=self.groups, tiles_per_group=self.tiles_per_group,
-                                          visual_len=self.visual_len)}
-
-
-def _tiled(sample: Prepared) -> list[Tiled]:
-  """A prepared sample's images: its tiles split by plan."""
-  starts = np.cumsum([0] + [p.tiles for p in sample.plans])
-  return [Tiled(p, sample.images[a:b]) for p, a, b in zip(sample.plans, starts, starts[1:])]

@@ -13,11 +13,11 @@ from typing import Sequence
 
 import numpy as np
 
+from vlm_jax.data import IMAGE
 from vlm_jax.data.tokenizer import bos_prefix
 from vlm_jax.errors import UserError
 
 HF = "hf"
-IMAGE = "<image>"
 
 
 @functools.lru_cache(maxsize=8)

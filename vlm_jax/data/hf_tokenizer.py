@@ -11,10 +11,10 @@ import json
 import os
 import re
 
-from vlm_jax.convert.hf_config import read_json
+from vlm_jax.data import IMAGE
 from vlm_jax.errors import UserError
+from vlm_jax.files import read_json
 
-IMAGE = "<image>"
 FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
          "added_tokens.json", "chat_template.json", "chat_template.jinja")
 
@@ -218,10 +218,6 @@ def _special(directory: str, tokenizer_config: dict, key: str, backend) -> str |
       if isinstance(ids, int) and 0 <= ids < backend.vocab_size():
         return backend.id_to_token(ids)
   return token
-
-
-def has_tokenizer(directory: str) -> bool:
-  return any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model"))
 
 
 def load(path: str, add_image: bool = False) -> HFTokenizer:

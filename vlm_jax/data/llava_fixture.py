@@ -11,7 +11,7 @@ import sys
 import PIL.Image
 
 from vlm_jax.data import shapes
-from vlm_jax.data.tokenizer import IMAGE
+from vlm_jax.data import IMAGE
 
 SPEAKERS = {"user": "human", "assistant": "gpt"}
 

@@ -2,31 +2,26 @@
 
 With packing, each sample goes into the first row with room for its tokens and images; the
 batch is complete when a sample fits no row (that sample opens the next batch). Without it,
-each row holds one sample. With AnyRes the rows also form tile groups (anyres_batch.TileGroups)
+each row holds one sample. With AnyRes the rows also form tile groups (TileGroups)
 and a sample goes only where its group's pool has room for its tiles: a row that does not fit
 moves to the next group, or the sample opens the next batch; nothing is dropped. Either way a
 batch has fixed shapes, and its cost does not depend on the samples' lengths, so filling rows
 is what length-aware batching means here.
 """
 
+import dataclasses
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
-from vlm_jax.data.anyres_batch import TileGroups
+from vlm_jax.data.anyres_batch import AnyRes, Tiled
 from vlm_jax.data.prepare import Prepared, Skipped
 from vlm_jax.errors import UserError
 
 # A run of this many skipped samples means the data cannot fit the config (e.g. seq_len too
 # small for every sample); stop instead of looping forever.
 MAX_SKIPPED_IN_A_ROW = 1000
-
-
-def collate(rows: Sequence[Sequence[Prepared]], seq_len: int, pad_id: int, max_images: int,
-            image_shape: tuple[int, int]) -> dict[str, Any]:
-  """Rows of samples -> a batch: collate_text's arrays and square_images'."""
-  return {**square_images(rows, max_images, image_shape), **collate_text(rows, seq_len, pad_id)}
 
 
 def collate_text(rows: Sequence[Sequence[Prepared]], seq_len: int, pad_id: int) -> dict[str, Any]:
@@ -55,6 +50,27 @@ def collate_text(rows: Sequence[Sequence[Prepared]], seq_len: int, pad_id: int) 
       start = end
   return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "segment_ids": segment_ids,
           "positions": positions, "keys": [[s.key for s in row] for row in rows]}
+
+
+@dataclasses.dataclass(frozen=True)
+class TileGroups:
+  """The local batch's rows in `groups` contiguous groups, each with a pool of `tiles_per_group`
+  tile slots; PackBatches places a sample only in a row whose group has room for its tiles."""
+  anyres: AnyRes
+  groups: int
+  tiles_per_group: int
+  visual_len: int
+
+  def collate(self, rows: Sequence[Sequence[Prepared]]) -> dict[str, dict[str, np.ndarray]]:
+    return {"images": self.anyres.collate([[im for s in row for im in _tiled(s)] for row in rows],
+                                          groups=self.groups, tiles_per_group=self.tiles_per_group,
+                                          visual_len=self.visual_len)}
+
+
+def _tiled(sample: Prepared) -> list[Tiled]:
+  """A prepared sample's images: its tiles split by plan."""
+  starts = np.cumsum([0] + [p.tiles for p in sample.plans])
+  return [Tiled(p, sample.images[a:b]) for p, a, b in zip(sample.plans, starts, starts[1:])]
 
 
 def square_images(rows: Sequence[Sequence[Prepared]], max_images: int,

@@ -17,10 +17,10 @@ import grain
 import ml_collections
 import numpy as np
 
-from vlm_jax.data import anyres_batch, shapes, sources as sources_lib
-from vlm_jax.data.anyres_batch import AnyRes, TileGroups
-from vlm_jax.data.packing import PackBatches
+from vlm_jax.data import anyres_batch, sources as sources_lib
+from vlm_jax.data.anyres_batch import AnyRes
 from vlm_jax.data.images import Preprocessing
+from vlm_jax.data.packing import PackBatches, TileGroups
 from vlm_jax.data.prepare import Prepare
 from vlm_jax.data.templates import get_template
 from vlm_jax.data.tokenizer import Tokenizer
@@ -177,14 +177,3 @@ class Batches:
     close = getattr(self._it, "close", None)
     if close:
       close()
-
-
-def eval_examples(spec: str, n: int, *, seed: int, image_size: int,
-                  image_position: str = "before") -> list[shapes.Example]:
-  """The first n examples of a `shapes` split: a fixed held-out set (eval reads shapes only)."""
-  kind, _, split = spec.partition(":")
-  split = split or "train"
-  if kind != "shapes" or split not in shapes.SPLITS:
-    raise UserError(f"eval data spec {spec!r}: the periodic eval reads shapes[:SPLIT] only in this version "
-                    f"(splits: {', '.join(shapes.SPLITS)})")
-  return [shapes.make_example(seed, split, i, image_size, image_position) for i in range(n)]

@@ -8,20 +8,18 @@ data.strict, stops with its message, which names the source and the sample index
 import dataclasses
 import io
 import sys
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import PIL.Image
 
-from vlm_jax.data import anyres
+from vlm_jax.data import IMAGE, anyres
 from vlm_jax.data import images as images_lib
+from vlm_jax.data.anyres_batch import AnyRes
 from vlm_jax.data.sources import ImageRef, Sample, Source
 from vlm_jax.data.templates import encode_conversation
-from vlm_jax.data.tokenizer import IMAGE, Tokenizer
+from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import BadSample, UserError
-
-if TYPE_CHECKING:
-  from vlm_jax.data.anyres_batch import AnyRes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +70,7 @@ class Prepare:
 
   def __init__(self, sources: Sequence[Source], tokenizer: Tokenizer, *, template: str,
                image_tokens: int, seq_len: int, max_images: int, preprocessing: images_lib.Preprocessing,
-               anyres: "AnyRes | None" = None, max_tiles: int = sys.maxsize):
+               anyres: AnyRes | None = None, max_tiles: int = sys.maxsize):
     """Without AnyRes each image is one tile, `preprocessing(image)`, and takes one of the row's
     data.max_images image slots; with AnyRes, `anyres.prepare` tiles each image by its plan."""
     self.sources, self.tokenizer, self.template = list(sources), tokenizer, template

@@ -14,8 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vlm_jax.data import shapes
-from vlm_jax.data.tokenizer import IMAGE
+from vlm_jax.data import IMAGE, shapes
 from vlm_jax.errors import BadSample, UserError
 
 # The length of one pass over `shapes` (it is generated, so any index is an example).

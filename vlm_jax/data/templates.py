@@ -14,9 +14,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from vlm_jax.data import chat_template
+from vlm_jax.config import check_image_position
+from vlm_jax.data import IMAGE, chat_template
+from vlm_jax.data.tokenizer import Tokenizer, bos_prefix
 from vlm_jax.errors import BadSample, UserError
-from vlm_jax.data.tokenizer import IMAGE, Tokenizer, bos_prefix
 
 ROLES = ("user", "assistant")
 TEXT = "{}"  # where a turn's text goes in a template string (not str.format: texts hold braces)
@@ -184,13 +185,9 @@ def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer: Tokenizer,
   return Encoded(np.asarray(tokens, np.int32), np.asarray(mask, np.bool_))
 
 
-IMAGE_POSITIONS = ("before", "after")
-
-
 def place_image(text: str, position: str = "before") -> str:
   """Adds the <image> marker on its own line before (LLaVA's default) or after the text."""
-  if position not in IMAGE_POSITIONS:
-    raise UserError(f"config.data.image_position: {position!r} is not before or after")
+  check_image_position(position)
   return f"{IMAGE}\n{text}" if position == "before" else f"{text}\n{IMAGE}"
 
 

@@ -8,13 +8,14 @@ import jax
 import numpy as np
 
 from vlm_jax import parallel
+from vlm_jax.build import Run
 from vlm_jax.data import anyres_batch, pipeline, shapes, templates
 from vlm_jax.data import images as images_lib
 from vlm_jax.data.packing import collate_text
 from vlm_jax.data.prepare import Prepared
 from vlm_jax.data.tokenizer import Tokenizer
+from vlm_jax.errors import UserError
 from vlm_jax.infer.generate import Greedy
-from vlm_jax.train.build import Run
 
 MAX_ANSWER_TOKENS = 8
 NO_IMAGES = np.zeros((0, 1, 1, 3), np.float32)  # images go in separately (_pixels)
@@ -80,11 +81,27 @@ class Evaluator:
     return _pad_rows(images[:, None], rows)
 
 
+def eval_examples(spec: str, n: int, *, seed: int, image_size: int,
+                  image_position: str = "before") -> list[shapes.Example]:
+  """The first n examples of a `shapes` split: a fixed held-out set (eval reads shapes only)."""
+  kind, _, split = spec.partition(":")
+  split = split or "train"
+  if kind != "shapes" or split not in shapes.SPLITS:
+    raise UserError(f"eval data spec {spec!r}: the periodic eval reads shapes[:SPLIT] only in this version "
+                    f"(splits: {', '.join(shapes.SPLITS)})")
+  return [shapes.make_example(seed, split, i, image_size, image_position) for i in range(n)]
+
+
 def evaluator_for(run: Run, tokenizer: Tokenizer, spec: str, n: int) -> Evaluator:
   cfg = run.config
-  examples = pipeline.eval_examples(spec, n, seed=cfg.seed, image_size=cfg.model.vision.image_size,
-                                    image_position=cfg.data.image_position)
+  examples = eval_examples(spec, n, seed=cfg.seed, image_size=cfg.model.vision.image_size,
+                           image_position=cfg.data.image_position)
   return Evaluator(run, tokenizer, examples)
+
+
+def periodic_evaluator(run: Run, tokenizer: Tokenizer) -> Evaluator:
+  """The training loop's eval: config.data.eval_sources, its first config.train.eval_examples."""
+  return evaluator_for(run, tokenizer, run.config.data.eval_sources, run.config.train.eval_examples)
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlm_jax.config import check_one_of
+from vlm_jax.errors import UserError
 from vlm_jax.models import bridge as bridge_lib
 from vlm_jax.models import vit as vit_lib
-from vlm_jax.models.bridge import Bridge
-from vlm_jax.models.layers import logical
+from vlm_jax.models.layers import ACTIVATIONS, logical
 from vlm_jax.models.llm import LLM
 from vlm_jax.models.vit import ViT
 
@@ -19,6 +20,21 @@ def image_tokens(model_cfg: ml_collections.ConfigDict) -> int:
   """Placeholder tokens one image occupies in the sequence (AnyRes: one tile's; an image's tile
   plan decides its count, see data/anyres.py)."""
   return bridge_lib.num_output_tokens(model_cfg.bridge, vit_lib.num_output_tokens(model_cfg.vision))
+
+
+def check_config(model_cfg: ml_collections.ConfigDict) -> None:
+  """The choices config.model makes among the models' registries (bridges, ViT flavours,
+  activations); config.validate checks the rest."""
+  m = model_cfg
+  check_one_of("config.model.vision.flavour", m.vision.flavour, vit_lib.FLAVOURS)
+  if m.vision.act:
+    check_one_of("config.model.vision.act", m.vision.act, ACTIVATIONS)
+  check_one_of("config.model.llm.mlp_act", m.llm.mlp_act, ACTIVATIONS)
+  bridge = bridge_lib.kind_of(m.bridge)
+  if m.anyres.enabled and not bridge.keeps_grid:
+    grid_keepers = [k for k, v in bridge_lib.BRIDGES.items() if v.keeps_grid]
+    raise UserError(f"config.model.anyres: needs a bridge that keeps the patch grid ({', '.join(grid_keepers)}), "
+                    f"not {m.bridge.kind}")
 
 
 def scatter_visual(embeds: jax.Array, visual: jax.Array, is_placeholder: jax.Array) -> jax.Array:
@@ -40,7 +56,7 @@ class VLM(nn.Module):
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
     self.vision = ViT(c.vision, dtype, c.remat, c.attention)
-    self.bridge = Bridge(c.bridge, c.llm.width, dtype)
+    self.bridge = bridge_lib.make_bridge(c.bridge, c.llm.width, dtype)
     self.llm = LLM(c.llm, dtype, c.remat, c.attention)
     if c.anyres.enabled:  # LLaVA-NeXT's row end marker, randn / sqrt(width) as there
       self.image_newline = self.param("image_newline", logical(

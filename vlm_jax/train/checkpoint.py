@@ -5,6 +5,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from vlm_jax.build import Run
 from vlm_jax.errors import UserError
 
 
@@ -51,7 +52,8 @@ class Checkpointer:
 def resolve(path: str) -> tuple[str, int | None]:
   """--checkpoint PATH -> (workdir, step): a workdir (latest step) or one of its step directories.
 
-  (A Hugging Face directory is the third kind of PATH; vlm_jax.load checks for it first.)
+  (A Hugging Face directory is the third kind of PATH; the layer above, vlm_jax.load and
+  convert, checks for it first.)
   """
   path = os.path.abspath(path)
   if not os.path.exists(path):
@@ -71,19 +73,17 @@ def resolve(path: str) -> tuple[str, int | None]:
                   "nor one of its checkpoints/<step> directories")
 
 
-def load_params(path: str, model_cfg, abstract_params, shardings):
-  """The params of PATH (a workdir, a step directory or a Hugging Face LLaVA directory) in the
-  given shardings, for a model whose param shapes they must match."""
-  from vlm_jax.convert import hf_import  # the converter's deps load only when used
-  if hf_import.is_hf_dir(path):
-    return hf_import.read_llava_params(path, model_cfg, abstract_params, shardings)
+def load_params(path: str, run: Run):
+  """The params of PATH (a workdir or one of its step directories) in the run's shardings; they
+  must have the shapes of the run's model. (vlm_jax.convert.hf_import.load_params also reads
+  Hugging Face directories.)"""
   workdir, step = resolve(path)
   checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
   step = checkpoints.latest_step() if step is None else step
   if step is None:
     raise UserError(f"{path}: no checkpoint yet in {workdir}/checkpoints")
   try:
-    return checkpoints.restore_params(step, abstract_params, shardings)
+    return checkpoints.restore_params(step, run.abstract_params, run.param_shardings)
   except (ValueError, KeyError) as e:  # orbax: shapes or tree differ from the model's
     raise UserError(f"{path}: its params do not fit this model ({str(e).strip().splitlines()[0][:200]})") from None
   finally:

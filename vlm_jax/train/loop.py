@@ -1,7 +1,12 @@
 """The training loop: read top to bottom.
 
-workdir -> tokenizer -> mesh -> model, optimizer, shardings -> data -> restore or init ->
-compile -> loop (step, log, eval, checkpoint) -> final eval and checkpoint.
+validate -> tokenizer -> mesh -> model, optimizer, shardings -> data, evaluator -> restore or
+init -> write the workdir -> compile -> loop (step, log, eval, checkpoint) -> final checkpoint.
+
+Everything that can fail on a user's input (config, mesh, trainable regexes, data specs, the
+checkpoint a run starts from) fails before the workdir is touched: a failed start leaves it as
+it was. The loop is handed its evaluator and the reader of `model.init_from` by the layer above
+(vlm_jax.api.train), so training imports neither eval nor the Hugging Face converter.
 """
 
 import json
@@ -9,19 +14,22 @@ import logging
 import os
 import signal
 import time
+from typing import Callable
 
 import jax
 import ml_collections
 
+from vlm_jax import build as build_lib
 from vlm_jax import config as config_lib
 from vlm_jax import parallel
 from vlm_jax.data.pipeline import Batches, device_batch
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.eval.runner import evaluator_for
-from vlm_jax.train import build as build_lib
+from vlm_jax.train import checkpoint as checkpoint_lib
+from vlm_jax.train import trainer as trainer_lib
 from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.metrics import MetricWriter, ProgressLine
+from vlm_jax.train.optim import FROZEN
 
 log = logging.getLogger("vlm_jax")
 
@@ -30,34 +38,44 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
                      "train.max_to_keep", "train.eval_examples", "train.eval_batch_size", "data.threads",
                      "data.prefetch")
 
+Evaluator = Callable[[dict], dict]                       # params -> metrics
+MakeEvaluator = Callable[[build_lib.Run, Tokenizer], Evaluator]
+LoadParams = Callable[[str, build_lib.Run], dict]        # (config.model.init_from, run) -> params
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes DIR/config.json, or checks that a resumed run has the config it was started with."""
-  os.makedirs(workdir, exist_ok=True)
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A resumed run must have the config it was started with (cadence fields aside). Writes nothing."""
   path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = config_lib.flatten(json.load(f))
-    # A field added to vlm-jax after the run started (e.g. model.anyres.*) had its default then.
-    defaults = config_lib.flatten(json.loads(config_lib.to_json(config_lib.base())))
-    changed = sorted(k for k, v in config_lib.flatten(json.loads(config_lib.to_json(config))).items()
-                     if saved.get(k, defaults.get(k)) != v and k not in RESUMABLE_CHANGES)
-    if changed:
-      raise UserError(f"--workdir {workdir} holds a run with a different config ({', '.join(changed[:5])}); "
-                      "use a new workdir, or the same config to resume")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = config_lib.flatten(json.load(f))
+  # A field added to vlm-jax after the run started (e.g. model.anyres.*) had its default then.
+  defaults = config_lib.flatten(json.loads(config_lib.to_json(config_lib.base())))
+  changed = sorted(k for k, v in config_lib.flatten(json.loads(config_lib.to_json(config))).items()
+                   if saved.get(k, defaults.get(k)) != v and k not in RESUMABLE_CHANGES)
+  if changed:
+    raise UserError(f"--workdir {workdir} holds a run with a different config ({', '.join(changed[:5])}); "
+                    "use a new workdir, or the same config to resume")
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
-    with open(path, "w") as f:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(config))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
-  """Trains (or resumes) the run in `workdir`. `stop_after` ends the process early at that step,
-  as a preemption would (a checkpoint is written). Returns the last eval metrics."""
-  # --- Workdir, tokenizer, mesh ----------------------------------------------------------------
-  config_lib.validate(config)
+def train(config: ml_collections.ConfigDict, workdir: str, *, evaluator: MakeEvaluator | None = None,
+          load_params: LoadParams = checkpoint_lib.load_params, stop_after: int | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir`; `evaluator(run, tokenizer)` makes the periodic
+  eval (none without it). `stop_after` ends the process early at that step, as a preemption
+  would (a checkpoint is written). Returns the last eval metrics."""
+  # --- Config, tokenizer, workdir check, mesh ---------------------------------------------------
+  build_lib.validate(config)
   tokenizer = Tokenizer.load(config.data.tokenizer)
   build_lib.resolve_model_config(config, tokenizer.vocab_size)
-  prepare_workdir(config, workdir)
+  check_workdir(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   t = config.train
   rows_per_micro = t.batch_size // t.grad_accum
@@ -65,34 +83,43 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     raise UserError(f"config.train.batch_size / grad_accum = {rows_per_micro} rows per micro-batch does not "
                     f"divide over the mesh's data x fsdp = {parallel.batch_divisor(mesh)} devices")
 
-  # --- Model, optimizer, shardings; data ------------------------------------------------------
-  run = build_lib.build(config, mesh, tokenizer.image_id)
+  # --- Model, optimizer, shardings; data and eval -----------------------------------------------
+  trainer = trainer_lib.build(config, mesh, tokenizer.image_id)
+  run = trainer.run
   data = Batches.from_config(config, tokenizer, run.image_tokens, process_index=jax.process_index(),
                              process_count=jax.process_count(),
                              tile_groups=parallel.batch_divisor(mesh) * t.grad_accum)
-  evaluate = evaluator_for(run, tokenizer, config.data.eval_sources, t.eval_examples)
+  try:
+    evaluate = evaluator(run, tokenizer) if evaluator else None
 
-  # --- Restore or init ------------------------------------------------------------------------
-  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), t.max_to_keep)
-  start = checkpoints.latest_step()
-  if start is not None:
-    state, data_state = checkpoints.restore(start, run.abstract_state, run.state_shardings)
-    data.set_state(data_state)
-    log.info("resumed from step %d", start)
-  else:
-    start = 0
-    state = run.init(jax.random.key(config.seed))
+    # --- Restore or init, and the first batch; only then is the workdir written -----------------
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    checkpoints = Checkpointer(checkpoint_dir, t.max_to_keep) if os.path.isdir(checkpoint_dir) else None
+    start = checkpoints.latest_step() if checkpoints else None
+    if start is not None:
+      state, data_state = checkpoints.restore(start, trainer.abstract_state, trainer.state_shardings)
+      data.set_state(data_state)
+      log.info("resumed from step %d", start)
+    elif config.model.init_from:
+      start, state = 0, trainer.start(load_params(config.model.init_from, run))
+    else:
+      start, state = 0, trainer.init(jax.random.key(config.seed))
+    # Batches go to the device as soon as they are read: the transfer of batch k+1 overlaps step k.
+    batch = parallel.global_batch(device_batch(next(data)), mesh)
+  except BaseException:
+    data.close()
+    raise
+  write_config(config, workdir)
+  checkpoints = checkpoints or Checkpointer(checkpoint_dir, t.max_to_keep)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  n_trained = sum(x.size for x, l in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(run.labels))
-                  if l != "frozen")
+  n_trained = sum(x.size for x, l in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(trainer.labels))
+                  if l != FROZEN)
   log.info("params: %s total, %s trained (stage %s); mesh %s", f"{n_params:,}", f"{n_trained:,}",
            config.stage, dict(mesh.shape))
 
   # --- Compile once, before the loop ----------------------------------------------------------
-  # Batches go to the device as soon as they are read: the transfer of batch k+1 overlaps step k.
-  batch = parallel.global_batch(device_batch(next(data)), mesh)
   t0 = time.time()
-  train_step = run.train_step.lower(state, batch).compile()
+  train_step = trainer.train_step.lower(state, batch).compile()
   memory = train_step.memory_analysis()
   log.info("train step compiled in %.1fs%s", time.time() - t0,
            f"; temp memory {memory.temp_size_in_bytes / 2**20:.0f} MiB" if memory else "")
@@ -115,7 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
       metrics.update({f"data/skipped/{k}": v for k, v in data.skipped.items()})
       writer.write(step, metrics)
       log.info(progress.line(step, metrics))
-    if step % t.eval_every == 0 or step == t.steps:
+    if evaluate and (step % t.eval_every == 0 or step == t.steps):
       eval_metrics = _eval(evaluate, state, step, writer, config.data.eval_sources)
     # Save before fetching the next batch: the saved data position is the next unseen batch.
     if step % t.checkpoint_every == 0 or step == end or preempted:

@@ -11,15 +11,12 @@ import jax
 import ml_collections
 import optax
 
+from vlm_jax.build import path_str
 from vlm_jax.config import COMPONENTS
 from vlm_jax.errors import UserError
 
 FROZEN = "frozen"
 STAGE_TRAINS = {"stage1": ("bridge",), "stage2": ("bridge", "llm"), "full": COMPONENTS}
-
-
-def path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def component(path: str) -> str:

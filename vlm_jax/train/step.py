@@ -1,9 +1,10 @@
-"""The train and eval steps: pure functions of (state, batch), jitted by the loop with explicit shardings.
+"""The train step: a pure function of (state, batch), jitted by train/trainer.py with explicit shardings.
 
 state = {"step": int32[], "params": tree, "opt_state": tree}. A batch is a dict of arrays with a
-leading global batch axis (see vlm_jax/data/pipeline.py); with grad_accum = k it is split into k
-micro-batches that are scanned over, and the loss is normalised by the total supervised tokens
-(not a mean of micro-batch means), so accumulation gives the same step as one big batch.
+leading global batch axis, its loss made by the run's task (vlm_jax/tasks.py); with grad_accum =
+k it is split into k micro-batches that are scanned over, and the loss is normalised by the
+total count (supervised tokens), not a mean of micro-batch means, so accumulation gives the
+same step as one big batch.
 """
 
 from typing import Any, Callable
@@ -14,21 +15,6 @@ import optax
 
 from vlm_jax.train.optim import FROZEN
 
-MODEL_INPUTS = ("tokens", "images", "positions", "segment_ids")
-
-
-def token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Summed fp32 cross-entropy over supervised targets, and their count."""
-  logits = logits.astype(jnp.float32)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
-  mask = loss_mask.astype(jnp.float32)
-  return jnp.sum(nll * mask), jnp.sum(mask)
-
-
-def batch_loss(apply_fn: Callable, params, batch: dict) -> tuple[jax.Array, jax.Array]:
-  logits = apply_fn({"params": params}, *(batch[k] for k in MODEL_INPUTS))
-  return token_loss(logits, batch["targets"], batch["loss_mask"])
-
 
 def stop_frozen(params, labels):
   """Frozen params become constants: JAX then skips their weight gradients and, for a frozen
@@ -36,10 +22,11 @@ def stop_frozen(params, labels):
   return jax.tree.map(lambda p, l: jax.lax.stop_gradient(p) if l == FROZEN else p, params, labels)
 
 
-def train_step(state: dict, batch: dict, *, apply_fn: Callable, tx: optax.GradientTransformation,
+def train_step(state: dict, batch: dict, *, loss: Callable, tx: optax.GradientTransformation,
                labels, grad_accum: int, lr_fn: Callable) -> tuple[dict, dict[str, Any]]:
+  """loss: (params, batch) -> (summed loss, count), the task's."""
   def summed_loss(params, micro):
-    loss_sum, count = batch_loss(apply_fn, stop_frozen(params, labels), micro)
+    loss_sum, count = loss(stop_frozen(params, labels), micro)
     return loss_sum, (loss_sum, count)
 
   grad_fn = jax.grad(summed_loss, has_aux=True)
@@ -64,8 +51,3 @@ def train_step(state: dict, batch: dict, *, apply_fn: Callable, tx: optax.Gradie
   metrics = {"train/loss": loss_sum / denom, "train/grad_norm": optax.tree.norm(grads),
              "train/lr": lr_fn(state["step"]), "train/supervised_tokens": count}
   return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-
-def eval_step(params, batch: dict, *, apply_fn: Callable) -> dict[str, jax.Array]:
-  loss_sum, count = batch_loss(apply_fn, params, batch)
-  return {"loss_sum": loss_sum, "count": count}

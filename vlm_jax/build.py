@@ -1,0 +1,104 @@
+"""Builds a run from a config: its task and model, param shardings, abstract params, eval step.
+
+Shapes first (`eval_shape`), then shardings: every later array (init in train/trainer.py, a
+restored or imported checkpoint) is created directly in its target sharding, so no full copy of
+the model ever sits on one device. Training adds the optimizer on top (train/trainer.py);
+inference, eval and conversion need only this.
+"""
+
+import dataclasses
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from vlm_jax import config as config_lib
+from vlm_jax import parallel, tasks
+from vlm_jax.data import anyres
+from vlm_jax.errors import UserError
+from vlm_jax.models import vlm
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Everything a config can be checked for alone: its fields, its registry choices (task,
+  bridge, ViT flavour, activations) and its AnyRes grids; one line naming the field."""
+  config_lib.validate(config)
+  tasks.task_of(config)
+  vlm.check_config(config.model)
+  if config.model.anyres.enabled:
+    anyres.parse_pinpoints(config.model.anyres.grid_pinpoints, config.model.vision.image_size)
+
+
+def resolve_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> None:
+  """Fills derived fields (vocab size from the tokenizer) in place."""
+  llm = config.model.llm
+  if llm.vocab_size == 0:
+    llm.vocab_size = vocab_size
+  elif llm.vocab_size < vocab_size:
+    raise UserError(f"config.model.llm.vocab_size ({llm.vocab_size}) is smaller than the tokenizer's "
+                    f"vocabulary ({vocab_size})")
+
+
+def path_str(path) -> str:
+  """A param's key path as "llm/layers/q/kernel": what freezing, labels and key tables match."""
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def flat_params(tree) -> dict:
+  """{"llm/layers/q/kernel": leaf, ...} of a params-shaped tree."""
+  return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@dataclasses.dataclass
+class Run:
+  """What training, eval, inference and conversion share, built once per (config, mesh)."""
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  task: tasks.Task
+  model: nn.Module
+  param_shardings: object
+  abstract_params: object
+  init_params: Callable          # rng -> params from the model's initialisers, in their shardings
+  eval_step: Callable            # (params, batch) -> {"loss_sum", "count"}
+
+  @property
+  def image_tokens(self) -> int:
+    return vlm.image_tokens(self.config.model)
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) -> Run:
+  task = tasks.task_of(config)
+  model = task.make_model(config, image_token_id)
+  inputs = task.dummy_inputs(config, 1)
+  boxed_init = lambda rng: model.init(rng, *inputs)["params"]
+  boxed = jax.eval_shape(boxed_init, jax.random.key(0))
+  param_shardings = parallel.param_shardings(boxed, mesh)
+
+  def eval_step(params, batch: dict) -> dict[str, jax.Array]:
+    loss_sum, count = task.loss(model.apply, params, batch)
+    return {"loss_sum": loss_sum, "count": count}
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
+    init_params = jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=param_shardings)
+    eval_step = jax.jit(eval_step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
+                        out_shardings=parallel.replicated(mesh))
+  return Run(config, mesh, task, model, param_shardings, nn.meta.unbox(boxed), in_mesh(init_params, mesh),
+             in_mesh(eval_step, mesh))
+
+
+def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """Calls (and so traces) a jitted `fn` with the mesh and the logical rules in context."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
+      return fn(*args, **kwargs)
+  wrapped.lower = lambda *a, **k: _lower(fn, mesh, *a, **k)
+  return wrapped
+
+
+def _lower(fn, mesh, *args, **kwargs):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
+    return fn.lower(*args, **kwargs)

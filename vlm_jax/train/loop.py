@@ -1,7 +1,7 @@
 """The training loop: read top to bottom.
 
-validate -> tokenizer -> mesh -> model, optimizer, shardings -> data, evaluator -> restore or
-init -> write the workdir -> compile -> loop (step, log, eval, checkpoint) -> final checkpoint.
+validate -> tokenizer -> workdir check -> mesh -> model, optimizer, shardings -> data, evaluator
+-> restore or init -> write the workdir -> compile -> loop (step, log, eval, checkpoint).
 
 Everything that can fail on a user's input (config, mesh, trainable regexes, data specs, the
 checkpoint a run starts from) fails before the workdir is touched: a failed start leaves it as
@@ -27,7 +27,6 @@ from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.train import checkpoint as checkpoint_lib
 from vlm_jax.train import trainer as trainer_lib
-from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.metrics import MetricWriter, ProgressLine
 from vlm_jax.train.optim import FROZEN
 
@@ -94,7 +93,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evaluator: MakeEva
 
     # --- Restore or init, and the first batch; only then is the workdir written -----------------
     checkpoint_dir = os.path.join(workdir, "checkpoints")
-    checkpoints = Checkpointer(checkpoint_dir, t.max_to_keep) if os.path.isdir(checkpoint_dir) else None
+    checkpoints = (checkpoint_lib.Checkpointer(checkpoint_dir, t.max_to_keep)
+                   if os.path.isdir(checkpoint_dir) else None)
     start = checkpoints.latest_step() if checkpoints else None
     if start is not None:
       state, data_state = checkpoints.restore(start, trainer.abstract_state, trainer.state_shardings)
@@ -110,7 +110,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evaluator: MakeEva
     data.close()
     raise
   write_config(config, workdir)
-  checkpoints = checkpoints or Checkpointer(checkpoint_dir, t.max_to_keep)
+  checkpoints = checkpoints or checkpoint_lib.Checkpointer(checkpoint_dir, t.max_to_keep)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   n_trained = sum(x.size for x, l in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(trainer.labels))
                   if l != FROZEN)

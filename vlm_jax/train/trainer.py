@@ -25,7 +25,7 @@ class Trainer:
   state_shardings: dict
   abstract_state: dict
   init: Callable                 # rng -> state (sharded): the model's initial params, a fresh optimizer
-  start: Callable                # params -> state: given params (config.model.init_from), fresh optimizer
+  start: Callable                # params -> state: given params (config.model.init_from; donated), fresh optimizer
   train_step: Callable           # (state, batch) -> (state, metrics); donates state
 
 
@@ -46,7 +46,8 @@ def make(run: build_lib.Run) -> Trainer:
                                  tx=tx, labels=labels, grad_accum=config.train.grad_accum,
                                  lr_fn=optim.schedule(config.train))
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
-    start = jax.jit(new_state, out_shardings=state_shardings)
+    # The given params become the state's (donated: never two copies of the model at once).
+    start = jax.jit(new_state, out_shardings=state_shardings, donate_argnums=0)
     train_step = jax.jit(train_step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
   start = build_lib.in_mesh(start, mesh)

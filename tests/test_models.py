@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vlm_jax import build as build_lib
 from vlm_jax import config as config_lib
+from vlm_jax.errors import UserError
+from vlm_jax.models import bridge as bridge_lib
 from vlm_jax.models import vit as vit_lib
 from vlm_jax.models.bridge import make_bridge
 from vlm_jax.models.llm import LLM
@@ -52,6 +55,33 @@ def test_mlp_bridge_uses_exact_gelu():
   h = x @ p["linear_1"]["kernel"] + p["linear_1"]["bias"]
   expected = jax.nn.gelu(h, approximate=False) @ p["linear_2"]["kernel"] + p["linear_2"]["bias"]
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+class PairPool(bridge_lib.Linear):
+  """A bridge defined outside the package: neighbouring patches averaged in pairs, then projected."""
+
+  def __call__(self, x):
+    return super().__call__((x[:, 0::2] + x[:, 1::2]) / 2)
+
+
+def test_a_bridge_is_one_registry_entry(monkeypatch):
+  """Registering a kind is all it takes: validation, token counts and the VLM follow the registry."""
+  cfg = config_lib.base()
+  cfg.model = tiny_model_config()
+  cfg.model.bridge.kind = "pair_pool"
+  with pytest.raises(UserError, match="bridge.kind: 'pair_pool' is not one of linear, mlp2x_gelu, perceiver"):
+    build_lib.validate(cfg)
+  monkeypatch.setitem(bridge_lib.BRIDGES, "pair_pool", bridge_lib.BridgeKind(PairPool, lambda c, n: n // 2, False))
+  build_lib.validate(cfg)
+  assert image_tokens(cfg.model) == 2  # 4 patches, in pairs
+  tokens = jnp.array([[5, 63, 63, 7]])  # two placeholders (id 63) for one image
+  model = VLM(cfg.model, 63)
+  logits, params = model.init_with_output(jax.random.key(0), tokens, jnp.ones((1, 1, 16, 16, 3)),
+                                          jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32))
+  assert logits.shape == (1, 4, 64) and set(params["params"]["bridge"]) == {"linear_1"}
+  cfg.model.anyres.enabled = True  # AnyRes reads the patch grid, which this bridge does not keep
+  with pytest.raises(UserError, match="keeps the patch grid .*not pair_pool"):
+    build_lib.validate(cfg)
 
 
 def test_scatter_visual_fills_placeholders_in_order():

@@ -18,7 +18,7 @@ from vlm_jax.data import templates
 from vlm_jax.data.tokenizer import BUILTIN, Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.infer.generate import BUCKET, Greedy
-from vlm_jax.train.checkpoint import Checkpointer, resolve
+from vlm_jax.train.checkpoint import read_params, resolve
 
 
 class Model:
@@ -90,13 +90,7 @@ def load(path: str, dtype: str | None = None) -> Model:
   tokenizer = Tokenizer.load(_in_workdir(config.data.tokenizer, workdir))
   build_lib.resolve_model_config(config, tokenizer.vocab_size)
   run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id)
-  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = checkpoints.latest_step() if step is None else step
-  if step is None or step not in checkpoints.manager.all_steps():
-    raise UserError(f"--checkpoint: no checkpoint {'yet' if step is None else step} in {workdir}/checkpoints")
-  # Params only: inference needs no optimizer state (and converted checkpoints have none).
-  params = checkpoints.restore_params(step, run.abstract_params, run.param_shardings)
-  checkpoints.close()
+  params, step = read_params(workdir, step, run, "--checkpoint")
   return Model(config, tokenizer, run, params, step, hf_import.load_origin(workdir))
 
 

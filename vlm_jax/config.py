@@ -2,7 +2,8 @@
 
 Every config file builds on `base()`, so every run has every field; unknown fields are errors.
 `validate` checks the fields themselves; the choices that name a registry entry (task, bridge
-kind, vision flavour, activations) are checked by the registries' owners (build.validate).
+kind, vision flavour, activations, remat policy) are checked by the registries' owners
+(build.validate).
 """
 
 import ast
@@ -17,7 +18,6 @@ from vlm_jax.errors import UserError
 
 STAGES = ("stage1", "stage2", "full")
 ROPE_TYPES = ("default", "linear", "llama3")
-REMAT = ("none", "full", "dots")
 COMPONENTS = ("vision", "bridge", "llm")   # the params tree's top-level parts
 IMAGE_POSITIONS = ("before", "after")      # where <image> goes when a prompt does not say
 # How an image becomes the ViT's square input (vlm_jax/data/images.py).
@@ -218,7 +218,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.image_resize != "squash":
       raise UserError(f"config.data.image_resize: {config.data.image_resize!r} with AnyRes, which tiles the "
                       "image itself (its base view is squashed); leave it 'squash'")
-  check_one_of("config.model.remat", m.remat, REMAT)
   t = config.train
   for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every"):
     if t[name] < 1:

@@ -83,7 +83,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
 }
 
-REMAT_POLICIES = {
+REMAT_POLICIES = {  # config.model.remat -> what a layer's backward pass keeps (None: no remat)
+    "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
@@ -95,8 +96,6 @@ def stack_layers(block: type[nn.Module], depth: int, remat: str, n_broadcast: in
   The block's __call__ takes (carry, *broadcast_args) and returns (carry, None).
   """
   if remat != "none":
-    if remat not in REMAT_POLICIES:
-      raise ValueError(f"unknown remat policy {remat!r}; use none, full or dots")
     block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=(nn.broadcast,) * n_broadcast, length=depth,

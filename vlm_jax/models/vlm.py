@@ -11,7 +11,7 @@ from vlm_jax.config import check_one_of
 from vlm_jax.errors import UserError
 from vlm_jax.models import bridge as bridge_lib
 from vlm_jax.models import vit as vit_lib
-from vlm_jax.models.layers import ACTIVATIONS, logical
+from vlm_jax.models.layers import ACTIVATIONS, REMAT_POLICIES, logical
 from vlm_jax.models.llm import LLM
 from vlm_jax.models.vit import ViT
 
@@ -24,8 +24,9 @@ def image_tokens(model_cfg: ml_collections.ConfigDict) -> int:
 
 def check_config(model_cfg: ml_collections.ConfigDict) -> None:
   """The choices config.model makes among the models' registries (bridges, ViT flavours,
-  activations); config.validate checks the rest."""
+  activations, remat policies); config.validate checks the rest."""
   m = model_cfg
+  check_one_of("config.model.remat", m.remat, REMAT_POLICIES)
   check_one_of("config.model.vision.flavour", m.vision.flavour, vit_lib.FLAVOURS)
   if m.vision.act:
     check_one_of("config.model.vision.act", m.vision.act, ACTIVATIONS)

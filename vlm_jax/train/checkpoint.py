@@ -73,18 +73,24 @@ def resolve(path: str) -> tuple[str, int | None]:
                   "nor one of its checkpoints/<step> directories")
 
 
-def load_params(path: str, run: Run):
-  """The params of PATH (a workdir or one of its step directories) in the run's shardings; they
-  must have the shapes of the run's model. (vlm_jax.convert.hf_import.load_params also reads
-  Hugging Face directories.)"""
-  workdir, step = resolve(path)
+def read_params(workdir: str, step: int | None, run: Run, where: str) -> tuple[dict, int]:
+  """(params, step) of a workdir's step (None: its latest) in the run's shardings, which they
+  must fit. Params only: inference needs no optimizer state (converted checkpoints have none)."""
   checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = checkpoints.latest_step() if step is None else step
-  if step is None:
-    raise UserError(f"{path}: no checkpoint yet in {workdir}/checkpoints")
   try:
-    return checkpoints.restore_params(step, run.abstract_params, run.param_shardings)
-  except (ValueError, KeyError) as e:  # orbax: shapes or tree differ from the model's
-    raise UserError(f"{path}: its params do not fit this model ({str(e).strip().splitlines()[0][:200]})") from None
+    step = checkpoints.latest_step() if step is None else step
+    if step is None or step not in checkpoints.manager.all_steps():
+      raise UserError(f"{where}: no checkpoint {'yet' if step is None else step} in {workdir}/checkpoints")
+    try:
+      return checkpoints.restore_params(step, run.abstract_params, run.param_shardings), step
+    except (ValueError, KeyError) as e:  # orbax: shapes or tree differ from the model's
+      raise UserError(f"{where}: its params do not fit this model ({str(e).strip().splitlines()[0][:200]})") from None
   finally:
     checkpoints.close()
+
+
+def load_params(path: str, run: Run):
+  """The params of PATH (a workdir or one of its step directories) in the run's shardings.
+  (vlm_jax.convert.hf_import.load_params also reads Hugging Face directories.)"""
+  workdir, step = resolve(path)
+  return read_params(workdir, step, run, path)[0]

@@ -25,7 +25,7 @@ from vlm_jax.data import templates
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.files import read_json
-from vlm_jax.infer.generate import Greedy
+from vlm_jax.infer.generate import Generator
 from vlm_jax.models.vit import ViT
 from vlm_jax.train import trainer as trainer_lib
 
@@ -90,7 +90,8 @@ def test_llm_logits_and_greedy_match_transformers(tmp_path, family):
   print(f"{family}: max abs logits error {err:.2e} (logits up to {np.abs(expected).max():.1f})")
   assert err < TOL
 
-  ours = Greedy(run.model, run.mesh, eos_id=-1, pad_id=hf_models.PAD)(params, [ids[0].numpy()], images[:1], NEW_TOKENS)[0]
+  generator = Generator(run.model, run.mesh, pad_id=hf_models.PAD, context=config.model.llm.max_len)
+  ours = generator(params, [ids[0].numpy()], images[:1], max_new_tokens=NEW_TOKENS)[0]
   assert ours == hf_greedy(hf, ids[:1])
 
 
@@ -145,8 +146,8 @@ def test_llava_logits_and_greedy_match_transformers(llava):
   err = float(np.abs(got - llava["logits"]).max())
   print(f"{llava['name']}: max abs logits error {err:.2e} (logits up to {np.abs(llava['logits']).max():.1f})")
   assert err < TOL
-  ours = Greedy(model.run.model, model.run.mesh, eos_id=-1, pad_id=hf_models.PAD)(
-      model.params, [llava["ids"][0].numpy()], nchw_to_ours(llava["pixels"]), NEW_TOKENS)[0]
+  ours = model.generator(model.params, [llava["ids"][0].numpy()], nchw_to_ours(llava["pixels"]),
+                         max_new_tokens=NEW_TOKENS)[0]
   assert ours == hf_greedy(llava["hf"], llava["ids"], pixel_values=llava["pixels"])
   # Each param sits in the sharding training would give it (embed split 8 ways over fsdp).
   shardings = flat_params(model.run.param_shardings)

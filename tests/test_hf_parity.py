@@ -26,7 +26,7 @@ from vlm_jax.data.images import Preprocessing
 from vlm_jax.errors import UserError
 
 QUESTION = "what color is the circle"
-NEW_TOKENS = 16
+NEW_TOKENS = 32
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # llava-1.5-hf's chat template: typed content, images first.
@@ -38,7 +38,7 @@ CHAT = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ mes
 TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # LLaVA-NeXT's, at a 32-px tile
 
 # kind -> (vision flavour, vision_feature_select_strategy, image processor); 16-px CLIP/SigLIP
-# towers of 8-px patches, 32-px tiles for AnyRes.
+# towers of 8-px patches, 32-px tiles for AnyRes. Each kind has its own LLM family (FAMILY).
 KINDS = {
     # llava-1.5-hf: shortest edge then a centre crop (here the short side goes to 20, the crop to 16)
     "clip_crop": ("clip", "default", lambda: CLIPImageProcessorPil(
@@ -54,6 +54,9 @@ KINDS = {
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=TINY_PINPOINTS,
         image_mean=CLIP_MEAN, image_std=CLIP_STD)),
 }
+# LLaVA CLIP+Llama, SigLIP+Qwen2, a padded LLaVA over Gemma, LLaVA-NeXT over Mistral with a
+# 5-token window (far shorter than its sequences).
+FAMILY = {"clip_crop": "llama", "siglip": "qwen2", "llava_pad": "gemma", "next": "mistral"}
 # (H, W): portrait, landscape, square, 1:10 strip, 10:1 strip; AnyRes also one too elongated for
 # any grid (no feature row survives unpadding: the base view alone).
 SIZES = [(40, 24), (24, 40), (30, 30), (12, 120), (120, 12)]
@@ -88,7 +91,7 @@ def _write_checkpoint(directory: str, kind: str, bos: str = "added", chat: str =
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
   image_id = tokenizer.convert_tokens_to_ids("<image>")
   vision = hf_models.vision_config(flavour)
-  text = hf_models.text_config("llama", 64)
+  text = hf_models.text_config(FAMILY[kind], 64)
   if kind == "next":
     vision.image_size = 32
     config = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=image_id,
@@ -132,10 +135,10 @@ def _hf_inputs(processor, image: PIL.Image.Image, prompt: str | None = None, raw
                    add_special_tokens=not (bos and text.startswith(bos)))
 
 
-def _hf_greedy(model, inputs) -> list[int]:
-  """16 new tokens, cut at EOS as ours are (ours drop it)."""
+def _hf_greedy(model, inputs, **kwargs) -> list[int]:
+  """32 new tokens, cut at EOS as ours are (ours drop it)."""
   with torch.no_grad():
-    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=hf_models.PAD)
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=hf_models.PAD, **kwargs)
   new = out[0, inputs["input_ids"].shape[1]:].tolist()
   return new[:new.index(hf_models.EOS)] if hf_models.EOS in new else new
 
@@ -180,6 +183,19 @@ def test_pixels_prompt_ids_and_greedy_tokens_equal_transformers(kind, checkpoint
                      "--max-new-tokens", str(NEW_TOKENS), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == expected, size
   assert max(lengths) == NEW_TOKENS  # the comparison covers whole answers, not an early EOS
+  # Logits at every position (greedy tokens alone can agree while logits do not).
+  inputs = _hf_inputs(c["processor"], image)
+  with torch.no_grad():
+    theirs = c["hf"](**inputs).logits[0].numpy()
+  ids = inputs["input_ids"].numpy().astype(np.int32)
+  positions = np.arange(ids.shape[1])[None]
+  mine = ours.run.model.apply({"params": ours.params}, ids, ours.pixels([image]), positions, np.ones_like(positions))
+  np.testing.assert_allclose(np.asarray(mine)[0], theirs, atol=1e-4)
+  # Greedy with transformers' repetition penalty (over the prompt's ids and the answer's).
+  image = _image(_sizes(kind)[0])
+  expected = _hf_greedy(c["hf"], _hf_inputs(c["processor"], image), repetition_penalty=4.0)
+  assert expected != _hf_greedy(c["hf"], _hf_inputs(c["processor"], image))  # the penalty changes the answer
+  assert ours.generate_ids([image], [QUESTION], max_new_tokens=NEW_TOKENS, repetition_penalty=4.0) == [expected]
 
 
 @pytest.mark.parametrize("bos", ["added", "not_added", "none", "template"])

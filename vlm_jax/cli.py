@@ -1,6 +1,7 @@
 """`vlm-jax` subcommands: parse, build, call. Bad input -> one line on stderr, exit status 2."""
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -9,7 +10,7 @@ import time
 
 from vlm_jax.errors import UserError
 
-COMMANDS = ("train", "eval", "generate", "convert", "tokens", "data")
+COMMANDS = ("train", "eval", "generate", "chat", "convert", "tokens", "data")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,37 +116,72 @@ def cmd_eval(argv: list[str]) -> int:
   return 0
 
 
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--max-new-tokens", type=int, default=None)
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  p.add_argument("--top-k", type=int, default=0, help="0: off")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--min-p", type=float, default=0.0)
+  p.add_argument("--repetition-penalty", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+
+
+def _sampling(args) -> dict:
+  """The sampling flags, checked before any model loads."""
+  from vlm_jax.infer.generate import Sampling
+  sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
+  sampling.check(flags=True)
+  if args.max_new_tokens is not None and args.max_new_tokens < 1:
+    raise UserError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+  return dataclasses.asdict(sampling)
+
+
 def cmd_generate(argv: list[str]) -> int:
   p = _Parser(prog="vlm-jax generate")
   p.add_argument("--checkpoint", required=True)
-  p.add_argument("--image", action="append", required=True)
+  p.add_argument("--image", action="append", required=True, help="repeat for several images")
   p.add_argument("--prompt", required=True)
-  p.add_argument("--max-new-tokens", type=int, default=32)
-  p.add_argument("--temperature", type=float, default=0.0)
-  p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--raw-prompt", action="store_true")
   p.add_argument("--json", action="store_true")
+  _sampling_flags(p)
   args = p.parse_args(argv)
-  if args.temperature != 0.0 or args.top_p != 1.0:
-    raise UserError("--temperature/--top-p: only greedy decoding (temperature 0) is available in this version")
-  if len(args.image) > 1:
-    raise UserError("--image: one image per prompt in this version")
+  sampling = _sampling(args)
+  max_new = args.max_new_tokens or 32
   from vlm_jax.data.images import load_image
   images = [load_image(path) for path in args.image]  # fail on a bad file before loading the model
   import vlm_jax
   model = vlm_jax.load(args.checkpoint)
-  prompt_ids = model.encode_prompt(args.prompt, args.raw_prompt, images[0])
+  prompt_ids = model.encode_prompt(args.prompt, args.raw_prompt, images)
   if args.raw_prompt and model.image_tokens and model.tokenizer.image_id not in prompt_ids:
     raise UserError("--raw-prompt: the prompt has no <image>; write <image> where the image goes")
   t0 = time.time()
-  ids = model.generate_ids(images, [args.prompt], args.max_new_tokens, args.raw_prompt)[0]
-  text = model.tokenizer.decode(ids).strip()
   if args.json:
-    print(json.dumps({"text": text, "token_ids": ids, "prompt_tokens": int(len(prompt_ids)),
-                      "image_tokens": model.image_tokens_for(images[0]), "seconds": round(time.time() - t0, 3)}))
+    ids = model.generate_ids([images], [args.prompt], max_new, args.raw_prompt, **sampling)[0]
+    print(json.dumps({"text": model.tokenizer.decode(ids).strip(), "token_ids": ids,
+                      "prompt_tokens": int(len(prompt_ids)),
+                      "image_tokens": sum(model.image_tokens_for(im) for im in images),
+                      "seconds": round(time.time() - t0, 3)}))
   else:
-    print(text)
+    for piece in model.stream([images], [args.prompt], max_new, args.raw_prompt, **sampling):
+      print(piece, end="", flush=True)
+    print()
   return 0
+
+
+def cmd_chat(argv: list[str]) -> int:
+  p = _Parser(prog="vlm-jax chat")
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--image", action="append", default=[], help="attached to the first message")
+  _sampling_flags(p)
+  args = p.parse_args(argv)
+  sampling = _sampling(args)
+  from vlm_jax import chat
+  from vlm_jax.data.images import load_image
+  images = [load_image(path) for path in args.image]
+  import vlm_jax
+  session = chat.Chat(vlm_jax.load(args.checkpoint), max_new_tokens=args.max_new_tokens or 256, **sampling)
+  session.pending.extend(images)
+  return session.run(input, sys.stdout)
 
 
 def cmd_convert(argv: list[str]) -> int:
@@ -279,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
   command, rest = argv[0], argv[1:]
   _setup_logging(verbose=command == "train")
   try:
-    handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert,
+    handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert,
                "tokens": cmd_tokens, "data": cmd_data}.get(command)
     if handler is None:
       raise UserError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")

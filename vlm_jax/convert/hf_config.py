@@ -115,7 +115,8 @@ def llm_from_hf(tc: dict, where: str) -> tuple[dict, str]:
              kv_heads=get("num_key_value_heads") or heads, head_dim=get("head_dim") or width // heads,
              mlp_dim=get("intermediate_size"), norm_eps=float(get("rms_norm_eps")),
              tie_embeddings=bool(get("tie_word_embeddings")), mlp_act=ACT_FROM_HF[act],
-             sliding_window=int(window or 0), **_rope_from_hf(tc, get, where), **family.fixed)
+             sliding_window=int(window or 0), max_len=int(get("max_position_embeddings")),
+             **_rope_from_hf(tc, get, where), **family.fixed)
   return out, family.model_type
 
 
@@ -150,7 +151,8 @@ def llm_to_hf(llm: ml_collections.ConfigDict, family_name: str, base: dict | Non
   out.update(model_type=family_name, vocab_size=llm.vocab_size, hidden_size=llm.width,
              intermediate_size=llm.mlp_dim, num_hidden_layers=llm.depth, num_attention_heads=llm.heads,
              num_key_value_heads=llm.kv_heads, head_dim=llm.head_dim, hidden_act=ACT_TO_HF[llm.mlp_act],
-             rms_norm_eps=llm.norm_eps, tie_word_embeddings=llm.tie_embeddings, rope_parameters=rope)
+             rms_norm_eps=llm.norm_eps, tie_word_embeddings=llm.tie_embeddings, rope_parameters=rope,
+             max_position_embeddings=llm.max_len)
   if family.sliding_window:
     out["sliding_window"] = llm.sliding_window or None
   out.update(family.hf_fixed)

@@ -104,9 +104,10 @@ def _with_bos(tokenizer, text: str, ids: list[int]) -> list[int]:
   return bos_prefix(tokenizer) + ids
 
 
-def encode_prompt(prompt: str, tokenizer, text_ids) -> np.ndarray:
-  """One user turn under the template, ending where the assistant's answer starts."""
-  text = render(tokenizer, [("user", prompt)], add_generation_prompt=True)
+def encode_prompt(turns: Sequence[tuple[str, str]], tokenizer, text_ids) -> np.ndarray:
+  """A conversation ending with a user turn, rendered whole and tokenized once (as
+  processor.apply_chat_template), ending where the assistant's answer starts."""
+  text = render(tokenizer, turns, add_generation_prompt=True)
   return np.asarray(_with_bos(tokenizer, text, text_ids(text)), np.int32)
 
 

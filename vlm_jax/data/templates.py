@@ -113,7 +113,9 @@ def _text_ids(text: str, tokenizer: Tokenizer, next_count: Callable[[], int]) ->
   return out
 
 
-def _check_turns(turns: Sequence[tuple[str, str]]) -> None:
+def _check_turns(turns: Sequence[tuple[str, str]], open_end: bool = False) -> None:
+  """Alternating user/assistant turns with text; a training conversation ends with an answer,
+  a generation prompt (open_end) with a user turn."""
   if not turns:
     raise BadSample("empty", "empty conversation")
   for i, turn in enumerate(turns):
@@ -129,8 +131,9 @@ def _check_turns(turns: Sequence[tuple[str, str]]) -> None:
       raise BadSample("empty", f"turn {i}: empty {role} text")
     if role == "assistant" and IMAGE in text:
       raise BadSample("image_count", f"turn {i}: {IMAGE} in an assistant turn")
-  if len(turns) % 2:
-    raise BadSample("role", f"turn {len(turns) - 1}: conversation ends with a user turn (nothing to learn)")
+  if len(turns) % 2 != open_end:
+    raise BadSample("role", f"turn {len(turns) - 1}: conversation ends with "
+                    + ("an assistant turn (nothing to answer)" if open_end else "a user turn (nothing to learn)"))
 
 
 def _caption_turns(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -164,6 +167,13 @@ def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer: Tokenizer,
         turns, tokenizer, lambda text: _text_ids(text, tokenizer, next_count)))
   if tpl.captions:
     turns = _caption_turns(turns)
+  return _encode_rounds(turns, tpl, tokenizer, next_count)
+
+
+def _encode_rounds(turns: Sequence[tuple[str, str]], tpl: Template, tokenizer: Tokenizer,
+                   next_count: Callable[[], int]) -> Encoded:
+  """A built-in template's runs; a conversation ending with a user turn ends with the assistant
+  header (a generation prompt)."""
   tokens = _bos(tokenizer, tpl)
   mask = [False] * len(tokens)
 
@@ -173,9 +183,11 @@ def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer: Tokenizer,
     mask.extend([supervised] * len(ids))
 
   unsupervised = tpl.system
-  for (_, user), (_, answer) in zip(turns[0::2], turns[1::2]):
-    add(unsupervised + _fill(tpl.user, user, tpl), False)
-    add(_fill(tpl.answer, answer, tpl), True)
+  for i in range(0, len(turns), 2):
+    add(unsupervised + _fill(tpl.user, turns[i][1], tpl), False)
+    if i + 1 == len(turns):
+      return Encoded(np.asarray(tokens, np.int32), np.asarray(mask, np.bool_))
+    add(_fill(tpl.answer, turns[i + 1][1], tpl), True)
     if tpl.eos:
       tokens.append(tokenizer.eos_id)
       mask.append(True)
@@ -185,31 +197,42 @@ def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer: Tokenizer,
   return Encoded(np.asarray(tokens, np.int32), np.asarray(mask, np.bool_))
 
 
-def place_image(text: str, position: str = "before") -> str:
-  """Adds the <image> marker on its own line before (LLaVA's default) or after the text."""
+def place_image(text: str, position: str = "before", count: int = 1) -> str:
+  """Adds `count` <image> markers, each on its own line, before (LLaVA's default) or after the text."""
   check_image_position(position)
-  return f"{IMAGE}\n{text}" if position == "before" else f"{text}\n{IMAGE}"
+  markers = "\n".join([IMAGE] * count)
+  return f"{markers}\n{text}" if position == "before" else f"{text}\n{markers}"
 
 
-def encode_prompt(prompt: str, tokenizer: Tokenizer, image_tokens: int,
-                  template: str = "simple", raw: bool = False,
-                  image_position: str = "before") -> np.ndarray:
-  """Generation input: [BOS] + the first user turn ending with the assistant header.
+def encode_prompt(prompt: str, tokenizer: Tokenizer, image_tokens: int | Sequence[int],
+                  template: str = "simple", raw: bool = False, image_position: str = "before",
+                  history: Sequence[tuple[str, str]] = ()) -> np.ndarray:
+  """Generation input: [BOS] + earlier rounds (history: (user, answer) pairs, encoded as in
+  training) + the user turn `prompt`, ending with the assistant header.
 
-  Without `raw`, a prompt with no <image> gets "<image>\\n" in front when the model takes
-  image tokens (the LLaVA convention). With `raw`, the text is tokenized as written.
+  image_tokens: placeholders of the one image, or a count for each image in order (AnyRes,
+  several images). Without `raw`, a conversation with no <image> gets one marker per image in
+  front of its first user text (the LLaVA convention). With `raw`, the text is tokenized as written.
   """
   tpl = get_template(template)
-  _check_images([prompt], image_tokens, at_most=1)
+  images = int(image_tokens > 0) if isinstance(image_tokens, int) else len(image_tokens)
+  at_most = 1 if isinstance(image_tokens, int) else None
   next_count = _per_image(image_tokens)
   if raw:
+    if history:
+      raise UserError("a raw prompt is the whole text: it takes no history")
+    _check_images([prompt], image_tokens, at_most)
     return np.asarray(_bos(tokenizer) + _text_ids(prompt, tokenizer, next_count), np.int32)
-  if IMAGE not in prompt and image_tokens > 0:
-    prompt = place_image(prompt, image_position)
+  turns = [turn for user, answer in history for turn in (("user", user), ("assistant", answer))]
+  turns.append(("user", prompt))
+  if images and not any(IMAGE in text for _, text in turns):
+    turns[0] = ("user", place_image(turns[0][1], image_position, images))
+  _check_turns(turns, open_end=True)
+  _check_images([text for _, text in turns], image_tokens, at_most)
   if tpl is None:
-    return chat_template.encode_prompt(prompt, tokenizer,
-                                       lambda text: _text_ids(text, tokenizer, next_count))
+    return chat_template.encode_prompt(turns, tokenizer, lambda text: _text_ids(text, tokenizer, next_count))
   if tpl.captions:
-    prompt = IMAGE * prompt.count(IMAGE)
-  text = tpl.system + _fill(tpl.user, prompt, tpl)
-  return np.asarray(_bos(tokenizer, tpl) + _text_ids(text, tokenizer, next_count), np.int32)
+    if history:
+      raise UserError("the plain (caption) template takes one round: no history")
+    turns = [("user", IMAGE * turns[0][1].count(IMAGE))]
+  return _encode_rounds(turns, tpl, tokenizer, next_count).tokens

@@ -15,7 +15,7 @@ from vlm_jax.data.packing import collate_text
 from vlm_jax.data.prepare import Prepared
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.infer.generate import Greedy
+from vlm_jax.infer.generate import Generator
 
 MAX_ANSWER_TOKENS = 8
 NO_IMAGES = np.zeros((0, 1, 1, 3), np.float32)  # images go in separately (_pixels)
@@ -34,7 +34,7 @@ class Evaluator:
     else:
       preprocessing = images_lib.Preprocessing.from_config(cfg)
       self.images = np.stack([preprocessing(e.image) for e in self.examples])
-    self.greedy = Greedy(run.model, run.mesh, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    self.generator = Generator(run.model, run.mesh, pad_id=tokenizer.pad_id, context=cfg.model.llm.max_len)
 
   def __call__(self, params, *, shuffle_images: bool = False) -> dict[str, float]:
     """-> {"loss", "accuracy", "accuracy/<question kind>", "examples"}.
@@ -65,7 +65,8 @@ class Evaluator:
         count += float(out["count"])
         prompts = [templates.encode_prompt(e.turns[0][1], tok, n, cfg.data.template)
                    for e, n in zip(chunk, n_tokens)]
-        answers = self.greedy(params, prompts, self._pixels(chunk_images, len(chunk)), MAX_ANSWER_TOKENS)
+        answers = self.generator(params, prompts, self._pixels(chunk_images, len(chunk)),
+                                 max_new_tokens=MAX_ANSWER_TOKENS, stop_ids=(tok.eos_id,))
         for e, ids in zip(chunk, answers):
           correct[e.kind].append(shapes.answer_matches(tok.decode(ids), e.answer))
     every = [c for kind in correct.values() for c in kind]

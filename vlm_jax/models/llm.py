@@ -1,15 +1,21 @@
 """Llama-family decoder: RMSNorm, RoPE, grouped-query attention, gated MLP.
 
 Variants by config: Qwen2's QKV bias, Mistral's sliding window, Gemma's (1 + scale) norms,
-sqrt(width) input scale and GELU gate, Llama 3.1's RoPE frequency scaling.
+sqrt(width) token-embedding scale and GELU gate, Llama 3.1's RoPE frequency scaling.
+
+Decoding (`extend`) reads and writes a preallocated KV cache (`init_cache`): a dict of
+k/v [layers, rows, slots, kv_heads, head_dim], `start` [rows] (a row's first slot: prompts are
+left-padded so that every row writes the same slot) and `index` (the next slot to write).
 """
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlm_jax.models.attention import attention
+from vlm_jax.models.attention import attention, cache_mask
 from vlm_jax.models.layers import ACTIVATIONS, RMSNorm, constrain, dense, logical, stack_layers
 
 
@@ -42,13 +48,41 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+CACHE_AXES = ("layers", "act_batch", "act_length", "act_kv_heads", "head_dim")
+
+
+def init_cache(cfg: ml_collections.ConfigDict, start: jax.Array, slots: int, dtype: jnp.dtype) -> dict:
+  """An empty KV cache of `slots` slots for rows whose sequences begin at slot start [rows]."""
+  shape = (cfg.depth, start.shape[0], slots, cfg.kv_heads, cfg.head_dim)
+  empty = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+  return {"k": empty(), "v": empty(), "start": start.astype(jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+def unstack_layers(llm_params: dict) -> dict:
+  """LLM params with the stacked "layers" -> one "block_<i>" subtree per layer (LLM.layer_list)."""
+  out = {k: v for k, v in llm_params.items() if k != "layers"}
+  depth = jax.tree.leaves(llm_params["layers"])[0].shape[0]
+  for i in range(depth):
+    out[f"block_{i}"] = jax.tree.map(lambda a: a[i], llm_params["layers"])
+  return out
+
+
+class Decoding(NamedTuple):
+  """What one cached call shares across layers."""
+  index: jax.Array   # int32 []: the cache slot of the first new token
+  mask: jax.Array    # bool [B, 1, T, S]: attention.cache_mask
+
+
 class DecoderBlock(nn.Module):
   cfg: ml_collections.ConfigDict
   dtype: jnp.dtype
   attention_impl: str
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, carry, positions, segment_ids, decoding: Decoding | None, layer):
+    """carry: (x, None) in training; (x, {"k", "v"} of all layers) when decoding, where this
+    block writes its new keys and values at (layer, decoding.index) and attends to its slice."""
+    x, cache = carry
     c, dt = self.cfg, self.dtype
     h = RMSNorm(c.norm_eps, dt, c.norm_offset, name="attn_norm")(x)
     q = dense((c.heads, c.head_dim), ("embed", "heads", "head_dim"), name="q", dtype=dt,
@@ -60,8 +94,15 @@ class DecoderBlock(nn.Module):
     inv_freq = rope_inv_freq(c)
     q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
-    o = attention(q, k, v, q_segment_ids=segment_ids, causal=True, implementation=self.attention_impl,
-                  window=c.sliding_window)
+    if decoding is None:
+      o = attention(q, k, v, q_segment_ids=segment_ids, causal=True, implementation=self.attention_impl,
+                    window=c.sliding_window)
+    else:
+      cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype),
+                                                  (layer, 0, decoding.index, 0, 0))
+               for name, new in (("k", k), ("v", v))}
+      o = attention(q, cache["k"][layer].astype(dt), cache["v"][layer].astype(dt), causal=False,
+                    implementation=self.attention_impl, mask=decoding.mask)
     x = x + dense(c.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2)(o)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
 
@@ -70,7 +111,7 @@ class DecoderBlock(nn.Module):
     up = dense(c.mlp_dim, ("embed", "mlp"), name="up", dtype=dt)(h)
     h = constrain(ACTIVATIONS[c.mlp_act](gate) * up, ("act_batch", "act_length", "act_mlp"))
     x = x + dense(c.width, ("mlp", "embed"), name="down", dtype=dt)(h)
-    return constrain(x, ("act_batch", "act_length", "act_embed")), None
+    return (constrain(x, ("act_batch", "act_length", "act_embed")), cache), None
 
 
 class LLM(nn.Module):
@@ -79,6 +120,10 @@ class LLM(nn.Module):
   dtype: jnp.dtype = jnp.bfloat16
   remat: str = "none"
   attention_impl: str = "xla"
+  # Decoding: one param subtree per layer ("block_<i>", see unstack_layers) instead of one
+  # stacked scan. A scan slices each layer's weights out of the stack every step, which the CPU
+  # backend does by copying them: decoding reads weights, so that tripled its memory traffic.
+  layer_list: bool = False
 
   def setup(self):
     c = self.cfg
@@ -86,22 +131,50 @@ class LLM(nn.Module):
                              # std 1 (as MaxText): token identity must not be drowned by the O(1) outputs
                              # of the first layers and the visual tokens in the residual stream.
                              embedding_init=logical(nn.initializers.normal(1.0), ("vocab", "embed")))
-    self.layers = stack_layers(DecoderBlock, c.depth, self.remat, n_broadcast=2, cfg=c,
-                               dtype=self.dtype, attention_impl=self.attention_impl)
+    if self.layer_list:
+      self.block = [DecoderBlock(c, self.dtype, self.attention_impl) for _ in range(c.depth)]
+    else:
+      self.layers = stack_layers(DecoderBlock, c.depth, self.remat, (nn.broadcast,) * 3 + (0,), cfg=c,
+                                 dtype=self.dtype, attention_impl=self.attention_impl)
     self.final_norm = RMSNorm(c.norm_eps, self.dtype, c.norm_offset)
     if not c.tie_embeddings:
       self.lm_head = self.param("lm_head", logical(nn.initializers.lecun_normal(), ("embed", "vocab")),
                                 (c.width, c.vocab_size), jnp.float32)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
-    return constrain(self.embedder(tokens), ("act_batch", "act_length", "act_embed"))
+    x = self.embedder(tokens)
+    if self.cfg.embed_scale:
+      # Gemma: token embeddings times sqrt(width) rounded to the compute dtype; inputs that are
+      # not tokens (visual tokens) are not scaled, as transformers' GemmaTextScaledWordEmbedding.
+      x = x * jnp.asarray(self.cfg.width ** 0.5, x.dtype)
+    return constrain(x, ("act_batch", "act_length", "act_embed"))
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    if self.cfg.embed_scale:
-      # Gemma scales every input vector, visual tokens included (as HF's Llava over Gemma), by
-      # sqrt(width) rounded to the compute dtype.
-      x = x * jnp.asarray(self.cfg.width ** 0.5, x.dtype)
-    x, _ = self.layers(x, positions, segment_ids)
+    """Embeddings [B, T, D] -> fp32 logits [B, T, vocab] (training, scoring)."""
+    x, _ = self._layers((x, None), positions, segment_ids, None)
+    return self._logits(x)
+
+  def extend(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """Embeddings [B, T, D] of the tokens at cache slots index..index+T-1 -> (fp32 logits of the
+    last one [B, vocab], the cache with them written). Prefill is T = the prompt, decode T = 1."""
+    t, slots = x.shape[1], cache["k"].shape[2]
+    q_slots = cache["index"] + jnp.arange(t, dtype=jnp.int32)
+    positions = q_slots[None, :] - cache["start"][:, None]
+    decoding = Decoding(cache["index"], cache_mask(cache["start"], q_slots, slots, self.cfg.sliding_window))
+    x, kv = self._layers((x, {"k": cache["k"], "v": cache["v"]}), positions, None, decoding)
+    kv = {name: constrain(a, CACHE_AXES) for name, a in kv.items()}
+    return self._logits(x[:, -1:])[:, 0], dict(cache, **kv, index=cache["index"] + t)
+
+  def _layers(self, carry, positions, segment_ids, decoding):
+    if self.layer_list:
+      for i, block in enumerate(self.block):
+        carry, _ = block(carry, positions, segment_ids, decoding, i)
+      return carry
+    layer = None if decoding is None else jnp.arange(self.cfg.depth, dtype=jnp.int32)
+    carry, _ = self.layers(carry, positions, segment_ids, decoding, layer)
+    return carry
+
+  def _logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)
     head = self.embedder.embedding.T if self.cfg.tie_embeddings else self.lm_head
     logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)

@@ -93,7 +93,7 @@ class ViT(nn.Module):
     if flavour["pre_norm"]:
       x = layer_norm("pre_norm", c.norm_eps, self.dtype)(x)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
-    x, _ = stack_layers(EncoderBlock, c.depth, self.remat, n_broadcast=0, cfg=c, dtype=self.dtype,
+    x, _ = stack_layers(EncoderBlock, c.depth, self.remat, cfg=c, dtype=self.dtype,
                         attention_impl=self.attention_impl, name="layers")(x)
     if c.final_norm:  # SigLIP's post_layernorm; LLaVA reads pretrained towers before it
       x = layer_norm("final_norm", c.norm_eps, self.dtype)(x)

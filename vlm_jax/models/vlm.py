@@ -12,7 +12,7 @@ from vlm_jax.errors import UserError
 from vlm_jax.models import bridge as bridge_lib
 from vlm_jax.models import vit as vit_lib
 from vlm_jax.models.layers import ACTIVATIONS, REMAT_POLICIES, logical
-from vlm_jax.models.llm import LLM
+from vlm_jax.models.llm import LLM, unstack_layers
 from vlm_jax.models.vit import ViT
 
 
@@ -49,16 +49,22 @@ def scatter_visual(embeds: jax.Array, visual: jax.Array, is_placeholder: jax.Arr
   return jnp.where(is_placeholder[..., None], gathered, embeds)
 
 
+def unstack_params(params: dict) -> dict:
+  """Params in the layout of VLM(layer_list=True): the LLM's layers one subtree each."""
+  return dict(params, llm=unstack_layers(params["llm"]))
+
+
 class VLM(nn.Module):
   cfg: ml_collections.ConfigDict          # config.model
   image_token_id: int
+  layer_list: bool = False                # decoding: params from unstack_params (LLM.layer_list)
 
   def setup(self):
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
     self.vision = ViT(c.vision, dtype, c.remat, c.attention)
     self.bridge = bridge_lib.make_bridge(c.bridge, c.llm.width, dtype)
-    self.llm = LLM(c.llm, dtype, c.remat, c.attention)
+    self.llm = LLM(c.llm, dtype, c.remat, c.attention, self.layer_list)
     if c.anyres.enabled:  # LLaVA-NeXT's row end marker, randn / sqrt(width) as there
       self.image_newline = self.param("image_newline", logical(
           nn.initializers.normal(1 / math.sqrt(c.llm.width)), ("embed",)), (c.llm.width,))
@@ -101,6 +107,14 @@ class VLM(nn.Module):
 
   def decode(self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return self.llm(embeds, positions, segment_ids)
+
+  def prefill(self, tokens: jax.Array, images: "jax.Array | dict", cache: dict) -> tuple[jax.Array, dict]:
+    """Left-padded prompts [B, T] with their images -> (logits of the last token, the cache)."""
+    return self.llm.extend(self.embed(tokens, images), cache)
+
+  def extend(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """Next tokens [B, T] (decode: T = 1) -> (logits of the last one [B, vocab], the cache)."""
+    return self.llm.extend(self.llm.embed(tokens), cache)
 
   def __call__(self, tokens: jax.Array, images: jax.Array, positions: jax.Array,
                segment_ids: jax.Array) -> jax.Array:

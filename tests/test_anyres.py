@@ -432,6 +432,15 @@ def test_generate_tiles_each_prompt_image_as_transformers_does(tiny_next):
     with torch.no_grad():
       want = hf.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=hf_models.PAD)
     assert ids == want[0, inputs["input_ids"].shape[1]:].tolist()
+  # Both images in one prompt, each tiled by its own plan.
+  prompt = "USER: <image> <image> what color"
+  inputs = tiny_next["processor"](images=images, text=[prompt], return_tensors="pt",
+                                  input_data_format="channels_last")
+  assert ours.encode_prompt(prompt, raw_prompt=True, image=images).tolist() == inputs["input_ids"][0].tolist()
+  with torch.no_grad():
+    want = hf.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=hf_models.PAD)
+  got = ours.generate_ids([images], [prompt], max_new_tokens=8, raw_prompt=True)[0]
+  assert got == want[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 @pytest.mark.parametrize("size", [(1080, 1920), (3000, 4000), (600, 1000), (2000, 400), (384, 384)])

@@ -70,6 +70,7 @@ def test_cached_decoding_equals_uncached_and_rows_are_independent_of_their_batch
     assert batch[i] == _uncached(run, params, prompt, image, NEW), i
     assert gen(params, [prompt], images[i:i + 1], max_new_tokens=NEW)[0] == batch[i], i
   assert len({tuple(row) for row in batch}) > 1 and any(len(set(row)) > 2 for row in batch)  # not degenerate
+  assert len(gen._programs) == 1  # prompts of 6 to 20 tokens, alone or together: one bucket, one program
   # A stop token ends its row there (the token itself not given); other rows go on.
   stop = batch[0][4]
   cut = gen(params, prompts, images, max_new_tokens=NEW, stop_ids=[stop])
@@ -77,6 +78,21 @@ def test_cached_decoding_equals_uncached_and_rows_are_independent_of_their_batch
     assert row == (full[:full.index(stop)] if stop in full else full)
   # Temperature -> 0 is greedy.
   assert gen(params, prompts, images, max_new_tokens=NEW, sampling=Sampling(temperature=1e-6, seed=3)) == batch
+
+
+def test_generation_on_a_data_fsdp_tensor_mesh_equals_one_device():
+  """Rows split over data x fsdp and the cache's KV heads over tensor: the same tokens."""
+  config, run, params = _run("gqa")
+  prompts, images = _prompts(config, 4)
+  one = build_lib.build(config, parallel.make_mesh(config.mesh, jax.devices()[:1]), IMAGE_ID)
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  split = build_lib.build(config, parallel.make_mesh(config.mesh), IMAGE_ID)
+  outputs = []
+  for r in (one, split):
+    placed = jax.device_put(params, r.param_shardings)
+    gen = Generator(r.model, r.mesh, pad_id=PAD, context=config.model.llm.max_len)
+    outputs.append(gen(placed, prompts, images, max_new_tokens=NEW, sampling=Sampling(temperature=1.0, seed=1)))
+  assert outputs[0] == outputs[1]
 
 
 def test_sampling_is_seeded_per_row():

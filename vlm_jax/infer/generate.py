@@ -208,7 +208,7 @@ class Generator:
       start[i] = prompt_slots - len(p)
     padded_images = jax.tree.map(
         lambda x: np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)]), images)
-    seeds = np.full((rows,), sampling.seed, np.uint32)
+    seeds = np.full((rows,), sampling.seed % 2**32, np.uint32)
     knobs = sampling.knobs()
     prefill, decode = self._compiled(st)
     params = self._layer_list(params)

@@ -189,6 +189,8 @@ class Generator:
     stopped; its stop token is not given). prompts: ids with their image placeholders; images:
     [B, N, H, W, 3] or AnyRes's {"tiles", "index", "weight"} (data/anyres_batch.py), B = len(prompts)."""
     sampling.check()
+    if not prompts:
+      raise UserError("generate: no prompts")
     if max_new_tokens < 1:
       raise UserError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
     n = len(prompts)

@@ -221,7 +221,7 @@ def test_merged_visual_sequence_and_logits_match_transformers(tiny_next):
     # Whole model: our logits from the same ids (the processor's expansion) and our own tiles.
     ids = inputs["input_ids"].numpy().astype(np.int32)
     assert (ids == ours.tokenizer.image_id).sum() == t.plan.tokens
-    ours_logits = _logits(ours, ids, ours.anyres.collate_rows([t], t.plan.tokens))
+    ours_logits = _logits(ours, ids, ours.anyres.collate_rows([[t]], t.plan.tokens))
     errors.append(float(np.abs(ours_logits - logits).max()))
   print(f"max abs error, visual tokens / logits: {max(errors[0::2]):.2e} / {max(errors[1::2]):.2e}")
   assert max(errors) < 1e-4
@@ -488,7 +488,7 @@ def test_model_trained_here_exports_to_a_working_llava_next(flavour, tmp_path):
     np.testing.assert_allclose(t.tiles, inputs["pixel_values"][0].numpy().transpose(0, 2, 3, 1), atol=1e-5)
     with torch.no_grad():
       want = hf(**inputs).logits.numpy()
-    got = _logits(ours, inputs["input_ids"].numpy().astype(np.int32), ours.anyres.collate_rows([t], plan.tokens))
+    got = _logits(ours, inputs["input_ids"].numpy().astype(np.int32), ours.anyres.collate_rows([[t]], plan.tokens))
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 

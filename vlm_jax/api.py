@@ -65,14 +65,12 @@ class Model:
     """Each prompt's images (one, a list, or None) -> the model's image input: [B, N, H, W, 3]
     (rows with fewer images padded), or AnyRes's tiles, each image by its own plan."""
     rows = [_image_list(im) for im in images]
-    most = max(1, max(len(r) for r in rows))
     if self.anyres:
       tiled = [[self.anyres.prepare(im) for im in r] for r in rows]
       visual_len = bucket(max(1, max(sum(t.plan.tokens for t in r) for r in tiled)))  # few compiled shapes
-      return self.anyres.collate(tiled, groups=len(rows), tiles_per_group=most * self.anyres.spec.max_tiles,
-                                 visual_len=visual_len)
+      return self.anyres.collate_rows(tiled, visual_len)
     size = self.config.model.vision.image_size
-    out = np.zeros((len(rows), most, size, size, 3), np.float32)
+    out = np.zeros((len(rows), max(1, max(len(r) for r in rows)), size, size, 3), np.float32)
     for i, r in enumerate(rows):
       for j, im in enumerate(r):
         out[i, j] = self.preprocess(im)

@@ -97,8 +97,9 @@ class AnyRes:
         v += len(i)
     return {"tiles": tiles, "index": index, "weight": weight}
 
-  def collate_rows(self, images: Sequence[Tiled | None], visual_len: int) -> dict[str, np.ndarray]:
-    """Inference and eval: one image or none (None) per row, one group per row with room for the
-    largest plan."""
-    return self.collate([[] if im is None else [im] for im in images], groups=len(images),
-                        tiles_per_group=self.spec.max_tiles, visual_len=visual_len)
+  def collate_rows(self, rows: Sequence[Sequence[Tiled]], visual_len: int) -> dict[str, np.ndarray]:
+    """Inference and eval: each row's images, one group per row with room for the most images
+    of a row at their largest plan."""
+    most = max(1, max(len(r) for r in rows))
+    return self.collate(rows, groups=len(rows), tiles_per_group=most * self.spec.max_tiles,
+                        visual_len=visual_len)

@@ -78,7 +78,8 @@ class Evaluator:
   def _pixels(self, images, rows: int):
     """A chunk's images as the model takes them, padded to `rows` rows."""
     if self.anyres:
-      return self.anyres.collate_rows(list(images) + [None] * (rows - len(images)), self.run.config.data.seq_len)
+      return self.anyres.collate_rows([[im] for im in images] + [[]] * (rows - len(images)),
+                                      self.run.config.data.seq_len)
     return _pad_rows(images[:, None], rows)
 
 

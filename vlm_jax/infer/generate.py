@@ -69,13 +69,11 @@ def filter_logits(logits: jax.Array, knobs: dict) -> jax.Array:
   logits = logits / knobs["temperature"]
   vocab = logits.shape[-1]
   ordered = -jnp.sort(-logits, axis=-1)
-  k = jnp.where(knobs["top_k"] > 0, jnp.minimum(knobs["top_k"], vocab), vocab)
-  cut = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, logits.shape[:-1])[:, None], axis=-1)
-  in_top_k = jnp.arange(vocab) < k
+  in_top_k = jnp.arange(vocab) < jnp.where(knobs["top_k"] > 0, knobs["top_k"], vocab)
   probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs
-  kept = in_top_k & (mass_before < knobs["top_p"])
-  cut = jnp.maximum(cut, jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True))
+  kept = in_top_k & (mass_before < knobs["top_p"])  # the first token always: its mass before is 0
+  cut = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
   cut = jnp.maximum(cut, ordered[:, :1] + jnp.log(knobs["min_p"]))  # log 0 = -inf: off
   return jnp.where(logits >= cut, logits, -jnp.inf)
 

@@ -90,13 +90,13 @@ REMAT_POLICIES = {  # config.model.remat -> what a layer's backward pass keeps (
 }
 
 
-def stack_layers(block: type[nn.Module], depth: int, remat: str, in_axes: tuple = (), **kwargs):
+def stack_layers(block: type[nn.Module], depth: int, remat: str, n_broadcast: int = 0, **kwargs):
   """`depth` copies of `block` under nn.scan (params get a leading 'layers' axis), optionally rematted.
 
-  The block's __call__ takes (carry, *args) and returns (carry, out); in_axes says for each arg
-  whether it is shared by all layers (nn.broadcast) or sliced along axis 0 (0).
+  The block's __call__ takes (carry, *broadcast_args) and returns (carry, None).
   """
   if remat != "none":
     block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
-  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
-                 length=depth, metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs)
+  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast,) * n_broadcast, length=depth,
+                 metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs)

@@ -81,7 +81,8 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, carry, positions, segment_ids, decoding: Decoding | None, layer):
     """carry: (x, None) in training; (x, {"k", "v"} of all layers) when decoding, where this
-    block writes its new keys and values at (layer, decoding.index) and attends to its slice."""
+    block (number `layer`) writes its new keys and values at (layer, decoding.index) and attends
+    to its slice."""
     x, cache = carry
     c, dt = self.cfg, self.dtype
     h = RMSNorm(c.norm_eps, dt, c.norm_offset, name="attn_norm")(x)
@@ -134,8 +135,8 @@ class LLM(nn.Module):
     if self.layer_list:
       self.block = [DecoderBlock(c, self.dtype, self.attention_impl) for _ in range(c.depth)]
     else:
-      self.layers = stack_layers(DecoderBlock, c.depth, self.remat, (nn.broadcast,) * 3 + (0,), cfg=c,
-                                 dtype=self.dtype, attention_impl=self.attention_impl)
+      self.layers = stack_layers(DecoderBlock, c.depth, self.remat, n_broadcast=4, cfg=c, dtype=self.dtype,
+                                 attention_impl=self.attention_impl)
     self.final_norm = RMSNorm(c.norm_eps, self.dtype, c.norm_offset)
     if not c.tie_embeddings:
       self.lm_head = self.param("lm_head", logical(nn.initializers.lecun_normal(), ("embed", "vocab")),
@@ -170,8 +171,9 @@ class LLM(nn.Module):
       for i, block in enumerate(self.block):
         carry, _ = block(carry, positions, segment_ids, decoding, i)
       return carry
-    layer = None if decoding is None else jnp.arange(self.cfg.depth, dtype=jnp.int32)
-    carry, _ = self.layers(carry, positions, segment_ids, decoding, layer)
+    if decoding is not None:
+      raise ValueError("decoding reads the layer-list layout: VLM(layer_list=True) with unstack_params")
+    carry, _ = self.layers(carry, positions, segment_ids, None, None)
     return carry
 
   def _logits(self, x: jax.Array) -> jax.Array:

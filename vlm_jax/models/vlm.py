@@ -102,12 +102,6 @@ class VLM(nn.Module):
     embeds = self.llm.embed(tokens)
     return scatter_visual(embeds, self.encode_images(images), tokens == self.image_token_id)
 
-  def embed_text(self, tokens: jax.Array) -> jax.Array:
-    return self.llm.embed(tokens)
-
-  def decode(self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    return self.llm(embeds, positions, segment_ids)
-
   def prefill(self, tokens: jax.Array, images: "jax.Array | dict", cache: dict) -> tuple[jax.Array, dict]:
     """Left-padded prompts [B, T] with their images -> (logits of the last token, the cache)."""
     return self.llm.extend(self.embed(tokens, images), cache)
@@ -119,4 +113,4 @@ class VLM(nn.Module):
   def __call__(self, tokens: jax.Array, images: jax.Array, positions: jax.Array,
                segment_ids: jax.Array) -> jax.Array:
     """-> fp32 logits [B, L, vocab]."""
-    return self.decode(self.embed(tokens, images), positions, segment_ids)
+    return self.llm(self.embed(tokens, images), positions, segment_ids)

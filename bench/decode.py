@@ -10,7 +10,8 @@ every LLM weight once per token).
 
 tokens_per_s: new tokens (all rows) per second of decoding after the first token, the rate a
 reader sees; time_to_first_token_s: the prompt's prefill (image + text) to the first token;
-total_s: both. The first call of each shape (our compile, torch's warm-up) is not timed.
+total_s: both, timed within the same call (medians of --repeats calls). The first call (our
+compile, torch's warm-up) is not timed.
 """
 
 import argparse
@@ -101,19 +102,19 @@ def timed(fn, repeats: int) -> float:
 
 
 def measure(system: str, run, batch: int, new_tokens: int, repeats: int, device: str) -> dict:
-  """run(max_new_tokens) -> token ids [batch, n]; warmed up at both lengths first. Peak memory:
-  above the level before this measure (on CPU, resident memory, warm-up and compile included)."""
+  """run(n) -> (seconds to the first new token, seconds in all, ids [batch, n]), both times from
+  the same call; medians of `repeats` calls after a warm-up call. Peak memory: above the level
+  before this measure (on CPU, resident memory, warm-up and compile included)."""
   with PeakRSS() as mem:
-    for n in (1, new_tokens):
-      out = run(n)
-      assert len(out) == batch and all(len(r) == n for r in out), f"{system}: expected {batch} x {n} tokens"
-    first = timed(lambda: run(1), repeats)
-    total = timed(lambda: run(new_tokens), repeats)
-  peak = mem.bytes
-  if device == "gpu":
-    peak = run.peak_device_bytes()
+    runs = [run(new_tokens) for _ in range(repeats + 1)]
+  for _, _, out in runs:
+    assert len(out) == batch and all(len(r) == new_tokens for r in out), f"{system}: expected {batch} x {new_tokens}"
+  first = statistics.median(r[0] for r in runs[1:])
+  total = statistics.median(r[1] for r in runs[1:])
+  decode = statistics.median(r[1] - r[0] for r in runs[1:])
+  peak = run.peak_device_bytes() if device == "gpu" else mem.bytes
   return {"system": system, "batch": batch, "new_tokens": new_tokens, "device": device,
-          "tokens_per_s": round(batch * (new_tokens - 1) / (total - first), 2),
+          "tokens_per_s": round(batch * (new_tokens - 1) / decode, 2),
           "time_to_first_token_s": round(first, 4), "total_s": round(total, 4),
           "end_to_end_tokens_per_s": round(batch * new_tokens / total, 2), "peak_mem_bytes": int(peak)}
 
@@ -129,8 +130,14 @@ def ours(directory: str, prompt: str, images: list):
   def runner(batch: int):
     pixels = np.repeat(pixels_one, batch, axis=0)
 
-    def run(n: int):  # no stop token: every row decodes n tokens
-      return model.generator(model.params, [ids] * batch, pixels, max_new_tokens=n, stop_ids=())
+    def run(n: int):  # no stop token: every row decodes n tokens; the first yield is the prefill's token
+      t0 = time.perf_counter()
+      chunks = model.generator.stream(model.params, [ids] * batch, pixels, max_new_tokens=n, stop_ids=(), every=n)
+      rows = next(chunks)
+      first = time.perf_counter() - t0
+      for more in chunks:
+        rows = [r + m for r, m in zip(rows, more)]
+      return first, time.perf_counter() - t0, rows
     run.peak_device_bytes = lambda: jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0)
     return run
   return model, ids, pixels_one, runner
@@ -144,6 +151,22 @@ def theirs(directory: str, ids: np.ndarray, pixels_one: np.ndarray, on_gpu: bool
   dtype = torch.bfloat16 if on_gpu else torch.float32
   hf = transformers.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype).to(device).eval()
   hf.generation_config.eos_token_id = None  # no early stop, as ours
+
+  class FirstToken(transformers.generation.streamers.BaseStreamer):
+    """Notes when generate hands over its first new tokens (its first put is the prompt)."""
+    def __init__(self):
+      self.puts, self.at = 0, None
+
+    def put(self, value):
+      self.puts += 1
+      if self.puts == 2:
+        if on_gpu:
+          torch.cuda.synchronize()
+        self.at = time.perf_counter()
+
+    def end(self):
+      pass
+
   pixels_nchw = torch.from_numpy(pixels_one[:, 0].transpose(0, 3, 1, 2).copy())
 
   def runner(batch: int):
@@ -151,26 +174,29 @@ def theirs(directory: str, ids: np.ndarray, pixels_one: np.ndarray, on_gpu: bool
     pixels = pixels_nchw.repeat(batch, 1, 1, 1).to(device, dtype)
 
     def run(n: int):
+      streamer = FirstToken()
+      t0 = time.perf_counter()
       with torch.inference_mode():
         out = hf.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
-                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=3)
+                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=3, streamer=streamer)
       if on_gpu:
         torch.cuda.synchronize()
-      return out[:, input_ids.shape[1]:].tolist()
+      return streamer.at - t0, time.perf_counter() - t0, out[:, input_ids.shape[1]:].tolist()
     run.peak_device_bytes = lambda: torch.cuda.max_memory_allocated()
     return run
   return hf, runner
 
 
-def matvec_bandwidth(n: int = 8192, repeats: int = 20) -> float:
-  """Bytes/s of an fp32 n x n matrix-vector product in JAX: the rate a batch-1 decode reads weights."""
+def matvec_bandwidth(n: int = 8192, repeats: int = 50) -> float:
+  """Bytes/s of an fp32 n x n matrix-vector product in JAX, at its fastest of `repeats` (a
+  ceiling): the rate a batch-1 decode can read weights."""
   import jax
   import jax.numpy as jnp
   w = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   x = jnp.ones((n,), jnp.float32)
   f = jax.jit(lambda w, x: w @ x)
   f(w, x).block_until_ready()
-  seconds = timed(lambda: f(w, x).block_until_ready(), repeats)
+  seconds = min(timed(lambda: f(w, x).block_until_ready(), 1) for _ in range(repeats))
   return n * n * 4 / seconds
 
 
@@ -206,7 +232,7 @@ def main() -> None:
   results = {}
   for batch in batches:
     for system, runner in (("vlm-jax", our_runner), ("transformers", their_runner)):
-      r = measure(system, runner(batch), batch, args.new_tokens, args.repeats if batch == 1 else 1,
+      r = measure(system, runner(batch), batch, args.new_tokens, args.repeats,
                   "gpu" if on_gpu else "cpu")
       r.update(shape=args.shape, device_name=device, prompt_tokens=len(ids))
       results[system, batch] = r

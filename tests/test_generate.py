@@ -147,6 +147,16 @@ def test_sampling_draws_the_exact_truncated_distribution(temperature, top_k, top
   assert chi2 < threshold, (chi2, threshold)
 
 
+def test_greedy_picks_what_argmax_picks():
+  logits = np.random.default_rng(0).normal(size=(6, 300)).astype(np.float32)
+  logits[0, [7, 5]] = 9.0          # a tie: the first
+  logits[1, [40, 3]] = np.nan      # NaN: the first NaN
+  logits[2] = -np.inf
+  logits[3, 299] = np.inf
+  logits[4, :] = 1.0
+  np.testing.assert_array_equal(generate.greedy(logits), np.argmax(logits, axis=-1))
+
+
 def test_text_stream_never_cuts_a_character():
   """Pieces from a byte-level tokenizer join to the text and never hold half a character."""
   text = "  héllo wörld 😀 日本  "

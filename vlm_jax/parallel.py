@@ -27,7 +27,7 @@ RULES = (
     ("act_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
+    ("act_batch_kv_heads", ("data", "fsdp", "tensor")),  # the KV cache's (row, kv head) dim
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )

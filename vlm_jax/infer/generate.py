@@ -104,9 +104,18 @@ def _choose(logits: jax.Array, state: State, knobs: dict, st: _Static) -> jax.Ar
     penalized = jnp.where(logits < 0, logits * knobs["penalty"], logits / knobs["penalty"])
     logits = jnp.where(state.seen, penalized, logits)
   if not st.sample:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return greedy(logits)
   return sample(logits, jax.vmap(jax.random.fold_in)(state.keys, jnp.broadcast_to(state.count, state.keys.shape)),
                 knobs)
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+  """[B, V] -> the most likely token [B] as jnp.argmax picks it (the first of ties; the first NaN
+  if any), as a max and a min: the CPU backend's argmax (one two-operand reduce) took three
+  times as long, 5% of a batch-32 decoding step."""
+  vocab = logits.shape[-1]
+  hit = (logits == jnp.max(logits, axis=-1, keepdims=True)) | jnp.isnan(logits)
+  return jnp.min(jnp.where(hit, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
 
 
 def sample(logits: jax.Array, keys: jax.Array, knobs: dict) -> jax.Array:

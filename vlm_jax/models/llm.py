@@ -4,8 +4,9 @@ Variants by config: Qwen2's QKV bias, Mistral's sliding window, Gemma's (1 + sca
 sqrt(width) token-embedding scale and GELU gate, Llama 3.1's RoPE frequency scaling.
 
 Decoding (`extend`) reads and writes a preallocated KV cache (`init_cache`): a dict of
-k/v [layers, rows, slots, kv_heads, head_dim], `start` [rows] (a row's first slot: prompts are
-left-padded so that every row writes the same slot) and `index` (the next slot to write).
+k/v, one [rows x kv_heads, slots, head_dim] array per layer (row b's kv head j at b * kv_heads
++ j), `start` [rows] (a row's first slot: prompts are left-padded so that every row writes the
+same slot) and `index` (the next slot to write).
 """
 
 from typing import NamedTuple
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlm_jax.models.attention import attention, cache_mask
+from vlm_jax.models.attention import attention, cache_mask, cached_attention
 from vlm_jax.models.layers import ACTIVATIONS, RMSNorm, constrain, dense, logical, stack_layers
 
 
@@ -48,13 +49,17 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-CACHE_AXES = ("layers", "act_batch", "act_length", "act_kv_heads", "head_dim")
+# The layout is the one the decoding loop updates in place and attention reads in place. A
+# stacked [layers, ...] cache made the CPU backend copy each layer's slice out at every step; a
+# [rows, kv_heads, ...] one (merged into one batch dim for the matmuls) made it copy every layer's
+# cache three times per step, to feed the in-place update and the merged view separately.
+CACHE_AXES = ("act_batch_kv_heads", "act_length", "head_dim")
 
 
 def init_cache(cfg: ml_collections.ConfigDict, start: jax.Array, slots: int, dtype: jnp.dtype) -> dict:
   """An empty KV cache of `slots` slots for rows whose sequences begin at slot start [rows]."""
-  shape = (cfg.depth, start.shape[0], slots, cfg.kv_heads, cfg.head_dim)
-  empty = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+  shape = (start.shape[0] * cfg.kv_heads, slots, cfg.head_dim)
+  empty = lambda: tuple(constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(cfg.depth))
   return {"k": empty(), "v": empty(), "start": start.astype(jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
@@ -79,10 +84,9 @@ class DecoderBlock(nn.Module):
   attention_impl: str
 
   @nn.compact
-  def __call__(self, carry, positions, segment_ids, decoding: Decoding | None, layer):
-    """carry: (x, None) in training; (x, {"k", "v"} of all layers) when decoding, where this
-    block (number `layer`) writes its new keys and values at (layer, decoding.index) and attends
-    to its slice."""
+  def __call__(self, carry, positions, segment_ids, decoding: Decoding | None):
+    """carry: (x, None) in training; (x, this layer's cache {"k", "v"}) when decoding, where the
+    block writes its new keys and values at slot decoding.index and attends to the cache."""
     x, cache = carry
     c, dt = self.cfg, self.dtype
     h = RMSNorm(c.norm_eps, dt, c.norm_offset, name="attn_norm")(x)
@@ -99,11 +103,11 @@ class DecoderBlock(nn.Module):
       o = attention(q, k, v, q_segment_ids=segment_ids, causal=True, implementation=self.attention_impl,
                     window=c.sliding_window)
     else:
-      cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype),
-                                                  (layer, 0, decoding.index, 0, 0))
+      cache_rows = lambda a: a.transpose(0, 2, 1, 3).reshape(-1, a.shape[1], a.shape[3])  # [B,T,K,H] -> [B*K,T,H]
+      cache = {name: jax.lax.dynamic_update_slice(cache[name], cache_rows(new).astype(cache[name].dtype),
+                                                  (0, decoding.index, 0))
                for name, new in (("k", k), ("v", v))}
-      o = attention(q, cache["k"][layer].astype(dt), cache["v"][layer].astype(dt), causal=False,
-                    implementation=self.attention_impl, mask=decoding.mask)
+      o = cached_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), decoding.mask)
     x = x + dense(c.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2)(o)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
 
@@ -135,7 +139,7 @@ class LLM(nn.Module):
     if self.layer_list:
       self.block = [DecoderBlock(c, self.dtype, self.attention_impl) for _ in range(c.depth)]
     else:
-      self.layers = stack_layers(DecoderBlock, c.depth, self.remat, n_broadcast=4, cfg=c, dtype=self.dtype,
+      self.layers = stack_layers(DecoderBlock, c.depth, self.remat, n_broadcast=3, cfg=c, dtype=self.dtype,
                                  attention_impl=self.attention_impl)
     self.final_norm = RMSNorm(c.norm_eps, self.dtype, c.norm_offset)
     if not c.tie_embeddings:
@@ -152,29 +156,34 @@ class LLM(nn.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """Embeddings [B, T, D] -> fp32 logits [B, T, vocab] (training, scoring)."""
-    x, _ = self._layers((x, None), positions, segment_ids, None)
+    x, _ = self._layers(x, positions, segment_ids)
     return self._logits(x)
 
   def extend(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """Embeddings [B, T, D] of the tokens at cache slots index..index+T-1 -> (fp32 logits of the
     last one [B, vocab], the cache with them written). Prefill is T = the prompt, decode T = 1."""
-    t, slots = x.shape[1], cache["k"].shape[2]
+    t, slots = x.shape[1], cache["k"][0].shape[1]
     q_slots = cache["index"] + jnp.arange(t, dtype=jnp.int32)
     positions = q_slots[None, :] - cache["start"][:, None]
     decoding = Decoding(cache["index"], cache_mask(cache["start"], q_slots, slots, self.cfg.sliding_window))
-    x, kv = self._layers((x, {"k": cache["k"], "v": cache["v"]}), positions, None, decoding)
-    kv = {name: constrain(a, CACHE_AXES) for name, a in kv.items()}
+    x, kv = self._layers(x, positions, None, decoding, cache)
     return self._logits(x[:, -1:])[:, 0], dict(cache, **kv, index=cache["index"] + t)
 
-  def _layers(self, carry, positions, segment_ids, decoding):
-    if self.layer_list:
-      for i, block in enumerate(self.block):
-        carry, _ = block(carry, positions, segment_ids, decoding, i)
-      return carry
-    if decoding is not None:
-      raise ValueError("decoding reads the layer-list layout: VLM(layer_list=True) with unstack_params")
-    carry, _ = self.layers(carry, positions, segment_ids, None, None)
-    return carry
+  def _layers(self, x, positions, segment_ids, decoding: Decoding | None = None, cache: dict | None = None):
+    """-> (x, None); decoding, (x, the cache's k/v with this call's tokens written)."""
+    if not self.layer_list:
+      if decoding is not None:
+        raise ValueError("decoding reads the layer-list layout: VLM(layer_list=True) with unstack_params")
+      (x, _), _ = self.layers((x, None), positions, segment_ids, None)
+      return x, None
+    written = []
+    for i, block in enumerate(self.block):
+      mine = None if decoding is None else {"k": cache["k"][i], "v": cache["v"][i]}
+      (x, mine), _ = block((x, mine), positions, segment_ids, decoding)
+      written.append(mine)
+    if decoding is None:
+      return x, None
+    return x, {name: tuple(constrain(w[name], CACHE_AXES) for w in written) for name in ("k", "v")}
 
   def _logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)

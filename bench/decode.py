@@ -25,13 +25,11 @@ import threading
 import time
 
 import numpy as np
+from hf_llava import CPU_SHAPE, write_llava
 
 SHAPES = {
     # CLIP-style ViT 6 x 384 at 224 px / patch 16, Llama 6 x 768 (GQA 12/4), vocab 32000
-    "cpu": dict(vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-                            image_size=224, patch_size=16),
-                text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
-                          num_key_value_heads=4, vocab_size=32000)),
+    "cpu": CPU_SHAPE,
     # LLaVA-1.5-7B: CLIP ViT-L/14-336 and a Llama-2-7B-sized decoder (a GPU shape)
     "ref": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                             image_size=336, patch_size=14),
@@ -39,32 +37,6 @@ SHAPES = {
                           num_key_value_heads=32, vocab_size=32064)),
 }
 PROMPT = "USER: <image>\nWhat is shown in this picture? Describe it in detail. ASSISTANT:"
-
-
-def write_llava(directory: str, shape: dict) -> None:
-  """A random LlavaForConditionalGeneration (std 0.02 init) and a word-level tokenizer."""
-  import tokenizers
-  import torch
-  import transformers
-  from tokenizers import models, pre_tokenizers, processors
-
-  vocab = shape["text"]["vocab_size"]
-  words = ["<unk>", "<s>", "</s>", "<pad>"] + PROMPT.replace("<image>", "").split()
-  words += [f"w{i}" for i in range(vocab - len(words) - 1)] + ["<image>"]
-  tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok.add_special_tokens([tokenizers.AddedToken("<image>", special=True, normalized=False)])
-  tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-  tok.save(os.path.join(directory, "tokenizer.json"))
-  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-               "pad_token": "<pad>", "unk_token": "<unk>"}, f)
-  torch.manual_seed(0)
-  config = transformers.LlavaConfig(
-      vision_config=transformers.CLIPVisionConfig(**shape["vision"]),
-      text_config=transformers.LlamaConfig(**shape["text"], bos_token_id=1, eos_token_id=2, pad_token_id=3),
-      image_token_id=vocab - 1)
-  transformers.LlavaForConditionalGeneration(config).save_pretrained(directory)
 
 
 class PeakRSS:
@@ -226,7 +198,7 @@ def main() -> None:
   rng = np.random.default_rng(0)
   image = PIL.Image.fromarray(rng.integers(0, 256, (300, 400, 3), np.uint8))  # not square
   with tempfile.TemporaryDirectory() as directory:
-    write_llava(directory, SHAPES[args.shape])
+    write_llava(directory, SHAPES[args.shape], tuple(PROMPT.replace("<image>", "").split()))
     model, ids, pixels_one, our_runner = ours(directory, PROMPT, [image])
     hf, their_runner = theirs(directory, ids, pixels_one, on_gpu)
   results = {}

@@ -35,7 +35,11 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state are fp32
   c.model.remat = "none"      # none | full | dots
-  c.model.attention = "xla"   # xla | cudnn | auto
+  # Ways to compute, each giving the same loss and gradients (README "Train-step speed"):
+  c.model.attention = "blockwise"  # xla (reference) | blockwise | cudnn | auto (cuDNN where it can)
+  c.model.attention_block = 128    # blockwise: query positions per block
+  c.model.scan_unroll = 0          # layers per iteration of the loop over layers; 0: unrolled
+  c.model.loss_chunk = 256         # loss over supervised positions, this many per row at a time; 0: full logits
   # A checkpoint (workdir, step dir or Hugging Face LLaVA dir) whose params start a fresh run,
   # e.g. an LLM + vision tower assembled by `vlm-jax convert --vision` for stage 1. A resumed run
   # continues from its own checkpoint instead.
@@ -213,6 +217,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_one_of("config.model.llm.rope_type", m.llm.rope_type, ROPE_TYPES)
   if m.llm.heads % m.llm.kv_heads:
     raise UserError("config.model.llm.heads must be a multiple of kv_heads")
+  if m.attention_block < 1:
+    raise UserError(f"config.model.attention_block must be >= 1, got {m.attention_block}")
+  if m.loss_chunk < 0:
+    raise UserError(f"config.model.loss_chunk must be >= 0 (0: full logits), got {m.loss_chunk}")
+  if m.scan_unroll < 0:
+    raise UserError(f"config.model.scan_unroll must be >= 0 (0: unrolled), got {m.scan_unroll}")
   _validate_images(config.data)
   if m.anyres.enabled:
     _validate_anyres(m)

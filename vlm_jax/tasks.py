@@ -26,14 +26,6 @@ class Task:
   loss: Loss
 
 
-def token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Summed fp32 cross-entropy over supervised targets, and their count."""
-  logits = logits.astype(jnp.float32)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
-  mask = loss_mask.astype(jnp.float32)
-  return jnp.sum(nll * mask), jnp.sum(mask)
-
-
 # --- vlm: images + text -> next-token loss on the supervised (answer) tokens ------------------
 VLM_INPUTS = ("tokens", "images", "positions", "segment_ids")  # a batch also holds targets, loss_mask
 
@@ -50,8 +42,8 @@ def _vlm_dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple
 
 
 def _vlm_loss(apply_fn: Callable, params, batch: dict) -> tuple[jax.Array, jax.Array]:
-  logits = apply_fn({"params": params}, *(batch[k] for k in VLM_INPUTS))
-  return token_loss(logits, batch["targets"], batch["loss_mask"])
+  return apply_fn({"params": params}, *(batch[k] for k in VLM_INPUTS), batch["targets"], batch["loss_mask"],
+                  method="loss")
 
 
 TASKS = {

@@ -140,9 +140,9 @@ def _unused(reader: Reader, items, layout, slots: tuple[str, ...] | None, skip: 
 
 
 # --- LLaVA directories -----------------------------------------------------------------------
-def open_llava(directory: str, dtype: str | None = None, base: ml_collections.ConfigDict | None = None):
-  """A LLaVA directory loaded for use: (config, tokenizer, run, params, origin); each param goes
-  straight into its sharding on an FSDP mesh over the local devices."""
+def llava_config(directory: str, dtype: str | None = None, base: ml_collections.ConfigDict | None = None):
+  """A LLaVA directory's (config, tokenizer, config.json): the model and image processor it
+  describes, computing in `dtype` (None: the checkpoint's, as transformers' dtype "auto")."""
   hc = read_json(directory)
   info = hf_config.llava_from_hf(hc, f"{directory}/config.json")
   tokenizer = hf_tokenizer.load(directory)
@@ -159,6 +159,14 @@ def open_llava(directory: str, dtype: str | None = None, base: ml_collections.Co
   if dtype:
     config.model.dtype = dtype
   build_lib.resolve_model_config(config, tokenizer.vocab_size)
+  return config, tokenizer, hc
+
+
+def open_llava(directory: str, dtype: str | None = None, base: ml_collections.ConfigDict | None = None):
+  """A LLaVA directory loaded for use: (config, tokenizer, run, params, origin); each param goes
+  straight into its sharding on an FSDP mesh over the local devices."""
+  config, tokenizer, hc = llava_config(directory, dtype, base)
+  info = hf_config.llava_from_hf(hc, f"{directory}/config.json")
   run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id)
   with Reader(directory) as reader:
     layout = layout_lib.detect(reader.keys(), slots(config.model), directory)

@@ -1,6 +1,6 @@
 """Small building blocks shared by the ViT, the bridge and the LLM."""
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -90,13 +90,32 @@ REMAT_POLICIES = {  # config.model.remat -> what a layer's backward pass keeps (
 }
 
 
-def stack_layers(block: type[nn.Module], depth: int, remat: str, n_broadcast: int = 0, **kwargs):
+class Compute(NamedTuple):
+  """How the layers compute (config.model's remat, attention and scan fields), not what: any
+  choice here gives the same loss and gradients."""
+  remat: str = "none"
+  attention: str = "xla"        # attention.IMPLEMENTATIONS
+  attention_block: int = 128    # query positions per block of blockwise attention
+  scan_unroll: int = 1          # layers per iteration of the loop over layers; 0: no loop
+  loss_chunk: int = 0           # positions per row per step of the chunked loss; 0: full logits
+
+  @classmethod
+  def of(cls, model_cfg) -> "Compute":
+    return cls(model_cfg.remat, model_cfg.attention, model_cfg.attention_block, model_cfg.scan_unroll,
+               model_cfg.loss_chunk)
+
+
+def stack_layers(block: type[nn.Module], depth: int, compute: Compute, n_broadcast: int = 0, **kwargs):
   """`depth` copies of `block` under nn.scan (params get a leading 'layers' axis), optionally rematted.
 
-  The block's __call__ takes (carry, *broadcast_args) and returns (carry, None).
+  The block takes a `compute` field (given this one); its __call__ takes (carry, *broadcast_args)
+  and returns (carry, None). Unrolled, the
+  params keep their stacked layout; on CPU the loop's dynamic slices of the saved activations
+  made XLA transpose them in the backward pass (README "Train-step speed").
   """
-  if remat != "none":
-    block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  if compute.remat != "none":
+    block = nn.remat(block, policy=REMAT_POLICIES[compute.remat], prevent_cse=False)
+  unroll = depth if compute.scan_unroll <= 0 else min(compute.scan_unroll, depth)
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                 in_axes=(nn.broadcast,) * n_broadcast, length=depth,
-                 metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs)
+                 in_axes=(nn.broadcast,) * n_broadcast, length=depth, unroll=unroll,
+                 metadata_params={nn.PARTITION_NAME: "layers"})(compute=compute, **kwargs)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.models.attention import attention, cache_mask, cached_attention
-from vlm_jax.models.layers import ACTIVATIONS, RMSNorm, constrain, dense, logical, stack_layers
+from vlm_jax.models.cross_entropy import chunked_token_loss, token_loss
+from vlm_jax.models.layers import ACTIVATIONS, Compute, RMSNorm, constrain, dense, logical, stack_layers
 
 
 def rope_inv_freq(cfg: ml_collections.ConfigDict) -> jax.Array:
@@ -81,7 +82,7 @@ class Decoding(NamedTuple):
 class DecoderBlock(nn.Module):
   cfg: ml_collections.ConfigDict
   dtype: jnp.dtype
-  attention_impl: str
+  compute: Compute
 
   @nn.compact
   def __call__(self, carry, positions, segment_ids, decoding: Decoding | None):
@@ -100,8 +101,8 @@ class DecoderBlock(nn.Module):
     q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     if decoding is None:
-      o = attention(q, k, v, q_segment_ids=segment_ids, causal=True, implementation=self.attention_impl,
-                    window=c.sliding_window)
+      o = attention(q, k, v, q_segment_ids=segment_ids, causal=True, implementation=self.compute.attention,
+                    window=c.sliding_window, block=self.compute.attention_block)
     else:
       cache_rows = lambda a: a.transpose(0, 2, 1, 3).reshape(-1, a.shape[1], a.shape[3])  # [B,T,K,H] -> [B*K,T,H]
       cache = {name: jax.lax.dynamic_update_slice(cache[name], cache_rows(new).astype(cache[name].dtype),
@@ -123,8 +124,7 @@ class LLM(nn.Module):
   """Decoder LLM. `embed` maps ids to vectors; `__call__` maps vectors to fp32 logits."""
   cfg: ml_collections.ConfigDict
   dtype: jnp.dtype = jnp.bfloat16
-  remat: str = "none"
-  attention_impl: str = "xla"
+  compute: Compute = Compute()
   # Decoding: one param subtree per layer ("block_<i>", see unstack_layers) instead of one
   # stacked scan. A scan slices each layer's weights out of the stack every step, which the CPU
   # backend does by copying them: decoding reads weights, so that tripled its memory traffic.
@@ -137,10 +137,9 @@ class LLM(nn.Module):
                              # of the first layers and the visual tokens in the residual stream.
                              embedding_init=logical(nn.initializers.normal(1.0), ("vocab", "embed")))
     if self.layer_list:
-      self.block = [DecoderBlock(c, self.dtype, self.attention_impl) for _ in range(c.depth)]
+      self.block = [DecoderBlock(c, self.dtype, self.compute) for _ in range(c.depth)]
     else:
-      self.layers = stack_layers(DecoderBlock, c.depth, self.remat, n_broadcast=3, cfg=c, dtype=self.dtype,
-                                 attention_impl=self.attention_impl)
+      self.layers = stack_layers(DecoderBlock, c.depth, self.compute, n_broadcast=3, cfg=c, dtype=self.dtype)
     self.final_norm = RMSNorm(c.norm_eps, self.dtype, c.norm_offset)
     if not c.tie_embeddings:
       self.lm_head = self.param("lm_head", logical(nn.initializers.lecun_normal(), ("embed", "vocab")),
@@ -158,6 +157,14 @@ class LLM(nn.Module):
     """Embeddings [B, T, D] -> fp32 logits [B, T, vocab] (training, scoring)."""
     x, _ = self._layers(x, positions, segment_ids)
     return self._logits(x)
+
+  def loss(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, targets: jax.Array,
+           loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Embeddings [B, T, D] -> (summed fp32 cross-entropy over the supervised targets, their count)."""
+    x, _ = self._layers(x, positions, segment_ids)
+    if not self.compute.loss_chunk:
+      return token_loss(self._logits(x), targets, loss_mask)
+    return chunked_token_loss(self.final_norm(x), self._head(), targets, loss_mask, self.compute.loss_chunk)
 
   def extend(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """Embeddings [B, T, D] of the tokens at cache slots index..index+T-1 -> (fp32 logits of the
@@ -185,8 +192,10 @@ class LLM(nn.Module):
       return x, None
     return x, {name: tuple(constrain(w[name], CACHE_AXES) for w in written) for name in ("k", "v")}
 
+  def _head(self) -> jax.Array:
+    """[width, vocab] in the compute dtype."""
+    return (self.embedder.embedding.T if self.cfg.tie_embeddings else self.lm_head).astype(self.dtype)
+
   def _logits(self, x: jax.Array) -> jax.Array:
-    x = self.final_norm(x)
-    head = self.embedder.embedding.T if self.cfg.tie_embeddings else self.lm_head
-    logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", self.final_norm(x), self._head(), preferred_element_type=jnp.float32)
     return constrain(logits, ("act_batch", "act_length", "act_vocab"))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.models.attention import attention
-from vlm_jax.models.layers import ACTIVATIONS, constrain, dense, layer_norm, logical, stack_layers
+from vlm_jax.models.layers import ACTIVATIONS, Compute, constrain, dense, layer_norm, logical, stack_layers
 
 FLAVOURS = {"siglip": dict(cls=False, pre_norm=False, act="gelu_tanh"),
             "clip": dict(cls=True, pre_norm=True, act="quick_gelu")}
@@ -49,7 +49,7 @@ def sincos_init(grid: int, has_cls: bool):
 class EncoderBlock(nn.Module):
   cfg: ml_collections.ConfigDict
   dtype: jnp.dtype
-  attention_impl: str
+  compute: Compute
 
   @nn.compact
   def __call__(self, x):
@@ -58,7 +58,7 @@ class EncoderBlock(nn.Module):
     h = layer_norm("attn_norm", c.norm_eps, dt)(x)
     qkv = [dense((c.heads, head_dim), ("embed", "heads", "head_dim"), name=n, dtype=dt, use_bias=True)(h)
            for n in ("q", "k", "v")]
-    o = attention(*qkv, causal=False, implementation=self.attention_impl)
+    o = attention(*qkv, causal=False, implementation=self.compute.attention, block=self.compute.attention_block)
     x = x + dense(c.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2,
                   use_bias=True, bias_axes=("embed",))(o)
     h = layer_norm("mlp_norm", c.norm_eps, dt)(x)
@@ -71,8 +71,7 @@ class EncoderBlock(nn.Module):
 class ViT(nn.Module):
   cfg: ml_collections.ConfigDict
   dtype: jnp.dtype = jnp.bfloat16
-  remat: str = "none"
-  attention_impl: str = "xla"
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -93,8 +92,8 @@ class ViT(nn.Module):
     if flavour["pre_norm"]:
       x = layer_norm("pre_norm", c.norm_eps, self.dtype)(x)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
-    x, _ = stack_layers(EncoderBlock, c.depth, self.remat, cfg=c, dtype=self.dtype,
-                        attention_impl=self.attention_impl, name="layers")(x)
+    x, _ = stack_layers(EncoderBlock, c.depth, self.compute, cfg=c, dtype=self.dtype,
+                        name="layers")(x)
     if c.final_norm:  # SigLIP's post_layernorm; LLaVA reads pretrained towers before it
       x = layer_norm("final_norm", c.norm_eps, self.dtype)(x)
     if flavour["cls"] and not c.keep_cls:

@@ -9,9 +9,10 @@ import ml_collections
 
 from vlm_jax.config import check_one_of
 from vlm_jax.errors import UserError
+from vlm_jax.models import attention as attention_lib
 from vlm_jax.models import bridge as bridge_lib
 from vlm_jax.models import vit as vit_lib
-from vlm_jax.models.layers import ACTIVATIONS, REMAT_POLICIES, logical
+from vlm_jax.models.layers import ACTIVATIONS, REMAT_POLICIES, Compute, logical
 from vlm_jax.models.llm import LLM, unstack_layers
 from vlm_jax.models.vit import ViT
 
@@ -27,6 +28,7 @@ def check_config(model_cfg: ml_collections.ConfigDict) -> None:
   activations, remat policies); config.validate checks the rest."""
   m = model_cfg
   check_one_of("config.model.remat", m.remat, REMAT_POLICIES)
+  check_one_of("config.model.attention", m.attention, attention_lib.IMPLEMENTATIONS)
   check_one_of("config.model.vision.flavour", m.vision.flavour, vit_lib.FLAVOURS)
   if m.vision.act:
     check_one_of("config.model.vision.act", m.vision.act, ACTIVATIONS)
@@ -62,9 +64,10 @@ class VLM(nn.Module):
   def setup(self):
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
-    self.vision = ViT(c.vision, dtype, c.remat, c.attention)
+    compute = Compute.of(c)
+    self.vision = ViT(c.vision, dtype, compute)
     self.bridge = bridge_lib.make_bridge(c.bridge, c.llm.width, dtype)
-    self.llm = LLM(c.llm, dtype, c.remat, c.attention, self.layer_list)
+    self.llm = LLM(c.llm, dtype, compute, self.layer_list)
     if c.anyres.enabled:  # LLaVA-NeXT's row end marker, randn / sqrt(width) as there
       self.image_newline = self.param("image_newline", logical(
           nn.initializers.normal(1 / math.sqrt(c.llm.width)), ("embed",)), (c.llm.width,))
@@ -109,6 +112,11 @@ class VLM(nn.Module):
   def extend(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """Next tokens [B, T] (decode: T = 1) -> (logits of the last one [B, vocab], the cache)."""
     return self.llm.extend(self.llm.embed(tokens), cache)
+
+  def loss(self, tokens: jax.Array, images: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+           targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """-> (summed fp32 next-token loss over the supervised targets, their count)."""
+    return self.llm.loss(self.embed(tokens, images), positions, segment_ids, targets, loss_mask)
 
   def __call__(self, tokens: jax.Array, images: jax.Array, positions: jax.Array,
                segment_ids: jax.Array) -> jax.Array:

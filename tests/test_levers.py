@@ -1,0 +1,148 @@
+"""Speed levers (config fields that change how, not what, the step computes): each gives the plain
+path's loss and gradients, with packed rows, text-only rows, padding and AnyRes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from vlm_jax import build as build_lib
+from vlm_jax import tasks
+from vlm_jax.data.pipeline import Batches
+from vlm_jax.data.tokenizer import Tokenizer
+from vlm_jax.models.attention import attention
+from vlm_jax.models.cross_entropy import chunked_token_loss, token_loss
+from vlm_jax.train import optim
+from vlm_jax.train.step import stop_frozen
+
+PLAIN = {"model.attention": "xla", "model.scan_unroll": 1, "model.loss_chunk": 0}
+# Blocks and chunks smaller than the rows (32 and 96 tokens), not dividing them.
+LEVERS = {
+    "blockwise attention": {"model.attention": "blockwise", "model.attention_block": 7},
+    "unrolled layers": {"model.scan_unroll": 0},
+    "two layers per loop step": {"model.scan_unroll": 2, "model.llm.depth": 4},
+    "chunked loss": {"model.loss_chunk": 5},
+    "all": {"model.attention": "blockwise", "model.attention_block": 16, "model.scan_unroll": 0,
+            "model.loss_chunk": 12},
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return Tokenizer.load("shapes")
+
+
+def _config(tok, base: dict, lever: dict):
+  cfg = helpers.tiny_config({**base, **PLAIN, **lever})
+  build_lib.resolve_model_config(cfg, tok.vocab_size)
+  return cfg
+
+
+def _value_and_grads(cfg, tok, params, batch, stage: str):
+  task = tasks.task_of(cfg)
+  model = task.make_model(cfg, tok.image_id)
+  labels = optim.param_labels(params, cfg.train, stage)
+  batch = {k: v for k, v in batch.items() if k in tasks.VLM_INPUTS + ("targets", "loss_mask")}
+
+  def loss(p):
+    loss_sum, count = task.loss(model.apply, stop_frozen(p, labels), batch)
+    return loss_sum, count
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+def _init(cfg, tok, batch):
+  model = tasks.task_of(cfg).make_model(cfg, tok.image_id)
+  inputs = [batch[k] for k in tasks.VLM_INPUTS]
+  return nn.meta.unbox(model.init(jax.random.key(0), *inputs)["params"])
+
+
+def _assert_same(cfg_plain, cfg_lever, tok, batch, stage):
+  params = _init(cfg_plain, tok, batch)
+  (loss_a, count_a), grads_a = _value_and_grads(cfg_plain, tok, params, batch, stage)
+  (loss_b, count_b), grads_b = _value_and_grads(cfg_lever, tok, params, batch, stage)
+  assert float(count_a) == float(count_b) > 0
+  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
+  flat_a, flat_b = build_lib.flat_params(grads_a), build_lib.flat_params(grads_b)
+  assert flat_a.keys() == flat_b.keys()
+  scale = max(float(np.abs(g).max()) for g in flat_a.values())
+  for path in flat_a:
+    np.testing.assert_allclose(flat_b[path], flat_a[path], rtol=1e-4, atol=1e-5 * scale, err_msg=path)
+  return flat_a
+
+
+@pytest.mark.parametrize("lever", LEVERS)
+@pytest.mark.parametrize("stage", ["full", "stage1"])
+def test_lever_gives_the_plain_loss_and_grads_on_packed_rows(tok, lever, stage):
+  overrides = {k: v for k, v in LEVERS[lever].items() if k == "model.llm.depth"}
+  plain = _config(tok, overrides, {})
+  batch = helpers.random_batch(0, plain, tok.image_id)
+  assert (batch["segment_ids"] == 2).any() and (batch["segment_ids"] == 0).any()  # packed rows, padding
+  grads = _assert_same(plain, _config(tok, overrides, LEVERS[lever]), tok, batch, stage)
+  frozen_head = stage == "stage1"
+  assert (np.abs(grads["llm/lm_head"]).max() == 0) == frozen_head
+
+
+@pytest.mark.parametrize("lever", ["blockwise attention", "chunked loss", "all"])
+def test_lever_gives_the_plain_loss_and_grads_with_anyres(tok, lever):
+  base = {"model.vision.image_size": 32, "model.vision.patch_size": 16, "model.anyres.enabled": True,
+          "model.anyres.grid_pinpoints": "(1x1),...,(1x6)", "data.sources": "shapes:wide", "data.seq_len": 96,
+          "data.pack": True, "data.max_images": 3, "train.batch_size": 2, "model.anyres.max_tiles": 28,
+          "data.threads": 0, "data.prefetch": 0}
+  plain = _config(tok, base, {})
+  batch = next(Batches.from_config(plain, tok, 0, tile_groups=1))
+  assert max(len(row) for row in batch["keys"]) >= 2  # packed
+  _assert_same(plain, _config(tok, base, LEVERS[lever]), tok, batch, "full")
+
+
+# --- the kernels themselves, at shapes and options the model configs above do not reach -------
+def _qkv(batch=2, length=37, heads=6, kv_heads=2, dim=8, dtype=jnp.float32):
+  ks = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(ks[0], (batch, length, heads, dim), dtype)
+  k, v = (jax.random.normal(key, (batch, length, kv_heads, dim), dtype) for key in ks[1:])
+  return q, k, v
+
+
+@pytest.mark.parametrize("causal,window", [(True, 0), (True, 5), (False, 0)])
+@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("block", [1, 8, 64])
+def test_blockwise_attention_equals_the_reference(causal, window, segments, block):
+  q, k, v = _qkv()
+  seg = jnp.asarray([[1] * 12 + [2] * 20 + [0] * 5, [1] * 37]) if segments else None
+  real = (seg != 0)[:, :, None, None] if segments else jnp.ones((1, 1, 1, 1), bool)
+  weight = jax.random.normal(jax.random.key(2), q.shape) * real  # padding queries' outputs are unread
+
+  def run(implementation):
+    f = lambda q, k, v: attention(q, k, v, q_segment_ids=seg, causal=causal, window=window,
+                                  implementation=implementation, block=block)
+    out = f(q, k, v)
+    return out * real, jax.grad(lambda *a: jnp.sum(f(*a) * weight), argnums=(0, 1, 2))(q, k, v)
+
+  (out_ref, grads_ref), (out, grads) = run("xla"), run("blockwise")
+  np.testing.assert_allclose(out, out_ref, atol=2e-6)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, atol=1e-5)
+  if segments:  # a padding query sees nothing: zeros
+    assert float(jnp.abs(attention(q, k, v, q_segment_ids=seg, causal=causal, implementation="blockwise",
+                                   block=block)[0, 32:]).max()) == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 6, 40])
+def test_chunked_loss_equals_full_logits(chunk):
+  ks = jax.random.split(jax.random.key(3), 4)
+  hidden, head = jax.random.normal(ks[0], (3, 37, 16)), jax.random.normal(ks[1], (16, 50))
+  targets = jax.random.randint(ks[2], (3, 37), 0, 50)
+  mask = (jax.random.uniform(ks[3], (3, 37)) < 0.4).at[2].set(False)  # a row with nothing supervised
+  full = lambda h, w: token_loss(jnp.einsum("btd,dv->btv", h, w), targets, mask)
+  chunked = lambda h, w: chunked_token_loss(h, w, targets, mask, chunk)
+  (loss_ref, count_ref), (loss, count) = full(hidden, head), jax.jit(chunked)(hidden, head)
+  assert float(count) == float(count_ref) == float(mask.sum())
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+  grad = lambda f: jax.jit(jax.grad(lambda h, w: f(h, w)[0], argnums=(0, 1)))(hidden, head)
+  for g, g_ref in zip(grad(chunked), grad(full)):
+    np.testing.assert_allclose(g, g_ref, atol=2e-6)
+  # a frozen head: no gradient for it, the same one for the hidden states
+  d_hidden, d_head = jax.grad(lambda h, w: chunked(h, jax.lax.stop_gradient(w))[0], argnums=(0, 1))(hidden, head)
+  assert float(jnp.abs(d_head).max()) == 0
+  np.testing.assert_allclose(d_hidden, grad(full)[0], atol=2e-6)

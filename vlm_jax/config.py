@@ -38,7 +38,7 @@ def base() -> ml_collections.ConfigDict:
   # Ways to compute, each giving the same loss and gradients (README "Train-step speed"):
   c.model.attention = "blockwise"  # xla (reference) | blockwise | cudnn | auto (cuDNN where it can)
   c.model.attention_block = 128    # blockwise: query positions per block
-  c.model.scan_unroll = 0          # layers per iteration of the loop over layers; 0: unrolled
+  c.model.scan_unroll = 1          # layers per iteration of the loop over layers; 0: unrolled
   c.model.loss_chunk = 256         # loss over supervised positions, this many per row at a time; 0: full logits
   # A checkpoint (workdir, step dir or Hugging Face LLaVA dir) whose params start a fresh run,
   # e.g. an LLM + vision tower assembled by `vlm-jax convert --vision` for stage 1. A resumed run

@@ -27,6 +27,7 @@ def chunked_token_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, l
   head [D, vocab], both in the compute dtype; logits and the loss are fp32.
   """
   b, t, d = hidden.shape
+  chunk = min(chunk, t)
   weight = loss_mask.astype(jnp.float32)
   order = jnp.argsort(weight == 0, axis=1, stable=True)        # supervised positions first
   pad = -t % chunk

@@ -109,9 +109,8 @@ def stack_layers(block: type[nn.Module], depth: int, compute: Compute, n_broadca
   """`depth` copies of `block` under nn.scan (params get a leading 'layers' axis), optionally rematted.
 
   The block takes a `compute` field (given this one); its __call__ takes (carry, *broadcast_args)
-  and returns (carry, None). Unrolled, the
-  params keep their stacked layout; on CPU the loop's dynamic slices of the saved activations
-  made XLA transpose them in the backward pass (README "Train-step speed").
+  and returns (carry, None). Unrolled (compute.scan_unroll), the params keep their stacked
+  layout: the choice is one of speed and compile time (README "Train-step speed").
   """
   if compute.remat != "none":
     block = nn.remat(block, policy=REMAT_POLICIES[compute.remat], prevent_cse=False)

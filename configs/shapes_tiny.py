@@ -11,7 +11,11 @@ def get_config(arg=None):
   config = base()
   config.stage = "full"  # nothing is pretrained here: everything learns
   config.model.vision.patch_size = 16
-  config.model.scan_unroll = 0  # unrolled: at this size the per-layer loop costs more than it saves
+  # The reference paths: at 80 tokens the speed levers gain nothing measurable (~0.13 s a step
+  # either way), and this run's held-out accuracy is on the edge of 90% (its "side" questions), so
+  # it keeps the numerics it was tuned with (README "What the default config reaches").
+  config.model.attention = "xla"
+  config.model.loss_chunk = 0
   config.data.seq_len = 80  # 16 image tokens + 4 question/answer rounds (longest: 71 tokens)
   config.train.steps = 2400  # ~11 min alone on 2 cores; held-out accuracy passes 90% near the end
   config.train.lr = 5e-4

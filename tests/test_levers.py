@@ -9,7 +9,7 @@ import pytest
 
 import helpers
 from vlm_jax import build as build_lib
-from vlm_jax import tasks
+from vlm_jax import parallel, tasks
 from vlm_jax.data.pipeline import Batches
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.models.attention import attention
@@ -94,6 +94,28 @@ def test_lever_gives_the_plain_loss_and_grads_with_anyres(tok, lever):
   batch = next(Batches.from_config(plain, tok, 0, tile_groups=1))
   assert max(len(row) for row in batch["keys"]) >= 2  # packed
   _assert_same(plain, _config(tok, base, LEVERS[lever]), tok, batch, "full")
+
+
+def test_levers_on_a_data_fsdp_tensor_mesh_equal_one_device(tok):
+  # Several attention blocks and loss chunks, rows split over data x fsdp, heads and vocab over tensor.
+  cfg = _config(tok, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+                {**LEVERS["all"], "model.attention_block": 8, "model.loss_chunk": 8})
+  batch = {k: v for k, v in helpers.random_batch(1, cfg, tok.image_id).items()
+           if k in tasks.VLM_INPUTS + ("targets", "loss_mask")}
+  params = _init(cfg, tok, batch)
+  (loss_one, _), grads_one = _value_and_grads(cfg, tok, params, batch, "full")
+  mesh = parallel.make_mesh(cfg.mesh)
+  run = build_lib.build(cfg, mesh, tok.image_id)
+  sharded_batch = parallel.global_batch(batch, mesh)
+  assert sharded_batch["tokens"].sharding.spec[0] is not None  # rows really are split
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
+    (loss, _), grads = _value_and_grads(cfg, tok, jax.device_put(params, run.param_shardings), sharded_batch,
+                                        "full")
+  np.testing.assert_allclose(loss, loss_one, rtol=1e-5)
+  flat, flat_one = build_lib.flat_params(grads), build_lib.flat_params(grads_one)
+  scale = max(float(np.abs(g).max()) for g in flat_one.values())
+  for path in flat_one:
+    np.testing.assert_allclose(flat[path], flat_one[path], rtol=1e-4, atol=1e-5 * scale, err_msg=path)
 
 
 # --- the kernels themselves, at shapes and options the model configs above do not reach -------

@@ -21,13 +21,8 @@ import time
 
 
 def main() -> int:
-  argv, overrides = [], {}
-  for arg in sys.argv[1:]:
-    if arg.startswith("--config."):
-      key, _, value = arg[len("--config."):].partition("=")
-      overrides[key] = value
-    else:
-      argv.append(arg)
+  from vlm_jax import cli
+  argv, overrides = cli.split_overrides(sys.argv[1:])
   p = argparse.ArgumentParser()
   p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_tiny.py"))
   p.add_argument("--target", type=float, default=0.9)

@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
     raise UserError(f"{self.prog}: {message}")
 
 
-def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
   """Pulls `--config.KEY=VALUE` / `--config.KEY VALUE` out of argv."""
   rest, overrides, i = [], {}, 0
   while i < len(argv):
@@ -68,7 +68,7 @@ def _maybe_distributed() -> None:
 
 
 def cmd_train(argv: list[str]) -> int:
-  argv, overrides = _split_overrides(argv)
+  argv, overrides = split_overrides(argv)
   p = _Parser(prog="vlm-jax train")
   p.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
   p.add_argument("--workdir", required=True)
@@ -185,7 +185,7 @@ def cmd_chat(argv: list[str]) -> int:
 
 
 def cmd_convert(argv: list[str]) -> int:
-  argv, overrides = _split_overrides(argv)
+  argv, overrides = split_overrides(argv)
   p = _Parser(prog="vlm-jax convert")
   p.add_argument("--from-hf", metavar="HF_DIR", help="a LlavaForConditionalGeneration directory (or, with "
                  "--vision, an LLM directory) to convert to a vlm-jax checkpoint")
@@ -246,7 +246,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def cmd_tokens(argv: list[str]) -> int:
-  argv, overrides = _split_overrides(argv)
+  argv, overrides = split_overrides(argv)
   p = _Parser(prog="vlm-jax tokens")
   p.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
   p.add_argument("--image-size", required=True, metavar="HxW", help="image height x width in pixels")
@@ -281,7 +281,7 @@ def cmd_tokens(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
-  argv, overrides = _split_overrides(argv)
+  argv, overrides = split_overrides(argv)
   p = _Parser(prog="vlm-jax data")
   p.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
   p.add_argument("--data", help="data spec (default: the config's data.sources)")

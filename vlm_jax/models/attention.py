@@ -35,9 +35,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Ar
   """q [B,T,N,H], k/v [B,S,K,H] with N % K == 0 -> [B,T,N,H].
 
   Padding queries (segment 0) see nothing and come out finite, values nothing should read
-  (zeros with blockwise); packed samples (distinct segment ids) never attend across each other. Query head n reads kv head n // (N // K), as HF's
-  repeat_kv. window > 0 (causal): a query sees its last `window` keys, itself included
-  (Mistral's sliding window: key > query - window).
+  (zeros with blockwise); packed samples (distinct segment ids) never attend across each
+  other. Query head n reads kv head n // (N // K), as HF's repeat_kv. window > 0 (causal): a
+  query sees its last `window` keys, itself included (Mistral's sliding window: key > query -
+  window).
 
   implementation: "xla" is jax.nn.dot_product_attention's reference path; "blockwise" is
   `blockwise_attention` (`block` query positions at a time); "cudnn" and "auto" go to
@@ -110,7 +111,7 @@ def _blocks(spec: _Spec, length: int, keys: int):
     yield t0, t1, s0, s1
 
 
-def _block_mask(spec: _Spec, q_seg, kv_seg, t0: int, t1: int, s0: int, s1: int, groups: int,
+def _block_mask(spec: _Spec, q_seg, kv_seg, t0: int, t1: int, s0: int, s1: int,
                 keys_first: bool = False) -> jax.Array | None:
   """[B*K, (t1-t0)*G, s1-s0] (or its transpose with keys_first) boolean, None if all visible."""
   t = jnp.arange(t0, t1)[:, None]
@@ -127,7 +128,7 @@ def _block_mask(spec: _Spec, q_seg, kv_seg, t0: int, t1: int, s0: int, s1: int, 
     mask = seg if mask is None else mask & seg
   if mask is None:
     return None
-  b = q_seg.shape[0] if q_seg is not None else 1
+  b, groups = (q_seg.shape[0] if q_seg is not None else 1), spec.groups
   mask = jnp.broadcast_to(mask, (b, t1 - t0, s1 - s0))
   if keys_first:
     mask = jnp.broadcast_to(mask.transpose(0, 2, 1)[:, None, :, :, None], (b, spec.kv_heads, s1 - s0, t1 - t0, groups))
@@ -153,7 +154,7 @@ def _forward(spec: _Spec, q, k, v, q_seg, kv_seg):
   for t0, t1, s0, s1 in _blocks(spec, length, keys):
     qb = q[:, t0 * groups:t1 * groups]
     logits = jnp.einsum("nrh,nsh->nrs", qb, k[:, s0:s1], preferred_element_type=jnp.float32) * scale
-    mask = _expand_batch(_block_mask(spec, q_seg, kv_seg, t0, t1, s0, s1, groups), n)
+    mask = _expand_batch(_block_mask(spec, q_seg, kv_seg, t0, t1, s0, s1), n)
     if mask is not None:
       logits = jnp.where(mask, logits, -jnp.inf)
     top = jnp.max(logits, axis=-1, keepdims=True)
@@ -194,7 +195,7 @@ def _blockwise_bwd(spec: _Spec, residuals, d_out):
     qb, dob, kb, vb = q[:, r0:r1], d_out[:, r0:r1], k[:, s0:s1], v[:, s0:s1]
     logits_t = jnp.einsum("nsh,nrh->nsr", kb, qb, preferred_element_type=jnp.float32) * scale
     probs_t = jnp.exp(logits_t - lse[:, None, r0:r1])
-    mask = _expand_batch(_block_mask(spec, q_seg, kv_seg, t0, t1, s0, s1, groups, keys_first=True), n)
+    mask = _expand_batch(_block_mask(spec, q_seg, kv_seg, t0, t1, s0, s1, keys_first=True), n)
     if mask is not None:
       probs_t = jnp.where(mask, probs_t, 0.0)
     dv = dv.at[:, s0:s1].add(jnp.einsum("nsr,nrh->nsh", probs_t.astype(dob.dtype), dob,

@@ -26,7 +26,7 @@ def chunked_token_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, l
   a frozen head (stage 1) gets no weight gradient. hidden [B, T, D] (after the final norm),
   head [D, vocab], both in the compute dtype; logits and the loss are fp32.
   """
-  b, t, d = hidden.shape
+  t = hidden.shape[1]
   chunk = min(chunk, t)
   weight = loss_mask.astype(jnp.float32)
   order = jnp.argsort(weight == 0, axis=1, stable=True)        # supervised positions first
@@ -63,7 +63,6 @@ def _chunk_logits(h, head, targets):
 
 def _loss_and_grads(chunk: int, hidden, order, head, targets, weight, rows, want_hidden: bool, want_head: bool):
   """The summed loss, and (as asked) d loss / d hidden [B, T, D] and d loss / d head [D, V] fp32."""
-  b, t, d = hidden.shape
   hs = _chunks(_sorted_hidden(hidden, order, targets.shape[1]), chunk)
   xs = (hs, _chunks(targets, chunk), _chunks(weight, chunk), jnp.arange(hs.shape[0]) * chunk)
   d_head0 = jnp.zeros(head.shape, jnp.float32) if want_head else None

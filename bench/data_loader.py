@@ -3,8 +3,11 @@
 Writes a LLaVA-format set (640x480 JPEGs, multi-turn conversations of ~200 text tokens), then
 reads batches through the real pipeline in this process with one reader thread and no prefetch
 thread (decoding, resizing to the model's 336 px, tokenizing and packing) and prints one JSON
-object: samples per CPU-second (per core), wall-clock samples/s and batches/s, and packing
-efficiency (non-padding tokens / all tokens) for each mode.
+object: samples per CPU-second (per core), wall-clock samples/s and batches/s, packing
+efficiency (non-padding tokens / all tokens), the image bytes a batch sends to the device and
+the images the ViT encodes per batch (real images / every slot or the pool), for each mode:
+unpacked, packed (images as float32 normalised on the host), packed with uint8 images (the
+default, data.images_uint8), and packed with uint8 images in a pool (data.image_pool).
 
   python bench/data_loader.py --work /tmp/bench_data [--samples 300] [--batches 20]
 """
@@ -38,25 +41,39 @@ def write_set(directory: str, samples: int, rounds: int) -> str:
   return path
 
 
-def measure(path: str, pack: bool, batches: int) -> dict:
+MODES = {  # name: (pack, uint8 images, image_pool)
+    "unpacked": (False, True, 0),
+    "packed_float32": (True, False, 0),
+    "packed": (True, True, 0),
+    f"packed_pool{3 * ROWS}": (True, True, 3 * ROWS),
+}
+
+
+def measure(path: str, pack: bool, uint8: bool, pool: int, batches: int) -> dict:
   tok = Tokenizer.load("shapes")
-  it = Batches(f"llava:{path}", tokenizer=tok, seq_len=SEQ_LEN, global_batch_size=ROWS, preprocessing=Preprocessing(IMAGE_SIZE),
-               image_tokens=IMAGE_TOKENS, seed=0, pack=pack,
-               max_images=8 if pack else 1, threads=1, prefetch=0)
+  it = Batches(f"llava:{path}", tokenizer=tok, seq_len=SEQ_LEN, global_batch_size=ROWS,
+               preprocessing=Preprocessing(IMAGE_SIZE, on_device=uint8), image_tokens=IMAGE_TOKENS, seed=0,
+               pack=pack, max_images=8 if pack else 1, threads=1, prefetch=0, image_pool=pool)
   next(it)  # warm-up: file list, first reads
   t0, cpu0 = time.perf_counter(), time.process_time()
-  samples = used = 0
+  samples = used = real_images = encoded = image_bytes = 0
   for _ in range(batches):
     b = next(it)
     samples += sum(len(row) for row in b["keys"])
     used += int((b["segment_ids"] > 0).sum())
+    images = b["images"]["pool"] if pool else b["images"]
+    real_images += int((b["tokens"] == tok.image_id).sum()) // IMAGE_TOKENS
+    encoded += images.shape[0] * images.shape[1]
+    image_bytes += images.nbytes
   seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
   it.close()
   # Per core: samples per CPU-second of this process (wall-clock rates depend on what else runs).
   return {"samples_per_s_per_core": round(samples / cpu_seconds, 1), "samples_per_s": round(samples / seconds, 1),
           "batches_per_s": round(batches / seconds, 2),
           "samples_per_row": round(samples / (batches * ROWS), 2),
-          "packing_efficiency": round(used / (batches * ROWS * SEQ_LEN), 3)}
+          "packing_efficiency": round(used / (batches * ROWS * SEQ_LEN), 3),
+          "image_mb_per_batch": round(image_bytes / batches / 2**20, 1),
+          "vit_images_per_batch": {"real": round(real_images / batches, 1), "encoded": encoded // batches}}
 
 
 def main() -> None:
@@ -74,8 +91,8 @@ def main() -> None:
   text_tokens = [sum(len(tok.encode(t["value"])) for t in r["conversations"]) for r in records]
   out = {"image": "640x480 JPEG -> 336x336", "image_tokens": IMAGE_TOKENS, "seq_len": SEQ_LEN, "rows": ROWS,
          "text_tokens_mean": round(float(np.mean(text_tokens)), 1), "cpu_count": os.cpu_count()}
-  for pack in (False, True):
-    out["packed" if pack else "unpacked"] = measure(path, pack, args.batches)
+  for name, (pack, uint8, pool) in MODES.items():
+    out[name] = measure(path, pack, uint8, pool, args.batches)
   print(json.dumps(out, indent=1))
 
 

@@ -52,6 +52,7 @@ def main() -> int:
       metrics = evaluate(params)
       point = {"step": min((len(curve) + 1) * args.eval_every, config.train.steps),
                "accuracy": round(metrics["accuracy"], 4),
+               **{k.split("/")[1]: round(v, 3) for k, v in metrics.items() if k.startswith("accuracy/")},
                "seconds": round(t0 - start - in_evals[0], 1)}
       in_evals[0] += time.perf_counter() - t0
       point["seconds_with_evals"] = round(time.perf_counter() - start, 1)

@@ -12,9 +12,11 @@ tower is frozen on both sides, stage1 also freezes the LLM. One JSON line per sy
 ratio (their step time / ours). FLOPs as ../shared/bench/hf_llava_baseline.py; `ceiling_fraction`
 is the share of the framework's own dense-matmul rate on this machine that the step reaches.
 
-Levers: `supervise=answer|all` (which text tokens carry the loss), `xla_flags=...` (added to
-XLA_FLAGS for our side), any other NAME=VALUE is a config override for our side (`--lever
-model.loss_chunk=0` turns the chunked loss off, see README "Train-step speed").
+Levers: `supervise=answer|all` (which text tokens carry the loss), `image_slots=N` (our rows
+have N image slots, only the first filled, as packed rows with data.max_images=N; transformers
+encodes only real images either way), `xla_flags=...` (added to XLA_FLAGS for our side), any
+other NAME=VALUE is a config override for our side (`--lever model.loss_chunk=0` turns the
+chunked loss off, `--lever data.image_pool=4` pools the images; see README "Train-step speed").
 """
 
 import argparse
@@ -44,14 +46,18 @@ SHAPES = {
 GPU_PEAK_FLOPS = 989e12  # H100/H200 dense bf16, as the reference baseline
 
 
+PIXEL_MEAN, PIXEL_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
+
+
 def image_tokens(shape: dict) -> int:
   v = shape["vision"]
   return (v["image_size"] // v["patch_size"]) ** 2  # CLIP's CLS dropped ("default" strategy)
 
 
 def make_batch(shape: dict, supervise: str, seed: int = 0) -> dict[str, np.ndarray]:
-  """ids [B, S], labels [B, S] (-100: no loss), pixels [B, H, W, 3] (normalised). Row: BOS,
-  the image's placeholders, a prompt, an answer; the prompt takes 40-60% of the text."""
+  """ids [B, S], labels [B, S] (-100: no loss), rgb uint8 [B, H, W, 3] and pixels, the same
+  normalised with PIXEL_MEAN/STD (transformers' input). Row: BOS, the image's placeholders, a
+  prompt, an answer; the prompt takes 40-60% of the text."""
   rng = np.random.default_rng(seed)
   b, s, n_img = shape["batch"], shape["seq"], image_tokens(shape)
   vocab = shape["text"]["vocab_size"]
@@ -63,8 +69,9 @@ def make_batch(shape: dict, supervise: str, seed: int = 0) -> dict[str, np.ndarr
     first = 1 + n_img if supervise == "all" else 1 + n_img + int(text * rng.uniform(0.4, 0.6))
     labels[row, first:] = ids[row, first:]
   size = shape["vision"]["image_size"]
-  pixels = rng.standard_normal((b, size, size, 3)).astype(np.float32)
-  return {"ids": ids, "labels": labels, "pixels": pixels}
+  rgb = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
+  pixels = (rgb.astype(np.float32) / 255.0 - PIXEL_MEAN) / PIXEL_STD
+  return {"ids": ids, "labels": labels, "rgb": rgb, "pixels": pixels}
 
 
 def param_counts(directory: str) -> dict[str, int]:
@@ -95,13 +102,30 @@ def model_flops(shape: dict, stage: str, counts: dict[str, int]) -> float:
   return vis + 6 * counts["proj"] * b * n_img + lm
 
 
-def our_step(directory: str, shape: dict, stage: str, batch: dict, overrides: dict[str, str]):
+def our_images(images: np.ndarray, n: int, slots: int, pool: int, groups: int) -> "np.ndarray | dict":
+  """Each row's image [B, H, W, 3] (n tokens) -> our input: [B, slots, H, W, 3] with slots - 1
+  empty ones, or with data.image_pool the pooled form (data/packing.py ImagePool): only the images."""
+  b = len(images)
+  if not pool:
+    return np.concatenate([images[:, None], np.zeros((b, slots - 1) + images.shape[1:], images.dtype)], axis=1)
+  if pool < b or pool % groups:
+    raise SystemExit(f"--lever data.image_pool={pool}: the bench needs a multiple of {groups} >= the {b} images")
+  rows = b // groups
+  index = np.zeros((b, slots * n), np.int32)
+  index[:, :n] = (np.arange(b) % rows)[:, None] * n + np.arange(n)
+  pooled = np.zeros((groups, pool // groups) + images.shape[1:], images.dtype)
+  pooled[:, :rows] = images.reshape((groups, rows) + images.shape[1:])
+  return {"pool": pooled, "index": index}
+
+
+def our_step(directory: str, shape: dict, stage: str, batch: dict, overrides: dict[str, str], slots: int = 1):
   """-> step(): one of our train steps on the batch, blocking until done; returns its metrics."""
   import jax
   from vlm_jax import build as build_lib
   from vlm_jax import config as config_lib
   from vlm_jax import parallel
   from vlm_jax.convert import hf_import
+  from vlm_jax.data import images as images_lib
   from vlm_jax.train import trainer as trainer_lib
 
   on_gpu = jax.default_backend() == "gpu"
@@ -110,6 +134,7 @@ def our_step(directory: str, shape: dict, stage: str, batch: dict, overrides: di
   config.data.seq_len = shape["seq"]
   t = config.train
   t.batch_size, t.lr, t.warmup_steps, t.steps, t.weight_decay, t.b2 = shape["batch"], 1e-5, 0, 1000, 0.01, 0.999
+  config.data.image_mean, config.data.image_std = PIXEL_MEAN, PIXEL_STD
   config_lib.apply_overrides(config, overrides)
   build_lib.validate(config)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
@@ -121,7 +146,10 @@ def our_step(directory: str, shape: dict, stage: str, batch: dict, overrides: di
   del params
   ids, labels = batch["ids"], batch["labels"]
   length = ids.shape[1]
-  arrays = {"tokens": ids.astype(np.int32), "images": batch["pixels"][:, None],
+  # data.images_uint8 decides what crosses to the device, as in training
+  images = images_lib.Preprocessing.from_config(config).normalize(batch["rgb"])
+  images = our_images(images, image_tokens(shape), slots, config.data.image_pool, parallel.batch_divisor(mesh))
+  arrays = {"tokens": ids.astype(np.int32), "images": images,
             "positions": np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy(),
             "segment_ids": np.ones(ids.shape, np.int32),
             # position t predicts token t + 1: transformers' shifted labels
@@ -136,10 +164,11 @@ def our_step(directory: str, shape: dict, stage: str, batch: dict, overrides: di
   return step
 
 
-def ours(directory: str, shape: dict, stage: str, batch: dict, steps: int, overrides: dict[str, str]) -> dict:
+def ours(directory: str, shape: dict, stage: str, batch: dict, steps: int, overrides: dict[str, str],
+         slots: int = 1) -> dict:
   import jax
   on_gpu = jax.default_backend() == "gpu"
-  step = our_step(directory, shape, stage, batch, overrides)
+  step = our_step(directory, shape, stage, batch, overrides, slots)
   t0 = time.perf_counter()
   first = step()
   first_s = time.perf_counter() - t0
@@ -228,11 +257,15 @@ def worker(args) -> None:
   shape = SHAPES[args.shape]
   batch = dict(np.load(os.path.join(args.dir, "batch.npz")))
   if args.worker == "vlm-jax":
-    out = ours(args.dir, shape, args.stage, batch, args.steps, config_levers(args.lever))
+    out = ours(args.dir, shape, args.stage, batch, args.steps, config_levers(args.lever),
+               int(levers(args.lever).get("image_slots", 1)))
   else:
     out = theirs(args.dir, shape, args.stage, batch, args.steps, args.compile)
   out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   print(json.dumps(out), flush=True)
+
+
+WORKLOAD_LEVERS = ("supervise", "image_slots", "xla_flags")  # the rest are config overrides
 
 
 def levers(pairs: list[str]) -> dict[str, str]:
@@ -246,7 +279,7 @@ def levers(pairs: list[str]) -> dict[str, str]:
 
 
 def config_levers(pairs: list[str]) -> dict[str, str]:
-  return {k: v for k, v in levers(pairs).items() if k not in ("supervise", "xla_flags")}
+  return {k: v for k, v in levers(pairs).items() if k not in WORKLOAD_LEVERS}
 
 
 def run_worker(system: str, args, directory: str) -> dict:
@@ -279,6 +312,9 @@ def main() -> None:
   supervise = levers(args.lever).get("supervise", "answer")
   if supervise not in ("answer", "all"):
     raise SystemExit(f"--lever supervise={supervise}: expected answer or all")
+  slots = levers(args.lever).get("image_slots", "1")
+  if not slots.isdigit() or int(slots) < 1:
+    raise SystemExit(f"--lever image_slots={slots}: expected an integer >= 1")
   with tempfile.TemporaryDirectory() as directory:
     write_llava(directory, shape)
     batch = make_batch(shape, supervise)
@@ -298,7 +334,8 @@ def main() -> None:
     tokens = shape["batch"] * shape["seq"]
     print(json.dumps({
         "system": system, "stage": args.stage, "shape": args.shape, "device": r["device"],
-        "supervise": supervise, "levers": config_levers(args.lever) if system == "vlm-jax" else {},
+        "supervise": supervise, "image_slots": int(slots) if system == "vlm-jax" else 1,
+        "levers": config_levers(args.lever) if system == "vlm-jax" else {},
         "step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 1),
         "tflops": round(flops / step_s / 1e12, 4), "mfu": round(flops / step_s / GPU_PEAK_FLOPS, 3) if on_gpu else None,
         "ceiling_fraction": round(flops / step_s / r["matmul_flops"], 3),

@@ -196,6 +196,12 @@ def _hf_inputs(processor, image):
                    input_data_format="channels_last")
 
 
+def _vit_input(ours, tiles: np.ndarray) -> np.ndarray:
+  """The ViT's input the model makes of our tiles (uint8 pixels are normalised on device)."""
+  assert tiles.dtype == np.uint8  # data.images_uint8, the default
+  return np.asarray(ours.run.model.apply({"params": ours.params}, tiles, method="pixels"))
+
+
 def test_merged_visual_sequence_and_logits_match_transformers(tiny_next):
   ours = vlm_jax.load(tiny_next["dir"], dtype="float32")
   assert ours.config.model.anyres.enabled and ours.anyres.spec.side == 4
@@ -215,7 +221,7 @@ def test_merged_visual_sequence_and_logits_match_transformers(tiny_next):
           vision_feature_select_strategy="default").pooler_output[0].numpy()
       logits = tiny_next["hf"](**inputs).logits.numpy()
     assert hf.shape[0] == t.plan.tokens
-    np.testing.assert_allclose(np.asarray(t.tiles), inputs["pixel_values"][0].numpy().transpose(0, 2, 3, 1),
+    np.testing.assert_allclose(_vit_input(ours, t.tiles), inputs["pixel_values"][0].numpy().transpose(0, 2, 3, 1),
                                atol=1e-5)
     errors.append(float(np.abs(visual[r, :t.plan.tokens] - hf).max()))
     # Whole model: our logits from the same ids (the processor's expansion) and our own tiles.
@@ -485,7 +491,8 @@ def test_model_trained_here_exports_to_a_working_llava_next(flavour, tmp_path):
     plan = ours.anyres.plan(image)
     assert int((inputs["input_ids"] == tok.image_id).sum()) == plan.tokens
     t = ours.anyres.prepare(image)
-    np.testing.assert_allclose(t.tiles, inputs["pixel_values"][0].numpy().transpose(0, 2, 3, 1), atol=1e-5)
+    np.testing.assert_allclose(_vit_input(ours, t.tiles), inputs["pixel_values"][0].numpy().transpose(0, 2, 3, 1),
+                               atol=1e-5)
     with torch.no_grad():
       want = hf(**inputs).logits.numpy()
     got = _logits(ours, inputs["input_ids"].numpy().astype(np.int32), ours.anyres.collate_rows([[t]], plan.tokens))

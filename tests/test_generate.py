@@ -212,7 +212,8 @@ def test_several_images_in_one_prompt(checkpoint, capsys):
   expected = model.generate_ids([images], [QUESTION], max_new_tokens=6)[0]
   # transformers on the same ids and pixels (both images, in order): the same logits and tokens.
   pixels = model.pixels([images])
-  theirs_pixels = torch.from_numpy(pixels[0].transpose(0, 3, 1, 2).copy())
+  normalised = np.asarray(model.run.model.apply({}, pixels[0], method="pixels"))  # uint8 -> the ViT's input
+  theirs_pixels = torch.from_numpy(normalised.transpose(0, 3, 1, 2).copy())
   with torch.no_grad():
     theirs = checkpoint["hf"](input_ids=torch.tensor(ids[None]), pixel_values=theirs_pixels).logits.numpy()
     out = checkpoint["hf"].generate(input_ids=torch.tensor(ids[None]), pixel_values=theirs_pixels, max_new_tokens=6,

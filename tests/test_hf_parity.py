@@ -3,6 +3,7 @@ tokenizer through save_pretrained) give transformers' pixel inputs, prompt ids a
 through vlm_jax.load and `vlm-jax generate`, for each image processor kind LLaVA checkpoints ship
 with, on images of every aspect ratio; export writes a processor that does what we do."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -144,8 +145,10 @@ def _hf_greedy(model, inputs, **kwargs) -> list[int]:
 
 
 def _our_pixels(model, image) -> np.ndarray:
-  """[tiles, H, W, 3]: what our model gets for the image."""
-  return model.anyres.prepare(image).tiles if model.anyres else model.preprocess(image)[None]
+  """[tiles, H, W, 3]: what our ViT gets for the image (uint8 from the host, normalised on device)."""
+  pixels = model.anyres.prepare(image).tiles if model.anyres else model.preprocess(image)[None]
+  assert pixels.dtype == np.uint8  # data.images_uint8, the default
+  return np.asarray(model.run.model.apply({"params": model.params}, pixels, method="pixels"))
 
 
 def _their_pixels(processor, image) -> np.ndarray:
@@ -244,7 +247,8 @@ def test_export_writes_a_changed_resize_mode(resize, short_side, checkpoints, tm
   pre = Preprocessing.from_config(ours.config)
   for i, size in enumerate(SIZES):
     image = _image(size, seed=i)
-    np.testing.assert_allclose(pre(image)[None], _their_pixels(processor, image), atol=1e-5, err_msg=str(size))
+    on_host = dataclasses.replace(pre, on_device=False)  # the float path, with the changed mean and std
+    np.testing.assert_allclose(on_host(image)[None], _their_pixels(processor, image), atol=1e-5, err_msg=str(size))
   # And it imports back to the same settings.
   again = vlm_jax.load(out)
   assert Preprocessing.from_config(again.config) == pre

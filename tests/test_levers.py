@@ -1,6 +1,8 @@
 """Speed levers (config fields that change how, not what, the step computes): each gives the plain
 path's loss and gradients, with packed rows, text-only rows, padding and AnyRes."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,8 @@ import pytest
 import helpers
 from vlm_jax import build as build_lib
 from vlm_jax import parallel, tasks
+from vlm_jax.data import images as images_lib
+from vlm_jax.data import llava_fixture
 from vlm_jax.data.pipeline import Batches
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.models.attention import attention
@@ -58,10 +62,12 @@ def _init(cfg, tok, batch):
   return nn.meta.unbox(model.init(jax.random.key(0), *inputs)["params"])
 
 
-def _assert_same(cfg_plain, cfg_lever, tok, batch, stage):
+def _assert_same(cfg_plain, cfg_lever, tok, batch, stage, lever_batch=None):
+  """lever_batch: the lever's own batch where it changes what the data sends (else `batch`)."""
   params = _init(cfg_plain, tok, batch)
   (loss_a, count_a), grads_a = _value_and_grads(cfg_plain, tok, params, batch, stage)
-  (loss_b, count_b), grads_b = _value_and_grads(cfg_lever, tok, params, batch, stage)
+  (loss_b, count_b), grads_b = _value_and_grads(cfg_lever, tok, params, batch if lever_batch is None else lever_batch,
+                                                stage)
   assert float(count_a) == float(count_b) > 0
   np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
   flat_a, flat_b = build_lib.flat_params(grads_a), build_lib.flat_params(grads_b)
@@ -84,16 +90,82 @@ def test_lever_gives_the_plain_loss_and_grads_on_packed_rows(tok, lever, stage):
   assert (np.abs(grads["llm/lm_head"]).max() == 0) == frozen_head
 
 
-@pytest.mark.parametrize("lever", ["blockwise attention", "chunked loss", "all"])
-def test_lever_gives_the_plain_loss_and_grads_with_anyres(tok, lever):
-  base = {"model.vision.image_size": 32, "model.vision.patch_size": 16, "model.anyres.enabled": True,
+ANYRES = {"model.vision.image_size": 32, "model.vision.patch_size": 16, "model.anyres.enabled": True,
           "model.anyres.grid_pinpoints": "(1x1),...,(1x6)", "data.sources": "shapes:wide", "data.seq_len": 96,
           "data.pack": True, "data.max_images": 3, "train.batch_size": 2, "model.anyres.max_tiles": 28,
           "data.threads": 0, "data.prefetch": 0}
+PACKED = {"data.seq_len": 160, "data.pack": True, "data.max_images": 3, "train.batch_size": 2,
+          "data.threads": 0, "data.prefetch": 0}
+
+
+@pytest.mark.parametrize("lever", ["blockwise attention", "chunked loss", "all"])
+def test_lever_gives_the_plain_loss_and_grads_with_anyres(tok, lever):
+  base = ANYRES
   plain = _config(tok, base, {})
   batch = next(Batches.from_config(plain, tok, 0, tile_groups=1))
   assert max(len(row) for row in batch["keys"]) >= 2  # packed
   _assert_same(plain, _config(tok, base, LEVERS[lever]), tok, batch, "full")
+
+
+@pytest.mark.parametrize("base", ["packed", "anyres"])
+def test_uint8_images_give_the_float_path_loss_and_grads(tok, base):
+  # Not CLIP's mean and std, so a model that ignored them (or the host's) would differ.
+  base = {**(ANYRES if base == "anyres" else PACKED), "data.image_mean": (0.2, 0.5, 0.7),
+          "data.image_std": (0.3, 0.25, 0.6)}
+  host = _config(tok, base, {"data.images_uint8": False})
+  device = _config(tok, base, {"data.images_uint8": True})
+  batch_host, batch_device = (next(Batches.from_config(c, tok, helpers.image_tokens(c.model), tile_groups=1))
+                              for c in (host, device))
+  assert max(len(row) for row in batch_host["keys"]) >= 2  # packed
+  images_host, images_device = (b["images"]["tiles"] if "tiles" in b["images"] else b["images"]
+                                for b in (batch_host, batch_device))
+  assert images_host.dtype == np.float32 and images_device.dtype == np.uint8
+  assert images_device.nbytes * 4 == images_host.nbytes
+  _assert_same(host, device, tok, batch_host, "full", lever_batch=batch_device)
+
+
+@pytest.mark.parametrize("stage", ["full", "stage2"])
+def test_image_pool_gives_every_slot_loss_and_grads(tok, tmp_path, stage):
+  # Text-only samples and packed rows with fewer images than slots: the empty slots the pool skips.
+  path = llava_fixture.write(str(tmp_path), 24, image_size=32, text_only_every=3, broken=False)
+  base = {**PACKED, "data.sources": f"llava:{path}", "data.max_images": 4, "data.seq_len": 192,
+          "train.batch_size": 4, "model.vision.image_size": 32}
+  slots, pool = _config(tok, base, {}), _config(tok, base, {"data.image_pool": 12})
+  tile_groups = 2  # as two batch shards would ask
+  batch_slots, batch_pool = (next(Batches.from_config(c, tok, helpers.image_tokens(c.model), tile_groups=tile_groups))
+                             for c in (slots, pool))
+  assert batch_slots["keys"] == batch_pool["keys"]  # the pool has room for this batch's images
+  empty = batch_slots["image_mask"] == 0
+  assert empty.any() and (~empty).any() and max(len(row) for row in batch_slots["keys"]) >= 2
+  assert batch_pool["images"]["pool"].shape[:2] == (tile_groups, 6)
+  assert batch_pool["images"]["pool"].shape[1] * tile_groups < batch_slots["images"].shape[0] * 4
+  _assert_same(slots, pool, tok, batch_slots, stage, lever_batch=batch_pool)
+
+
+def test_image_pool_defers_a_sample_its_group_cannot_hold(tok, tmp_path):
+  # One image slot per group: each group takes one sample, the next sample opens the next batch.
+  path = llava_fixture.write(str(tmp_path), 16, image_size=32, text_only_every=0, broken=False)
+  cfg = _config(tok, {**PACKED, "data.sources": f"llava:{path}", "data.max_images": 4, "data.seq_len": 192,
+                      "train.batch_size": 4, "model.vision.image_size": 32, "data.image_pool": 2}, {})
+  data = Batches.from_config(cfg, tok, helpers.image_tokens(cfg.model), tile_groups=2)
+  seen = []
+  for _ in range(4):
+    rows = next(data)["keys"]
+    assert [len(rows[0]) + len(rows[1]), len(rows[2]) + len(rows[3])] == [1, 1]
+    seen += [k for row in rows for k in row]
+  assert len(set(seen)) == 8 and not data.skipped  # deferred, not dropped or skipped
+
+
+def test_model_normalises_uint8_as_the_host_does(tok):
+  cfg = _config(tok, {"data.image_mean": (0.1, 0.4, 0.9), "data.image_std": (0.2, 0.7, 0.3)}, {})
+  model = tasks.task_of(cfg).make_model(cfg, tok.image_id)
+  rgb = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+  on_host = images_lib.Preprocessing.from_config(cfg).normalize(rgb)
+  assert on_host.dtype == np.uint8  # the default sends pixels
+  on_host = dataclasses.replace(images_lib.Preprocessing.from_config(cfg), on_device=False).normalize(rgb)
+  on_device = model.apply({}, jnp.asarray(rgb), method="pixels")
+  np.testing.assert_allclose(on_device, on_host, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(model.apply({}, jnp.asarray(on_host), method="pixels"), on_host)  # floats pass
 
 
 def test_levers_on_a_data_fsdp_tensor_mesh_equal_one_device(tok):

@@ -58,7 +58,8 @@ class Model:
                                    image_position=self.config.data.image_position, history=history)
 
   def preprocess(self, image: "PIL.Image.Image | np.ndarray") -> np.ndarray:
-    """float32 [H, W, 3]: the model's input for one image (one tile; see AnyRes.prepare for tiling)."""
+    """[H, W, 3], the model's input for one image (one tile; see AnyRes.prepare for tiling): uint8
+    pixels (data.images_uint8: the model normalises them) or float32 normalised."""
     return self.preprocessing(image)
 
   def pixels(self, images: Sequence) -> "np.ndarray | dict":
@@ -70,7 +71,7 @@ class Model:
       visual_len = bucket(max(1, max(sum(t.plan.tokens for t in r) for r in tiled)))  # few compiled shapes
       return self.anyres.collate_rows(tiled, visual_len)
     size = self.config.model.vision.image_size
-    out = np.zeros((len(rows), max(1, max(len(r) for r in rows)), size, size, 3), np.float32)
+    out = np.zeros((len(rows), max(1, max(len(r) for r in rows)), size, size, 3), self.preprocessing.dtype)
     for i, r in enumerate(rows):
       for j, im in enumerate(r):
         out[i, j] = self.preprocess(im)

@@ -88,9 +88,16 @@ def base() -> ml_collections.ConfigDict:
   c.data.image_resample = "bicubic"  # nearest | lanczos | bilinear | bicubic | box | hamming
   c.data.image_mean = (0.5, 0.5, 0.5)
   c.data.image_std = (0.5, 0.5, 0.5)
+  # Images go to the device as uint8 pixels and the model normalises them (a quarter of the
+  # bytes); False: float32, normalised on the host. The same model input either way.
+  c.data.images_uint8 = True
   c.data.strict = False      # True: a bad sample stops the run (else it is skipped and counted)
   c.data.pack = False        # several samples per row (segment ids, restarted positions)
   c.data.max_images = 1      # image slots per row (multi-image samples; packed rows share them)
+  # Images per global batch through the ViT: rows fill a shared pool (per batch shard), so empty
+  # image slots (text-only samples, packed rows with fewer images) cost no ViT work. 0: every
+  # row's max_images slots, empty ones included. AnyRes pools its tiles (model.anyres.max_tiles).
+  c.data.image_pool = 0
   c.data.workers = 0         # loader processes that prepare and batch (0: in the training process)
   c.data.threads = 4         # reader threads per loader process (image decode and resize)
   c.data.prefetch = 2        # batches prefetched per loader process
@@ -224,8 +231,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.scan_unroll < 0:
     raise UserError(f"config.model.scan_unroll must be >= 0 (0: unrolled), got {m.scan_unroll}")
   _validate_images(config.data)
+  if config.data.image_pool < 0:
+    raise UserError(f"config.data.image_pool must be >= 0 (0: every image slot), got {config.data.image_pool}")
   if m.anyres.enabled:
     _validate_anyres(m)
+    if config.data.image_pool:
+      raise UserError("config.data.image_pool: AnyRes pools its tiles itself (config.model.anyres.max_tiles); "
+                      "leave it 0")
     if config.data.image_resize != "squash":
       raise UserError(f"config.data.image_resize: {config.data.image_resize!r} with AnyRes, which tiles the "
                       "image itself (its base view is squashed); leave it 'squash'")

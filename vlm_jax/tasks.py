@@ -47,7 +47,9 @@ def _vlm_loss(apply_fn: Callable, params, batch: dict) -> tuple[jax.Array, jax.A
 
 
 TASKS = {
-    "vlm": Task(lambda config, image_token_id: VLM(config.model, image_token_id), _vlm_dummy_inputs, _vlm_loss),
+    "vlm": Task(lambda config, image_token_id: VLM(config.model, image_token_id, tuple(config.data.image_mean),
+                                                   tuple(config.data.image_std)),
+                _vlm_dummy_inputs, _vlm_loss),
 }
 
 

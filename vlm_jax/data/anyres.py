@@ -152,7 +152,7 @@ def plan(size: tuple[int, int], spec: Spec) -> Plan:
 
 def tiles(image: "PIL.Image.Image | np.ndarray", p: Plan, spec: Spec,
           pre: images_lib.Preprocessing) -> np.ndarray:
-  """float32 [p.tiles, tile, tile, 3], normalised: the base view, then the grid row-major."""
+  """[p.tiles, tile, tile, 3] as pre.normalize makes them: the base view, then the grid row-major."""
   rgb = images_lib.to_rgb(image)
   t = spec.tile
   canvas = np.zeros(p.canvas + (3,), np.uint8)  # black padding, as LLaVA-NeXT

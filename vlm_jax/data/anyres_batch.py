@@ -3,9 +3,9 @@
 A batch's B rows form G contiguous groups of B/G rows; each group has a pool of Tg tile slots.
 G is a multiple of the batch's shards (and micro-batches), so every group, with its rows, its
 tiles and the gather between them, lives on one device. The arrays (VLM.encode_tiles):
-  tiles  float32 [G, Tg, t, t, 3]   zero tiles fill unused slots (never read)
-  index  int32   [B, V, K]          token sources into [newline; the group's features]
-  weight float32 [B, V, K]          (V: visual tokens per row, padded; K: taps, see anyres.Spec)
+  tiles  [G, Tg, t, t, 3]   uint8 or float32 (Preprocessing.dtype); zero tiles fill unused slots (never read)
+  index  int32 [B, V, K]    token sources into [newline; the group's features]
+  weight float32 [B, V, K]  (V: visual tokens per row, padded; K: taps, see anyres.Spec)
 """
 
 import dataclasses
@@ -78,7 +78,7 @@ class AnyRes:
     if b % groups:
       raise ValueError(f"{b} rows do not split into {groups} groups")
     rows_per_group = b // groups
-    tiles = np.zeros((groups, tiles_per_group, t, t, 3), np.float32)
+    tiles = np.zeros((groups, tiles_per_group, t, t, 3), self.pre.dtype)
     index = np.zeros((b, visual_len, k), np.int32)
     weight = np.zeros((b, visual_len, k), np.float32)
     used = [0] * groups

@@ -6,10 +6,12 @@ each row holds one sample. With AnyRes the rows also form tile groups (TileGroup
 and a sample goes only where its group's pool has room for its tiles: a row that does not fit
 moves to the next group, or the sample opens the next batch; nothing is dropped. Either way a
 batch has fixed shapes, and its cost does not depend on the samples' lengths, so filling rows
-is what length-aware batching means here.
+is what length-aware batching means here. Square images with data.image_pool form groups the
+same way (ImagePool), one image a tile.
 """
 
 import dataclasses
+import sys
 from typing import Any, Sequence
 
 import grain
@@ -67,16 +69,51 @@ class TileGroups:
                                           visual_len=self.visual_len)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ImagePool:
+  """Square images pooled (data.image_pool): the local batch's rows in `groups` contiguous groups,
+  each with `tiles_per_group` image slots that only real images take, so empty row slots cost no
+  ViT work. VLM.encode_pool reads {"pool" [G, P, H, W, 3], "index" [B, V]}: visual token v of a
+  row is feature index[v] of its group's pool features [P * image_tokens] (V: max_images *
+  image_tokens; entries past a row's images are never read)."""
+  groups: int
+  tiles_per_group: int
+  image_shape: tuple[int, int]
+  image_dtype: type
+  image_tokens: int
+  visual_len: int
+
+  def collate(self, rows: Sequence[Sequence[Prepared]]) -> dict[str, dict[str, np.ndarray]]:
+    if len(rows) % self.groups:
+      raise ValueError(f"{len(rows)} rows do not split into {self.groups} groups")
+    rows_per_group, n = len(rows) // self.groups, self.image_tokens
+    pool = np.zeros((self.groups, self.tiles_per_group, *self.image_shape, 3), self.image_dtype)
+    index = np.zeros((len(rows), self.visual_len), np.int32)
+    used = [0] * self.groups
+    for r, row in enumerate(rows):
+      g, v = r // rows_per_group, 0
+      for sample in row:
+        k = len(sample.images)
+        if used[g] + k > self.tiles_per_group:
+          raise ValueError(f"group {g}: {used[g] + k} images > {self.tiles_per_group} slots")
+        pool[g, used[g]:used[g] + k] = sample.images
+        index[r, v:v + k * n] = np.arange(used[g] * n, (used[g] + k) * n)
+        used[g] += k
+        v += k * n
+    return {"images": {"pool": pool, "index": index}}
+
+
 def _tiled(sample: Prepared) -> list[Tiled]:
   """A prepared sample's images: its tiles split by plan."""
   starts = np.cumsum([0] + [p.tiles for p in sample.plans])
   return [Tiled(p, sample.images[a:b]) for p, a, b in zip(sample.plans, starts, starts[1:])]
 
 
-def square_images(rows: Sequence[Sequence[Prepared]], max_images: int,
-                  image_shape: tuple[int, int]) -> dict[str, np.ndarray]:
-  """images [b, max_images, H, W, 3] in the order of the row's placeholders, image_mask [b, max_images]."""
-  images = np.zeros((len(rows), max_images, *image_shape, 3), np.float32)
+def square_images(rows: Sequence[Sequence[Prepared]], max_images: int, image_shape: tuple[int, int],
+                  image_dtype: type = np.float32) -> dict[str, np.ndarray]:
+  """images [b, max_images, H, W, 3] in the order of the row's placeholders (uint8 pixels or
+  float32 normalised: Preprocessing.dtype), image_mask [b, max_images]."""
+  images = np.zeros((len(rows), max_images, *image_shape, 3), image_dtype)
   image_mask = np.zeros((len(rows), max_images), np.float32)
   for r, row in enumerate(rows):
     n_images = 0
@@ -95,11 +132,11 @@ class PackBatches(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, *, rows: int, seq_len: int, max_images: int,
                image_shape: tuple[int, int], pad_id: int, pack: bool,
-               tile_groups: TileGroups | None = None):
+               tile_groups: "TileGroups | ImagePool | None" = None, image_dtype: type = np.float32):
     super().__init__(parent)
     self.rows, self.seq_len, self.max_images = rows, seq_len, max_images
-    self.image_shape, self.pad_id, self.pack = image_shape, pad_id, pack
-    self.tile_groups = tile_groups  # AnyRes: rows in groups, each with a pool of tile slots
+    self.image_shape, self.image_dtype, self.pad_id, self.pack = image_shape, image_dtype, pad_id, pack
+    self.tile_groups = tile_groups  # AnyRes, data.image_pool: rows in groups, each with a pool of tile slots
 
   def __iter__(self) -> grain.DatasetIterator:
     return _PackIterator(self._parent.__iter__(), self)
@@ -126,7 +163,7 @@ class _PackIterator(grain.DatasetIterator):
     rows: list[list[Prepared]] = [[] for _ in range(s.rows)]
     room = [[s.seq_len, s.max_images] for _ in range(s.rows)]
     groups = s.tile_groups.groups if s.tile_groups else 1
-    tiles_left = [s.tile_groups.tiles_per_group if s.tile_groups else 0] * groups
+    tiles_left = [s.tile_groups.tiles_per_group if s.tile_groups else sys.maxsize] * groups
     rows_per_group = s.rows // groups
     skipped: dict[str, int] = {}
     messages: dict[str, str] = {}
@@ -153,7 +190,7 @@ class _PackIterator(grain.DatasetIterator):
       room[r][1] -= need[1]
       tiles_left[r // rows_per_group] -= element.tiles
     images = (s.tile_groups.collate(rows) if s.tile_groups
-              else square_images(rows, s.max_images, s.image_shape))
+              else square_images(rows, s.max_images, s.image_shape, s.image_dtype))
     batch = {**images, **collate_text(rows, s.seq_len, s.pad_id)}
     batch.update(skipped=skipped, skip_messages=messages)
     return batch

@@ -20,7 +20,7 @@ import numpy as np
 from vlm_jax.data import anyres_batch, sources as sources_lib
 from vlm_jax.data.anyres_batch import AnyRes
 from vlm_jax.data.images import Preprocessing
-from vlm_jax.data.packing import PackBatches, TileGroups
+from vlm_jax.data.packing import ImagePool, PackBatches, TileGroups
 from vlm_jax.data.prepare import Prepare
 from vlm_jax.data.templates import get_template
 from vlm_jax.data.tokenizer import Tokenizer
@@ -81,7 +81,7 @@ class Batches:
                process_count: int = 1, strict: bool = False, image_position: str = "before",
                max_images: int = 1, pack: bool = False, workers: int = 0, threads: int = 4,
                prefetch: int = 2, tfds_dir: str = "", anyres: AnyRes | None = None, tile_groups: int = 1,
-               max_tiles: int = 0):
+               max_tiles: int = 0, image_pool: int = 0):
     get_template(template)  # Fails now, not at the first batch.
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise UserError(f"batch size {global_batch_size} is not a positive multiple of the "
@@ -97,15 +97,22 @@ class Batches:
     image_size = preprocessing.size
     options = sources_lib.Options(seed, image_size, image_position, tfds_dir)
     sources, weights = sources_lib.open_mixture(spec, options)
-    # AnyRes: the batch's rows form tile_groups groups (tile_groups: global, a multiple of the
-    # batch shards x micro-batches), each with a pool of tile slots from max_tiles.
+    # AnyRes (and image_pool): the batch's rows form tile_groups groups (tile_groups: global, a
+    # multiple of the batch shards x micro-batches), each with a pool of tile slots from max_tiles
+    # (image_pool).
     groups = None
+    if (anyres or image_pool) and tile_groups % process_count:
+      raise UserError(f"{tile_groups} tile groups (batch shards x grad_accum) do not split over "
+                      f"{process_count} processes")
     if anyres:
-      if tile_groups % process_count:
-        raise UserError(f"AnyRes: {tile_groups} tile groups (batch shards x grad_accum) do not split over "
-                        f"{process_count} processes")
       groups = TileGroups(anyres, tile_groups // process_count,
                           anyres.tiles_per_group(max_tiles, tile_groups, global_batch_size), seq_len)
+    elif image_pool:
+      if image_pool % tile_groups:
+        raise UserError(f"config.data.image_pool ({image_pool}) must be a positive multiple of the {tile_groups} "
+                        "tile groups (batch shards x grad_accum)")
+      groups = ImagePool(tile_groups // process_count, image_pool // tile_groups, (image_size, image_size),
+                         preprocessing.dtype, image_tokens, max_images * image_tokens)
     self.prepare = Prepare(sources, tokenizer, template=template, image_tokens=image_tokens,
                            seq_len=seq_len, max_images=max_images,
                            preprocessing=preprocessing,
@@ -118,7 +125,7 @@ class Batches:
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads, 1)))
     it = PackBatches(it, rows=self.local_batch_size, seq_len=seq_len, max_images=max_images,
                      image_shape=(image_size, image_size), pad_id=tokenizer.pad_id, pack=pack,
-                     tile_groups=groups)
+                     tile_groups=groups, image_dtype=preprocessing.dtype)
     if workers:
       _absl_flags_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
@@ -140,7 +147,7 @@ class Batches:
                process_count=process_count, strict=d.strict, image_position=d.image_position,
                max_images=d.max_images, pack=d.pack, workers=d.workers, threads=d.threads,
                prefetch=d.prefetch, tfds_dir=d.tfds_dir, anyres=anyres_batch.for_config(config),
-               tile_groups=tile_groups, max_tiles=config.model.anyres.max_tiles)
+               tile_groups=tile_groups, max_tiles=config.model.anyres.max_tiles, image_pool=d.image_pool)
 
   def __iter__(self) -> "Batches":
     return self

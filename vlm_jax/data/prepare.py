@@ -24,7 +24,8 @@ from vlm_jax.errors import BadSample, UserError
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-  """tokens int32 [n], loss_mask bool [n], images float32 [tiles, H, W, 3] in placeholder order;
+  """tokens int32 [n], loss_mask bool [n], images [tiles, H, W, 3] in placeholder order (uint8 or
+  float32: Preprocessing.dtype);
   with AnyRes, plans: each image's plan (its plan.tiles tiles are consecutive in `images`)."""
   key: str
   tokens: np.ndarray
@@ -40,8 +41,8 @@ class Prepared:
 
   @property
   def tiles(self) -> int:
-    """Tiles it puts in its tile group's pool (AnyRes; 0 otherwise)."""
-    return sum(p.tiles for p in self.plans)
+    """Tiles it puts in its group's pool (AnyRes: its plans'; else one per image, data.image_pool)."""
+    return sum(p.tiles for p in self.plans) if self.plans else len(self.images)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Prepare:
     self.sources, self.tokenizer, self.template = list(sources), tokenizer, template
     self.image_tokens, self.seq_len, self.max_images = image_tokens, seq_len, max_images
     self.preprocessing = preprocessing
-    self.anyres, self.max_tiles = anyres, max_tiles  # AnyRes: max_tiles = a tile group's pool size
+    self.anyres, self.max_tiles = anyres, max_tiles  # max_tiles: a tile group's pool size (AnyRes, image_pool)
 
   def __call__(self, item: tuple[int, int]) -> Prepared | Skipped:
     k, index = item
@@ -107,14 +108,16 @@ class Prepare:
     else:
       tiles = [self.preprocessing(decode_image(ref))[None] for ref in sample.images]
     # No images: an empty stack that fits (broadcasts into) any image size.
-    stacked = np.concatenate(tiles).astype(np.float32) if tiles else np.zeros((0, 1, 1, 3), np.float32)
+    dtype = self.preprocessing.dtype
+    stacked = np.concatenate(tiles).astype(dtype) if tiles else np.zeros((0, 1, 1, 3), dtype)
     prepared = Prepared(sample.key, enc.tokens, enc.loss_mask, stacked, plans)
     if prepared.slots > self.max_images:
       raise BadSample("too_many_images", f"id {sample.key}: {prepared.slots} "
                       f"{'images' if self.anyres else 'image tiles'} > data.max_images {self.max_images}")
     if prepared.tiles > self.max_tiles:
+      pool = "config.model.anyres.max_tiles" if self.anyres else "config.data.image_pool"
       raise BadSample("too_many_tiles", f"id {sample.key}: {prepared.tiles} tiles > {self.max_tiles}, "
-                      "the tile slots of a group (config.model.anyres.max_tiles / tile groups)")
+                      f"the tile slots of a group ({pool} / tile groups)")
     return prepared
 
   def _plan(self, key: str, image) -> anyres.Plan:

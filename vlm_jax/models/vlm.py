@@ -59,6 +59,10 @@ def unstack_params(params: dict) -> dict:
 class VLM(nn.Module):
   cfg: ml_collections.ConfigDict          # config.model
   image_token_id: int
+  # uint8 images are scaled to [0, 1] and normalised with these (config.data.image_mean/std);
+  # float images come normalised.
+  image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+  image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
   layer_list: bool = False                # decoding: params from unstack_params (LLM.layer_list)
 
   def setup(self):
@@ -72,14 +76,35 @@ class VLM(nn.Module):
       self.image_newline = self.param("image_newline", logical(
           nn.initializers.normal(1 / math.sqrt(c.llm.width)), ("embed",)), (c.llm.width,))
 
+  def pixels(self, images: jax.Array) -> jax.Array:
+    """The ViT's input: uint8 pixels normalised here (as data.images.Preprocessing does on the
+    host, the same operations in fp32), float input as it is."""
+    if images.dtype != jnp.uint8:
+      return images
+    x = images.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(self.image_mean, jnp.float32)) / jnp.asarray(self.image_std, jnp.float32)
+
   def encode_images(self, images: "jax.Array | dict") -> jax.Array:
-    """images [B, N, H, W, 3] -> visual tokens [B, N * image_tokens, llm_width]; AnyRes: see
-    encode_tiles."""
+    """images [B, N, H, W, 3] (uint8 or normalised float) -> visual tokens [B, N * image_tokens,
+    llm_width]; pooled images: encode_pool; AnyRes: encode_tiles."""
     if self.cfg.anyres.enabled:
       return self.encode_tiles(images)
+    if isinstance(images, dict):
+      return self.encode_pool(images)
     b, n = images.shape[:2]
-    visual = self.bridge(self.vision(images.reshape((b * n,) + images.shape[2:])))
+    visual = self.bridge(self.vision(self.pixels(images.reshape((b * n,) + images.shape[2:]))))
     return visual.reshape(b, n * visual.shape[1], visual.shape[2])
+
+  def encode_pool(self, images: dict) -> jax.Array:
+    """Pooled images (data.image_pool): {"pool" [G, P, H, W, 3], "index" [B, V]} -> visual
+    tokens [B, V, D]. Only the pool goes through the ViT; token v of a row is feature index[v]
+    of its group's [P * image_tokens] features (data/packing.py ImagePool)."""
+    pool, index = images["pool"], images["index"]
+    g, p = pool.shape[:2]
+    feats = self.bridge(self.vision(self.pixels(pool.reshape((g * p,) + pool.shape[2:]))))
+    feats = feats.reshape(g, -1, feats.shape[-1])
+    b, v = index.shape
+    return jnp.take_along_axis(feats, index.reshape(g, -1, 1), axis=1).reshape(b, v, -1)
 
   def encode_tiles(self, images: dict) -> jax.Array:
     """AnyRes: {"tiles" [G, Tg, t, t, 3], "index", "weight" [B, V, K]} -> visual tokens [B, V, D].
@@ -93,7 +118,7 @@ class VLM(nn.Module):
     tiles, index, weight = images["tiles"], images["index"], images["weight"]
     g, tg = tiles.shape[:2]
     b, v, k = index.shape
-    feats = self.bridge(self.vision(tiles.reshape((g * tg,) + tiles.shape[2:])))
+    feats = self.bridge(self.vision(self.pixels(tiles.reshape((g * tg,) + tiles.shape[2:]))))
     d = feats.shape[-1]
     newline = jnp.broadcast_to(self.image_newline.astype(feats.dtype), (g, 1, d))
     pool = jnp.concatenate([newline, feats.reshape(g, -1, d)], axis=1)

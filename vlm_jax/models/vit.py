@@ -31,13 +31,16 @@ def sincos_init(grid: int, has_cls: bool):
   """Init for the learned position embedding: 2D sin-cos over the patch grid (zeros for CLS).
 
   O(1) from the start, so position is as visible as patch content; with std-0.02 noise it is
-  drowned and must first be learned (slow for spatial questions).
+  drowned and must first be learned (slow for spatial questions). Frequencies go from 1 down to
+  1 / (2 * grid), not to the usual 1 / 10000 (made for text lengths): over a 4-patch grid half
+  of those barely change, and in `shapes` "which side" was then only 78% decodable from the
+  visual tokens after 1000 steps (95% with these; README "What the default config reaches").
   """
   def init(key, shape, dtype=jnp.float32):
     del key
     width = shape[-1]
     quarter = width // 4
-    omega = 1.0 / 10000 ** (jnp.arange(quarter) / max(quarter - 1, 1))
+    omega = 1.0 / (2 * grid) ** (jnp.arange(quarter) / max(quarter - 1, 1))
     y, x = jnp.meshgrid(jnp.arange(grid), jnp.arange(grid), indexing="ij")
     angles = [y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega]
     emb = jnp.concatenate([f(a) for a in angles for f in (jnp.sin, jnp.cos)], axis=1)

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 
-from vlm_jax.config import base
+from vlm_jax.config import base, eval_entry
 from vlm_jax import api
 
 
@@ -23,7 +23,8 @@ def demo_config(anyres: bool, steps: int):
   c = base()
   c.model.vision.update(dict(image_size=32, patch_size=16))  # one tile = 2 x 2 patches of a 16-px cell
   c.model.anyres.update(dict(enabled=anyres, grid_pinpoints="(1x1),...,(1x6)"))
-  c.data.sources, c.data.eval_sources = "shapes:wide", "shapes:wide_test"
+  c.data.sources = "shapes:wide"
+  c.evals = {"shapes_wide_test": eval_entry("shapes:wide_test")}
   c.data.seq_len = 48         # AnyRes: at most 4 + 2 x 13 image tokens, then one question
   c.train.update(dict(steps=steps, batch_size=32, lr=5e-4, warmup_steps=50, log_every=50,
                       eval_every=steps, checkpoint_every=steps, eval_examples=256))

@@ -11,6 +11,7 @@ without the time spent in the evals themselves (their cadence is the bench's, no
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -39,12 +40,15 @@ def main() -> int:
   config = config_lib.load_file(args.config)
   config_lib.apply_overrides(config, overrides)
   config.train.eval_every = args.eval_every
-  metric = f"eval/{config.data.eval_sources.replace(':', '_')}/accuracy"
+  name, entry = next(iter(config_lib.eval_entries(config).items()))  # the config's first eval is timed
+  config.evals = {name: dict(entry.to_dict(), every=args.eval_every)}
+  metric = f"eval/{name}/accuracy"
   curve, in_evals, reached = [], [0.0], [None]
   start = time.perf_counter()
 
-  def evaluator(run, tokenizer):
-    evaluate = runner.periodic_evaluator(run, tokenizer)
+  def evals(run, tokenizer):
+    (periodic,) = runner.periodic_evals(run, tokenizer)
+    evaluate = periodic.evaluate
 
     def timed(params):
       jax.block_until_ready(params)  # the step before this eval is training time
@@ -62,10 +66,10 @@ def main() -> int:
         reached[0] = point
         os.kill(os.getpid(), signal.SIGTERM)  # the loop's clean stop: it checkpoints and returns
       return metrics
-    return timed
+    return [dataclasses.replace(periodic, evaluate=timed)]
 
   with tempfile.TemporaryDirectory() as workdir:
-    loop.train(config, workdir, evaluator=evaluator, load_params=hf_import.load_params)
+    loop.train(config, workdir, evals=evals, load_params=hf_import.load_params)
   result = {"config": args.config, "overrides": overrides, "target": args.target, "metric": metric,
             "reached": reached[0] is not None,
             "seconds": reached[0]["seconds"] if reached[0] else None,

@@ -258,7 +258,7 @@ def _anyres_config(tok, overrides=None):
   # 32-px tiles of 2x2 patches; shapes:wide images are 32 x 128..192: grids 1x4..1x6.
   cfg = helpers.tiny_config({"model.vision.image_size": 32, "model.vision.patch_size": 16,
                              "model.anyres.enabled": True, "model.anyres.grid_pinpoints": "(1x1),...,(1x6)",
-                             "data.sources": "shapes:wide", "data.eval_sources": "shapes:wide_test",
+                             "data.sources": "shapes:wide", "evals.shapes_test.data": "shapes:wide_test",
                              "data.seq_len": 96, **(overrides or {})})
   build_lib.resolve_model_config(cfg, tok.vocab_size)
   return cfg

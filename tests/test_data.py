@@ -10,11 +10,11 @@ import pytest
 import sentencepiece
 
 from vlm_jax import config as config_lib
-from vlm_jax.data import images, shapes, shapes_tokenizer, tokenizer
+from vlm_jax.data import images, shapes, shapes_tokenizer, sources, tokenizer
 from vlm_jax.data.shapes import Shape
 from vlm_jax.data.templates import encode_conversation, encode_prompt
 from vlm_jax.errors import UserError
-from vlm_jax.eval import runner
+from vlm_jax.eval import examples as eval_examples
 
 ANSWER_WORDS = list(shapes.COLORS) + list(shapes.SHAPES) + list(shapes.NUMBERS) + list(shapes.SIDES)
 
@@ -386,11 +386,12 @@ SIZE, SEED = 32, 5
 
 
 def test_eval_examples_are_the_first_of_the_split():
-  evals = runner.eval_examples("shapes:test", 5, seed=SEED, image_size=SIZE)
-  assert len(evals) == 5
+  evals, skipped = eval_examples.read("shapes:test", sources.Options(seed=SEED, image_size=SIZE), 5)
+  assert len(evals) == 5 and not skipped
   for i, ex in enumerate(evals):
     ref = shapes.make_example(SEED, "test", i, SIZE)
-    assert np.array_equal(ex.image, ref.image) and ex.turns == ref.turns
+    assert np.array_equal(ex.images[0], ref.image) and ex.turns == tuple(ref.turns)
+    assert (ex.prompt, ex.reference.answers, ex.category) == (ref.turns[0][1], (ref.answer,), ref.kind)
 
 
 def test_image_position_after_question(tok):

@@ -10,7 +10,9 @@ import time
 import PIL.Image
 import pytest
 
+from test_eval import WRONG, write_eval_set
 from vlm_jax.data import shapes
+from vlm_jax.eval import metrics
 from vlm_jax.data.shapes import Shape, draw_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,3 +79,23 @@ def test_generate_answers_about_a_new_image(trained, tmp_path, objects, prompt, 
                            "--json").stdout)
   assert out["text"] == answer, out
   assert out["image_tokens"] == 16 and out["prompt_tokens"] > 16
+
+
+@pytest.mark.slow
+def test_eval_scores_a_vqa_file(trained, tmp_path):
+  """`vlm-jax eval` on 30 VQA-style samples (ten annotator answers each): the --json score is the
+  mean of the --predictions lines' scores, recomputed here; the trained model scores near an
+  oracle that always gives the right answer."""
+  path = write_eval_set(str(tmp_path), 30, varied=False)
+  predictions = tmp_path / "predictions.jsonl"
+  out = json.loads(vlm_jax("eval", "--checkpoint", trained, "--data", f"llava:{path}", "--metric", "vqa",
+                           "--predictions", str(predictions), "--json").stdout)
+  lines = [json.loads(l) for l in open(predictions)]
+  scores = [metrics.vqa_accuracy(l["prediction"], l["answers"]) for l in lines]
+  print("vqa:", out)
+  assert out["examples"] == len(lines) == 30 and out["metric"] == "vqa"
+  assert [l["score"] for l in lines] == scores
+  assert out["accuracy"] == pytest.approx(sum(scores) / 30)
+  oracle = [metrics.vqa_accuracy(l["answers"][0], l["answers"]) if l["answers"][0] != WRONG else 0.0
+            for l in lines]
+  assert out["accuracy"] >= 0.8 * sum(oracle) / 30

@@ -22,6 +22,7 @@ LAYERS = {  # group prefix -> rank; a module imports only lower ranks or its own
     "vlm_jax.convert": 6,  # Hugging Face in and out
     "vlm_jax.api": 7, "vlm_jax": 7.25,  # the package __init__ (vlm_jax.load) is the api's front door
     "vlm_jax.chat": 7.4,  # the terminal conversation over a loaded model
+    "vlm_jax.lmms": 7.4,  # lmms-eval's model interface over a loaded model
     "vlm_jax.cli": 7.5,
 }
 NO_JAX = {"jax", "flax", "optax", "orbax"}  # data is host-side: numpy and PIL only

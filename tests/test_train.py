@@ -328,7 +328,7 @@ def runs(tok, tmp_path_factory):
   a, b = str(root / "a"), str(root / "b")
   for overrides, message in [({"train.trainable": "bridge/.*,lm/.*"}, "matches no parameter"),
                              ({"mesh.data": 3}, "mesh"), ({"data.sources": "coco"}, "unknown source"),
-                             ({"data.eval_sources": "llava:nope.json"}, "eval data spec")]:
+                             ({"evals.shapes_test.data": "llava:nope.json"}, "config.evals.shapes_test: data spec")]:
     with pytest.raises(UserError, match=message):  # typos first: nothing is written ...
       api.train(loop_config(tok, overrides), a)
     assert not os.path.exists(a), overrides

@@ -13,12 +13,11 @@ from vlm_jax import build as build_lib
 from vlm_jax import config as config_lib
 from vlm_jax import parallel
 from vlm_jax.convert import hf_import
-from vlm_jax.data import anyres_batch
-from vlm_jax.data import images as images_lib
-from vlm_jax.data import templates
 from vlm_jax.data.tokenizer import BUILTIN, Tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.infer.generate import Generator, Sampling, bucket
+from vlm_jax.infer.generate import Generator, Sampling
+from vlm_jax.infer.inputs import Inputs
+from vlm_jax.infer.score import Scorer
 from vlm_jax.infer.text import TextStream
 from vlm_jax.train.checkpoint import read_params, resolve
 
@@ -30,8 +29,9 @@ class Model:
     self.config, self.tokenizer, self.run, self.params, self.step = config, tokenizer, run, params, step
     self.origin = origin  # convert.hf_import.Origin when the model came from Hugging Face
     self.generator = Generator(run.model, run.mesh, pad_id=tokenizer.pad_id, context=config.model.llm.max_len)
-    self.anyres = anyres_batch.for_config(config)
-    self.preprocessing = images_lib.Preprocessing.from_config(config)
+    self.inputs = Inputs(config, tokenizer)
+    self.anyres = self.inputs.anyres
+    self.scorer = Scorer(run.model, run.mesh, pad_id=tokenizer.pad_id)
 
   @property
   def image_tokens(self) -> int:
@@ -40,42 +40,22 @@ class Model:
 
   def image_tokens_for(self, image) -> int:
     """Tokens the image takes in the prompt: its AnyRes plan's, or the fixed count."""
-    return self.anyres.tokens(image) if self.anyres else self.image_tokens
+    return self.inputs.image_tokens_for(image)
 
   def encode_prompt(self, prompt: str, raw_prompt: bool = False, image=None,
                     history: Sequence[tuple[str, str]] = ()) -> np.ndarray:
-    """Prompt ids (after `history`, earlier (user, answer) rounds); image: one image, a list of
-    them (several <image> markers, or that many put in front), or None (the model's one-image
-    count). With AnyRes each image decides how many placeholders its <image> becomes."""
-    if image is None:
-      if self.anyres:
-        raise UserError("encode_prompt: an AnyRes model's <image> takes as many tokens as the image's tile "
-                        "plan; pass the image")
-      counts = self.image_tokens
-    else:
-      counts = [self.image_tokens_for(im) for im in _image_list(image)]
-    return templates.encode_prompt(prompt, self.tokenizer, counts, self.config.data.template, raw=raw_prompt,
-                                   image_position=self.config.data.image_position, history=history)
+    """Prompt ids; see infer.inputs.Inputs.encode_prompt."""
+    return self.inputs.encode_prompt(prompt, raw_prompt, image, history)
 
   def preprocess(self, image: "PIL.Image.Image | np.ndarray") -> np.ndarray:
     """[H, W, 3], the model's input for one image (one tile; see AnyRes.prepare for tiling): uint8
     pixels (data.images_uint8: the model normalises them) or float32 normalised."""
-    return self.preprocessing(image)
+    return self.inputs.preprocessing(image)
 
   def pixels(self, images: Sequence) -> "np.ndarray | dict":
-    """Each prompt's images (one, a list, or None) -> the model's image input: [B, N, H, W, 3]
-    (rows with fewer images padded), or AnyRes's tiles, each image by its own plan."""
-    rows = [_image_list(im) for im in images]
-    if self.anyres:
-      tiled = [[self.anyres.prepare(im) for im in r] for r in rows]
-      visual_len = bucket(max(1, max(sum(t.plan.tokens for t in r) for r in tiled)))  # few compiled shapes
-      return self.anyres.collate_rows(tiled, visual_len)
-    size = self.config.model.vision.image_size
-    out = np.zeros((len(rows), max(1, max(len(r) for r in rows)), size, size, 3), self.preprocessing.dtype)
-    for i, r in enumerate(rows):
-      for j, im in enumerate(r):
-        out[i, j] = self.preprocess(im)
-    return out
+    """Each prompt's images (one, a list, or None) -> the model's image input; see
+    infer.inputs.Inputs.pixels."""
+    return self.inputs.pixels(images)
 
   def generate_ids(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 32,
                    raw_prompt: bool = False, *, history: Sequence[tuple[str, str]] = (),
@@ -92,6 +72,24 @@ class Model:
     HxWx3 array, a list of them, or None. history: earlier (user, answer) rounds (one prompt)."""
     return [self.tokenizer.decode(ids).strip()
             for ids in self.generate_ids(images, prompts, max_new_tokens, raw_prompt, **kwargs)]
+
+  def loglikelihood(self, images: Sequence, prompts: Sequence[str], continuations: Sequence[str]
+                    ) -> list[tuple[float, bool]]:
+    """(log p(continuation | images, prompt), whether greedy decoding gives exactly it) for each
+    triple. The continuation is scored as the assistant's answer in the chat template, its
+    end-of-turn marker included (what multiple-choice harnesses rank options by)."""
+    if not len(images) == len(prompts) == len(continuations):
+      raise UserError(f"loglikelihood: {len(images)} images, {len(prompts)} prompts and {len(continuations)} "
+                      "continuations; give one of each per request")
+    sequences, masks = [], []
+    for im, prompt, continuation in zip(images, prompts, continuations):
+      enc = self.inputs.encode_answered(prompt, continuation, im)
+      if len(enc.tokens) > self.config.model.llm.max_len:
+        raise UserError(f"loglikelihood: {len(enc.tokens)} tokens exceed the model's context of "
+                        f"{self.config.model.llm.max_len} (config.model.llm.max_len)")
+      sequences.append(enc.tokens)
+      masks.append(enc.loss_mask)
+    return self.scorer(self.params, sequences, masks, self.pixels(images))
 
   def stream(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 32,
              raw_prompt: bool = False, *, history: Sequence[tuple[str, str]] = (),
@@ -122,13 +120,6 @@ class Model:
     return tuple(sorted({self.tokenizer.eos_id, *extra}))
 
 
-def _image_list(image) -> list:
-  """One image, a list/tuple of images, or None -> a list."""
-  if image is None:
-    return []
-  return list(image) if isinstance(image, (list, tuple)) else [image]
-
-
 def _sampling(kwargs: dict) -> Sampling:
   unknown = set(kwargs) - {f.name for f in dataclasses.fields(Sampling)}
   if unknown:
@@ -156,12 +147,12 @@ def load(path: str, dtype: str | None = None) -> Model:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
-  """Trains (or resumes) the run in `workdir` (what `vlm-jax train` runs): the periodic eval of
-  config.data.eval_sources, and config.model.init_from may be a Hugging Face LLaVA directory.
+  """Trains (or resumes) the run in `workdir` (what `vlm-jax train` runs): the periodic evals of
+  config.evals, and config.model.init_from may be a Hugging Face LLaVA directory.
   Returns the last eval metrics; see vlm_jax.train.loop.train."""
   from vlm_jax.eval import runner  # here: loading a model for inference needs neither
   from vlm_jax.train import loop
-  return loop.train(config, workdir, evaluator=runner.periodic_evaluator, load_params=hf_import.load_params,
+  return loop.train(config, workdir, evals=runner.periodic_evals, load_params=hf_import.load_params,
                     stop_after=stop_after)
 
 

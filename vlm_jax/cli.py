@@ -73,7 +73,7 @@ def cmd_train(argv: list[str]) -> int:
   p.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
   p.add_argument("--workdir", required=True)
   p.add_argument("--data", help="training data spec (replaces config.data.sources)")
-  p.add_argument("--eval-data", help="eval data spec (replaces config.data.eval_sources)")
+  p.add_argument("--eval-data", help="eval data spec (replaces config.evals with this one, metric auto)")
   args = p.parse_args(argv)
   from vlm_jax import config as config_lib
   config = config_lib.load_file(args.config)
@@ -81,7 +81,7 @@ def cmd_train(argv: list[str]) -> int:
   if args.data:
     config.data.sources = args.data
   if args.eval_data:
-    config.data.eval_sources = args.eval_data
+    config.evals = {config_lib.eval_name(args.eval_data): config_lib.eval_entry(args.eval_data)}
   from vlm_jax import build
   build.validate(config)
   if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
@@ -95,23 +95,43 @@ def cmd_train(argv: list[str]) -> int:
 def cmd_eval(argv: list[str]) -> int:
   p = _Parser(prog="vlm-jax eval")
   p.add_argument("--checkpoint", required=True)
-  p.add_argument("--data", required=True, help="data spec, e.g. shapes:test")
-  p.add_argument("--max-examples", type=int, default=512)
+  p.add_argument("--data", required=True, help="data spec: llava:FILE.jsonl[:IMAGE_ROOT], tfds:NAME[:SPLIT], shapes:SPLIT")
+  p.add_argument("--metric", default="auto", help="auto | vqa | exact | mc | pope | shapes (auto: from what "
+                 "the samples carry)")
+  p.add_argument("--predictions", metavar="FILE.jsonl", help="write each example's prediction and score")
+  p.add_argument("--max-examples", type=int, help="the first N samples (default: all; 512 of shapes)")
+  p.add_argument("--batch-size", type=int, help="prompts per batch (default: config.train.eval_batch_size)")
+  p.add_argument("--max-new-tokens", type=int, help="answer length (default: the metric's)")
   p.add_argument("--shuffle-images", action="store_true",
                  help="pair each question with another example's image (control: should drop to chance)")
   p.add_argument("--json", action="store_true")
   args = p.parse_args(argv)
-  if args.max_examples < 1:
-    raise UserError("--max-examples must be >= 1")
+  for flag, value in (("--max-examples", args.max_examples), ("--batch-size", args.batch_size),
+                      ("--max-new-tokens", args.max_new_tokens)):
+    if value is not None and value < 1:
+      raise UserError(f"{flag} must be >= 1, got {value}")
+  from vlm_jax.eval import metrics as metrics_lib
+  if args.metric not in (metrics_lib.AUTO, *metrics_lib.METRICS):
+    raise UserError(f"--metric {args.metric!r}: unknown (known: {metrics_lib.AUTO}, {', '.join(metrics_lib.METRICS)})")
+  if args.predictions and os.path.isdir(args.predictions):
+    raise UserError(f"--predictions {args.predictions}: is a directory")
   import vlm_jax
-  from vlm_jax.eval.runner import evaluator_for
+  from vlm_jax.eval.progress import ProgressBar
+  from vlm_jax.eval.runner import Evaluator
   model = vlm_jax.load(args.checkpoint)
-  metrics = evaluator_for(model.run, model.tokenizer, args.data, args.max_examples)(
-      model.params, shuffle_images=args.shuffle_images)
+  evaluator = Evaluator(model.run, model.tokenizer, args.data, metric=args.metric, max_examples=args.max_examples,
+                        batch_size=args.batch_size or 0, max_new_tokens=args.max_new_tokens or 0)
+  if args.metric == metrics_lib.AUTO:
+    print(f"metric: {evaluator.metric} ({evaluator.metric_reason})", file=sys.stderr)
+  result = evaluator(model.params, shuffle_images=args.shuffle_images, progress=ProgressBar("eval"))
+  if args.predictions:
+    with open(args.predictions, "w", encoding="utf-8") as f:
+      for record in result.records:
+        f.write(json.dumps(record) + "\n")
   if args.json:
-    print(json.dumps(metrics))
+    print(json.dumps(result.metrics))
   else:
-    for k, v in metrics.items():
+    for k, v in result.metrics.items():
       print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
   return 0
 

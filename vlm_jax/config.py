@@ -74,7 +74,6 @@ def base() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.sources = "shapes"
-  c.data.eval_sources = "shapes:test"
   c.data.tokenizer = "shapes"
   c.data.template = "simple"
   c.data.image_position = "before"  # where <image> goes when a prompt or sample does not say
@@ -127,7 +126,36 @@ def base() -> ml_collections.ConfigDict:
   c.train.max_to_keep = 2
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  # Periodic evals (big_vision style): name -> {data, metric, every, max_examples}, each logged
+  # as eval/<name>/<metric> (vlm_jax/eval/runner.py); `--eval-data SPEC` replaces them all.
+  c.evals = ml_collections.ConfigDict({"shapes_test": eval_entry("shapes:test")})
   return c
+
+
+def eval_entry(data: str, metric: str = "auto", every: int = 0, max_examples: int = 0) -> ml_collections.ConfigDict:
+  """One periodic eval: a data spec, a metric (auto | vqa | exact | mc | pope | shapes), every
+  `every` steps (0: train.eval_every) on its first `max_examples` samples (0: train.eval_examples)."""
+  return ml_collections.ConfigDict(dict(data=data, metric=metric, every=every, max_examples=max_examples))
+
+
+def eval_name(spec: str) -> str:
+  """The eval name of a data spec: 'shapes:test' -> 'shapes_test', 'llava:dir/vqa.jsonl' -> 'vqa'."""
+  kind, _, rest = spec.partition(":")
+  if kind == "llava" and rest:
+    return os.path.splitext(os.path.basename(rest.partition(":")[0]))[0] or kind
+  return spec.replace(":", "_").replace("/", "_")
+
+
+def eval_entries(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """config.evals with their defaults filled in from config.train."""
+  out = {}
+  for name, entry in config.evals.items():
+    entry = ml_collections.ConfigDict(entry.to_dict())
+    entry.every = entry.every or config.train.eval_every
+    entry.max_examples = entry.max_examples or config.train.eval_examples
+    out[name] = entry
+  return out
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:
@@ -179,6 +207,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
   """Applies {"train.lr": "1e-4", ...}; unknown fields and wrong types are errors."""
   for key, text in overrides.items():
     *parents, leaf = key.split(".")
+    if len(parents) == 2 and parents[0] == "evals" and parents[1] not in config.evals and leaf in eval_entry(""):
+      config.evals[parents[1]] = eval_entry("")  # --config.evals.NAME.data=SPEC adds an eval
     node = config
     for part in parents:
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -196,6 +226,8 @@ def check_fields(config: ml_collections.ConfigDict, reference: ml_collections.Co
   """Every field of `config` must exist in the base config (typos are errors, not silent no-ops)."""
   for key, value in config.items():
     where = f"{prefix}{key}"
+    if where.startswith("evals.") and where.count(".") == 1:  # a free name: check against an entry
+      reference = ml_collections.ConfigDict({key: eval_entry("")})
     if key not in reference:
       raise UserError(f"config field {where}: unknown config field")
     if isinstance(value, ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
@@ -250,6 +282,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in COMPONENTS:
     if t.lr_mult[name] < 0:
       raise UserError(f"config.train.lr_mult.{name} must be >= 0")
+  for name, entry in config.evals.items():
+    if not isinstance(entry, ml_collections.ConfigDict):
+      raise UserError(f"config.evals.{name}: expected {{data, metric, every, max_examples}}, got {entry!r:.60}")
+    if not entry.data:
+      raise UserError(f"config.evals.{name}.data: a data spec is needed (e.g. shapes:test)")
+    for field in ("every", "max_examples"):
+      if entry[field] < 0:
+        raise UserError(f"config.evals.{name}.{field} must be >= 0 (0: config.train's), got {entry[field]}")
 
 
 def _validate_images(d: ml_collections.ConfigDict) -> None:
@@ -280,9 +320,17 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  """Inverse of to_json: JSON lists come back as the base config's tuples."""
+  """Inverse of to_json: JSON lists come back as the base config's tuples. A run written before
+  config.evals had its one eval in data.eval_sources."""
+  saved = json.loads(text)
   config = base()
-  config.update(_retuple(json.loads(text), config))
+  legacy = saved.get("data", {}).pop("eval_sources", None)
+  if legacy is not None:
+    config.evals = ml_collections.ConfigDict({eval_name(legacy): eval_entry(legacy)} if legacy else {})
+  saved_evals = saved.pop("evals", None)
+  config.update(_retuple(saved, config))
+  if saved_evals is not None:
+    config.evals = ml_collections.ConfigDict({k: dict(eval_entry("").to_dict(), **v) for k, v in saved_evals.items()})
   return config
 
 

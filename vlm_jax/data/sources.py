@@ -25,9 +25,15 @@ ImageRef = Any  # a file path (str), encoded bytes, or a uint8 array
 
 @dataclasses.dataclass
 class Sample:
+  """Evaluation reads the optional fields: `answers` (accepted answers, e.g. VQA's ten; else the
+  last assistant turn is the reference), `choices` (multiple choice, in letter order) and
+  `category` (scores are also reported per category)."""
   key: str
   turns: list[tuple[str, str]]
   images: list[ImageRef]
+  answers: list[str] = dataclasses.field(default_factory=list)
+  choices: list[str] = dataclasses.field(default_factory=list)
+  category: str = ""
 
 
 class Source(Protocol):
@@ -54,11 +60,24 @@ class ShapesSource:
 
   def __getitem__(self, index: int) -> Sample:
     ex = self._make(index)
-    return Sample(str(index), list(ex.turns), [] if ex.image is None else [ex.image])
+    return Sample(str(index), list(ex.turns), [] if ex.image is None else [ex.image], category=ex.kind)
+
+
+def _strings(entry: dict, field: str) -> list[str]:
+  """An optional list of strings (VQA's answer dicts {"answer": str} too)."""
+  value = entry.get(field, [])
+  if isinstance(value, str):
+    value = [value]
+  if isinstance(value, list):
+    value = [v["answer"] if isinstance(v, dict) and "answer" in v else v for v in value]
+  if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    raise BadSample("format", f"{field!r} must be a list of strings, got {entry.get(field)!r:.60}")
+  return value
 
 
 def llava_sample(entry: Any, index: int, image_root: str) -> Sample:
-  """A LLaVA record ({"id", "image"?, "conversations": [{"from", "value"}]}) as a Sample.
+  """A LLaVA record ({"id", "image"?, "conversations": [{"from", "value"}]}, and for evaluation
+  "answers"?, "choices" (or "options")?, "category"?) as a Sample.
 
   A single image's <image> moves to the head of its turn as "<image>\\n" (as LLaVA does);
   several images keep their markers where they are (interleaved).
@@ -80,7 +99,10 @@ def llava_sample(entry: Any, index: int, image_root: str) -> Sample:
     if len(paths) == 1 and text.count(IMAGE) == 1:
       text = IMAGE + "\n" + text.replace(IMAGE, "").strip()
     turns.append((role, text))
-  return Sample(str(entry.get("id", index)), turns, [os.path.join(image_root, p) for p in paths])
+  category = entry.get("category", "")
+  return Sample(str(entry.get("id", index)), turns, [os.path.join(image_root, p) for p in paths],
+                _strings(entry, "answers"), _strings(entry, "choices" if "choices" in entry else "options"),
+                category if isinstance(category, str) else str(category))
 
 
 class LlavaSource:
@@ -123,7 +145,8 @@ class TfdsSource:
 
   Features: `image` (optional) or `images` (a sequence), and either `conversations` (LLaVA's
   list as JSON text; empty: not used) or `question` + `answer` (one round; "<image>\\n" goes before the question
-  when there is an image). `id` names the sample if present.
+  when there is an image). `id` names the sample if present; `answers`, `choices` and `category`
+  serve evaluation (with `answers`, `answer` may be left out).
   """
 
   def __init__(self, name: str, split: str, data_dir: str = ""):
@@ -148,19 +171,22 @@ class TfdsSource:
     else:
       images = [record["image"]] if "image" in record else []
     key = text(record["id"]) if "id" in record else str(index)
+    extra = dict(answers=[text(a) for a in record.get("answers", [])],
+                 choices=[text(c) for c in record.get("choices", [])], category=text(record.get("category", "")))
     if text(record.get("conversations", "")):  # an empty text: this sample is question + answer
       try:
         conversations = json.loads(text(record["conversations"]))
       except json.JSONDecodeError as e:
         raise BadSample("format", f"'conversations' is not JSON: {e}") from None
       sample = llava_sample({"conversations": conversations}, index, "")
-      return Sample(key, sample.turns, images)
-    if "question" not in record or "answer" not in record:
-      raise BadSample("format", f"needs 'conversations' or 'question' + 'answer', has {sorted(record)}")
+      return Sample(key, sample.turns, images, **extra)
+    if "question" not in record or not ("answer" in record or extra["answers"]):
+      raise BadSample("format", f"needs 'conversations' or 'question' + 'answer' (or 'answers'), has {sorted(record)}")
     question = text(record["question"])
     if images and IMAGE not in question:
       question = IMAGE + "\n" + question
-    return Sample(key, [("user", question), ("assistant", text(record["answer"]))], images)
+    answer = [("assistant", text(record["answer"]))] if "answer" in record else []
+    return Sample(key, [("user", question)] + answer, images, **extra)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import jax
 import ml_collections
@@ -32,13 +32,19 @@ from vlm_jax.train.optim import FROZEN
 
 log = logging.getLogger("vlm_jax")
 
-# Fields that may change when a run is resumed (cadence, length); any other change is an error.
+# Fields that may change when a run is resumed (cadence, length, and config.evals); any other
+# change is an error.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.max_to_keep", "train.eval_examples", "train.eval_batch_size", "data.threads",
                      "data.prefetch")
 
-Evaluator = Callable[[dict], dict]                       # params -> metrics
-MakeEvaluator = Callable[[build_lib.Run, Tokenizer], Evaluator]
+class PeriodicEval(Protocol):
+  name: str                                 # metrics go to eval/<name>/...
+  every: int                                # steps
+  evaluate: Callable[[dict], dict]          # params -> metrics
+
+
+MakeEvals = Callable[[build_lib.Run, Tokenizer], Sequence[PeriodicEval]]
 LoadParams = Callable[[str, build_lib.Run], dict]        # (config.model.init_from, run) -> params
 
 
@@ -52,7 +58,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   # A field added to vlm-jax after the run started (e.g. model.anyres.*) had its default then.
   defaults = config_lib.flatten(json.loads(config_lib.to_json(config_lib.base())))
   changed = sorted(k for k, v in config_lib.flatten(json.loads(config_lib.to_json(config))).items()
-                   if saved.get(k, defaults.get(k)) != v and k not in RESUMABLE_CHANGES)
+                   if saved.get(k, defaults.get(k)) != v and k not in RESUMABLE_CHANGES
+                   and not k.startswith("evals."))
   if changed:
     raise UserError(f"--workdir {workdir} holds a run with a different config ({', '.join(changed[:5])}); "
                     "use a new workdir, or the same config to resume")
@@ -65,11 +72,11 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config_lib.to_json(config))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, evaluator: MakeEvaluator | None = None,
+def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals | None = None,
           load_params: LoadParams = checkpoint_lib.load_params, stop_after: int | None = None) -> dict:
-  """Trains (or resumes) the run in `workdir`; `evaluator(run, tokenizer)` makes the periodic
-  eval (none without it). `stop_after` ends the process early at that step, as a preemption
-  would (a checkpoint is written). Returns the last eval metrics."""
+  """Trains (or resumes) the run in `workdir`; `evals(run, tokenizer)` makes the periodic evals
+  (none without it). `stop_after` ends the process early at that step, as a preemption would (a
+  checkpoint is written). Returns the last metrics of each eval."""
   # --- Config, tokenizer, workdir check, mesh ---------------------------------------------------
   build_lib.validate(config)
   tokenizer = Tokenizer.load(config.data.tokenizer)
@@ -89,7 +96,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evaluator: MakeEva
                              process_count=jax.process_count(),
                              tile_groups=parallel.batch_divisor(mesh) * t.grad_accum)
   try:
-    evaluate = evaluator(run, tokenizer) if evaluator else None
+    periodic = list(evals(run, tokenizer)) if evals else []
 
     # --- Restore or init, and the first batch; only then is the workdir written -----------------
     checkpoint_dir = os.path.join(workdir, "checkpoints")
@@ -142,8 +149,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evaluator: MakeEva
       metrics.update({f"data/skipped/{k}": v for k, v in data.skipped.items()})
       writer.write(step, metrics)
       log.info(progress.line(step, metrics))
-    if evaluate and (step % t.eval_every == 0 or step == t.steps):
-      eval_metrics = _eval(evaluate, state, step, writer, config.data.eval_sources)
+    for e in periodic:
+      if step % e.every == 0 or step == t.steps:
+        eval_metrics.update(_eval(e, state, step, writer))
     # Save before fetching the next batch: the saved data position is the next unseen batch.
     if step % t.checkpoint_every == 0 or step == end or preempted:
       checkpoints.save(step, state, data.get_state())
@@ -160,11 +168,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evaluator: MakeEva
   return eval_metrics
 
 
-def _eval(evaluate, state, step: int, writer: "MetricWriter", spec: str) -> dict:
-  name = spec.replace(":", "_")
+def _eval(e: PeriodicEval, state, step: int, writer: "MetricWriter") -> dict:
   t0 = time.time()
-  metrics = evaluate(state["params"])
-  metrics = {f"eval/{name}/{k}": v for k, v in metrics.items()}
+  metrics = {f"eval/{e.name}/{k}": v for k, v in e.evaluate(state["params"]).items()}
   writer.write(step, metrics)
   log.info("eval at step %d (%.1fs): %s", step, time.time() - t0,
            ", ".join(f"{k.split('/', 2)[-1]} {v:.4g}" for k, v in metrics.items()))

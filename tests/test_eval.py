@@ -243,6 +243,9 @@ def test_eval_config_fields():
   bad.evals.pope.extra = 1
   with pytest.raises(UserError, match="evals.pope.extra: unknown config field"):
     config_lib.validate(bad)
+  c.evals.few = {"data": "shapes:test", "metric": "shapes"}  # a config file may give only some fields
+  config_lib.validate(c)
+  assert dict(c.evals.few) == dict(data="shapes:test", metric="shapes", every=0, max_examples=0)
   # A run written before config.evals: its data.eval_sources becomes its one eval.
   old = json.loads(config_lib.to_json(config_lib.base()))
   del old["evals"]

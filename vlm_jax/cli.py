@@ -113,8 +113,9 @@ def cmd_eval(argv: list[str]) -> int:
   from vlm_jax.eval import metrics as metrics_lib
   if args.metric not in (metrics_lib.AUTO, *metrics_lib.METRICS):
     raise UserError(f"--metric {args.metric!r}: unknown (known: {metrics_lib.AUTO}, {', '.join(metrics_lib.METRICS)})")
-  if args.predictions and os.path.isdir(args.predictions):
-    raise UserError(f"--predictions {args.predictions}: is a directory")
+  if args.predictions and (os.path.isdir(args.predictions)
+                           or not os.path.isdir(os.path.dirname(os.path.abspath(args.predictions)))):
+    raise UserError(f"--predictions {args.predictions}: is a directory, or its folder does not exist")
   import vlm_jax
   from vlm_jax.eval.progress import ProgressBar
   from vlm_jax.eval.runner import Evaluator

@@ -285,6 +285,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name, entry in config.evals.items():
     if not isinstance(entry, ml_collections.ConfigDict):
       raise UserError(f"config.evals.{name}: expected {{data, metric, every, max_examples}}, got {entry!r:.60}")
+    for field, default in eval_entry("").items():  # a config file may give only some fields
+      if field not in entry:
+        entry[field] = default
     if not entry.data:
       raise UserError(f"config.evals.{name}.data: a data spec is needed (e.g. shapes:test)")
     for field in ("every", "max_examples"):

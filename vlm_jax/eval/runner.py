@@ -117,7 +117,9 @@ class Evaluator:
       except BadSample as err:
         skipped[err.reason] += 1
         continue
-      rows.append(i), prompts.append(prompt), decoded.append(ims)
+      rows.append(i)
+      prompts.append(prompt)
+      decoded.append(ims)
       loss_rows.append(self._teacher_forced(e, ims))
     if not rows:
       return None

@@ -38,6 +38,7 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
                      "train.max_to_keep", "train.eval_examples", "train.eval_batch_size", "data.threads",
                      "data.prefetch")
 
+
 class PeriodicEval(Protocol):
   name: str                                 # metrics go to eval/<name>/...
   every: int                                # steps

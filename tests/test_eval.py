@@ -15,11 +15,13 @@ import helpers
 from test_cli import assert_one_line_error, run_cli
 from vlm_jax import api
 from vlm_jax import config as config_lib
+from vlm_jax import build as build_lib
 from vlm_jax import parallel
 from vlm_jax.data import shapes, sources, templates
 from vlm_jax.data.packing import collate_text
 from vlm_jax.data.pipeline import device_batch
 from vlm_jax.data.prepare import Prepared
+from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.eval import examples as examples_lib
 from vlm_jax.eval import metrics
@@ -330,3 +332,26 @@ def test_lmms_eval_model_answers_requests_like_ours(workdir, model):
   assert greedy == (round_trip and len(ids) < 16)
   (_, wrong), = model.loglikelihood([[docs[i]["image"]]], [questions[i]], [answer + " purple"])
   assert not wrong
+
+
+def test_anyres_eval_batched_equals_one_at_a_time():
+  """AnyRes: each image its own tile plan; batched answers and loss == each example alone."""
+  tok = Tokenizer.load("shapes")
+  cfg = helpers.tiny_config({"model.vision.image_size": 32, "model.vision.patch_size": 16, "mesh.data": -1,
+                             "model.anyres.enabled": True, "model.anyres.grid_pinpoints": "(1x1),...,(1x6)",
+                             "data.seq_len": 96, "train.eval_batch_size": 8})
+  build_lib.resolve_model_config(cfg, tok.vocab_size)
+  run = build_lib.build(cfg, parallel.make_mesh(cfg.mesh), tok.image_id)
+  params = run.init_params(jax.random.key(1))
+  ev = Evaluator(run, tok, "shapes:wide_test", max_examples=6)
+  batched = ev(params)
+  examples = ev.examples
+  total = count = 0.0
+  for e in examples:
+    ev.examples, ev.order = [e], [0]
+    alone = ev(params)
+    assert alone.records[0]["prediction"] == batched.records[e.index]["prediction"]
+    tokens = templates.encode_conversation(e.turns, tok, [ev.inputs.image_tokens_for(e.images[0])]).loss_mask[1:].sum()
+    total, count = total + alone.metrics["loss"] * tokens, count + tokens
+  assert batched.metrics["loss"] == pytest.approx(total / count, rel=1e-5)
+  assert len({ev.inputs.image_tokens_for(e.images[0]) for e in examples}) > 1  # plans differ by image

@@ -9,9 +9,11 @@ import pytest
 
 from vlm_jax.data import IMAGE, images
 from vlm_jax.data.pipeline import Batches
-from vlm_jax.data.prepare import Skipped
+from vlm_jax.data.prepare import Skipped, decode_image
+from vlm_jax.data.sources import Options
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
+from vlm_jax.eval import examples
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -86,3 +88,33 @@ def test_unknown_tfds_dataset(tmp_path):
   with pytest.raises(UserError, match="tfds:nope:train"):
     Batches("tfds:nope", tokenizer=Tokenizer.load("shapes"), seq_len=64, global_batch_size=1, preprocessing=images.Preprocessing(SIZE),
             image_tokens=2, seed=0, tfds_dir=str(tmp_path))
+
+
+class TinyVqaAnswers(tfds.core.GeneratorBasedBuilder):
+  """Three VQA-style eval samples: a question, the annotators' answers, a category; no answer turn."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "id": tfds.features.Text(), "image": tfds.features.Image(shape=(SIZE + 4, SIZE, 3)),
+        "question": tfds.features.Text(), "answers": tfds.features.Sequence(tfds.features.Text()),
+        "category": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"validation": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(3):
+      yield i, {"id": f"v{i}", "image": _png(_pixels(i)), "question": f"Colour {i}?",
+                "answers": [f"grey {i}"] * 9 + ["black"], "category": ["a", "b", "a"][i]}
+
+
+def test_tfds_eval_samples_carry_answer_lists(tmp_path):
+  TinyVqaAnswers(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  read, skipped = examples.read("tfds:tiny_vqa_answers:validation", Options(tfds_dir=str(tmp_path)))
+  assert len(read) == 3 and not skipped
+  for e in read:
+    i = int(e.key[1:])
+    assert e.prompt == f"{IMAGE}\nColour {i}?" and e.turns == () and e.history == ()
+    assert e.reference.answers == (f"grey {i}",) * 9 + ("black",) and e.category == ["a", "b", "a"][i]
+    np.testing.assert_array_equal(decode_image(e.images[0]), _pixels(i))

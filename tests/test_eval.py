@@ -266,7 +266,7 @@ def test_cli_score_is_the_mean_of_the_predictions(workdir, tmp_path):
               "--batch-size", "4", "--json", devices=2)
   assert r.returncode == 0, r.stderr
   out = json.loads(r.stdout)
-  assert "metric: vqa" in r.stderr and "examples/s" in r.stderr  # the auto choice and the progress bar
+  assert "metric: vqa (samples carry 'answers' lists)" in r.stderr and "examples/s" in r.stderr  # the auto choice and the progress bar
   lines = [json.loads(l) for l in open(predictions)]
   assert [l["index"] for l in lines] == list(range(10))
   assert set(lines[0]) == {"index", "id", "prompt", "prediction", "answers", "score"}

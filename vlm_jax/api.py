@@ -83,7 +83,7 @@ class Model:
                       "continuations; give one of each per request")
     sequences, masks = [], []
     for im, prompt, continuation in zip(images, prompts, continuations):
-      enc = self.inputs.encode_answered(prompt, continuation, im)
+      enc = self.inputs.encode_answered(prompt, continuation, [] if im is None else im)  # as _inputs
       if len(enc.tokens) > self.config.model.llm.max_len:
         raise UserError(f"loglikelihood: {len(enc.tokens)} tokens exceed the model's context of "
                         f"{self.config.model.llm.max_len} (config.model.llm.max_len)")

@@ -111,8 +111,7 @@ def cmd_eval(argv: list[str]) -> int:
     if value is not None and value < 1:
       raise UserError(f"{flag} must be >= 1, got {value}")
   from vlm_jax.eval import metrics as metrics_lib
-  if args.metric not in (metrics_lib.AUTO, *metrics_lib.METRICS):
-    raise UserError(f"--metric {args.metric!r}: unknown (known: {metrics_lib.AUTO}, {', '.join(metrics_lib.METRICS)})")
+  metrics_lib.check_name(args.metric, "--metric")
   if args.predictions and (os.path.isdir(args.predictions)
                            or not os.path.isdir(os.path.dirname(os.path.abspath(args.predictions)))):
     raise UserError(f"--predictions {args.predictions}: is a directory, or its folder does not exist")

@@ -38,7 +38,7 @@ def with_choices(question: str, choices: tuple[str, ...]) -> str:
 
 def from_sample(sample: sources_lib.Sample, index: int) -> Example:
   """BadSample if the conversation cannot be a prompt; UserError if there is nothing to score against."""
-  turns = [(role, text) for role, text in sample.turns]
+  turns = list(sample.turns)
   answer = turns.pop()[1] if turns and turns[-1][0] == "assistant" else None
   answers = tuple(sample.answers) or ((answer,) if answer is not None else ())
   if not answers:

@@ -21,6 +21,7 @@ import string
 from typing import Callable, Sequence
 
 from vlm_jax.data.shapes import answer_matches
+from vlm_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +224,12 @@ METRICS: dict[str, Metric] = {
     "shapes": Metric(lambda p, r: float(any(answer_matches(p, a) for a in r.answers)), max_new_tokens=8),
 }
 AUTO = "auto"
+
+
+def check_name(name: str, field: str = "metric") -> None:
+  """A metric name `field` may take: auto or a METRICS entry."""
+  if name != AUTO and name not in METRICS:
+    raise UserError(f"{field} {name!r}: unknown (known: {AUTO}, {', '.join(METRICS)})")
 
 
 def pick(refs: Sequence[Reference], spec: str) -> tuple[str, str]:

@@ -39,16 +39,15 @@ class Result:
 
 def metric_for(name: str, examples: Sequence[examples_lib.Example], spec: str) -> tuple[str, str]:
   """(metric, why): `name`, or for auto the one the samples call for."""
+  metrics_lib.check_name(name)
   why = "as asked"
   if name == metrics_lib.AUTO:
     name, why = metrics_lib.pick([e.reference for e in examples], spec)
     log.info("eval %s: metric %s (%s)", spec, name, why)
-  if name not in metrics_lib.METRICS:
-    raise UserError(f"metric {name!r}: unknown (known: {metrics_lib.AUTO}, {', '.join(metrics_lib.METRICS)})")
   for e in examples:
-    why = metrics_lib.METRICS[name].unfit(e.reference)
-    if why:
-      raise UserError(f"data spec {spec!r} sample {e.index} (id {e.key}): {why}")
+    unfit = metrics_lib.METRICS[name].unfit(e.reference)
+    if unfit:
+      raise UserError(f"data spec {spec!r} sample {e.index} (id {e.key}): {unfit}")
   return name, why
 
 
@@ -60,7 +59,7 @@ class Evaluator:
                max_examples: int | None = None, batch_size: int = 0, max_new_tokens: int = 0):
     cfg = run.config
     options = sources.Options(cfg.seed, cfg.model.vision.image_size, cfg.data.image_position, cfg.data.tfds_dir)
-    self.run, self.tokenizer, self.spec = run, tokenizer, spec
+    self.run, self.tokenizer = run, tokenizer
     self.examples, self.skipped = examples_lib.read(spec, options, max_examples)
     self.metric, self.metric_reason = metric_for(metric, self.examples, spec)
     self.max_new_tokens = max_new_tokens or metrics_lib.METRICS[self.metric].max_new_tokens

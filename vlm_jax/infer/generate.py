@@ -32,6 +32,12 @@ def bucket(n: int) -> int:
   return -(-n // step) * step
 
 
+def pad_rows(images, extra: int):
+  """The image input ([B, ...] or AnyRes's dict of arrays), each array with `extra` zero rows
+  appended (for padding rows: no image, or AnyRes tiles no token reads)."""
+  return jax.tree.map(lambda x: np.concatenate([x, np.zeros((extra,) + x.shape[1:], x.dtype)]), images)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """How the next token is chosen (Hugging Face's order: penalty, temperature, top-k, top-p, min-p)."""
@@ -215,8 +221,7 @@ class Generator:
     for i, p in enumerate(prompts):
       tokens[i, prompt_slots - len(p):] = p
       start[i] = prompt_slots - len(p)
-    padded_images = jax.tree.map(
-        lambda x: np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)]), images)
+    padded_images = pad_rows(images, rows - n)
     seeds = np.full((rows,), sampling.seed % 2**32, np.uint32)
     knobs = sampling.knobs()
     prefill, decode = self._compiled(st)

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from vlm_jax import parallel
 from vlm_jax.build import in_mesh
-from vlm_jax.infer.generate import bucket
+from vlm_jax.infer.generate import bucket, pad_rows
 from vlm_jax.models.vlm import VLM
 
 
@@ -49,6 +49,5 @@ class Scorer:
     mask = np.zeros((rows, length), bool)
     for i, (s, m) in enumerate(zip(sequences, scored)):
       tokens[i, :len(s)], mask[i, :len(m)] = s, m
-    images = jax.tree.map(lambda x: np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)]), images)
-    logp, greedy = jax.device_get(self._score(params, tokens, images, mask))
+    logp, greedy = jax.device_get(self._score(params, tokens, pad_rows(images, rows - n), mask))
     return [(float(logp[i]), bool(greedy[i])) for i in range(n)]

@@ -16,7 +16,6 @@ from vlm_jax.data import images as images_lib
 from vlm_jax.data import llava_fixture
 from vlm_jax.data.pipeline import Batches
 from vlm_jax.data.tokenizer import Tokenizer
-from vlm_jax.models.attention import attention
 from vlm_jax.models.cross_entropy import chunked_token_loss, token_loss
 from vlm_jax.train import optim
 from vlm_jax.train.step import stop_frozen
@@ -25,9 +24,14 @@ PLAIN = {"model.attention": "xla", "model.scan_unroll": 1, "model.loss_chunk": 0
 # Blocks and chunks smaller than the rows (32 and 96 tokens), not dividing them.
 LEVERS = {
     "blockwise attention": {"model.attention": "blockwise", "model.attention_block": 7},
+    # Pallas kernels, in Pallas' interpreter on CPU (tests/test_attention.py: sliding window)
+    "splash attention": {"model.attention": "splash"},
+    "pallas_gpu attention": {"model.attention": "pallas_gpu"},
     "unrolled layers": {"model.scan_unroll": 0},
     "two layers per loop step": {"model.scan_unroll": 2, "model.llm.depth": 4},
     "chunked loss": {"model.loss_chunk": 5},
+    **{f"remat {policy}": {"model.remat": policy}
+       for policy in ("full", "dots", "dots_with_no_batch_dims", "offload")},
     "all": {"model.attention": "blockwise", "model.attention_block": 16, "model.scan_unroll": 0,
             "model.loss_chunk": 12},
 }
@@ -168,10 +172,12 @@ def test_model_normalises_uint8_as_the_host_does(tok):
   np.testing.assert_array_equal(model.apply({}, jnp.asarray(on_host), method="pixels"), on_host)  # floats pass
 
 
-def test_levers_on_a_data_fsdp_tensor_mesh_equal_one_device(tok):
-  # Several attention blocks and loss chunks, rows split over data x fsdp, heads and vocab over tensor.
+@pytest.mark.parametrize("attention", ["blockwise", "splash"])
+def test_levers_on_a_data_fsdp_tensor_mesh_equal_one_device(tok, attention):
+  # Several attention blocks and loss chunks, rows split over data x fsdp, heads and vocab over
+  # tensor; splash runs in shard_map over rows and heads.
   cfg = _config(tok, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
-                {**LEVERS["all"], "model.attention_block": 8, "model.loss_chunk": 8})
+                {**LEVERS["all"], "model.attention": attention, "model.attention_block": 8, "model.loss_chunk": 8})
   batch = {k: v for k, v in helpers.random_batch(1, cfg, tok.image_id).items()
            if k in tasks.VLM_INPUTS + ("targets", "loss_mask")}
   params = _init(cfg, tok, batch)
@@ -190,38 +196,7 @@ def test_levers_on_a_data_fsdp_tensor_mesh_equal_one_device(tok):
     np.testing.assert_allclose(flat[path], flat_one[path], rtol=1e-4, atol=1e-5 * scale, err_msg=path)
 
 
-# --- the kernels themselves, at shapes and options the model configs above do not reach -------
-def _qkv(batch=2, length=37, heads=6, kv_heads=2, dim=8, dtype=jnp.float32):
-  ks = jax.random.split(jax.random.key(1), 3)
-  q = jax.random.normal(ks[0], (batch, length, heads, dim), dtype)
-  k, v = (jax.random.normal(key, (batch, length, kv_heads, dim), dtype) for key in ks[1:])
-  return q, k, v
-
-
-@pytest.mark.parametrize("causal,window", [(True, 0), (True, 5), (False, 0)])
-@pytest.mark.parametrize("segments", [False, True])
-@pytest.mark.parametrize("block", [1, 8, 64])
-def test_blockwise_attention_equals_the_reference(causal, window, segments, block):
-  q, k, v = _qkv()
-  seg = jnp.asarray([[1] * 12 + [2] * 20 + [0] * 5, [1] * 37]) if segments else None
-  real = (seg != 0)[:, :, None, None] if segments else jnp.ones((1, 1, 1, 1), bool)
-  weight = jax.random.normal(jax.random.key(2), q.shape) * real  # padding queries' outputs are unread
-
-  def run(implementation):
-    f = lambda q, k, v: attention(q, k, v, q_segment_ids=seg, causal=causal, window=window,
-                                  implementation=implementation, block=block)
-    out = f(q, k, v)
-    return out * real, jax.grad(lambda *a: jnp.sum(f(*a) * weight), argnums=(0, 1, 2))(q, k, v)
-
-  (out_ref, grads_ref), (out, grads) = run("xla"), run("blockwise")
-  np.testing.assert_allclose(out, out_ref, atol=2e-6)
-  for g, g_ref in zip(grads, grads_ref):
-    np.testing.assert_allclose(g, g_ref, atol=1e-5)
-  if segments:  # a padding query sees nothing: zeros
-    assert float(jnp.abs(attention(q, k, v, q_segment_ids=seg, causal=causal, implementation="blockwise",
-                                   block=block)[0, 32:]).max()) == 0
-
-
+# --- the chunked loss itself, at shapes and options the model configs above do not reach ---------
 @pytest.mark.parametrize("chunk", [1, 6, 40])
 def test_chunked_loss_equals_full_logits(chunk):
   ks = jax.random.split(jax.random.key(3), 4)
@@ -240,3 +215,32 @@ def test_chunked_loss_equals_full_logits(chunk):
   d_hidden, d_head = jax.grad(lambda h, w: chunked(h, jax.lax.stop_gradient(w))[0], argnums=(0, 1))(hidden, head)
   assert float(jnp.abs(d_head).max()) == 0
   np.testing.assert_allclose(d_hidden, grad(full)[0], atol=2e-6)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_bf16_frozen_params_give_the_step_of_their_rounded_values(tok, stage):
+  from vlm_jax.train import trainer as trainer_lib
+  plain, lever = (_config(tok, {"stage": stage}, {"train.frozen_dtype": dtype}) for dtype in ("float32", "bfloat16"))
+  mesh = parallel.make_mesh(plain.mesh, jax.devices()[:1])
+  trainers = [trainer_lib.build(c, mesh, tok.image_id) for c in (plain, lever)]
+  labels = build_lib.flat_params(trainers[0].labels)
+  frozen = [path for path, label in labels.items() if label == optim.FROZEN]
+  assert frozen and len(frozen) < len(labels)
+  # The fp32 run starts from the bf16-rounded values of the frozen params: the same numbers.
+  params = jax.tree.map(lambda p, label: p.astype(jnp.bfloat16).astype(p.dtype) if label == optim.FROZEN else p,
+                        trainers[0].run.init_params(jax.random.key(0)), trainers[0].labels)
+  batch = helpers.random_batch(0, plain, tok.image_id)
+  states, losses = [], []
+  for trainer in trainers:
+    state = trainer.start(jax.tree.map(jnp.copy, params))
+    state, metrics = trainer.train_step(state, batch)
+    states.append(build_lib.flat_params(helpers.to_host(state["params"])))
+    losses.append(float(metrics["train/loss"]))
+  assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+  for path in labels:
+    if path in frozen:  # stored in bf16, untouched
+      assert states[1][path].dtype == jnp.bfloat16
+      np.testing.assert_array_equal(states[1][path].astype(np.float32), states[0][path], err_msg=path)
+    else:
+      assert states[1][path].dtype == np.float32
+      np.testing.assert_allclose(states[1][path], states[0][path], rtol=1e-5, atol=1e-7, err_msg=path)

@@ -6,6 +6,7 @@ the model ever sits on one device. Training adds the optimizer on top (train/tra
 inference, eval and conversion need only this.
 """
 
+import contextlib
 import dataclasses
 import functools
 from typing import Callable
@@ -19,7 +20,7 @@ from vlm_jax import config as config_lib
 from vlm_jax import parallel, tasks
 from vlm_jax.data import anyres
 from vlm_jax.errors import UserError
-from vlm_jax.models import vlm
+from vlm_jax.models import attention, vlm
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -74,14 +75,15 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
   model = task.make_model(config, image_token_id)
   inputs = task.dummy_inputs(config, 1)
   boxed_init = lambda rng: model.init(rng, *inputs)["params"]
-  boxed = jax.eval_shape(boxed_init, jax.random.key(0))
+  with attention.on_platform(mesh.devices.flat[0].platform):
+    boxed = jax.eval_shape(boxed_init, jax.random.key(0))
   param_shardings = parallel.param_shardings(boxed, mesh)
 
   def eval_step(params, batch: dict) -> dict[str, jax.Array]:
     loss_sum, count = task.loss(model.apply, params, batch)
     return {"loss_sum": loss_sum, "count": count}
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
+  with tracing_context(mesh):
     init_params = jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=param_shardings)
     eval_step = jax.jit(eval_step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
                         out_shardings=parallel.replicated(mesh))
@@ -90,15 +92,22 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
 
 
 def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
-  """Calls (and so traces) a jitted `fn` with the mesh and the logical rules in context."""
+  """Calls (and so traces) a jitted `fn` with the mesh, the logical rules and the mesh's platform
+  (attention.on_platform) in context."""
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
+    with tracing_context(mesh):
       return fn(*args, **kwargs)
   wrapped.lower = lambda *a, **k: _lower(fn, mesh, *a, **k)
   return wrapped
 
 
 def _lower(fn, mesh, *args, **kwargs):
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
+  with tracing_context(mesh):
     return fn.lower(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def tracing_context(mesh: Mesh):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES), attention.on_platform(mesh.devices.flat[0].platform):
+    yield

@@ -10,7 +10,7 @@ import time
 
 from vlm_jax.errors import UserError
 
-COMMANDS = ("train", "eval", "generate", "chat", "convert", "tokens", "data")
+COMMANDS = ("train", "eval", "generate", "chat", "convert", "tokens", "data", "compile")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -327,6 +327,50 @@ def cmd_data(argv: list[str]) -> int:
   return 0
 
 
+def cmd_compile(argv: list[str]) -> int:
+  argv, overrides = split_overrides(argv)
+  p = _Parser(prog="vlm-jax compile")
+  p.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
+  p.add_argument("--topology", required=True, help="a TPU slice: v5e:2x2, v5e:4x4, v5p:2x2x1, v6e:2x2, ...")
+  p.add_argument("--decode-rows", type=int, default=8,
+                 help="also compile generation for this many prompts of data.seq_len tokens (0: the train step only)")
+  p.add_argument("--decode-tokens", type=int, default=256, help="new tokens per prompt (with --decode-rows)")
+  p.add_argument("--json", action="store_true")
+  args = p.parse_args(argv)
+  for flag, value in (("--decode-rows", args.decode_rows), ("--decode-tokens", args.decode_tokens)):
+    if value < 0 or (flag == "--decode-tokens" and value < 1):
+      raise UserError(f"{flag} must be >= {0 if flag == '--decode-rows' else 1}, got {value}")
+  from vlm_jax import config as config_lib
+  config = config_lib.load_file(args.config)
+  config_lib.apply_overrides(config, overrides)
+  from vlm_jax import build
+  build.validate(config)
+  import jax
+  # The target is libtpu's description of the slice; this machine's own devices are not needed
+  # (and on a machine without a TPU, jax would otherwise try to start libtpu's backend).
+  if not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")
+  from vlm_jax import aot
+  generation = (args.decode_rows, args.decode_tokens) if args.decode_rows else None
+  if generation and config.model.anyres.enabled:
+    print("vlm-jax compile: generation is compiled for one square image a prompt; AnyRes configs get the train "
+          "step only", file=sys.stderr)
+    generation = None
+  try:
+    report = aot.compile_run(config, args.topology, generation)
+  except aot.DoesNotFit as e:
+    if args.json:
+      print(json.dumps(e.to_json()))
+    raise UserError(f"{args.topology}: does not fit ({e.message}); levers: "
+                    + "; ".join(aot.levers_to_fit(config, e.chips))) from None
+  print(json.dumps(report.to_json()) if args.json else aot.describe(report))
+  if not report.fits:
+    raise UserError(f"{args.topology}: needs {max(report.total_bytes, (report.generation or {}).get('total_bytes', 0)) / aot.GIB:.2f} "
+                    f"GiB per chip (train step {report.total_bytes / aot.GIB:.2f}), more than the "
+                    f"{report.hbm_bytes / aot.GIB:.2f} GiB HBM of a {report.device_kind}; levers: "
+                    + "; ".join(aot.levers_to_fit(config, report.chips)))
+  return 0
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help"):
@@ -336,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
   _setup_logging(verbose=command == "train")
   try:
     handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert,
-               "tokens": cmd_tokens, "data": cmd_data}.get(command)
+               "tokens": cmd_tokens, "data": cmd_data, "compile": cmd_compile}.get(command)
     if handler is None:
       raise UserError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
     return handler(rest)

@@ -14,9 +14,11 @@ import sys
 
 import ml_collections
 
+from vlm_jax import xla_options
 from vlm_jax.errors import UserError
 
 STAGES = ("stage1", "stage2", "full")
+FROZEN_DTYPES = ("float32", "bfloat16")
 ROPE_TYPES = ("default", "linear", "llama3")
 COMPONENTS = ("vision", "bridge", "llm")   # the params tree's top-level parts
 IMAGE_POSITIONS = ("before", "after")      # where <image> goes when a prompt does not say
@@ -34,9 +36,13 @@ def base() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state are fp32
-  c.model.remat = "none"      # none | full | dots
+  # What the backward pass recomputes (vlm_jax/models/layers.py REMAT_POLICIES): none | full |
+  # dots | dots_with_no_batch_dims | offload (the latter's saved matmuls in host memory)
+  c.model.remat = "none"
   # Ways to compute, each giving the same loss and gradients (README "Train-step speed"):
-  c.model.attention = "blockwise"  # xla (reference) | blockwise | cudnn | auto (cuDNN where it can)
+  # xla (reference) | blockwise | cudnn (GPU) | splash (TPU) | pallas_gpu | auto (the platform's
+  # best: splash on TPU, cuDNN or pallas_gpu on GPU, blockwise on CPU); vlm_jax/models/attention.py
+  c.model.attention = "auto"
   c.model.attention_block = 128    # blockwise: query positions per block
   c.model.scan_unroll = 1          # layers per iteration of the loop over layers; 0: unrolled
   c.model.loss_chunk = 256         # loss over supervised positions, this many per row at a time; 0: full logits
@@ -118,6 +124,10 @@ def base() -> ml_collections.ConfigDict:
   # Comma-separated regexes over param paths ("bridge/.*,llm/layers/.*"): if set, replaces the
   # stage's choice of what trains.
   c.train.trainable = ""
+  # Storage of the params the stage freezes: bfloat16 halves their memory (stage 1: the LLM's);
+  # the compute dtype reads them in bfloat16 anyway, so with model.dtype=bfloat16 only the norms'
+  # scales, read in fp32, see the rounding.
+  c.train.frozen_dtype = "float32"  # float32 | bfloat16
   c.train.log_every = 20
   c.train.eval_every = 200
   c.train.eval_examples = 256
@@ -126,6 +136,11 @@ def base() -> ml_collections.ConfigDict:
   c.train.max_to_keep = 2
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  # XLA compiler options (vlm_jax/xla_options.py), how the step is scheduled, not what it computes.
+  # The switches are for TPU and GPU; `flags`, "name=value,name=value", go to the compiler as they
+  # are (TPU: true/false; GPU: True/False).
+  c.xla = ml_collections.ConfigDict(dict(latency_hiding_scheduler=False, async_collectives=False, flags=""))
 
   # Periodic evals (big_vision style): name -> {data, metric, every, max_examples}, each logged
   # as eval/<name>/<metric> (vlm_jax/eval/runner.py); `--eval-data SPEC` replaces them all.
@@ -247,6 +262,7 @@ def check_image_position(position: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   check_fields(config, base())
   check_one_of("config.stage", config.stage, STAGES)
+  check_one_of("config.train.frozen_dtype", config.train.frozen_dtype, FROZEN_DTYPES)
   check_image_position(config.data.image_position)
   m = config.model
   if m.vision.image_size % m.vision.patch_size:
@@ -263,6 +279,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.scan_unroll < 0:
     raise UserError(f"config.model.scan_unroll must be >= 0 (0: unrolled), got {m.scan_unroll}")
   _validate_images(config.data)
+  xla_options.parse_flags(config.xla.flags)
   if config.data.image_pool < 0:
     raise UserError(f"config.data.image_pool must be >= 0 (0: every image slot), got {config.data.image_pool}")
   if m.anyres.enabled:

@@ -195,6 +195,16 @@ class Generator:
                             in_mesh(jax.jit(functools.partial(_decode, **kw), donate_argnums=1), self.mesh))
     return self._programs[st]
 
+  def programs(self, rows: int, prompt_len: int, max_new_tokens: int) -> tuple:
+    """(unstack, prefill, decode): the jitted programs greedy decoding of `rows` prompts of up
+    to `prompt_len` tokens runs, for ahead-of-time compilation (aot.py). Their arguments:
+    unstack(params); prefill(layer-list params, tokens [rows, slots] int32, start [rows] int32,
+    live [rows] bool, images, seeds [rows] uint32, knobs); decode(layer-list params, state, until
+    int32, knobs), as `stream` calls them."""
+    slots = bucket(prompt_len)
+    st = _Static(rows, slots, bucket(slots + max_new_tokens), max_new_tokens, False, False, ())
+    return (self._unstack,) + self._compiled(st)
+
   def stream(self, params, prompts: Sequence[np.ndarray], images, *, max_new_tokens: int,
              sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (), every: int = 1
              ) -> Iterator[list[list[int]]]:

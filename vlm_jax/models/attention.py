@@ -1,11 +1,16 @@
 """The one attention entry point: masks from segment ids, causal or bidirectional, GQA; and the
 mask of a query block against a KV cache."""
 
+import contextlib
+import contextvars
 import functools
+import logging
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from vlm_jax.models import pallas_attention
 
 
 def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
@@ -26,7 +31,69 @@ def cache_mask(start: jax.Array, q_slots: jax.Array, cache_len: int, window: int
   return mask[:, None]
 
 
-IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "auto")  # config.model.attention
+IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "splash", "pallas_gpu", "auto")  # config.model.attention
+log = logging.getLogger(__name__)
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_platform", default=None)
+_LOGGED: set[str] = set()
+
+
+@contextlib.contextmanager
+def on_platform(platform: str):
+  """Traces inside are for `platform` ("tpu", "gpu", "cpu"): the devices of the mesh a program is
+  compiled for, which differ from the default backend when compiling for a TPU from a CPU
+  machine (`vlm-jax compile`). build.in_mesh sets it from its mesh."""
+  token = _PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _PLATFORM.reset(token)
+
+
+def platform() -> str:
+  return _PLATFORM.get() or jax.default_backend()
+
+
+def _log_once(message: str) -> None:
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    log.info("%s", message)
+
+
+def _cudnn_limits(q: jax.Array) -> str:
+  """Why cuDNN's fused attention cannot take q (empty if it can)."""
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"cuDNN attention needs bfloat16 or float16, not {q.dtype}"
+  if q.shape[-1] > 128 or q.shape[-1] % 8:
+    return f"cuDNN attention needs a head dim <= 128 and a multiple of 8, not {q.shape[-1]}"
+  return ""
+
+
+def choose(implementation: str, q: jax.Array, k: jax.Array, *, causal: bool, window: int) -> str:
+  """The implementation that runs: `auto` resolved for the platform, and a kernel that cannot do
+  this combination replaced by `xla` (each choice logged once)."""
+  target = platform()
+  if implementation == "auto":
+    if target == "tpu":
+      chosen = "splash"
+    elif target == "gpu":
+      chosen = "cudnn" if not _cudnn_limits(q) else "pallas_gpu"
+    else:
+      chosen = "blockwise"
+    _log_once(f"attention auto: {chosen} on {target}")
+    implementation = chosen
+  reason = ""
+  if implementation in ("splash", "pallas_gpu") and q.shape[1] != k.shape[1]:
+    reason = f"{implementation} here is self-attention only (queries {q.shape[1]}, keys {k.shape[1]})"
+  elif implementation == "pallas_gpu" and causal and window > 0:
+    reason = "the Pallas GPU kernel has no sliding window"
+  elif implementation == "cudnn":
+    reason = f"cuDNN attention needs a GPU, not {target}" if target != "gpu" else _cudnn_limits(q)
+  if reason:
+    _log_once(f"attention {implementation} -> xla: {reason}")
+    return "xla"
+  if implementation in ("splash", "pallas_gpu") and target != {"splash": "tpu", "pallas_gpu": "gpu"}[implementation]:
+    _log_once(f"attention {implementation}: not on its platform ({target}), so in Pallas' interpreter (slow; for tests)")
+  return implementation
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array | None = None,
@@ -34,26 +101,30 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Ar
               implementation: str = "xla", window: int = 0, block: int = 128) -> jax.Array:
   """q [B,T,N,H], k/v [B,S,K,H] with N % K == 0 -> [B,T,N,H].
 
-  Padding queries (segment 0) see nothing and come out finite, values nothing should read
-  (zeros with blockwise); packed samples (distinct segment ids) never attend across each
-  other. Query head n reads kv head n // (N // K), as HF's repeat_kv. window > 0 (causal): a
-  query sees its last `window` keys, itself included (Mistral's sliding window: key > query -
-  window).
+  Padding queries (segment 0) come out finite, values nothing should read (each implementation
+  its own); packed samples (distinct segment ids) never attend across each other. Query head n
+  reads kv head n // (N // K), as HF's repeat_kv. window > 0 (causal): a query sees its last
+  `window` keys, itself included (Mistral's sliding window: key > query - window).
 
-  implementation: "xla" is jax.nn.dot_product_attention's reference path; "blockwise" is
-  `blockwise_attention` (`block` query positions at a time); "cudnn" and "auto" go to
-  jax.nn.dot_product_attention (auto: cuDNN where it can, else xla).
+  implementation (IMPLEMENTATIONS; `choose` resolves auto and fallbacks): "xla" is
+  jax.nn.dot_product_attention's reference path; "blockwise" is `blockwise_attention` (`block`
+  query positions at a time, plain XLA ops); "cudnn" is jax.nn.dot_product_attention's cuDNN
+  kernel; "splash" and "pallas_gpu" are Pallas kernels (pallas_attention.py).
   """
+  implementation = choose(implementation, q, k, causal=causal, window=window)
+  if q_segment_ids is not None and kv_segment_ids is None:
+    kv_segment_ids = q_segment_ids
   if implementation == "blockwise":
     return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, window=window,
                                block=block)
-  mask = None
-  if q_segment_ids is not None:
-    kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
-    mask = segment_mask(q_segment_ids, kv_segment_ids)
-  impl = None if implementation == "auto" else implementation
+  if implementation in ("splash", "pallas_gpu"):
+    interpret = platform() != {"splash": "tpu", "pallas_gpu": "gpu"}[implementation]
+    if implementation == "splash":
+      return pallas_attention.splash(q, k, v, q_segment_ids, causal=causal, window=window, interpret=interpret)
+    return pallas_attention.gpu_flash(q, k, v, q_segment_ids, causal=causal, interpret=interpret)
+  mask = None if q_segment_ids is None else segment_mask(q_segment_ids, kv_segment_ids)
   local = (window - 1, 0) if window > 0 else None
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl,
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation,
                                       local_window_size=local)
 
 

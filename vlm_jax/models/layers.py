@@ -83,10 +83,16 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
 }
 
-REMAT_POLICIES = {  # config.model.remat -> what a layer's backward pass keeps (None: no remat)
+# config.model.remat -> what a layer's forward pass keeps for the backward pass, the rest being
+# recomputed (None: no remat, everything kept). "offload" keeps what dots_with_no_batch_dims does,
+# in pinned host memory (TPU/GPU); on CPU, where device memory is host memory, it is the same.
+REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.dots_saveable,  # every matmul's output
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projections, not attention
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims(offload_src="device",
+                                                                      offload_dst="pinned_host"),
 }
 
 

@@ -32,11 +32,13 @@ from vlm_jax.train.optim import FROZEN
 
 log = logging.getLogger("vlm_jax")
 
-# Fields that may change when a run is resumed (cadence, length, and config.evals); any other
-# change is an error.
+# Fields that may change when a run is resumed (cadence, length, the levers that change how and
+# not what the step computes, config.evals and config.xla); any other change is an error.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.max_to_keep", "train.eval_examples", "train.eval_batch_size", "data.threads",
-                     "data.prefetch")
+                     "data.prefetch", "model.remat", "model.attention", "model.attention_block", "model.scan_unroll",
+                     "model.loss_chunk")
+RESUMABLE_GROUPS = ("evals.", "xla.")
 
 
 class PeriodicEval(Protocol):
@@ -60,7 +62,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   defaults = config_lib.flatten(json.loads(config_lib.to_json(config_lib.base())))
   changed = sorted(k for k, v in config_lib.flatten(json.loads(config_lib.to_json(config))).items()
                    if saved.get(k, defaults.get(k)) != v and k not in RESUMABLE_CHANGES
-                   and not k.startswith("evals."))
+                   and not k.startswith(RESUMABLE_GROUPS))
   if changed:
     raise UserError(f"--workdir {workdir} holds a run with a different config ({', '.join(changed[:5])}); "
                     "use a new workdir, or the same config to resume")

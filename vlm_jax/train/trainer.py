@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from vlm_jax import build as build_lib
-from vlm_jax import parallel
+from vlm_jax import parallel, xla_options
 from vlm_jax.train import optim, step as step_lib
 
 
@@ -34,7 +34,10 @@ def make(run: build_lib.Run) -> Trainer:
   labels = optim.param_labels(run.abstract_params, config.train, config.stage)
   tx = optim.make_optimizer(config.train, labels)
 
+  frozen_dtype = jnp.dtype(config.train.frozen_dtype)
+
   def new_state(params):
+    params = jax.tree.map(lambda p, label: p.astype(frozen_dtype) if label == optim.FROZEN else p, params, labels)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   abstract_state = jax.eval_shape(new_state, run.abstract_params)
@@ -49,7 +52,8 @@ def make(run: build_lib.Run) -> Trainer:
     # The given params become the state's (donated: never two copies of the model at once).
     start = jax.jit(new_state, out_shardings=state_shardings, donate_argnums=0)
     train_step = jax.jit(train_step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0)
+                         out_shardings=(state_shardings, replicated), donate_argnums=0,
+                         compiler_options=xla_options.compiler_options(config.xla, mesh.devices.flat[0].platform))
   start = build_lib.in_mesh(start, mesh)
   return Trainer(run, labels, tx, state_shardings, abstract_state, lambda rng: start(run.init_params(rng)),
                  start, build_lib.in_mesh(train_step, mesh))

@@ -85,6 +85,16 @@ def test_cli_prints_one_json_object_as_the_contract_says():
   assert generation["total_bytes"] >= max(generation["prefill"]["total_bytes"], generation["decode"]["total_bytes"])
 
 
+def test_a_gpu_estimate_comes_from_the_cpu_compiler():
+  # stage 1's `plain` template (captions), which the shapes questions do not fit: batch shapes do not care
+  out = _cli("--config", "configs/shapes_tiny.py", "--topology", "gpu:80", "--decode-rows", "0", "--json",
+             "--config.stage=stage1", "--config.data.template=plain")
+  assert out.returncode == 0, out.stderr
+  report = json.loads(out.stdout)
+  assert report["chips"] == 1 and "estimate" in report["device_kind"] and report["per_chip"]["hbm_bytes"] == 80 * 10**9
+  assert report["fits"] and report["per_chip"]["total_bytes"] > 0 and report["pallas_kernels"] == 0
+
+
 def test_a_step_that_does_not_fit_exits_2_naming_the_levers():
   # A 2B-parameter LLM replicated on each 16 GiB chip (data parallel, no remat): it cannot fit.
   out = _cli("--config", "configs/shapes_tiny.py", "--topology", "v5e:2x2", "--config.mesh.data=4",

@@ -4,7 +4,8 @@ libtpu (the `jax[tpu]` extra) describes a slice's chips without the hardware
 (jax.experimental.topologies); the step is lowered with abstract state and batch in their
 shardings over a mesh of those chips and compiled by the TPU compiler, so its memory analysis
 (per chip), cost analysis and collectives are the TPU's. As MaxText's train_compile: a run that
-would not fit fails here, in a minute, not after a pod has been allocated.
+would not fit fails here, in a minute, not after a pod has been allocated. `gpu:GB` stands for
+one GPU of that memory, with this machine's CPU compiler in place of the GPU's: an estimate.
 """
 
 import dataclasses
@@ -15,7 +16,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
 
 from vlm_jax import build as build_lib
 from vlm_jax import parallel
@@ -42,6 +42,7 @@ CHIPS = {
 # ALLOW_MULTIPLE_LIBTPU_LOAD: compiling beside a process that holds the chips (a run on the VM).
 _NO_TPU_VM = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
               "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+GPU_PEAK_FLOPS = 989e12  # H100 dense bf16, as ../shared/bench/README.md
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_OP = re.compile(r"=\s*\S+\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 
@@ -66,7 +67,7 @@ class Report:
   memory: "Memory"               # the train step's, per chip
   hbm_bytes: int
   flops_per_step: float          # per chip: the model's FLOPs (model_flops) / chips
-  compiler_flops: float          # per chip, the TPU compiler's cost analysis: it counts a loop body
+  compiler_flops: float          # per chip, the compiler's cost analysis: it counts a loop body
                                  # (the scan over layers) once, so it undercounts a scanned model
   peak_flops: float              # per chip, dense bf16
   collectives: dict[str, int]
@@ -96,8 +97,24 @@ class Report:
             "compile_seconds": round(self.compile_seconds, 1)}
 
 
-def topology_devices(name: str) -> list:
-  """The chips of a TPU slice such as "v5e:4x4", "v5p:2x2x1" or "v6e:2x2" (libtpu needed)."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+  devices: list
+  device_kind: str
+  hbm_bytes: int
+  peak_flops: float
+
+
+def target(name: str) -> Target:
+  """The chips of a TPU slice such as "v5e:4x4", "v5p:2x2x1" or "v6e:2x2" (libtpu needed); or
+  "gpu:80", one GPU of 80 GB, which this machine's CPU compiler stands in for (its memory
+  analysis an estimate of the GPU's: the same buffers, not the GPU compiler's fusions)."""
+  if name.startswith("gpu:"):
+    gib = name[4:]
+    if not gib.isdigit() or int(gib) < 1:
+      raise UserError(f"--topology {name}: expected gpu:GB, e.g. gpu:80")
+    return Target(jax.devices("cpu")[:1], f"GPU, {gib} GB (estimate from the CPU compiler)", int(gib) * 10**9,
+                  GPU_PEAK_FLOPS)
   for key, value in _NO_TPU_VM.items():
     os.environ.setdefault(key, value)
   try:
@@ -107,11 +124,12 @@ def topology_devices(name: str) -> list:
     raise UserError(f"--topology {name}: needs libtpu (pip install 'jax[tpu]'): {e}") from None
   except Exception as e:  # libtpu's own message says what is wrong with the name
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f"--topology {name}: not a TPU topology libtpu knows (e.g. v5e:2x2, v5p:2x2x1, v6e:2x2): "
-                    f"{first}") from None
-  if devices[0].device_kind not in CHIPS:
-    raise UserError(f"--topology {name}: no HBM figure for {devices[0].device_kind!r} (known: {', '.join(CHIPS)})")
-  return list(devices)
+    raise UserError(f"--topology {name}: not a TPU topology libtpu knows (e.g. v5e:2x2, v5p:2x2x1, v6e:2x2) "
+                    f"nor gpu:GB: {first}") from None
+  kind = devices[0].device_kind
+  if kind not in CHIPS:
+    raise UserError(f"--topology {name}: no HBM figure for {kind!r} (known: {', '.join(CHIPS)})")
+  return Target(list(devices), kind, *CHIPS[kind])
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict:
@@ -119,7 +137,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict:
   pipeline makes for this config from the built-in `shapes` set (shapes do not depend on the data)."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.data.update(dict(sources="shapes:wide" if c.model.anyres.enabled else "shapes", tokenizer="shapes",
-                     workers=0, threads=0, prefetch=0, strict=False))
+                     template="simple", workers=0, threads=0, prefetch=0, strict=False))  # any template fits shapes
   batches = pipeline.Batches.from_config(c, Tokenizer.load("shapes"), vlm.image_tokens(c.model),
                                          tile_groups=parallel.batch_divisor(mesh) * c.train.grad_accum)
   try:
@@ -224,7 +242,8 @@ def model_flops(config: ml_collections.ConfigDict, params, labels, batch: dict) 
 def compile_run(config: ml_collections.ConfigDict, topology: str, generation: tuple[int, int] | None = None) -> Report:
   """Builds the run for `topology`'s chips and AOT-compiles its train step, and with generation
   = (rows, new tokens) greedy generation for that many prompts of data.seq_len tokens."""
-  devices = topology_devices(topology)
+  chips = target(topology)
+  devices = chips.devices
   mesh = parallel.make_mesh(config.mesh, devices)
   if config.model.llm.vocab_size == 0:
     build_lib.resolve_model_config(config, Tokenizer.load(config.data.tokenizer).vocab_size)
@@ -243,12 +262,10 @@ def compile_run(config: ml_collections.ConfigDict, topology: str, generation: tu
     raise DoesNotFit(topology, len(devices), dict(mesh.shape), str(e).strip().splitlines()[0]) from None
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  kind = devices[0].device_kind
-  hbm, peak = CHIPS[kind]
   flops = model_flops(config, trainer.run.abstract_params, trainer.labels, batch) / len(devices)
   hlo = compiled.as_text()
-  return Report(topology, len(devices), kind, dict(mesh.shape), Memory.of(compiled), hbm, flops,
-                float(cost.get("flops", 0.0)), peak, count_collectives(hlo),
+  return Report(topology, len(devices), chips.device_kind, dict(mesh.shape), Memory.of(compiled), chips.hbm_bytes,
+                flops, float(cost.get("flops", 0.0)), chips.peak_flops, count_collectives(hlo),
                 hlo.count('custom_call_target="tpu_custom_call"'), seconds, generated)
 
 

@@ -331,7 +331,8 @@ def cmd_compile(argv: list[str]) -> int:
   argv, overrides = split_overrides(argv)
   p = _Parser(prog="vlm-jax compile")
   p.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
-  p.add_argument("--topology", required=True, help="a TPU slice: v5e:2x2, v5e:4x4, v5p:2x2x1, v6e:2x2, ...")
+  p.add_argument("--topology", required=True, help="a TPU slice: v5e:2x2, v5e:4x4, v5p:2x2x1, v6e:2x2, ...; "
+                 "or gpu:GB, one GPU of GB gigabytes (an estimate from this machine's CPU compiler)")
   p.add_argument("--decode-rows", type=int, default=8,
                  help="also compile generation for this many prompts of data.seq_len tokens (0: the train step only)")
   p.add_argument("--decode-tokens", type=int, default=256, help="new tokens per prompt (with --decode-rows)")

@@ -1,5 +1,7 @@
-"""The one attention entry point: masks from segment ids, causal or bidirectional, GQA; and the
-mask of a query block against a KV cache."""
+"""The one attention entry point: masks from segment ids, causal or bidirectional, sliding
+window, GQA; the implementations behind it (XLA's reference, blockwise, cuDNN, the Pallas kernels
+of pallas_attention.py) chosen for the platform the program is built for; and the mask of a
+query block against a KV cache."""
 
 import contextlib
 import contextvars

@@ -279,6 +279,8 @@ def levers_to_fit(config: ml_collections.ConfigDict, chips: int) -> list[str]:
   levers.append(f"--config.train.grad_accum={2 * config.train.grad_accum} (half the activations per micro-batch)")
   if config.model.loss_chunk == 0:
     levers.append("--config.model.loss_chunk=256 (no [batch, seq, vocab] logits)")
+  if config.stage != "full" and config.train.frozen_dtype == "float32":
+    levers.append("--config.train.frozen_dtype=bfloat16 (frozen params in half the bytes)")
   if config.model.attention in ("xla", "cudnn"):
     levers.append("--config.model.attention=splash (no [heads, seq, seq] scores)")
   return levers

@@ -13,13 +13,14 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vlm_jax"
 
 LAYERS = {  # group prefix -> rank; a module imports only lower ranks or its own group
-    "vlm_jax.errors": 0, "vlm_jax.files": 0.5, "vlm_jax.config": 1,
+    "vlm_jax.errors": 0, "vlm_jax.files": 0.5, "vlm_jax.xla_options": 0.75, "vlm_jax.config": 1,
     "vlm_jax.models": 2, "vlm_jax.data": 2,  # independent of each other
     "vlm_jax.parallel": 3,
     "vlm_jax.tasks": 4, "vlm_jax.build": 4.5,  # building a run from a config
     "vlm_jax.train": 5, "vlm_jax.infer": 5,  # independent of each other
     "vlm_jax.eval": 5.5,  # may use infer, never train
     "vlm_jax.convert": 6,  # Hugging Face in and out
+    "vlm_jax.aot": 6.5,  # the train and generation programs compiled for a target (vlm-jax compile)
     "vlm_jax.api": 7, "vlm_jax": 7.25,  # the package __init__ (vlm_jax.load) is the api's front door
     "vlm_jax.chat": 7.4,  # the terminal conversation over a loaded model
     "vlm_jax.lmms": 7.4,  # lmms-eval's model interface over a loaded model

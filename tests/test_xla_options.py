@@ -71,8 +71,7 @@ def test_bad_flags_name_the_field(flags):
 
 
 def test_libtpu_accepts_the_tpu_options(monkeypatch):
-  pytest.importorskip("libtpu")
-  from jax.experimental import topologies
+  from jax.experimental import topologies  # libtpu: the test extra's jax[tpu]
   # Only a description of the chips is used: another process holding libtpu must not fail this.
   monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices

@@ -80,8 +80,13 @@ class Report:
     return self.memory.total_bytes
 
   @property
+  def peak_bytes(self) -> int:
+    """The larger of the train step's total and generation's."""
+    return max(self.total_bytes, (self.generation or {}).get("total_bytes", 0))
+
+  @property
   def fits(self) -> bool:
-    return max(self.total_bytes, (self.generation or {}).get("total_bytes", 0)) <= self.hbm_bytes
+    return self.peak_bytes <= self.hbm_bytes
 
   @property
   def roofline_seconds(self) -> float:

@@ -75,7 +75,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
   model = task.make_model(config, image_token_id)
   inputs = task.dummy_inputs(config, 1)
   boxed_init = lambda rng: model.init(rng, *inputs)["params"]
-  with attention.on_platform(mesh.devices.flat[0].platform):
+  with attention.on_platform(parallel.platform(mesh)):
     boxed = jax.eval_shape(boxed_init, jax.random.key(0))
   param_shardings = parallel.param_shardings(boxed, mesh)
 
@@ -109,5 +109,5 @@ def _lower(fn, mesh, *args, **kwargs):
 
 @contextlib.contextmanager
 def tracing_context(mesh: Mesh):
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES), attention.on_platform(mesh.devices.flat[0].platform):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES), attention.on_platform(parallel.platform(mesh)):
     yield

@@ -366,7 +366,7 @@ def cmd_compile(argv: list[str]) -> int:
                     + "; ".join(aot.levers_to_fit(config, e.chips))) from None
   print(json.dumps(report.to_json()) if args.json else aot.describe(report))
   if not report.fits:
-    raise UserError(f"{args.topology}: needs {max(report.total_bytes, (report.generation or {}).get('total_bytes', 0)) / aot.GIB:.2f} "
+    raise UserError(f"{args.topology}: needs {report.peak_bytes / aot.GIB:.2f} "
                     f"GiB per chip (train step {report.total_bytes / aot.GIB:.2f}), more than the "
                     f"{report.hbm_bytes / aot.GIB:.2f} GiB HBM of a {report.device_kind}; levers: "
                     + "; ".join(aot.levers_to_fit(config, report.chips)))

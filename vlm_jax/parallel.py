@@ -85,6 +85,12 @@ def param_shardings(abstract_boxed_params, mesh: Mesh):
       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def platform(mesh: Mesh) -> str:
+  """"tpu", "gpu" or "cpu": the mesh's devices' (libtpu's topology devices when compiling for a
+  TPU from another machine)."""
+  return mesh.devices.flat[0].platform
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

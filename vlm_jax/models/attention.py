@@ -37,6 +37,7 @@ IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "splash", "pallas_gpu", "auto") 
 log = logging.getLogger(__name__)
 _PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_platform", default=None)
 _LOGGED: set[str] = set()
+KERNEL_PLATFORMS = {"splash": "tpu", "pallas_gpu": "gpu"}  # each Pallas kernel's own platform
 
 
 @contextlib.contextmanager
@@ -84,7 +85,7 @@ def choose(implementation: str, q: jax.Array, k: jax.Array, *, causal: bool, win
     _log_once(f"attention auto: {chosen} on {target}")
     implementation = chosen
   reason = ""
-  if implementation in ("splash", "pallas_gpu") and q.shape[1] != k.shape[1]:
+  if implementation in KERNEL_PLATFORMS and q.shape[1] != k.shape[1]:
     reason = f"{implementation} here is self-attention only (queries {q.shape[1]}, keys {k.shape[1]})"
   elif implementation == "pallas_gpu" and causal and window > 0:
     reason = "the Pallas GPU kernel has no sliding window"
@@ -93,7 +94,7 @@ def choose(implementation: str, q: jax.Array, k: jax.Array, *, causal: bool, win
   if reason:
     _log_once(f"attention {implementation} -> xla: {reason}")
     return "xla"
-  if implementation in ("splash", "pallas_gpu") and target != {"splash": "tpu", "pallas_gpu": "gpu"}[implementation]:
+  if implementation in KERNEL_PLATFORMS and target != KERNEL_PLATFORMS[implementation]:
     _log_once(f"attention {implementation}: not on its platform ({target}), so in Pallas' interpreter (slow; for tests)")
   return implementation
 
@@ -119,8 +120,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Ar
   if implementation == "blockwise":
     return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, window=window,
                                block=block)
-  if implementation in ("splash", "pallas_gpu"):
-    interpret = platform() != {"splash": "tpu", "pallas_gpu": "gpu"}[implementation]
+  if implementation in KERNEL_PLATFORMS:
+    interpret = platform() != KERNEL_PLATFORMS[implementation]
     if implementation == "splash":
       return pallas_attention.splash(q, k, v, q_segment_ids, causal=causal, window=window, interpret=interpret)
     return pallas_attention.gpu_flash(q, k, v, q_segment_ids, causal=causal, interpret=interpret)

@@ -87,7 +87,7 @@ def _sharded(local, q, k, v, seg):
   heads = HEAD_AXIS if k.shape[2] % mesh.shape[HEAD_AXIS] == 0 else None
   qkv_spec = P(rows, None, heads, None)
   specs = (qkv_spec, qkv_spec, qkv_spec) + ((P(rows, None),) if seg is not None else ())
-  body = (lambda q, k, v, s: local(q, k, v, s)) if seg is not None else (lambda q, k, v: local(q, k, v, None))
+  body = local if seg is not None else (lambda q, k, v: local(q, k, v, None))
   args = (q, k, v) + ((seg,) if seg is not None else ())
   return jax.shard_map(body, in_specs=specs, out_specs=qkv_spec, check_vma=False)(*args)
 

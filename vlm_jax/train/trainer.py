@@ -53,7 +53,7 @@ def make(run: build_lib.Run) -> Trainer:
     start = jax.jit(new_state, out_shardings=state_shardings, donate_argnums=0)
     train_step = jax.jit(train_step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                          out_shardings=(state_shardings, replicated), donate_argnums=0,
-                         compiler_options=xla_options.compiler_options(config.xla, mesh.devices.flat[0].platform))
+                         compiler_options=xla_options.compiler_options(config.xla, parallel.platform(mesh)))
   start = build_lib.in_mesh(start, mesh)
   return Trainer(run, labels, tx, state_shardings, abstract_state, lambda rng: start(run.init_params(rng)),
                  start, build_lib.in_mesh(train_step, mesh))

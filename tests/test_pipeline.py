@@ -119,17 +119,25 @@ def test_resume_sees_the_samples_of_an_unbroken_run(tok, llava, workers):
     resumed.set_state({"skipped": {}})
 
 
-def _shards(size: int, epoch: int) -> list[list[int]]:
-  """The sample indices processes 0 and 1 of 2 read in one epoch."""
-  return [[EpochOrder(0, size, SEED, p, 2)[epoch * len(range(p, size, 2)) + j][1]
-           for j in range(len(range(p, size, 2)))] for p in range(2)]
+def _epoch(size: int, epoch: int, processes: int) -> list[tuple[int, int]]:
+  """(process, sample index) of each global position of one epoch, read by `processes` processes."""
+  return [(g % processes, EpochOrder(0, size, SEED, g % processes, processes)[g // processes][1])
+          for g in range(epoch * size, (epoch + 1) * size)]
 
 
 def test_processes_read_disjoint_shards_that_cover_the_set():
-  for epoch in range(2):
-    a, b = _shards(23, epoch)
-    assert not set(a) & set(b) and sorted(a + b) == list(range(23))
-  assert _shards(23, 0) != _shards(23, 1)  # each epoch is shuffled anew
+  for epoch in range(3):
+    read = _epoch(23, epoch, 2)
+    assert sorted(i for _, i in read) == list(range(23))  # each sample once per epoch
+    assert {p for p, _ in read} == {0, 1}
+  assert _epoch(23, 0, 2) != _epoch(23, 1, 2)  # each epoch is shuffled anew
+
+
+@pytest.mark.parametrize("processes", [2, 3, 8])
+def test_the_global_stream_is_the_same_on_any_process_count(processes):
+  """What lets a run continue on another process count: global position g is the same sample."""
+  for epoch in range(3):
+    assert [i for _, i in _epoch(23, epoch, processes)] == [i for _, i in _epoch(23, epoch, 1)]
 
 
 def test_two_processes_read_one_epoch_between_them(tok, tmp_path):
@@ -139,6 +147,35 @@ def test_two_processes_read_one_epoch_between_them(tok, tmp_path):
                       len(range(p, 21, 2)))) for p in range(2)]
   assert [len(k) for k in keys] == [11, 10]
   assert not set(keys[0]) & set(keys[1]) and sorted(keys[0] + keys[1]) == sorted(ids)
+
+
+def _global_batches(tok, spec, processes: int, k: int, states=None):
+  """k global batches (sorted keys of each) read by `processes` processes, their states, and
+  the messages of continuing from `states`."""
+  rows, new_states, messages = [], [], []
+  for p in range(processes):
+    it = _batches(tok, spec, batch=4, process_index=p, process_count=processes)
+    messages.append(it.continue_from(states, p) if states else None)
+    rows.append([next(it)["keys"] for _ in range(k)])
+    new_states.append(it.get_state())
+    it.close()
+  return [sorted(key for p in range(processes) for row in rows[p][i] for key in row) for i in range(k)], \
+      new_states, messages
+
+
+def test_a_stream_continues_on_another_process_count(tok, tmp_path):
+  """2 processes read 3 batches; 1 or 4 processes go on with the unbroken stream's batches 4-6
+  (21 samples, 4 a batch: across an epoch's end)."""
+  spec = f"llava:{llava_fixture.write(str(tmp_path), 21, image_size=SIZE, broken=False)}"
+  unbroken, _, _ = _global_batches(tok, spec, 1, 6)
+  first, states, _ = _global_batches(tok, spec, 2, 3)
+  assert first == unbroken[:3]
+  for processes in (1, 2, 4):
+    rest, _, messages = _global_batches(tok, spec, processes, 3, states)
+    assert rest == unbroken[3:], processes
+    assert messages == ([None] * 2 if processes == 2 else
+                        ["data: 2 processes' positions continued on %d: from global sample 12 (exact)" % processes]
+                        * processes)
 
 
 def test_one_epoch_sees_every_good_sample_once(tok, llava):

@@ -84,8 +84,6 @@ def cmd_train(argv: list[str]) -> int:
     config.evals = {config_lib.eval_name(args.eval_data): config_lib.eval_entry(args.eval_data)}
   from vlm_jax import build
   build.validate(config)
-  if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
-    raise UserError(f"--workdir {args.workdir} exists and is not a directory")
   _maybe_distributed()
   from vlm_jax import api
   api.train(config, args.workdir)

@@ -1,7 +1,11 @@
-"""Reading the JSON files users and checkpoints bring, with one-line errors naming the file."""
+"""Files in and out: the JSON files users and checkpoints bring (one-line errors naming the file),
+and the path layer workdirs are written through (etils.epath: local or gs://)."""
 
 import json
 import os
+import time
+
+from etils import epath
 
 from vlm_jax.errors import UserError
 
@@ -24,3 +28,67 @@ def check_empty_dir(path: str, flag: str) -> None:
   """An output directory must be new or empty: nothing a user wrote is overwritten."""
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise UserError(f"{flag} {path} exists and is not an empty directory")
+
+
+def as_path(path: str) -> epath.Path:
+  """A workdir path through one layer for every filesystem: local (made absolute) or a URI
+  etils.epath opens (gs://bucket/run on a TPU VM)."""
+  return epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
+def check_output_dir(path: str, flag: str, subdirs: tuple[str, ...] = (), files: tuple[str, ...] = ()) -> None:
+  """A directory a command will write into (made if absent) can be: one line naming the path
+  in the way (a file where a directory belongs, or the reverse) or the one not writable."""
+  root = as_path(path)
+  if root.exists() and not root.is_dir():
+    raise UserError(f"{flag} {root} exists and is not a directory")
+  for name in subdirs:
+    if (root / name).exists() and not (root / name).is_dir():
+      raise UserError(f"{flag} {root}: {root / name} is a file where a directory belongs")
+  for name in files:
+    if (root / name).is_dir():
+      raise UserError(f"{flag} {root}: {root / name} is a directory where a file belongs")
+  existing = root
+  while not existing.exists() and existing.parent != existing:
+    existing = existing.parent
+  if not existing.is_dir():
+    raise UserError(f"{flag} {root}: {existing} is a file, not a directory")
+  probe = existing / f".vlm-jax-write-test-{os.getpid()}"
+  try:
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f"{flag} {root}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+class AppendFile:
+  """A file appended to (metrics, TensorBoard events). Object stores cannot append: there the
+  whole file is uploaded again on a flush at most every `upload_every` seconds, and on close."""
+
+  def __init__(self, path: epath.Path, upload_every: float = 30.0):
+    self.path = path
+    self._local = path.as_posix().startswith("/")
+    if self._local:
+      self._file = open(path, "ab")
+    else:
+      self._data = bytearray(path.read_bytes() if path.exists() else b"")
+      self._upload_every, self._uploaded = upload_every, 0.0
+
+  def write(self, data: bytes) -> None:
+    if self._local:
+      self._file.write(data)
+    else:
+      self._data += data
+
+  def flush(self, force: bool = False) -> None:
+    if self._local:
+      self._file.flush()
+    elif force or time.monotonic() - self._uploaded >= self._upload_every:
+      self.path.write_bytes(bytes(self._data))
+      self._uploaded = time.monotonic()
+
+  def close(self) -> None:
+    if self._local:
+      self._file.close()
+    else:
+      self.flush(force=True)

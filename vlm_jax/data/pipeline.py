@@ -1,14 +1,16 @@
 """The grain input pipeline: sources -> order -> prepare -> pack -> batch -> prefetch.
 
-Order: each source is shuffled anew every epoch and split into per-process shards (process p of
-n takes positions p, p + n, ... of the epoch's permutation: disjoint shards that cover the set);
-a mixture interleaves the sources by weight. Samples are prepared (tokens, loss mask, decoded
+Order: each source is one endless global stream, shuffled anew every epoch, and process p of n
+takes its positions p, p + n, p + 2n, ... (disjoint shards that cover it); a mixture interleaves
+the sources by weight. One source with unpacked rows is read the same on any process count:
+global batch k holds global positions [k B, (k + 1) B), so a run may continue on another one. Samples are prepared (tokens, loss mask, decoded
 and resized images) in `threads` reader threads, and batches are assembled and prefetched in
 `workers` processes (0: in this process, with a prefetch thread). Everything is a function of
 the config and the position in the stream, and the position (grain's iterator state) is saved
 with each checkpoint, so a resumed run sees exactly the samples an unbroken run would.
 """
 
+import json
 import logging
 import sys
 from typing import Any
@@ -34,23 +36,20 @@ HOST_ONLY = ("keys",)  # batch entries that stay on the host (sample ids, for te
 class EpochOrder:
   """Position j of this process's stream of one source -> (source number, sample index).
 
-  Infinite: epoch e = j // shard size uses its own permutation (index_shuffle: no O(n) table).
+  Infinite: global position g = p + j n; epoch g // size uses its own permutation (index_shuffle:
+  no O(n) table).
   """
 
   def __init__(self, source_number: int, size: int, seed: int, process_index: int, process_count: int):
-    if size < process_count:
-      raise UserError(f"{size} samples cannot be split over {process_count} processes")
     self.k, self.size = source_number, size
     self.p, self.n = process_index, process_count
-    self.shard = len(range(process_index, size, process_count))
     self.seed = int(np.random.SeedSequence([seed, source_number]).generate_state(1)[0])
 
   def __len__(self) -> int:
     return sys.maxsize
 
   def __getitem__(self, j: int) -> tuple[int, int]:
-    epoch, pos = divmod(j, self.shard)
-    position = self.p + pos * self.n
+    epoch, position = divmod(self.p + j * self.n, self.size)
     if self.size == 1:
       return self.k, 0
     return self.k, int(grain.experimental.index_shuffle(
@@ -92,7 +91,7 @@ class Batches:
                              ("workers", workers, 0), ("threads", threads, 0), ("prefetch", prefetch, 0)):
       if value < low:
         raise UserError(f"config.data.{name} must be >= {low}, got {value}")
-    self.spec, self.strict = spec, strict
+    self.spec, self.strict, self.process_count = spec, strict, process_count
     self.local_batch_size = global_batch_size // process_count
     image_size = preprocessing.size
     options = sources_lib.Options(seed, image_size, image_position, tfds_dir)
@@ -179,8 +178,54 @@ class Batches:
                       "was it written by another version of the pipeline?") from None
     self.skipped = skipped
 
+  def continue_from(self, states: list[dict[str, Any]], process_index: int) -> str | None:
+    """Sets the state this process continues from, given the states of all the processes that
+    saved a checkpoint; a message when their number differs from this run's.
+
+    The same number: each takes its own state (exact). Another number: the saved stream
+    positions j_p of n processes become the first global position G = min_p(p + j_p n) that its
+    owner has not read, and process q of m starts at its first position >= G. Unpacked rows of
+    one source keep all processes at the same j, so G is exactly where the run was; packing or
+    skipped samples leave them apart, and the samples read past G are read again.
+    """
+    n, m = len(states), self.process_count
+    if n == m:
+      self.set_state(states[process_index])
+      return None
+    try:
+      positions = [_stream_position(s["loader"]) for s in states]
+    except (KeyError, TypeError) as e:
+      raise UserError(f"data iterator state: no stream position to move from {n} to {m} processes "
+                      f"({type(e).__name__}: {e}); with config.data.workers > 0 resume on {n} processes") from None
+    first_unread = min(p + j * n for p, j in enumerate(positions))
+    mine = max(0, -(-(first_unread - process_index) // m))
+    loader = json.loads(json.dumps(states[0]["loader"]))
+    _set_stream_position(loader, mine)
+    skipped: dict[str, int] = {}
+    for s in states if process_index == 0 else ():  # the counts carry on in process 0's log
+      for reason, count in s.get("skipped", {}).items():
+        skipped[reason] = skipped.get(reason, 0) + count
+    self.set_state({"loader": loader, "skipped": skipped})
+    again = max(p + j * n for p, j in enumerate(positions)) - first_unread
+    return (f"data: {n} processes' positions continued on {m}: from global sample {first_unread}"
+            + (f" (up to {again} samples past it are read again: packing or skips left the processes apart)"
+               if again > n - 1 else " (exact)"))
+
   def close(self) -> None:
     """Stops the worker processes, if any."""
     close = getattr(self._it, "close", None)
     if close:
       close()
+
+
+def _stream_position(loader: dict[str, Any]) -> int:
+  """The sample stream's next index in a loader state (one reader, no worker processes)."""
+  while "next_index" not in loader:
+    loader = loader["parent"]
+  return int(loader["next_index"])
+
+
+def _set_stream_position(loader: dict[str, Any], index: int) -> None:
+  while "next_index" not in loader:
+    loader = loader["parent"]
+  loader["next_index"] = index

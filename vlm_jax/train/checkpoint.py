@@ -1,9 +1,20 @@
-"""Orbax checkpoints of the train state together with the data-iterator state."""
+"""Orbax checkpoints of the train state together with every process's data-iterator state.
 
+Saves are asynchronous (orbax): `save` returns once the arrays are copied off the devices, and
+the files are written in the background while training goes on; a step directory appears only
+when it is complete, so a save cut short (a second signal, a killed machine) leaves the previous
+checkpoint the latest. The workdir may be any path etils.epath opens (local, gs://).
+"""
+
+import json
 import os
+import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from vlm_jax.build import Run
 from vlm_jax.errors import UserError
@@ -13,27 +24,55 @@ def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _gather_json(value) -> list:
+  """Every process's JSON-serialisable `value`, in process order (a collective: all call it)."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(data.size))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:data.size] = data
+  rows = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths)]
+
+
 class Checkpointer:
-  """DIR/checkpoints/<step>/{state, data}; keeps the newest `max_to_keep`."""
+  """DIR/checkpoints/<step>/{state, data}; keeps the newest `max_to_keep`. `data` holds the
+  data-iterator state of every process ({"processes": [...]}), so a run can continue on another
+  process count."""
 
   def __init__(self, directory: str, max_to_keep: int = 2):
-    self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    self.directory = epath.Path(directory) if "://" in str(directory) else epath.Path(os.path.abspath(directory))
+    self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: dict, data_state: dict) -> None:
+  def save(self, step: int, state: dict, data_state: dict) -> float:
+    """Starts saving `step` (every process calls it) and returns the seconds the caller was held:
+    the copy off the devices, and any wait for the previous save still being written."""
+    data = {"processes": _gather_json(data_state)}
+    jax.block_until_ready(state)  # the step's own time is not the save's
+    start = time.perf_counter()
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data_state)))
+                                                    data=ocp.args.JsonSave(data)), force=True)
+    return time.perf_counter() - start
 
-  def restore(self, step: int, abstract_state: dict, shardings: dict) -> tuple[dict, dict]:
-    """Restores into the given shardings (which may differ from the ones it was saved with)."""
+  def restore(self, step: int, abstract_state: dict, shardings: dict) -> tuple[dict, list[dict]]:
+    """(state in the given shardings, which may differ from the saved ones; the data states of
+    the processes that saved it)."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(abstract_state, shardings)),
         data=ocp.args.JsonRestore()))
-    return restored["state"], restored["data"]
+    data = restored["data"]
+    # Before per-process states were kept, process 0's state was saved alone (and used by all).
+    return restored["state"], data["processes"] if "processes" in data else [data] * jax.process_count()
+
+  def complete(self, step: int) -> bool:
+    """`step` is finished on disk (after wait())."""
+    self.manager.reload()
+    return step in self.manager.all_steps()
 
   def restore_params(self, step: int, abstract_params, shardings):
     """Only the params (what inference and export need; converted checkpoints hold nothing else)."""

@@ -11,8 +11,6 @@ it was. The loop is handed its evaluator and the reader of `model.init_from` by 
 
 import json
 import logging
-import os
-import signal
 import time
 from typing import Callable, Protocol, Sequence
 
@@ -25,20 +23,23 @@ from vlm_jax import parallel
 from vlm_jax.data.pipeline import Batches, device_batch
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
+from vlm_jax.files import as_path, check_output_dir
 from vlm_jax.train import checkpoint as checkpoint_lib
 from vlm_jax.train import trainer as trainer_lib
 from vlm_jax.train.metrics import MetricWriter, ProgressLine
 from vlm_jax.train.optim import FROZEN
+from vlm_jax.train.preemption import StopSignal
 
 log = logging.getLogger("vlm_jax")
 
 # Fields that may change when a run is resumed (cadence, length, the levers that change how and
-# not what the step computes, config.evals and config.xla); any other change is an error.
+# not what the step computes, the mesh, config.evals and config.xla); any other change is an error.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.max_to_keep", "train.eval_examples", "train.eval_batch_size", "data.threads",
                      "data.prefetch", "model.remat", "model.attention", "model.attention_block", "model.scan_unroll",
                      "model.loss_chunk")
-RESUMABLE_GROUPS = ("evals.", "xla.")
+RESUMABLE_GROUPS = ("evals.", "xla.", "mesh.")
+WORKDIR_DIRS, WORKDIR_FILES = ("checkpoints", "tensorboard"), ("config.json", "metrics.jsonl")
 
 
 class PeriodicEval(Protocol):
@@ -51,28 +52,30 @@ MakeEvals = Callable[[build_lib.Run, Tokenizer], Sequence[PeriodicEval]]
 LoadParams = Callable[[str, build_lib.Run], dict]        # (config.model.init_from, run) -> params
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A resumed run must have the config it was started with (cadence fields aside). Writes nothing."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = config_lib.flatten(json.load(f))
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """The workdir can be written, and a resumed run has the config it was started with (the
+  fields it may change aside: returned as "name: saved -> now"). Writes nothing."""
+  check_output_dir(workdir, "--workdir", WORKDIR_DIRS, WORKDIR_FILES)
+  path = as_path(workdir) / "config.json"
+  if not path.exists():
+    return []
+  saved = config_lib.flatten(json.loads(path.read_text()))
   # A field added to vlm-jax after the run started (e.g. model.anyres.*) had its default then.
   defaults = config_lib.flatten(json.loads(config_lib.to_json(config_lib.base())))
-  changed = sorted(k for k, v in config_lib.flatten(json.loads(config_lib.to_json(config))).items()
-                   if saved.get(k, defaults.get(k)) != v and k not in RESUMABLE_CHANGES
-                   and not k.startswith(RESUMABLE_GROUPS))
-  if changed:
-    raise UserError(f"--workdir {workdir} holds a run with a different config ({', '.join(changed[:5])}); "
+  now = config_lib.flatten(json.loads(config_lib.to_json(config)))
+  differ = sorted(k for k, v in now.items() if saved.get(k, defaults.get(k)) != v)
+  refused = [k for k in differ if k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_GROUPS)]
+  if refused:
+    raise UserError(f"--workdir {workdir} holds a run with a different config ({', '.join(refused[:5])}); "
                     "use a new workdir, or the same config to resume")
+  return [f"{k}: {saved.get(k, defaults.get(k))} -> {now[k]}" for k in differ]
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(config))
+    root = as_path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(config_lib.to_json(config))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals | None = None,
@@ -84,7 +87,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals |
   build_lib.validate(config)
   tokenizer = Tokenizer.load(config.data.tokenizer)
   build_lib.resolve_model_config(config, tokenizer.vocab_size)
-  check_workdir(config, workdir)
+  changes = check_workdir(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   t = config.train
   rows_per_micro = t.batch_size // t.grad_accum
@@ -102,14 +105,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals |
     periodic = list(evals(run, tokenizer)) if evals else []
 
     # --- Restore or init, and the first batch; only then is the workdir written -----------------
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    checkpoint_dir = as_path(workdir) / "checkpoints"
     checkpoints = (checkpoint_lib.Checkpointer(checkpoint_dir, t.max_to_keep)
-                   if os.path.isdir(checkpoint_dir) else None)
+                   if checkpoint_dir.is_dir() else None)
     start = checkpoints.latest_step() if checkpoints else None
     if start is not None:
-      state, data_state = checkpoints.restore(start, trainer.abstract_state, trainer.state_shardings)
-      data.set_state(data_state)
-      log.info("resumed from step %d", start)
+      state, data_states = checkpoints.restore(start, trainer.abstract_state, trainer.state_shardings)
+      moved = data.continue_from(data_states, jax.process_index())
+      log.info("resumed from step %d on %d process(es) x %d devices%s", start, jax.process_count(),
+               jax.local_device_count(), "".join(f"\n  {line}" for line in changes + [moved] if line))
     elif config.model.init_from:
       start, state = 0, trainer.start(load_params(config.model.init_from, run))
     else:
@@ -127,24 +131,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals |
   log.info("params: %s total, %s trained (stage %s); mesh %s", f"{n_params:,}", f"{n_trained:,}",
            config.stage, dict(mesh.shape))
 
-  # --- Compile once, before the loop ----------------------------------------------------------
-  t0 = time.time()
-  train_step = trainer.train_step.lower(state, batch).compile()
-  memory = train_step.memory_analysis()
-  log.info("train step compiled in %.1fs%s", time.time() - t0,
-           f"; temp memory {memory.temp_size_in_bytes / 2**20:.0f} MiB" if memory else "")
+  # --- Compile once, before the loop (signals from here on stop the run with a checkpoint) -----
+  with StopSignal(mesh) as stop:
+    t0 = time.time()
+    train_step = trainer.train_step.lower(state, batch).compile()
+    memory = train_step.memory_analysis()
+    log.info("train step compiled in %.1fs%s", time.time() - t0,
+             f"; temp memory {memory.temp_size_in_bytes / 2**20:.0f} MiB" if memory else "")
+    try:
+      eval_metrics = _loop(config, train_step, state, batch, start, data, periodic, checkpoints, workdir,
+                           stop, mesh, stop_after)
+    finally:
+      data.close()
+      checkpoints.close()
+  return eval_metrics
 
-  # --- Loop -----------------------------------------------------------------------------------
+
+def _loop(config, train_step, state, batch, start: int, data: Batches, periodic: Sequence[PeriodicEval],
+          checkpoints: checkpoint_lib.Checkpointer, workdir: str, stop: StopSignal, mesh,
+          stop_after: int | None) -> dict:
+  """Steps start+1.. until train.steps, `stop_after`, or a stop all processes agree on; returns
+  the last metrics of each eval."""
+  t = config.train
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   progress = ProgressLine(start, t.steps)
-  preempted = _PreemptionFlag()
   tokens_per_step = t.batch_size * config.data.seq_len
   eval_metrics: dict = {}
-  step = start
+  step, saved, stopping = start, None, False
   end = t.steps if stop_after is None else min(t.steps, stop_after)
   while step < end:
     state, metrics = train_step(state, batch)
     step += 1
+    stopping = stop.agreed()  # once per step: the same answer on every process
     if step % t.log_every == 0 or step == end:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       metrics["train/tokens_per_s"] = progress.update(step, tokens_per_step)
@@ -153,20 +171,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals |
       writer.write(step, metrics)
       log.info(progress.line(step, metrics))
     for e in periodic:
-      if step % e.every == 0 or step == t.steps:
+      if (step % e.every == 0 or step == t.steps) and not stopping:  # a preemption's grace is short
         eval_metrics.update(_eval(e, state, step, writer))
     # Save before fetching the next batch: the saved data position is the next unseen batch.
-    if step % t.checkpoint_every == 0 or step == end or preempted:
-      checkpoints.save(step, state, data.get_state())
-    if step < end and not preempted:
-      batch = parallel.global_batch(device_batch(next(data)), mesh)
-    if preempted:
-      log.warning("stopping at step %d on %s; run again to resume", step, preempted.signal_name)
+    if step % t.checkpoint_every == 0 or step == end or stopping:
+      stall, saved = checkpoints.save(step, state, data.get_state()), step
+      writer.write(step, {"checkpoint/stall_ms": 1000 * stall})
+      log.info("checkpoint %d: writing in the background (the loop waited %.0f ms)", step, 1000 * stall)
+    if stopping:
       break
-  preempted.restore()
-  data.close()
+    if step < end:
+      batch = parallel.global_batch(device_batch(next(data)), mesh)
+  t0 = time.time()
   checkpoints.wait()
-  checkpoints.close()
+  if saved is not None:
+    log.info("checkpoint %d complete (waited %.1fs for its files)", saved, time.time() - t0)
+  if stopping:
+    if not checkpoints.complete(step):
+      raise RuntimeError(f"stopping at step {step}: its checkpoint is not in {checkpoints.directory}")
+    log.warning("stopped at step %d on %s: checkpoint %d is complete; run the same command to resume",
+                step, stop.signal_name or "a peer's signal", step)
   writer.close()
   return eval_metrics
 
@@ -178,23 +202,3 @@ def _eval(e: PeriodicEval, state, step: int, writer: "MetricWriter") -> dict:
   log.info("eval at step %d (%.1fs): %s", step, time.time() - t0,
            ", ".join(f"{k.split('/', 2)[-1]} {v:.4g}" for k, v in metrics.items()))
   return metrics
-
-
-class _PreemptionFlag:
-  """True after SIGTERM/SIGINT: the loop checkpoints and exits cleanly (TPU VMs get SIGTERM)."""
-
-  def __init__(self):
-    self.signal_name = None
-    self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-  def restore(self) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def _handle(self, signum, _frame):
-    if self.signal_name is not None:  # second signal: stop now
-      raise KeyboardInterrupt
-    self.signal_name = signal.Signals(signum).name
-
-  def __bool__(self) -> bool:
-    return self.signal_name is not None

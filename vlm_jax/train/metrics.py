@@ -1,10 +1,26 @@
 """Metrics out: DIR/metrics.jsonl, TensorBoard events (no TensorFlow), and the console progress line."""
 
 import json
-import os
 import time
 
-from tensorboardX import SummaryWriter
+from etils import epath
+from tensorboardX import SummaryWriter, record_writer
+
+from vlm_jax.files import AppendFile, as_path
+
+
+class _EventFiles:
+  """TensorBoard event files in object stores through the same path layer as the rest."""
+
+  def open(self, path: str) -> AppendFile:
+    return AppendFile(epath.Path(path))
+
+  def directory_check(self, path: str) -> None:
+    pass  # object stores have no directories
+
+
+for _scheme in ("gs", "s3"):
+  record_writer.register_writer_factory(_scheme, _EventFiles())
 
 
 class MetricWriter:
@@ -13,13 +29,14 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      root = as_path(workdir)
+      self._jsonl = AppendFile(root / "metrics.jsonl")
+      self._tb = SummaryWriter(str(root / "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._jsonl.write((json.dumps({"step": step, **metrics}) + "\n").encode())
     self._jsonl.flush()
     for name, value in metrics.items():
       self._tb.add_scalar(name, value, step)

@@ -1,0 +1,105 @@
+"""`vlm-jax train` in local processes: one, or several joined over gloo CPU collectives as the
+hosts of a slice would be; their stderr read while they run (to signal them at a given step)."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py")
+# A model that compiles in seconds; fp32 so that runs can be compared tightly.
+TINY = ["--config.model.dtype=float32", "--config.model.vision.image_size=32",
+        "--config.model.vision.patch_size=8", "--config.model.vision.width=32",
+        "--config.model.vision.depth=1", "--config.model.vision.mlp_dim=64",
+        "--config.model.llm.width=32", "--config.model.llm.mlp_dim=64", "--config.model.llm.head_dim=8",
+        "--config.train.batch_size=8", "--config.train.steps=4", "--config.train.warmup_steps=0", "--config.train.log_every=1",
+        "--config.train.eval_every=4", "--config.train.checkpoint_every=2",
+        "--config.train.eval_examples=8", "--config.train.eval_batch_size=8", "--config.mesh.data=-1"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class Train:
+  """`vlm-jax train --config shapes_tiny TINY... args` over `devices` CPU devices split evenly
+  across `processes` processes; `lines[i]` is process i's stderr so far."""
+
+  def __init__(self, workdir: str, processes: int = 1, args=(), devices: int = 8):
+    argv = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", CONFIG, "--workdir", workdir, *TINY, *args]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices // processes}")
+    if processes > 1:
+      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
+    self.procs = [subprocess.Popen(argv, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)), stderr=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, text=True) for i in range(processes)]
+    self.lines: list[list[str]] = [[] for _ in self.procs]
+    self._readers = [threading.Thread(target=lambda p=p, out=out: out.extend(p.stderr), daemon=True)
+                     for p, out in zip(self.procs, self.lines)]
+    for r in self._readers:
+      r.start()
+
+  def wait_for_step(self, step: int, process: int = 0, timeout: float = 300) -> None:
+    """Until process `process` has logged step >= `step`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      if any(int(m.group(1)) >= step for m in map(re.compile(r"step (\d+)/").search, list(self.lines[process])) if m):
+        return
+      if self.procs[process].poll() is not None:
+        raise AssertionError(f"process {process} ended before step {step}:\n{self.stderr(process)[-3000:]}")
+      time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s:\n{self.stderr(process)[-3000:]}")
+
+  def signal(self, process: int, sig: int = signal.SIGTERM) -> None:
+    self.procs[process].send_signal(sig)
+
+  def wait(self, timeout: float = 600) -> list[int]:
+    """The processes' exit statuses."""
+    codes = [p.wait(timeout=timeout) for p in self.procs]
+    for r in self._readers:
+      r.join(timeout=10)
+    return codes
+
+  def stderr(self, process: int = 0) -> str:
+    return "".join(self.lines[process])
+
+  def kill(self) -> None:
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+    self.wait()
+
+
+def train(workdir: str, processes: int = 1, args=(), devices: int = 8) -> list[str]:
+  """Runs to the end; every process must exit 0. Returns their stderr."""
+  run = Train(workdir, processes, args, devices)
+  codes = run.wait()
+  for i, code in enumerate(codes):
+    assert code == 0, run.stderr(i)[-3000:]
+  return [run.stderr(i) for i in range(processes)]
+
+
+def metrics(workdir: str) -> dict[int, dict]:
+  out: dict[int, dict] = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      out.setdefault(row.pop("step"), {}).update(row)
+  return out
+
+
+def config(args=()):
+  """The config `train(..., args)` runs, for the same run in this process (api.train)."""
+  from vlm_jax import cli, config as config_lib
+  _, overrides = cli.split_overrides([*TINY, *args])
+  cfg = config_lib.load_file(CONFIG)
+  config_lib.apply_overrides(cfg, overrides)
+  return cfg

@@ -7,6 +7,8 @@ before anything is written.
 """
 
 import dataclasses
+import importlib
+import json
 import logging
 import os
 import re
@@ -280,3 +282,49 @@ def test_a_read_only_workdir_is_one_line_exit_2_and_left_as_it_was(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and str(workdir) in lines[0] and "cannot write" in lines[0], lines
   assert sorted(os.listdir(workdir)) == ["notes.txt"]
+
+
+def test_a_bucket_workdir_goes_through_the_same_path_layer(monkeypatch):
+  """gs:// through etils.epath, with fsspec's in-memory filesystem standing in for GCS (no
+  network here; orbax writes its checkpoints through the same epath paths): the workdir check,
+  metrics.jsonl appended across two writers (a resumed run), and TensorBoard event files."""
+  from etils import epath
+  from fsspec.implementations.memory import MemoryFileSystem
+  from vlm_jax.train.metrics import MetricWriter
+
+  class FakeGCS(MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    store, pseudo_dirs = {}, [""]
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):  # epath passes gcsfs' option
+      super().__init__(*args, **kwargs)
+
+  registry = importlib.import_module("fsspec.registry")._registry
+  for name in FakeGCS.protocol:
+    monkeypatch.setitem(registry, name, FakeGCS)
+  root = "gs://bucket/run"
+  loop.check_workdir(helpers.tiny_config(), root)  # nothing there yet: fine, writes nothing
+  assert not epath.Path(root).exists()
+  event_bytes = []
+  for steps in ([1, 2], [3]):
+    writer = MetricWriter(root)
+    for step in steps:
+      writer.write(step, {"train/loss": float(step)})
+    writer.close()
+    event_bytes.append(sum(len(e.read_bytes()) for e in epath.Path(root, "tensorboard").iterdir()))
+  rows = [json.loads(line) for line in epath.Path(root, "metrics.jsonl").read_text().splitlines()]
+  assert [row["step"] for row in rows] == [1, 2, 3]
+  assert 0 < event_bytes[0] < event_bytes[1]  # the second writer's events were added, none lost
+  epath.Path(root, "checkpoints").write_text("a file")
+  with pytest.raises(UserError, match="gs://bucket/run/checkpoints is a file where a directory belongs"):
+    loop.check_workdir(helpers.tiny_config(), root)
+  # --checkpoint gs://...: the workdir or one of its steps (orbax then reads it through epath)
+  epath.Path(root, "checkpoints").unlink()
+  epath.Path(root, "checkpoints", "7").mkdir(parents=True)
+  epath.Path(root, "checkpoints", "7", "_CHECKPOINT_METADATA").write_text("{}")
+  epath.Path(root, "config.json").write_text("{}")
+  assert checkpoint_lib.resolve(root) == (root, None)
+  assert checkpoint_lib.resolve(f"{root}/checkpoints/7") == (root, 7)
+  with pytest.raises(UserError, match="no such file or directory: gs://bucket/nope"):
+    checkpoint_lib.resolve("gs://bucket/nope")
+

@@ -15,6 +15,7 @@ from vlm_jax import parallel
 from vlm_jax.convert import hf_import
 from vlm_jax.data.tokenizer import BUILTIN, Tokenizer
 from vlm_jax.errors import UserError
+from vlm_jax.files import as_path
 from vlm_jax.infer.generate import Generator, Sampling
 from vlm_jax.infer.inputs import Inputs
 from vlm_jax.infer.score import Scorer
@@ -135,8 +136,7 @@ def load(path: str, dtype: str | None = None) -> Model:
     config, tokenizer, run, params, origin = hf_import.open_llava(path, dtype=dtype)
     return Model(config, tokenizer, run, params, 0, origin)
   workdir, step = resolve(path)
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = config_lib.from_json(f.read())
+  config = config_lib.from_json((as_path(workdir) / "config.json").read_text())
   if dtype:
     config.model.dtype = dtype
   tokenizer = Tokenizer.load(_in_workdir(config.data.tokenizer, workdir))

@@ -1,9 +1,10 @@
 """Orbax checkpoints of the train state together with every process's data-iterator state.
 
 Saves are asynchronous (orbax): `save` returns once the arrays are copied off the devices, and
-the files are written in the background while training goes on; a step directory appears only
-when it is complete, so a save cut short (a second signal, a killed machine) leaves the previous
-checkpoint the latest. The workdir may be any path etils.epath opens (local, gs://).
+the files are written in the background while training goes on. A step counts only once it is
+complete (renamed into place from a temporary directory; in a bucket, its commit marker), so a
+save cut short (a second signal, a killed machine) leaves the previous checkpoint the latest.
+The workdir may be any path etils.epath opens (local, gs://).
 """
 
 import json
@@ -13,11 +14,11 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
 
 from vlm_jax.build import Run
 from vlm_jax.errors import UserError
+from vlm_jax.files import as_path
 
 
 def _abstract(tree, shardings):
@@ -42,7 +43,7 @@ class Checkpointer:
   process count."""
 
   def __init__(self, directory: str, max_to_keep: int = 2):
-    self.directory = epath.Path(directory) if "://" in str(directory) else epath.Path(os.path.abspath(directory))
+    self.directory = as_path(directory)
     self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
 
@@ -89,26 +90,24 @@ class Checkpointer:
 
 
 def resolve(path: str) -> tuple[str, int | None]:
-  """--checkpoint PATH -> (workdir, step): a workdir (latest step) or one of its step directories.
+  """--checkpoint PATH -> (workdir, step): a workdir (latest step) or one of its step directories,
+  local or in a bucket (gs://).
 
   (A Hugging Face directory is the third kind of PATH; the layer above, vlm_jax.load and
   convert, checks for it first.)
   """
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
-    raise UserError(f"--checkpoint: no such file or directory: {path}")
-  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
-    return path, None
-  parent = os.path.dirname(path)
-  workdir = os.path.dirname(parent)
-  if (os.path.basename(parent) == "checkpoints" and os.path.basename(path).isdigit()
-      and os.path.isfile(os.path.join(workdir, "config.json"))):
-    return workdir, int(os.path.basename(path))
-  if os.path.isfile(os.path.join(path, "config.json")) and any(
-      f.endswith(".safetensors") for f in os.listdir(path)):
-    raise UserError(f"--checkpoint: {path} is a Hugging Face model directory, not a vlm-jax workdir "
+  root = as_path(path)
+  if not root.exists():
+    raise UserError(f"--checkpoint: no such file or directory: {root}")
+  if (root / "config.json").is_file() and (root / "checkpoints").is_dir():
+    return str(root), None
+  workdir = root.parent.parent
+  if root.parent.name == "checkpoints" and root.name.isdigit() and (workdir / "config.json").is_file():
+    return str(workdir), int(root.name)
+  if (root / "config.json").is_file() and any(f.name.endswith(".safetensors") for f in root.iterdir()):
+    raise UserError(f"--checkpoint: {root} is a Hugging Face model directory, not a vlm-jax workdir "
                     "(vlm_jax.load reads it directly; `vlm-jax convert --from-hf` converts it)")
-  raise UserError(f"--checkpoint: {path} is neither a vlm-jax workdir (config.json + checkpoints/) "
+  raise UserError(f"--checkpoint: {root} is neither a vlm-jax workdir (config.json + checkpoints/) "
                   "nor one of its checkpoints/<step> directories")
 
 

@@ -1,11 +1,13 @@
 """The training loop: read top to bottom.
 
 validate -> tokenizer -> workdir check -> mesh -> model, optimizer, shardings -> data, evaluator
--> restore or init -> write the workdir -> compile -> loop (step, log, eval, checkpoint).
+-> restore (onto this mesh and process count) or init -> write the workdir -> compile -> loop
+(step, agree on stopping, log, eval, checkpoint) -> wait for the last checkpoint.
 
-Everything that can fail on a user's input (config, mesh, trainable regexes, data specs, the
-checkpoint a run starts from) fails before the workdir is touched: a failed start leaves it as
-it was. The loop is handed its evaluator and the reader of `model.init_from` by the layer above
+Everything that can fail on a user's input (config, a workdir that cannot be written, mesh,
+trainable regexes, data specs, the checkpoint a run starts from) fails before the workdir is
+touched: a failed start leaves it as it was. A signal stops every process after the same step
+with a checkpoint of it (train/preemption.py). The loop is handed its evaluator and the reader of `model.init_from` by the layer above
 (vlm_jax.api.train), so training imports neither eval nor the Hugging Face converter.
 """
 

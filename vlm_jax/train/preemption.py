@@ -58,7 +58,7 @@ class StopSignal:
   def __exit__(self, *exc) -> None:
     signal.set_wakeup_fd(self._previous_wakeup_fd)
     for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: one set outside Python
     os.close(self._write_fd)  # the watcher reads EOF and ends
     self._watcher.join(timeout=5)
     os.close(self._read_fd)

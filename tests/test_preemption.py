@@ -68,7 +68,7 @@ def _train(tok, workdir, probe=None):
 
 
 def _latest(workdir) -> int | None:
-  checkpoints = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  checkpoints = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
     return checkpoints.latest_step()
   finally:

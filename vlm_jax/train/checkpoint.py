@@ -42,10 +42,13 @@ class Checkpointer:
   data-iterator state of every process ({"processes": [...]}), so a run can continue on another
   process count."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
+  def __init__(self, directory: str, max_to_keep: int = 2, read_only: bool = False):
+    """read_only: for readers (inference, eval) of a workdir a run may be writing to; only the
+    writer removes the temporary directories of saves cut short."""
     self.directory = as_path(directory)
     self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
+        read_only=True) if read_only else ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -114,7 +117,7 @@ def resolve(path: str) -> tuple[str, int | None]:
 def read_params(workdir: str, step: int | None, run: Run, where: str) -> tuple[dict, int]:
   """(params, step) of a workdir's step (None: its latest) in the run's shardings, which they
   must fit. Params only: inference needs no optimizer state (converted checkpoints have none)."""
-  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
+  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
     step = checkpoints.latest_step() if step is None else step
     if step is None or step not in checkpoints.manager.all_steps():

@@ -34,7 +34,7 @@ from vlm_jax.train import loop
 STEPS, EVERY = 8, 3  # periodic checkpoints at 3 and 6
 # Continuing on another mesh or process count changes the reduction order only.
 ELASTIC = ["--config.train.steps=40", "--config.train.checkpoint_every=20", "--config.train.eval_every=1000"]
-ELASTIC_RTOL = 1e-4
+ELASTIC_RTOL = 1e-5  # seen: 1.1e-7 on (2,2,2); 0 on one device and from 2 processes to 1
 
 
 @pytest.fixture(scope="module")

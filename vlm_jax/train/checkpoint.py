@@ -46,8 +46,9 @@ class Checkpointer:
     """read_only: for readers (inference, eval) of a workdir a run may be writing to; only the
     writer removes the temporary directories of saves cut short."""
     self.directory = as_path(directory)
+    # (Not orbax's read_only option: it logs three warnings on every open.)
     self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        read_only=True) if read_only else ocp.CheckpointManagerOptions(
+        create=False) if read_only else ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:

@@ -1,5 +1,7 @@
 """Tiny configs, synthetic batches and tree helpers for the trainer tests."""
 
+import pathlib
+
 import jax
 import ml_collections
 import numpy as np
@@ -100,3 +102,9 @@ def per_sample_loss(model, params, batch) -> dict[str, float]:
       mask = (batch["segment_ids"][r] == s) * batch["loss_mask"][r]
       out[key] = float((nll[r] * mask).sum() / mask.sum())
   return out
+
+
+def workdir_files(workdir) -> dict[str, bytes]:
+  """{relative path: bytes} of every file under `workdir`: what a failed start must leave as it was."""
+  return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(pathlib.Path(workdir).rglob("*"))
+          if p.is_file()}

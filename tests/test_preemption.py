@@ -234,11 +234,6 @@ def test_a_second_signal_exits_at_once_while_a_collective_waits(tmp_path):
 
 
 # --- Workdirs that cannot be written -------------------------------------------------------------
-def _files(root) -> dict[str, bytes]:
-  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-          for d, _, fs in os.walk(root) for f in fs}
-
-
 @pytest.mark.parametrize("layout,where", [
     ({"run": "a file"}, "run"),                                   # the workdir is a file
     ({"parent": "a file"}, "parent"),                             # ... a file above it
@@ -250,11 +245,11 @@ def test_a_workdir_in_the_way_is_one_line_and_nothing_is_written(tok, tmp_path, 
   for name, text in layout.items():
     os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
     (tmp_path / name).write_text(text)
-  before = _files(tmp_path)
+  before = helpers.workdir_files(tmp_path)
   workdir = tmp_path / ("parent/run" if "parent" in layout else "run")
   with pytest.raises(UserError, match=re.escape(str(tmp_path / where))):
     _train(tok, str(workdir))
-  assert _files(tmp_path) == before
+  assert helpers.workdir_files(tmp_path) == before
 
 
 def _read_only(path) -> None:

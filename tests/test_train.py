@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import shutil
 
 import jax
@@ -381,22 +380,17 @@ def test_resume_from_a_mid_run_checkpoint_matches_unbroken_run(tok, runs, tmp_pa
   assert [c_train[s] for s in range(K + 1, 2 * K + 1)] == [b_train[s] for s in range(K + 1, 2 * K + 1)]
 
 
-def workdir_files(workdir) -> dict[str, bytes]:
-  return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(pathlib.Path(workdir).rglob("*"))
-          if p.is_file()}
-
-
 def assert_failed_starts_leave_the_run_as_it_was(tok, workdir):
   """Bad mesh, regex, data: refused, and every file of the run byte-identical (config.json too,
   even where the bad command also changed a field a resume may change)."""
-  before = workdir_files(workdir)
+  before = helpers.workdir_files(workdir)
   for overrides, message in [({"mesh.data": 3}, "mesh"),
                              ({"train.trainable": "lm/.*"}, "different config"),
                              ({"train.steps": 3 * K, "data.threads": -1}, "data.threads"),
                              ({"train.steps": 3 * K, "data.sources": "coco"}, "different config")]:
     with pytest.raises(UserError, match=message):
       api.train(loop_config(tok, overrides), workdir)
-    assert workdir_files(workdir) == before, overrides
+    assert helpers.workdir_files(workdir) == before, overrides
 
 
 def test_resume_with_a_different_config_is_a_user_error(tok, runs):

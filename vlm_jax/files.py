@@ -40,15 +40,13 @@ def check_output_dir(path: str, flag: str, subdirs: tuple[str, ...] = (), files:
   """A directory a command will write into (made if absent) can be: one line naming the path
   in the way (a file where a directory belongs, or the reverse) or the one not writable."""
   root = as_path(path)
-  if root.exists() and not root.is_dir():
-    raise UserError(f"{flag} {root} exists and is not a directory")
   for name in subdirs:
     if (root / name).exists() and not (root / name).is_dir():
       raise UserError(f"{flag} {root}: {root / name} is a file where a directory belongs")
   for name in files:
     if (root / name).is_dir():
       raise UserError(f"{flag} {root}: {root / name} is a directory where a file belongs")
-  existing = root
+  existing = root  # the workdir itself, or its nearest ancestor that exists
   while not existing.exists() and existing.parent != existing:
     existing = existing.parent
   if not existing.is_dir():

@@ -3,9 +3,10 @@
 Order: each source is one endless global stream, shuffled anew every epoch, and process p of n
 takes its positions p, p + n, p + 2n, ... (disjoint shards that cover it); a mixture interleaves
 the sources by weight. One source with unpacked rows is read the same on any process count:
-global batch k holds global positions [k B, (k + 1) B), so a run may continue on another one. Samples are prepared (tokens, loss mask, decoded
-and resized images) in `threads` reader threads, and batches are assembled and prefetched in
-`workers` processes (0: in this process, with a prefetch thread). Everything is a function of
+global batch k holds global positions [k B, (k + 1) B), so a run may continue on another one.
+Samples are prepared (tokens, loss mask, decoded and resized images) in `threads` reader
+threads, and batches are assembled and prefetched in `workers` processes (0: in this process,
+with a prefetch thread). Everything is a function of
 the config and the position in the stream, and the position (grain's iterator state) is saved
 with each checkpoint, so a resumed run sees exactly the samples an unbroken run would.
 """
@@ -193,14 +194,14 @@ class Batches:
       self.set_state(states[process_index])
       return None
     try:
-      positions = [_stream_position(s["loader"]) for s in states]
+      positions = [int(_stream(s["loader"])["next_index"]) for s in states]
     except (KeyError, TypeError) as e:
       raise UserError(f"data iterator state: no stream position to move from {n} to {m} processes "
                       f"({type(e).__name__}: {e}); with config.data.workers > 0 resume on {n} processes") from None
     first_unread = min(p + j * n for p, j in enumerate(positions))
     mine = max(0, -(-(first_unread - process_index) // m))
     loader = json.loads(json.dumps(states[0]["loader"]))
-    _set_stream_position(loader, mine)
+    _stream(loader)["next_index"] = mine
     skipped: dict[str, int] = {}
     for s in states if process_index == 0 else ():  # the counts carry on in process 0's log
       for reason, count in s.get("skipped", {}).items():
@@ -218,14 +219,9 @@ class Batches:
       close()
 
 
-def _stream_position(loader: dict[str, Any]) -> int:
-  """The sample stream's next index in a loader state (one reader, no worker processes)."""
+def _stream(loader: dict[str, Any]) -> dict[str, Any]:
+  """The part of a loader state that holds the sample stream's `next_index` (one reader, no
+  worker processes)."""
   while "next_index" not in loader:
     loader = loader["parent"]
-  return int(loader["next_index"])
-
-
-def _set_stream_position(loader: dict[str, Any], index: int) -> None:
-  while "next_index" not in loader:
-    loader = loader["parent"]
-  loader["next_index"] = index
+  return loader

@@ -7,8 +7,9 @@ validate -> tokenizer -> workdir check -> mesh -> model, optimizer, shardings ->
 Everything that can fail on a user's input (config, a workdir that cannot be written, mesh,
 trainable regexes, data specs, the checkpoint a run starts from) fails before the workdir is
 touched: a failed start leaves it as it was. A signal stops every process after the same step
-with a checkpoint of it (train/preemption.py). The loop is handed its evaluator and the reader of `model.init_from` by the layer above
-(vlm_jax.api.train), so training imports neither eval nor the Hugging Face converter.
+with a checkpoint of it (train/preemption.py). The loop is handed its evaluator and the reader
+of `model.init_from` by the layer above (vlm_jax.api.train), so training imports neither eval
+nor the Hugging Face converter.
 """
 
 import json

@@ -39,7 +39,6 @@ class StopSignal:
     self.signal_name: str | None = None
     self._seen = {"handler": 0, "watcher": 0}  # each path sees every signal once
     self._lock = threading.Lock()
-    self._mesh = mesh
     self._pending = None  # the all-reduce of the flags dispatched after the previous step
     if jax.process_count() > 1:
       self._flags_sharding = NamedSharding(mesh, P(mesh.axis_names))
@@ -73,8 +72,9 @@ class StopSignal:
     if jax.process_count() == 1:
       return bool(self)
     flag = np.full((1,), int(bool(self)), np.int32)
-    shards = [jax.device_put(flag, d) for d in self._flags_sharding.addressable_devices]
-    flags = jax.make_array_from_single_device_arrays((self._mesh.size,), self._flags_sharding, shards)
+    sharding = self._flags_sharding
+    shards = [jax.device_put(flag, d) for d in sharding.addressable_devices]
+    flags = jax.make_array_from_single_device_arrays((sharding.mesh.size,), sharding, shards)
     previous, self._pending = self._pending, self._any(flags)
     return previous is not None and bool(previous)
 

@@ -20,7 +20,7 @@ from vlm_jax import config as config_lib
 from vlm_jax import parallel, tasks
 from vlm_jax.data import anyres
 from vlm_jax.errors import UserError
-from vlm_jax.models import attention, vlm
+from vlm_jax.models import attention, lora, vlm
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -64,6 +64,14 @@ class Run:
   abstract_params: object
   init_params: Callable          # rng -> params from the model's initialisers, in their shardings
   eval_step: Callable            # (params, batch) -> {"loss_sum", "count"}
+  # config.lora on: the plain model's Run (what init_from checkpoints and exports hold), and
+  # plain params -> this model's (fresh adapters, base weights stored as lora.base_dtype says).
+  base: "Run | None" = None
+  adapt: Callable = lambda params: params
+
+  @property
+  def plain(self) -> "Run":
+    return self.base or self
 
   @property
   def image_tokens(self) -> int:
@@ -73,10 +81,24 @@ class Run:
 def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) -> Run:
   task = tasks.task_of(config)
   model = task.make_model(config, image_token_id)
+  base = None
+  if lora.enabled(config.lora):
+    plain_config = config.copy_and_resolve_references()
+    plain_config.lora.rank = 0
+    base = build(plain_config, mesh, image_token_id)
+    model = lora.wrap(model, config.lora)
   inputs = task.dummy_inputs(config, 1)
   boxed_init = lambda rng: model.init(rng, *inputs)["params"]
   with attention.on_platform(parallel.platform(mesh)):
-    boxed = jax.eval_shape(boxed_init, jax.random.key(0))
+    try:
+      boxed = jax.eval_shape(boxed_init, jax.random.key(0))
+    except ValueError as e:  # qwix: a block that does not divide a kernel's last input axis
+      if base and "cannot be tiled" in str(e):
+        raise UserError(f"config.lora.block_size: {config.lora.block_size} does not divide the last input axis "
+                        f"of every adapted kernel ({str(e).strip()}); pick a divisor, or 0") from None
+      raise
+  if base:
+    lora.check_targets(config.lora, list(flat_params(nn.meta.unbox(boxed))))
   param_shardings = parallel.param_shardings(boxed, mesh)
 
   def eval_step(params, batch: dict) -> dict[str, jax.Array]:
@@ -87,8 +109,18 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
     init_params = jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=param_shardings)
     eval_step = jax.jit(eval_step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
                         out_shardings=parallel.replicated(mesh))
-  return Run(config, mesh, task, model, param_shardings, nn.meta.unbox(boxed), in_mesh(init_params, mesh),
-             in_mesh(eval_step, mesh))
+  run = Run(config, mesh, task, model, param_shardings, nn.meta.unbox(boxed), in_mesh(init_params, mesh),
+            in_mesh(eval_step, mesh))
+  if base:
+    # qwix creates adapters with their kernel's logical names, which it applies to the adapter's
+    # shape while a mesh is set (a rank error): LoRA inits trace without one, their placement
+    # coming from out_shardings alone.
+    attach = lambda params, rng: lora.attach(params, nn.meta.unbox(boxed_init(rng)), config.lora)
+    run.init_params = _without_mesh(jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)),
+                                            out_shardings=param_shardings), mesh)
+    attach = _without_mesh(jax.jit(attach, out_shardings=param_shardings, donate_argnums=0), mesh)
+    run.base, run.adapt = base, lambda params: attach(params, jax.random.key(config.seed))
+  return run
 
 
 def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
@@ -105,6 +137,15 @@ def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
 def _lower(fn, mesh, *args, **kwargs):
   with tracing_context(mesh):
     return fn.lower(*args, **kwargs)
+
+
+def _without_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """Like in_mesh, without setting the mesh (for the LoRA inits above)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with nn.logical_axis_rules(parallel.RULES), attention.on_platform(parallel.platform(mesh)):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from vlm_jax.errors import UserError
 
 STAGES = ("stage1", "stage2", "full")
 FROZEN_DTYPES = ("float32", "bfloat16")
+LORA_BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
 ROPE_TYPES = ("default", "linear", "llama3")
 COMPONENTS = ("vision", "bridge", "llm")   # the params tree's top-level parts
 IMAGE_POSITIONS = ("before", "after")      # where <image> goes when a prompt does not say
@@ -134,6 +135,17 @@ def base() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 64
   c.train.checkpoint_every = 200
   c.train.max_to_keep = 2
+
+  # LoRA / QLoRA (vlm_jax/models/lora.py, README "LoRA and QLoRA"); rank 0: off. With it on, a
+  # component with adapters trains only them; the others train as the stage says.
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0,
+      dropout=0.0,            # on the adapters' input, as PEFT's lora_dropout
+      # Comma-separated regexes over module paths: llm/layers/(q|k|v|o|gate|up|down),
+      # vision/layers/(q|k|v|o|fc1|fc2), bridge/linear_1, ...
+      targets="llm/layers/(q|k|v|o|gate|up|down)",
+      base_dtype="float32",   # the adapted kernels' storage: float32 | bfloat16 | int8 | nf4 (QLoRA)
+      block_size=64))         # int8 / nf4: input rows per scale (QLoRA's 64); 0: one per output channel
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
@@ -259,10 +271,19 @@ def check_image_position(position: str) -> None:
   check_one_of("config.data.image_position", position, IMAGE_POSITIONS)
 
 
+def check_lora(lora: ml_collections.ConfigDict) -> None:
+  check_one_of("config.lora.base_dtype", lora.base_dtype, LORA_BASE_DTYPES)
+  for name, ok in (("rank", lora.rank >= 0), ("alpha", lora.alpha > 0), ("dropout", 0 <= lora.dropout < 1),
+                   ("block_size", lora.block_size >= 0)):
+    if not ok:
+      raise UserError(f"config.lora.{name}: {lora[name]} is out of range")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   check_fields(config, base())
   check_one_of("config.stage", config.stage, STAGES)
   check_one_of("config.train.frozen_dtype", config.train.frozen_dtype, FROZEN_DTYPES)
+  check_lora(config.lora)
   check_image_position(config.data.image_position)
   m = config.model
   if m.vision.image_size % m.vision.patch_size:

@@ -38,7 +38,12 @@ class Dense(nn.Module):
     init = nn.initializers.lecun_normal(in_axis=tuple(range(self.n_in)),
                                         out_axis=tuple(range(self.n_in, ndim)))
     kernel = self.param("kernel", logical(init, self.axes), in_shape + self.features, jnp.float32)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.n_in)
+    # A QLoRA kernel (models/lora.py) is not an array but qwix's quantized one, which qwix's
+    # dot_general reads as it is; jnp.tensordot would refuse it.
+    if isinstance(kernel, jax.Array):
+      kernel = kernel.astype(self.dtype)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ()))).astype(self.dtype)
     if self.use_bias:
       bias_axes = self.bias_axes or self.axes[self.n_in:]
       bias = self.param("bias", logical(nn.initializers.zeros_init(), bias_axes), self.features,

@@ -118,7 +118,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals |
       log.info("resumed from step %d on %d process(es) x %d devices%s", start, jax.process_count(),
                jax.local_device_count(), "".join(f"\n  {line}" for line in changes + [moved] if line))
     elif config.model.init_from:
-      start, state = 0, trainer.start(load_params(config.model.init_from, run))
+      start, state = 0, trainer.start(load_params(config.model.init_from, run.plain))
     else:
       start, state = 0, trainer.init(jax.random.key(config.seed))
     # Batches go to the device as soon as they are read: the transfer of batch k+1 overlaps step k.

@@ -14,6 +14,7 @@ import optax
 from vlm_jax.build import path_str
 from vlm_jax.config import COMPONENTS
 from vlm_jax.errors import UserError
+from vlm_jax.models import lora
 
 FROZEN = "frozen"
 STAGE_TRAINS = {"stage1": ("bridge",), "stage2": ("bridge", "llm"), "full": COMPONENTS}
@@ -26,8 +27,10 @@ def component(path: str) -> str:
 
 
 def param_labels(params, train_cfg: ml_collections.ConfigDict, stage: str):
-  """Tree of labels: the component name where the param trains, FROZEN elsewhere."""
+  """Tree of labels: the component name where the param trains, FROZEN elsewhere. A component
+  with LoRA adapters trains only them (when its stage trains it)."""
   paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  adapted = {component(p) for p in paths if lora.is_adapter(p)}
   if train_cfg.trainable:
     patterns = [p.strip() for p in train_cfg.trainable.split(",") if p.strip()]
     try:
@@ -39,7 +42,7 @@ def param_labels(params, train_cfg: ml_collections.ConfigDict, stage: str):
         raise UserError(f"config.train.trainable: pattern {pattern!r} matches no parameter")
     trains = lambda p: any(r.fullmatch(p) for r in compiled)
   else:
-    trains = lambda p: component(p) in STAGE_TRAINS[stage]
+    trains = lambda p: component(p) in STAGE_TRAINS[stage] and (component(p) not in adapted or lora.is_adapter(p))
 
   def label(path, _):
     p = path_str(path)

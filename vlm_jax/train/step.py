@@ -16,34 +16,43 @@ import optax
 from vlm_jax.train.optim import FROZEN
 
 
-def stop_frozen(params, labels):
-  """Frozen params become constants: JAX then skips their weight gradients and, for a frozen
-  encoder that nothing trainable feeds, its whole backward pass."""
-  return jax.tree.map(lambda p, l: jax.lax.stop_gradient(p) if l == FROZEN else p, params, labels)
+def trainable_part(params, labels):
+  """params with None for the frozen leaves: the step differentiates only the rest, so JAX skips
+  frozen weights' gradients (and, for a frozen encoder that nothing trainable feeds, its whole
+  backward pass), and frozen leaves may be integers (QLoRA's quantized base weights)."""
+  return jax.tree.map(lambda p, l: None if l == FROZEN else p, params, labels)
+
+
+def with_frozen(trainable, params):
+  """The trainable leaves put back among the frozen ones of params."""
+  return jax.tree.map(lambda t, p: p if t is None else t, trainable, params, is_leaf=lambda x: x is None)
 
 
 def train_step(state: dict, batch: dict, *, loss: Callable, tx: optax.GradientTransformation,
                labels, grad_accum: int, lr_fn: Callable) -> tuple[dict, dict[str, Any]]:
   """loss: (params, batch) -> (summed loss, count), the task's."""
-  def summed_loss(params, micro):
-    loss_sum, count = loss(stop_frozen(params, labels), micro)
+  def summed_loss(trainable, micro):
+    loss_sum, count = loss(with_frozen(trainable, state["params"]), micro)
     return loss_sum, (loss_sum, count)
 
   grad_fn = jax.grad(summed_loss, has_aux=True)
+  trainable = trainable_part(state["params"], labels)
   if grad_accum == 1:
-    grads, (loss_sum, count) = grad_fn(state["params"], batch)
+    grads, (loss_sum, count) = grad_fn(trainable, batch)
   else:
     micro_batches = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
 
     def accumulate(carry, micro):
-      grads, (loss_sum, count) = grad_fn(state["params"], micro)
+      grads, (loss_sum, count) = grad_fn(trainable, micro)
       return jax.tree.map(jnp.add, carry, (grads, loss_sum, count)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros(()), jnp.zeros(()))
+    zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros(()), jnp.zeros(()))
     (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro_batches)
 
   denom = jnp.maximum(count, 1.0)
-  grads = jax.tree.map(lambda g: g / denom, grads)
+  # The optimizer sees the whole tree; frozen leaves get a scalar zero (set_to_zero ignores it).
+  grads = with_frozen(jax.tree.map(lambda g: g / denom, grads),
+                      jax.tree.map(lambda p: jnp.zeros((), jnp.float32), state["params"]))
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   # Frozen params are passed through untouched: bit-identical, whatever the update arithmetic.
   params = jax.tree.map(lambda p, u, l: p if l == FROZEN else p + u.astype(p.dtype),

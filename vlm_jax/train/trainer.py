@@ -25,7 +25,7 @@ class Trainer:
   state_shardings: dict
   abstract_state: dict
   init: Callable                 # rng -> state (sharded): the model's initial params, a fresh optimizer
-  start: Callable                # params -> state: given params (config.model.init_from; donated), fresh optimizer
+  start: Callable                # plain params (config.model.init_from; donated) -> state, fresh optimizer (and adapters)
   train_step: Callable           # (state, batch) -> (state, metrics); donates state
 
 
@@ -37,7 +37,8 @@ def make(run: build_lib.Run) -> Trainer:
   frozen_dtype = jnp.dtype(config.train.frozen_dtype)
 
   def new_state(params):
-    params = jax.tree.map(lambda p, label: p.astype(frozen_dtype) if label == optim.FROZEN else p, params, labels)
+    params = jax.tree.map(lambda p, label: p.astype(frozen_dtype)
+                          if label == optim.FROZEN and jnp.issubdtype(p.dtype, jnp.floating) else p, params, labels)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   abstract_state = jax.eval_shape(new_state, run.abstract_params)
@@ -56,7 +57,7 @@ def make(run: build_lib.Run) -> Trainer:
                          compiler_options=xla_options.compiler_options(config.xla, parallel.platform(mesh)))
   start = build_lib.in_mesh(start, mesh)
   return Trainer(run, labels, tx, state_shardings, abstract_state, lambda rng: start(run.init_params(rng)),
-                 start, build_lib.in_mesh(train_step, mesh))
+                 lambda params: start(run.adapt(params)), build_lib.in_mesh(train_step, mesh))
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) -> Trainer:

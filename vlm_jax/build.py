@@ -68,6 +68,13 @@ class Run:
   # plain params -> this model's (fresh adapters, base weights stored as lora.base_dtype says).
   base: "Run | None" = None
   adapt: Callable = lambda params: params
+  # What the train step runs: the model, or with config.lora.dropout its adapters' dropout on
+  # (qwix applies it whenever it is set, so eval and inference run `model`, without it).
+  train_model: "nn.Module | None" = None
+
+  def __post_init__(self):
+    if self.train_model is None:
+      self.train_model = self.model
 
   @property
   def plain(self) -> "Run":
@@ -86,7 +93,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
     plain_config = config.copy_and_resolve_references()
     plain_config.lora.rank = 0
     base = build(plain_config, mesh, image_token_id)
-    model = lora.wrap(model, config.lora)
+    model, train_model = lora.wrap(model, config.lora), lora.wrap(model, config.lora, train=True)
   inputs = task.dummy_inputs(config, 1)
   boxed_init = lambda rng: model.init(rng, *inputs)["params"]
   with attention.on_platform(parallel.platform(mesh)):
@@ -115,11 +122,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
     # qwix creates adapters with their kernel's logical names, which it applies to the adapter's
     # shape while a mesh is set (a rank error): LoRA inits trace without one, their placement
     # coming from out_shardings alone.
-    attach = lambda params, rng: lora.attach(params, nn.meta.unbox(boxed_init(rng)), config.lora)
+    attach = lambda params, rng: lora.attach(params, nn.meta.unbox(boxed_init(rng)))
     run.init_params = _without_mesh(jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)),
                                             out_shardings=param_shardings), mesh)
     attach = _without_mesh(jax.jit(attach, out_shardings=param_shardings, donate_argnums=0), mesh)
-    run.base, run.adapt = base, lambda params: attach(params, jax.random.key(config.seed))
+    run.base, run.adapt, run.train_model = base, lambda params: attach(params, jax.random.key(config.seed)), train_model
   return run
 
 

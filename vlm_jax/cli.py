@@ -219,6 +219,11 @@ def cmd_convert(argv: list[str]) -> int:
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                  help="with --to-hf: tensor dtype (default: each tensor's dtype at import, else float32)")
   p.add_argument("--max-shard-gb", type=float, default=4.0, help="with --to-hf: size of each safetensors shard")
+  lora_mode = p.add_mutually_exclusive_group()
+  lora_mode.add_argument("--merge-lora", action="store_true", help="with --to-hf, a LoRA checkpoint: one model "
+                         "with the adapters merged into its weights")
+  lora_mode.add_argument("--peft", action="store_true", help="with --to-hf, a LoRA checkpoint: the base model, "
+                         "plus its adapters as a PEFT adapter in HF_DIR/adapter")
   args = p.parse_args(argv)
   importing, exporting = bool(args.from_hf or args.out), bool(args.checkpoint or args.to_hf)
   if importing == exporting:
@@ -249,8 +254,9 @@ def cmd_convert(argv: list[str]) -> int:
   from vlm_jax.convert import hf_export
   hf_export.check_out(args.to_hf, args.dtype)
   model = vlm_jax.load(args.checkpoint)
-  hf_export.export(model.config, model.tokenizer, model.params, model.origin, args.to_hf, dtype=args.dtype,
-                   max_shard_bytes=int(args.max_shard_gb * 2**30))
+  config, params, peft = hf_export.plain_model(model.run, model.params, args.merge_lora, args.peft)
+  hf_export.export(config, model.tokenizer, params, model.origin, args.to_hf, dtype=args.dtype,
+                   max_shard_bytes=int(args.max_shard_gb * 2**30), peft=peft)
   print(f"wrote {args.to_hf}", file=sys.stderr)
   return 0
 

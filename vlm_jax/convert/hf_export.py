@@ -7,21 +7,24 @@ trained here gets the hub's LLaVA layout; its vision tower is written with exact
 run (vision_feature_layer -1) and an identity post_layernorm, which LLaVA never reads.
 """
 
+import functools
 import json
 import os
 import re
 import shutil
 
+import jax
 import ml_dtypes
 import numpy as np
 
-from vlm_jax.build import flat_params
-from vlm_jax.convert import hf_config, image_processor, layout as layout_lib, params as params_lib
+from vlm_jax.build import Run, flat_params
+from vlm_jax.convert import hf_config, image_processor, layout as layout_lib, params as params_lib, peft_export
 from vlm_jax.convert.hf_import import AUX_FILES, Origin, components
 from vlm_jax.convert.safetensors_io import Reader, Tensor, write_sharded
 from vlm_jax.data import IMAGE, hf_tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.files import check_empty_dir, read_json
+from vlm_jax.models import lora
 
 DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -85,6 +88,22 @@ def _write_tokenizer(tokenizer, config, out: str) -> None:
       f.write(SIMPLE_TEMPLATE)
 
 
+def plain_model(run: Run, params, merge_lora: bool, peft: bool) -> tuple:
+  """(config, params, peft) to export a checkpoint: a LoRA model's adapters merged into its
+  weights (merge_lora) or kept aside for a PEFT adapter (peft: the base weights alone)."""
+  lora_cfg = run.config.lora
+  if not lora.enabled(lora_cfg):
+    if merge_lora or peft:
+      raise UserError(f"{'--merge-lora' if merge_lora else '--peft'}: the checkpoint has no LoRA adapters")
+    return run.config, params, None
+  if not (merge_lora or peft):
+    raise UserError("--checkpoint: its model has LoRA adapters (config.lora); give --merge-lora (one merged "
+                    "model) or --peft (the base model and a PEFT adapter)")
+  merge = jax.jit(functools.partial(lora.merge, lora_cfg=lora_cfg, with_adapters=merge_lora),
+                  out_shardings=run.plain.param_shardings)
+  return run.plain.config, merge(params), (lora_cfg, params) if peft else None
+
+
 def check_out(out: str, dtype: str | None = None) -> None:
   """Fails before any loading when the output cannot be written."""
   check_empty_dir(out, "--to-hf")
@@ -93,9 +112,11 @@ def check_out(out: str, dtype: str | None = None) -> None:
 
 
 def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: str | None = None,
-           max_shard_bytes: int = 4 << 30) -> str:
+           max_shard_bytes: int = 4 << 30, peft: tuple | None = None) -> str:
   """Writes the model as a HF LLaVA directory; dtype: float32 | bfloat16 | float16, or None for
-  each tensor's dtype at import (float32 for tensors that had none)."""
+  each tensor's dtype at import (float32 for tensors that had none). params: the plain model's
+  (lora.merge); peft: (config.lora, the LoRA model's params) adds their adapters as a PEFT
+  adapter in out/adapter."""
   check_out(out, dtype)
   origin = origin or scratch_origin(config, tokenizer)
   default = DTYPE_NAMES[dtype] if dtype else _dominant(origin.dtypes)
@@ -137,6 +158,8 @@ def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: st
     _write_json(out, "generation_config.json", {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                                                 "pad_token_id": tokenizer.pad_id})
   _write_processor(config, out)
+  if peft:
+    peft_export.write(*peft, items, out, out)
   return out
 
 

@@ -147,7 +147,7 @@ def _replicated(state: State, mesh: Mesh) -> State:
 
 def _prefill(params, prompt, start, live, images, seeds, knobs, *, model: VLM, mesh: Mesh, st: _Static) -> State:
   cache = init_cache(model.cfg.llm, start, st.cache_slots, jnp.dtype(model.cfg.dtype))
-  logits, cache = model.apply({"params": params}, prompt, images, cache, method=VLM.prefill)
+  logits, cache = model.apply({"params": params}, prompt, images, cache, method="prefill")  # by name: the model may be a subclass (LoRA)
   seen = None
   if st.penalize:
     real = jnp.arange(st.prompt_slots)[None, :] >= start[:, None]
@@ -164,7 +164,7 @@ def _decode(params, state: State, until, knobs, *, model: VLM, mesh: Mesh, st: _
 
   def step(s: State) -> State:
     last = jax.lax.dynamic_slice_in_dim(s.tokens, s.count - 1, 1, axis=1)
-    logits, cache = model.apply({"params": params}, last, s.cache, method=VLM.extend)
+    logits, cache = model.apply({"params": params}, last, s.cache, method="extend")
     return _advance(logits, s._replace(cache=cache), knobs, st)
 
   return _replicated(jax.lax.while_loop(running, step, state), mesh)

@@ -126,6 +126,6 @@ def stack_layers(block: type[nn.Module], depth: int, compute: Compute, n_broadca
   if compute.remat != "none":
     block = nn.remat(block, policy=REMAT_POLICIES[compute.remat], prevent_cse=False)
   unroll = depth if compute.scan_unroll <= 0 else min(compute.scan_unroll, depth)
-  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast,) * n_broadcast, length=depth, unroll=unroll,
                  metadata_params={nn.PARTITION_NAME: "layers"})(compute=compute, **kwargs)

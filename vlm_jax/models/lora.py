@@ -45,13 +45,17 @@ def targets(lora_cfg: ml_collections.ConfigDict) -> list[str]:
   return patterns
 
 
-def wrap(model: nn.Module, lora_cfg: ml_collections.ConfigDict) -> nn.Module:
-  """The model with adapters on the target modules (module paths like "llm/layers/q")."""
+def wrap(model: nn.Module, lora_cfg: ml_collections.ConfigDict, train: bool = False) -> nn.Module:
+  """The model with adapters on the target modules (module paths like "llm/layers/q"); dropout
+  on their input only with train (it then needs a "dropout" rng)."""
   qtype = lora_cfg.base_dtype if lora_cfg.base_dtype in QUANTIZED else None
+  # Decoding runs the LLM's layers as "block_<i>" modules (VLM.layer_list): a target written
+  # against the training layout ("llm/layers/q") matches them too.
+  paths = [f"(?:{p})|(?:{p.replace('layers', r'block_[0-9]+')})" for p in targets(lora_cfg)]
   rules = [qwix.LoraRule(module_path=p, rank=lora_cfg.rank, alpha=float(lora_cfg.alpha),
-                         dropout=lora_cfg.dropout, weight_qtype=qtype,
+                         dropout=lora_cfg.dropout if train else 0.0, weight_qtype=qtype,
                          tile_size=(lora_cfg.block_size or None) if qtype else None)
-           for p in targets(lora_cfg)]
+           for p in paths]
   return qwix.apply_lora_to_model(model, qwix.LoraProvider(rules), methods=METHODS)
 
 
@@ -93,10 +97,10 @@ def _walk(tree: dict, fn, path: tuple[str, ...] = ()) -> dict:
   return fn(path, out) if "kernel" in out else out
 
 
-def attach(base: dict, fresh: dict, lora_cfg: ml_collections.ConfigDict) -> dict:
+def attach(base: dict, fresh: dict) -> dict:
   """The LoRA model's params from a plain model's (a checkpoint, a Hugging Face import) and a
   fresh LoRA init: the fresh adapters, every other param from base, the adapted kernels
-  quantized or cast as base_dtype says."""
+  quantized where base_dtype says so."""
   def go(b: dict, f: dict, path: tuple[str, ...]) -> dict:
     if "kernel_lora_a" not in f:
       return {k: go(b[k], v, path + (k,)) if isinstance(v, dict) else b[k] for k, v in f.items()}
@@ -105,12 +109,12 @@ def attach(base: dict, fresh: dict, lora_cfg: ml_collections.ConfigDict) -> dict
       how = f["kernel"].how
       out["kernel"] = f["kernel"].replace(array=_per_layer(lambda w: qarray.quantize(w, how), path)(b["kernel"]))
     return out
-  return store_base(go(base, fresh, ()), lora_cfg)
+  return go(base, fresh, ())
 
 
 def store_base(params: dict, lora_cfg: ml_collections.ConfigDict) -> dict:
-  """base_dtype bfloat16: adapted kernels kept in bf16 (frozen, so nothing is lost to rounding
-  in the optimizer); float32 and the quantized kinds as they are."""
+  """base_dtype bfloat16: adapted kernels kept in bf16 (frozen: no optimizer update is lost to
+  rounding); float32 and the quantized kinds as they are. The train state's storage."""
   if lora_cfg.base_dtype != "bfloat16":
     return params
   def module(path, p):

@@ -29,25 +29,28 @@ def with_frozen(trainable, params):
 
 
 def train_step(state: dict, batch: dict, *, loss: Callable, tx: optax.GradientTransformation,
-               labels, grad_accum: int, lr_fn: Callable) -> tuple[dict, dict[str, Any]]:
-  """loss: (params, batch) -> (summed loss, count), the task's."""
-  def summed_loss(trainable, micro):
-    loss_sum, count = loss(with_frozen(trainable, state["params"]), micro)
+               labels, grad_accum: int, lr_fn: Callable, seed: int = 0) -> tuple[dict, dict[str, Any]]:
+  """loss: (params, batch, rng) -> (summed loss, count), the task's; rng: the step's dropout key
+  (from the seed and step, one per micro-batch)."""
+  def summed_loss(trainable, micro, rng):
+    loss_sum, count = loss(with_frozen(trainable, state["params"]), micro, rng)
     return loss_sum, (loss_sum, count)
 
   grad_fn = jax.grad(summed_loss, has_aux=True)
   trainable = trainable_part(state["params"], labels)
+  rng = jax.random.fold_in(jax.random.key(seed), state["step"])
   if grad_accum == 1:
-    grads, (loss_sum, count) = grad_fn(trainable, batch)
+    grads, (loss_sum, count) = grad_fn(trainable, batch, rng)
   else:
     micro_batches = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
 
-    def accumulate(carry, micro):
-      grads, (loss_sum, count) = grad_fn(trainable, micro)
+    def accumulate(carry, indexed):
+      index, micro = indexed
+      grads, (loss_sum, count) = grad_fn(trainable, micro, jax.random.fold_in(rng, index))
       return jax.tree.map(jnp.add, carry, (grads, loss_sum, count)), None
 
     zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros(()), jnp.zeros(()))
-    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro_batches))
 
   denom = jnp.maximum(count, 1.0)
   # The optimizer sees the whole tree; frozen leaves get a scalar zero (set_to_zero ignores it).

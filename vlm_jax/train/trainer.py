@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from vlm_jax import build as build_lib
 from vlm_jax import parallel, xla_options
+from vlm_jax.models import lora
 from vlm_jax.train import optim, step as step_lib
 
 
@@ -39,6 +40,7 @@ def make(run: build_lib.Run) -> Trainer:
   def new_state(params):
     params = jax.tree.map(lambda p, label: p.astype(frozen_dtype)
                           if label == optim.FROZEN and jnp.issubdtype(p.dtype, jnp.floating) else p, params, labels)
+    params = lora.store_base(params, config.lora)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   abstract_state = jax.eval_shape(new_state, run.abstract_params)
@@ -46,7 +48,10 @@ def make(run: build_lib.Run) -> Trainer:
   opt_shardings = parallel.shardings_by_param_path(abstract_state["opt_state"], run.param_shardings,
                                                    run.abstract_params, mesh)
   state_shardings = {"step": replicated, "params": run.param_shardings, "opt_state": opt_shardings}
-  train_step = functools.partial(step_lib.train_step, loss=functools.partial(run.task.loss, run.model.apply),
+  def loss(params, batch, rng):
+    return run.task.loss(functools.partial(run.train_model.apply, rngs={"dropout": rng}), params, batch)
+
+  train_step = functools.partial(step_lib.train_step, loss=loss, seed=config.seed,
                                  tx=tx, labels=labels, grad_accum=config.train.grad_accum,
                                  lr_fn=optim.schedule(config.train))
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):

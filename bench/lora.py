@@ -85,10 +85,11 @@ def cpu_batch(config, mesh, shape: dict) -> dict:
 
 
 def start_state(trainer) -> dict:
-  """The abstract train state trainer.start makes from plain params (trainer.abstract_state
-  keeps a bf16 LoRA base in fp32), in the state's shardings."""
-  shapes = jax.eval_shape(trainer.start, trainer.run.plain.abstract_params)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, trainer.state_shardings)
+  """The abstract train state, a LoRA base stored as trainer.start stores it (lora.store_base:
+  trainer.abstract_state keeps a bf16 base in fp32), in the state's shardings."""
+  state = dict(trainer.abstract_state)
+  state["params"] = jax.eval_shape(lambda p: lora.store_base(p, trainer.run.config.lora), state["params"])
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, trainer.state_shardings)
 
 
 def nbytes(leaves, packed: bool = False) -> int:
@@ -136,7 +137,8 @@ def analyse(config) -> dict:
 
 
 def run_cpu(directory: str, config, image_id: int, shape: dict, steps: int) -> dict:
-  """From the imported weights (as init_from): sizes, memory, first step's loss, median step."""
+  """From the imported weights (as init_from): sizes, memory, the warm-up step's loss, the
+  median of `steps` steps."""
   from vlm_jax.convert import hf_import
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   trainer = trainer_lib.build(config, mesh, image_id)
@@ -150,8 +152,10 @@ def run_cpu(directory: str, config, image_id: int, shape: dict, steps: int) -> d
   def step() -> tuple[float, dict]:
     nonlocal state
     start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    return time.perf_counter() - start, jax.block_until_ready(metrics)
+    state, metrics = jax.block_until_ready(trainer.train_step(state, batch))
+    return time.perf_counter() - start, metrics
+  # The jitted step, as training calls it: `compiled` refuses nf4's codes, which jax holds a
+  # byte each on CPU while the program takes them packed (a layout mismatch).
   _, metrics = step()  # warm-up
   times = [step()[0] for _ in range(steps)]
   return {**out, "loss": round(float(metrics["train/loss"]), 5), "step_s": round(statistics.median(times), 3)}

@@ -18,14 +18,17 @@ from vlm_jax.errors import UserError
 from vlm_jax.models import lora
 
 ADAPTER_DIR = "adapter"  # inside the --to-hf directory, beside the base model
-# Checkpoint key prefixes (the hub's LLaVA layout) -> transformers 5's module names, which PEFT's
-# adapter keys name.
+# Checkpoint key prefixes (the hub's LLaVA layout, or transformers 5's) -> transformers 5's module
+# names, which PEFT's adapter keys name (its vision towers no longer nest a `vision_model`).
 MODULE_PREFIXES = (("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
+                   ("vision_tower.vision_model.", "model.vision_tower."),
+                   ("model.vision_tower.vision_model.", "model.vision_tower."),
                    ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
 
 
 def module_name(weight_key: str) -> str:
-  """"language_model.model.layers.0.self_attn.q_proj.weight" -> "model.language_model.layers.0.self_attn.q_proj"."""
+  """"language_model.model.layers.0.self_attn.q_proj.weight" -> "model.language_model.layers.0.self_attn.q_proj"
+  (the first matching prefix)."""
   name = weight_key.removesuffix(".weight")
   for old, new in MODULE_PREFIXES:
     if name.startswith(old):
@@ -33,7 +36,7 @@ def module_name(weight_key: str) -> str:
   return name
 
 
-def write(lora_cfg: ml_collections.ConfigDict, items: list[params_lib.Item], params: dict, out: str,
+def write(lora_cfg: ml_collections.ConfigDict, params: dict, items: list[params_lib.Item], out: str,
           base_dir: str) -> str:
   """Writes out/adapter for the adapters in params (the LoRA model's, host or device arrays);
   items: the plain model's export plan (which HF tensor each kernel becomes)."""

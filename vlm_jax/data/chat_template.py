@@ -24,6 +24,7 @@ HF = "hf"
 def _compile(template: str):
   try:
     import jinja2
+    import jinja2.ext  # not loaded by `import jinja2` alone
     from jinja2.sandbox import ImmutableSandboxedEnvironment
   except ImportError:
     raise UserError("the model's chat template needs jinja2: pip install 'vlm-jax[convert]'") from None

@@ -12,6 +12,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -21,8 +22,25 @@ from vlm_jax.errors import UserError
 from vlm_jax.files import as_path
 
 
+# Tensorstore has no 4-bit types: 4-bit arrays (QLoRA's nf4 codes) are stored as bytes.
+STORED_AS = {jnp.dtype(jnp.uint4): jnp.dtype(jnp.uint8), jnp.dtype(jnp.int4): jnp.dtype(jnp.int8)}
+
+
+def _stored(dtype) -> jnp.dtype:
+  return STORED_AS.get(jnp.dtype(dtype), jnp.dtype(dtype))
+
+
+def _to_storage(tree):
+  return jax.tree.map(lambda x: x.astype(_stored(x.dtype)) if _stored(x.dtype) != x.dtype else x, tree)
+
+
+def _from_storage(tree, abstract):
+  return jax.tree.map(lambda x, a: x.astype(a.dtype) if x.dtype != a.dtype else x, tree, abstract)
+
+
 def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  """The restore target: the tree's shapes in `shardings`, in their stored dtypes."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, _stored(x.dtype), sharding=s), tree, shardings)
 
 
 def _gather_json(value) -> list:
@@ -60,7 +78,7 @@ class Checkpointer:
     data = {"processes": _gather_json(data_state)}
     jax.block_until_ready(state)  # the step's own time is not the save's
     start = time.perf_counter()
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_storage(state)),
                                                     data=ocp.args.JsonSave(data)), force=True)
     return time.perf_counter() - start
 
@@ -71,8 +89,9 @@ class Checkpointer:
         state=ocp.args.StandardRestore(_abstract(abstract_state, shardings)),
         data=ocp.args.JsonRestore()))
     data = restored["data"]
+    state = _from_storage(restored["state"], abstract_state)
     # Before per-process states were kept, process 0's state was saved alone (and used by all).
-    return restored["state"], data["processes"] if "processes" in data else [data] * jax.process_count()
+    return state, data["processes"] if "processes" in data else [data] * jax.process_count()
 
   def complete(self, step: int) -> bool:
     """`step` is finished on disk (after wait())."""
@@ -84,7 +103,7 @@ class Checkpointer:
     target = {"params": _abstract(abstract_params, shardings)}
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-    return restored["state"]["params"]
+    return _from_storage(restored["state"]["params"], abstract_params)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

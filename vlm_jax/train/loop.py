@@ -74,6 +74,18 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   return [f"{k}: {saved.get(k, defaults.get(k))} -> {now[k]}" for k in differ]
 
 
+def _layouts_match(compiled, args) -> bool:
+  """Whether the arrays have the layouts the executable was compiled for. XLA:CPU makes 4-bit
+  arrays (QLoRA's nf4 codes) unpacked but compiles for packed ones, which an executable refuses;
+  the jitted step (compiled once more, on its first call) takes them."""
+  formats = jax.tree.leaves(compiled.input_formats[0])
+  arrays = jax.tree.leaves(args)
+  match = all(f.layout == x.format.layout for f, x in zip(formats, arrays))
+  if not match:
+    log.info("the arrays' layouts differ from the compiled step's (4-bit values on CPU): it runs through jit")
+  return match
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     root = as_path(workdir)
@@ -137,10 +149,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals |
   # --- Compile once, before the loop (signals from here on stop the run with a checkpoint) -----
   with StopSignal(mesh) as stop:
     t0 = time.time()
-    train_step = trainer.train_step.lower(state, batch).compile()
-    memory = train_step.memory_analysis()
+    compiled = trainer.train_step.lower(state, batch).compile()
+    memory = compiled.memory_analysis()
     log.info("train step compiled in %.1fs%s", time.time() - t0,
              f"; temp memory {memory.temp_size_in_bytes / 2**20:.0f} MiB" if memory else "")
+    train_step = compiled if _layouts_match(compiled, (state, batch)) else trainer.train_step
     try:
       eval_metrics = _loop(config, train_step, state, batch, start, data, periodic, checkpoints, workdir,
                            stop, mesh, stop_after)

@@ -8,6 +8,7 @@ pass runs through a frozen encoder.
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -44,10 +45,11 @@ def param_labels(params, train_cfg: ml_collections.ConfigDict, stage: str):
   else:
     trains = lambda p: component(p) in STAGE_TRAINS[stage] and (component(p) not in adapted or lora.is_adapter(p))
 
-  def label(path, _):
+  def label(path, x):
     p = path_str(path)
     comp = component(p)
-    return comp if trains(p) and train_cfg.lr_mult[comp] > 0 else FROZEN
+    floating = jnp.issubdtype(x.dtype, jnp.floating)  # not QLoRA's integer codes, whatever a regex says
+    return comp if trains(p) and floating and train_cfg.lr_mult[comp] > 0 else FROZEN
   return jax.tree_util.tree_map_with_path(label, params)
 
 

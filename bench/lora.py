@@ -14,15 +14,16 @@ Shapes: `cpu` is bench/train_step.py's (its random HF LLaVA, imported by our con
 batch of 4 x 1024): compiled, then run for a warm-up step and `--steps` timed ones (median, and
 the ratio to `full`). `ref` is configs/bench_ref.py:stage2 (1.1B LLM, 8 x 2048) and `7b`
 configs/llava15_ref.py:stage2 (LLaVA-1.5 7B, its remat=full) at batch 1 x 2048: compiled only,
-for this machine's CPU devices, with vlm_jax/aot.py's batch (as `vlm-jax compile --topology
-gpu:GB`: an estimate of a GPU's memory, the same buffers but not the GPU compiler's fusions).
+by vlm_jax/aot.py's compile_run for one device of this machine's CPU compiler (`vlm-jax compile
+--topology gpu:GB`: an estimate of a GPU's memory, the same buffers but not the GPU compiler's
+fusions).
 
-The state compiled is the one training holds: trainer.start on the plain model's params (as
-config.model.init_from), so a LoRA base is stored as lora.base_dtype says. `peak` is what the
+The state is the one training holds: trainer.start on the plain model's params, as with
+config.model.init_from (cpu), or its shapes, trainer.abstract_state (ref, 7b). `peak` is what the
 step holds live (arguments + outputs not donated + temporaries); `fits_gb`: which of 16, 24 and
-80 GB (10^9 bytes, nothing kept for the runtime) it fits. Param bytes count uint4 codes at one
-byte (`params_bytes`, numpy's itemsize) and at 4 bits (`params_bytes_packed`); XLA's memory
-analysis counts them packed, on CPU too.
+80 GB (10^9 bytes, nothing kept for the runtime) it fits. `params_bytes` counts a uint4 code as
+a byte (as jax holds them on a CPU device), `params_bytes_packed` as 4 bits (as XLA's memory
+analysis counts them, on CPU too).
 """
 
 import argparse
@@ -84,14 +85,6 @@ def cpu_batch(config, mesh, shape: dict) -> dict:
       parallel.batch_sharding(mesh))
 
 
-def start_state(trainer) -> dict:
-  """The abstract train state, a LoRA base stored as trainer.start stores it (lora.store_base:
-  trainer.abstract_state keeps a bf16 base in fp32), in the state's shardings."""
-  state = dict(trainer.abstract_state)
-  state["params"] = jax.eval_shape(lambda p: lora.store_base(p, trainer.run.config.lora), state["params"])
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, trainer.state_shardings)
-
-
 def nbytes(leaves, packed: bool = False) -> int:
   bits = jax.dtypes.itemsize_bits if packed else lambda d: 8 * np.dtype(d).itemsize
   return sum(x.size * bits(x.dtype) // 8 for x in leaves)
@@ -118,9 +111,8 @@ def sizes(trainer, state: dict) -> dict:
           "adapted_base": adapted_base(params)}
 
 
-def memory(compiled) -> dict:
+def memory(m: aot.Memory) -> dict:
   """XLA's memory analysis (GiB) and the chip sizes the step fits."""
-  m = aot.Memory.of(compiled)
   gib = lambda n: round(n / GIB, 3)
   return {"memory_gib": {"arguments": gib(m.arguments_bytes), "outputs": gib(m.output_bytes),
                          "aliased": gib(m.alias_bytes), "temp": gib(m.temp_bytes), "peak": gib(m.total_bytes)},
@@ -128,12 +120,10 @@ def memory(compiled) -> dict:
 
 
 def analyse(config) -> dict:
-  """Compile only: the state's sizes and the step's memory."""
+  """Compile only (`vlm-jax compile --topology gpu:80`): the state's sizes and the step's memory."""
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   trainer = trainer_lib.build(config, mesh, image_token_id=0)
-  state = start_state(trainer)
-  compiled = trainer.train_step.lower(state, aot.abstract_batch(config, mesh)).compile()
-  return {**sizes(trainer, state), **memory(compiled)}
+  return {**sizes(trainer, trainer.abstract_state), **memory(aot.compile_run(config, "gpu:80").memory)}
 
 
 def run_cpu(directory: str, config, image_id: int, shape: dict, steps: int) -> dict:
@@ -147,7 +137,7 @@ def run_cpu(directory: str, config, image_id: int, shape: dict, steps: int) -> d
                                                     plain.param_shardings))
   batch = cpu_batch(config, mesh, shape)
   compiled = trainer.train_step.lower(state, batch).compile()
-  out = {**sizes(trainer, state), **memory(compiled)}
+  out = {**sizes(trainer, state), **memory(aot.Memory.of(compiled))}
 
   def step() -> tuple[float, dict]:
     nonlocal state

@@ -96,6 +96,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
     model, train_model = lora.wrap(model, config.lora), lora.wrap(model, config.lora, train=True)
   inputs = task.dummy_inputs(config, 1)
   boxed_init = lambda rng: model.init(rng, *inputs)["params"]
+  if base:
+    boxed_init = lambda rng: lora.fp32_masters(model.init(rng, *inputs)["params"])
   with attention.on_platform(parallel.platform(mesh)):
     try:
       boxed = jax.eval_shape(boxed_init, jax.random.key(0))

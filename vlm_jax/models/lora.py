@@ -59,6 +59,15 @@ def wrap(model: nn.Module, lora_cfg: ml_collections.ConfigDict, train: bool = Fa
   return qwix.apply_lora_to_model(model, qwix.LoraProvider(rules), methods=METHODS)
 
 
+def fp32_masters(params):
+  """qwix creates a quantized kernel's adapters in the dtype the kernel is read in (the compute
+  dtype): as every param the optimizer updates, they are kept in fp32. Boxed or plain trees."""
+  def cast(path, x):
+    adapter = any(str(getattr(k, "key", "")).endswith(ADAPTER_SUFFIXES) for k in path)
+    return x.astype(jnp.float32) if adapter else x
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def is_adapter(path: str) -> bool:
   """path: a param path ("llm/layers/q/kernel_lora_a")."""
   return path.endswith(ADAPTER_SUFFIXES)
@@ -106,8 +115,10 @@ def attach(base: dict, fresh: dict) -> dict:
       return {k: go(b[k], v, path + (k,)) if isinstance(v, dict) else b[k] for k, v in f.items()}
     out = dict(b, kernel_lora_a=f["kernel_lora_a"], kernel_lora_b=f["kernel_lora_b"])
     if is_quantized(f["kernel"]):
-      how = f["kernel"].how
-      out["kernel"] = f["kernel"].replace(array=_per_layer(lambda w: qarray.quantize(w, how), path)(b["kernel"]))
+      # As the model quantizes a kernel: read in the compute dtype, which its scales keep.
+      how, dtype = f["kernel"].how, f["kernel"].array.scale.dtype
+      out["kernel"] = f["kernel"].replace(array=_per_layer(lambda w: qarray.quantize(w.astype(dtype), how), path)(
+          b["kernel"]))
     return out
   return go(base, fresh, ())
 

@@ -38,8 +38,9 @@ def make(run: build_lib.Run) -> Trainer:
   frozen_dtype = jnp.dtype(config.train.frozen_dtype)
 
   def new_state(params):
-    params = jax.tree.map(lambda p, label: p.astype(frozen_dtype)
-                          if label == optim.FROZEN and jnp.issubdtype(p.dtype, jnp.floating) else p, params, labels)
+    # (QLoRA's quantized kernels keep their codes and compute-dtype scales.)
+    params = jax.tree.map(lambda p, label: p.astype(frozen_dtype) if label == optim.FROZEN and not lora.is_quantized(p)
+                          else p, params, labels, is_leaf=lora.is_quantized)
     params = lora.store_base(params, config.lora)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 

@@ -7,8 +7,8 @@ one device) and, at the CPU shape, its step time. One JSON line per (shape, meth
 Every method is stage 2: the bridge trains whole, the ViT is frozen, and the LLM trains whole
 (`full`) or through rank-16 adapters (alpha 32) on every linear layer of its blocks
 (`llm/layers/(q|k|v|o|gate|up|down)`) over a frozen base stored in fp32 (`lora`), bf16
-(`lora-bf16`) or quantized in blocks of 64 inputs (`qlora-int8`, `qlora-nf4`: qwix codes + fp32
-scales). `--lever` adds config overrides to every method (`--lever data.seq_len=1024`).
+(`lora-bf16`) or quantized in blocks of 64 inputs (`qlora-int8`, `qlora-nf4`: qwix codes + scales
+in the compute dtype). `--lever` adds config overrides to every method (`--lever data.seq_len=1024`).
 
 Shapes: `cpu` is bench/train_step.py's (its random HF LLaVA, imported by our converter, and its
 batch of 4 x 1024): compiled, then run for a warm-up step and `--steps` timed ones (median, and

@@ -83,7 +83,7 @@ def check_targets(lora_cfg: ml_collections.ConfigDict, paths: list[str]) -> None
   for pattern in targets(lora_cfg):
     if not any(re.fullmatch(pattern, m) for m in adapted):
       raise UserError(f"config.lora.targets: pattern {pattern!r} matches no Dense module "
-                      f"(module paths look like llm/layers/q, llm/layers/up, vision/layers/fc1, bridge/fc1)")
+                      f"(module paths look like llm/layers/q, llm/layers/up, vision/layers/fc1, bridge/linear_1)")
 
 
 def _stacked(path: tuple[str, ...]) -> bool:

@@ -95,9 +95,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
     base = build(plain_config, mesh, image_token_id)
     model, train_model = lora.wrap(model, config.lora), lora.wrap(model, config.lora, train=True)
   inputs = task.dummy_inputs(config, 1)
-  boxed_init = lambda rng: model.init(rng, *inputs)["params"]
-  if base:
-    boxed_init = lambda rng: lora.fp32_masters(model.init(rng, *inputs)["params"])
+  masters = lora.fp32_masters if base else (lambda params: params)
+  boxed_init = lambda rng: masters(model.init(rng, *inputs)["params"])
   with attention.on_platform(parallel.platform(mesh)):
     try:
       boxed = jax.eval_shape(boxed_init, jax.random.key(0))
@@ -118,16 +117,15 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
     init_params = jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=param_shardings)
     eval_step = jax.jit(eval_step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
                         out_shardings=parallel.replicated(mesh))
-  run = Run(config, mesh, task, model, param_shardings, nn.meta.unbox(boxed), in_mesh(init_params, mesh),
+  # qwix creates adapters with their kernel's logical names, which it applies to the adapter's
+  # shape while a mesh is set (a rank error): LoRA inits trace without one, their placement
+  # coming from out_shardings alone.
+  init_context = _without_mesh if base else in_mesh
+  run = Run(config, mesh, task, model, param_shardings, nn.meta.unbox(boxed), init_context(init_params, mesh),
             in_mesh(eval_step, mesh))
   if base:
-    # qwix creates adapters with their kernel's logical names, which it applies to the adapter's
-    # shape while a mesh is set (a rank error): LoRA inits trace without one, their placement
-    # coming from out_shardings alone.
-    attach = lambda params, rng: lora.attach(params, nn.meta.unbox(boxed_init(rng)))
-    run.init_params = _without_mesh(jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)),
-                                            out_shardings=param_shardings), mesh)
-    attach = _without_mesh(jax.jit(attach, out_shardings=param_shardings, donate_argnums=0), mesh)
+    attach = _without_mesh(jax.jit(lambda params, rng: lora.attach(params, nn.meta.unbox(boxed_init(rng))),
+                                   out_shardings=param_shardings, donate_argnums=0), mesh)
     run.base, run.adapt, run.train_model = base, lambda params: attach(params, jax.random.key(config.seed)), train_model
   return run
 

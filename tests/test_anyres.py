@@ -265,7 +265,7 @@ def _anyres_config(tok, overrides=None):
 
 
 def _batches(cfg, tok, tile_groups: int):
-  return Batches.from_config(cfg, tok, 0, tile_groups=tile_groups)
+  return Batches.from_config(cfg, tok, helpers.image_tokens(cfg.model), tile_groups=tile_groups)
 
 
 @pytest.fixture(scope="module")
@@ -273,11 +273,19 @@ def tok():
   return Tokenizer.load("shapes")
 
 
-@pytest.mark.parametrize("mesh,accum,max_tiles", [((8, 1, 1), 1, 0), ((2, 2, 2), 2, 96)])
-def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles):
+# Grid bridges that shrink the grid: 32-px tiles of 4x4 8-px patches, pixel shuffled or pooled to 2x2.
+SHRINKING = {"pixel_shuffle": {"model.vision.patch_size": 8, "model.bridge.kind": "pixel_shuffle"},
+             "cabstractor": {"model.vision.patch_size": 8, "model.bridge.kind": "cabstractor",
+                             "model.bridge.num_tokens": 4, "model.bridge.depth": 1}}
+
+
+@pytest.mark.parametrize("mesh,accum,max_tiles,bridge", [((8, 1, 1), 1, 0, None), ((2, 2, 2), 2, 96, None),
+                                                         ((2, 2, 2), 1, 0, "pixel_shuffle"),
+                                                         ((8, 1, 1), 1, 0, "cabstractor")])
+def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles, bridge):
   cfg = _anyres_config(tok, {"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
-                             "train.grad_accum": accum,
-                             "model.anyres.max_tiles": max_tiles, "train.batch_size": 16})
+                             "train.grad_accum": accum, "model.anyres.max_tiles": max_tiles,
+                             "train.batch_size": 16, **SHRINKING.get(bridge, {})})
   m = parallel.make_mesh(cfg.mesh)
   run = trainer_lib.build(cfg, m, tok.image_id)
   data = _batches(cfg, tok, parallel.batch_divisor(m) * accum)
@@ -290,6 +298,12 @@ def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles
     for step in range(6):
       batch = device_batch(next(data))
       counts |= set((batch["tokens"] == tok.image_id).sum(1).tolist()) - {0}  # one per grid
+      # Every image's placeholders are its plan's tokens, and every token source is a real feature
+      # of its group's pool (the bridge's 2x2 tokens a tile, not the 4x4 patches).
+      pool = 1 + batch["images"]["tiles"].shape[1] * helpers.image_tokens(cfg.model)
+      assert batch["images"]["index"].max() < pool
+      if bridge:
+        assert helpers.image_tokens(cfg.model) == 4
       shapes.add(tuple((k, v.shape) for k, v in jax.tree_util.tree_leaves_with_path(batch)))
       state, metrics = run.train_step(state, parallel.global_batch(batch, m))
       losses.append(float(metrics["train/loss"]))
@@ -395,17 +409,24 @@ NEXT_REF = "configs/llava_next_ref.py"
 
 
 @pytest.mark.parametrize("args,expected", [
-    ((NEXT_REF, "600x1000"), {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 5, "image_tokens": 1948}),
-    ((NEXT_REF, "336x336"), {"height": 336, "width": 336, "grid": [1, 2], "tiles": 3, "image_tokens": 1176}),
-    ((NEXT_REF, "2000x500"), {"height": 2000, "width": 500, "grid": [3, 1], "tiles": 4, "image_tokens": 1944}),
+    ((NEXT_REF, "600x1000"), {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 5, "image_tokens": 1948, "tile_tokens": 576}),
+    ((NEXT_REF, "336x336"), {"height": 336, "width": 336, "grid": [1, 2], "tiles": 3, "image_tokens": 1176, "tile_tokens": 576}),
+    ((NEXT_REF, "2000x500"), {"height": 2000, "width": 500, "grid": [3, 1], "tiles": 4, "image_tokens": 1944, "tile_tokens": 576}),
     ((NEXT_REF, "600x1000", "--config.model.anyres.base_view=false"),
-     {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 4, "image_tokens": 1948 - 576}),
+     {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 4, "image_tokens": 1948 - 576, "tile_tokens": 576}),
     (("configs/shapes_tiny.py", "600x1000"), {"height": 600, "width": 1000, "grid": [1, 1], "tiles": 1,
-                                             "image_tokens": 16}),
+                                             "image_tokens": 16, "tile_tokens": 16}),
     (("configs/llava15_ref.py:stage1", "600x1000"), {"height": 600, "width": 1000, "grid": [1, 1], "tiles": 1,
-                                                    "image_tokens": 576}),
+                                                    "image_tokens": 576, "tile_tokens": 576}),
     (("configs/llava15_ref.py:stage2", "20x2000"), {"height": 20, "width": 2000, "grid": [1, 1], "tiles": 1,
-                                                   "image_tokens": 576}),
+                                                   "image_tokens": 576, "tile_tokens": 576}),
+    # Grid bridges that shrink the grid: AnyRes counts their tokens (24x24 patches -> 12x12 / 8x8).
+    ((NEXT_REF, "600x1000", "--config.model.bridge.kind=pixel_shuffle"),
+     {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 5, "image_tokens": 144 + 14 * 25, "tile_tokens": 144}),
+    ((NEXT_REF, "600x1000", "--config.model.bridge.kind=cabstractor", "--config.model.bridge.num_tokens=64"),
+     {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 5, "image_tokens": 64 + 10 * 17, "tile_tokens": 64}),
+    (("configs/shapes_tiny.py", "600x1000", "--config.model.bridge.kind=qformer", "--config.model.bridge.num_queries=7"),
+     {"height": 600, "width": 1000, "grid": [1, 1], "tiles": 1, "image_tokens": 7, "tile_tokens": 7}),
 ])
 def test_tokens_command(args, expected, capsys, monkeypatch):
   monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -107,7 +107,7 @@ PACKED = {"data.seq_len": 160, "data.pack": True, "data.max_images": 3, "train.b
 def test_lever_gives_the_plain_loss_and_grads_with_anyres(tok, lever):
   base = ANYRES
   plain = _config(tok, base, {})
-  batch = next(Batches.from_config(plain, tok, 0, tile_groups=1))
+  batch = next(Batches.from_config(plain, tok, helpers.image_tokens(plain.model), tile_groups=1))
   assert max(len(row) for row in batch["keys"]) >= 2  # packed
   _assert_same(plain, _config(tok, base, LEVERS[lever]), tok, batch, "full")
 

@@ -210,6 +210,8 @@ def cmd_convert(argv: list[str]) -> int:
   p.add_argument("--out", metavar="DIR", help="the vlm-jax workdir to write (with --from-hf)")
   p.add_argument("--vision", metavar="VISION_DIR", help="a CLIP/SigLIP directory: assemble a fresh VLM from "
                  "it and the LLM of --from-hf, with a random bridge (stage 1)")
+  p.add_argument("--qformer", metavar="BLIP2_DIR", help="with --vision: a Blip2ForConditionalGeneration "
+                 "directory whose Q-Former (and projection, if its LLM is as wide) is the bridge")
   p.add_argument("--feature-layer", type=int, default=-2, help="with --vision: the vision hidden state "
                  "the bridge reads (LLaVA: -2)")
   p.add_argument("--config", help="with --from-hf: CONFIG.py[:ARG] whose non-model fields the written "
@@ -231,7 +233,9 @@ def cmd_convert(argv: list[str]) -> int:
   if importing:
     if not (args.from_hf and args.out):
       raise UserError(f"convert: {'--out' if args.from_hf else '--from-hf'} is missing")
-    for flag, path in (("--from-hf", args.from_hf), ("--vision", args.vision)):
+    if args.qformer and not args.vision:
+      raise UserError("convert: --qformer needs --vision (the tower whose features the Q-Former reads)")
+    for flag, path in (("--from-hf", args.from_hf), ("--vision", args.vision), ("--qformer", args.qformer)):
       if path is not None and not os.path.isdir(path):
         raise UserError(f"{flag}: no such directory: {path}")
     base = None
@@ -243,7 +247,8 @@ def cmd_convert(argv: list[str]) -> int:
       raise UserError("--config.KEY=VALUE needs --config")
     from vlm_jax.convert import hf_import
     if args.vision:
-      out = hf_import.assemble(args.from_hf, args.vision, args.out, feature_layer=args.feature_layer, base=base)
+      out = hf_import.assemble(args.from_hf, args.vision, args.out, feature_layer=args.feature_layer, base=base,
+                               qformer_dir=args.qformer)
     else:
       out = hf_import.convert_llava(args.from_hf, args.out, base=base)
     print(f"wrote {out}", file=sys.stderr)
@@ -286,16 +291,18 @@ def cmd_tokens(argv: list[str]) -> int:
   build.validate(config)
   from vlm_jax.data import anyres, anyres_batch
   from vlm_jax.models import vlm
+  per_view = vlm.image_tokens(config.model)  # one tile's, or one view's
+  bridge = f"bridge {config.model.bridge.kind}: {per_view} tokens a {'tile' if config.model.anyres.enabled else 'view'}"
   if config.model.anyres.enabled:
-    plan = anyres.plan(size, anyres_batch.spec_from_config(config.model))
+    plan = anyres.plan(size, anyres_batch.spec_from_config(config.model, per_view))
     out = {"height": size[0], "width": size[1], "grid": list(plan.grid), "tiles": plan.tiles,
-           "image_tokens": plan.tokens}
-    detail = [f"canvas {plan.canvas[0]}x{plan.canvas[1]}", f"resized {plan.resized[0]}x{plan.resized[1]}",
+           "image_tokens": plan.tokens, "tile_tokens": per_view}
+    detail = [bridge, f"canvas {plan.canvas[0]}x{plan.canvas[1]}", f"resized {plan.resized[0]}x{plan.resized[1]}",
               f"features {plan.features[0]}x{plan.features[1]} (+1 newline a row)"]
   else:  # one square view, whatever the image
-    out = {"height": size[0], "width": size[1], "grid": [1, 1], "tiles": 1,
-           "image_tokens": vlm.image_tokens(config.model)}
-    detail = ["AnyRes off: resized to one square view"]
+    out = {"height": size[0], "width": size[1], "grid": [1, 1], "tiles": 1, "image_tokens": per_view,
+           "tile_tokens": per_view}
+    detail = [bridge, "AnyRes off: resized to one square view"]
   if args.json:
     print(json.dumps(out))
   else:

@@ -64,8 +64,21 @@ def base() -> ml_collections.ConfigDict:
       base_view=True,         # a downscaled whole-image tile first (S*S tokens)
       max_n=0,                # anyres_max_N: maps larger than N tiles are shrunk (OneVision: 9); 0 = off
       max_tiles=0))           # tiles per global batch (one ViT call); 0 = every row's largest plan
-  c.model.bridge = ml_collections.ConfigDict(dict(  # kinds: vlm_jax/models/bridge.py BRIDGES
-      kind="mlp2x_gelu", num_latents=16, depth=2, heads=4))
+  # kinds (vlm_jax/models/bridge.py BRIDGES): linear, mlp2x_gelu (LLaVA-1.5), perceiver,
+  # qformer (BLIP-2), cabstractor (Honeybee), pixel_shuffle (Idefics3, nanoVLM)
+  c.model.bridge = ml_collections.ConfigDict(dict(
+      kind="mlp2x_gelu",
+      depth=2,                # perceiver, qformer: layers; cabstractor: ResBlocks before and after pooling
+      heads=4,                # perceiver, qformer
+      width=0,                # qformer, cabstractor: hidden width (0 = the LLM's)
+      num_latents=16,         # perceiver: tokens per image
+      num_queries=16,         # qformer: tokens per image (BLIP-2: 32)
+      cross_attention_every=2,  # qformer: layers 0, k, 2k, ... cross-attend to the image (BLIP-2: 2)
+      mlp_dim=0,              # qformer: MLP width (0 = 4 x width)
+      norm_eps=1e-12,         # qformer: LayerNorm epsilon (BERT's)
+      num_tokens=16,          # cabstractor: tokens per image after pooling, a square (Honeybee: 144)
+      factor=2,               # pixel_shuffle: r x r patches per token (Idefics3: 3, SmolVLM: 4)
+      projection="linear"))   # pixel_shuffle: linear (no bias, Idefics3) | mlp (two layers, GELU)
   c.model.llm = ml_collections.ConfigDict(dict(
       vocab_size=0,           # 0: the tokenizer's vocabulary size
       width=128, depth=2, heads=4, kv_heads=2, head_dim=32, mlp_dim=512, rope_theta=10000.0,

@@ -25,6 +25,7 @@ from vlm_jax import parallel
 from vlm_jax.build import flat_params
 from vlm_jax.config import COMPONENTS
 from vlm_jax.convert import hf_config, image_processor, layout as layout_lib, params as params_lib
+from vlm_jax.convert import qformer as qformer_lib
 from vlm_jax.convert.safetensors_io import INDEX, Reader, write_sharded
 from vlm_jax.data import hf_tokenizer
 from vlm_jax.errors import UserError
@@ -240,12 +241,17 @@ def load_origin(workdir: str) -> Origin | None:
 
 # --- Stage-1 assembly: an LLM directory + a vision-tower directory --------------------------
 def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2,
-             base: ml_collections.ConfigDict | None = None) -> str:
+             base: ml_collections.ConfigDict | None = None, qformer_dir: str | None = None) -> str:
   """`vlm-jax convert --from-hf LLM_DIR --vision VISION_DIR --out OUT`: the LLM and the vision
   tower (CLIP/SigLIP, alone or inside a CLIPModel/SiglipModel) from HF, and a bridge of
   config.model.bridge.kind (mlp2x_gelu unless base says otherwise) initialised from config.seed.
-  The tokenizer gains <image> if it has none; new vocab rows start as the mean row."""
+  With qformer_dir (`--qformer`, a BLIP-2 directory) the bridge is BLIP-2's Q-Former (its
+  projection too when its LLM has this one's width). The tokenizer gains <image> if it has none;
+  new vocab rows start as the mean row."""
   check_empty_dir(out, "--out")
+  if qformer_dir is not None:  # before the run is built: it must have BLIP-2's bridge
+    base = config_lib.base() if base is None else base
+    base.model.bridge.update(qformer_lib.bridge_config(qformer_dir))
   vc, tc = read_json(vision_dir), read_json(llm_dir)
   vc = vc["vision_config"] if isinstance(vc.get("vision_config"), dict) else vc
   flavour = hf_config.VISION_FAMILIES.get(vc.get("model_type"), ("clip",))[0]
@@ -255,6 +261,8 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
   tokenizer = hf_tokenizer.load(llm_dir, add_image=True)
   llm["vocab_size"] = max(llm["vocab_size"], tokenizer.vocab_size)
   config = _fill_config(base, vision, llm, tokenizer, vision_dir, llava=False)
+  qformer = {} if qformer_dir is None else qformer_lib.read_bridge(  # its errors before the long reads
+      qformer_dir, config.model.bridge, config.model.vision.width, config.model.llm.width)
   run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id)
   layout = dict(layout_lib.LLAVA)  # export writes the hub's LLaVA layout
   dtypes, renames = {}, {}
@@ -275,6 +283,9 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
   if tokenizer.vocab_size > tc.get("vocab_size", 0):  # grown: no longer the file's tensors
     dtypes = {k: v for k, v in dtypes.items() if not k.endswith(("embed_tokens.weight", "lm_head.weight"))}
   params.update(_fresh_bridge(config, run, config.seed))
+  shardings = flat_params(run.param_shardings)
+  for path, host in qformer.items():  # fresh params stay for what BLIP-2 cannot give (its projection)
+    params[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda idx, h=host: h[idx])
   origin = Origin(llm_dir, {"text_config": tc, "vision_config": vc}, layout, family, n_layers,
                   tokenizer.image_id, dtypes, vision_dir, tuple(renames))
   write_workdir(out, config, params_lib.unflatten(params), origin, tokenizer, renames)

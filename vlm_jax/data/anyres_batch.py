@@ -9,6 +9,7 @@ tiles and the gather between them, lives on one device. The arrays (VLM.encode_t
 """
 
 import dataclasses
+import math
 from typing import Sequence
 
 import ml_collections
@@ -19,18 +20,22 @@ from vlm_jax.data import images as images_lib
 from vlm_jax.errors import UserError
 
 
-def spec_from_config(model_cfg: ml_collections.ConfigDict) -> anyres.Spec:
+def spec_from_config(model_cfg: ml_collections.ConfigDict, tile_tokens: int) -> anyres.Spec:
+  """tile_tokens: visual tokens of one tile (models.vlm.image_tokens), a square grid: the
+  bridge's (the patch grid, or what pixel shuffle or pooling makes of it)."""
   v, a = model_cfg.vision, model_cfg.anyres
-  return anyres.Spec(tile=v.image_size, side=v.image_size // v.patch_size,
-                     pinpoints=anyres.parse_pinpoints(a.grid_pinpoints, v.image_size),
+  side = math.isqrt(tile_tokens)
+  if side * side != tile_tokens:
+    raise ValueError(f"AnyRes tiles need a square grid of tokens, not {tile_tokens}")
+  return anyres.Spec(tile=v.image_size, side=side, pinpoints=anyres.parse_pinpoints(a.grid_pinpoints, v.image_size),
                      base_view=a.base_view, max_n=a.max_n)
 
 
-def for_config(config: ml_collections.ConfigDict) -> "AnyRes | None":
-  """The data side of AnyRes for a full config, or None when it is off."""
+def for_config(config: ml_collections.ConfigDict, tile_tokens: int) -> "AnyRes | None":
+  """The data side of AnyRes for a full config (tile_tokens: one tile's tokens), or None when it is off."""
   if not config.model.anyres.enabled:
     return None
-  return AnyRes(config.model, images_lib.Preprocessing.from_config(config))
+  return AnyRes(config.model, images_lib.Preprocessing.from_config(config), tile_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +48,8 @@ class Tiled:
 class AnyRes:
   """The data side of AnyRes for one config: token counts, tiles and batch arrays."""
 
-  def __init__(self, model_cfg: ml_collections.ConfigDict, pre: images_lib.Preprocessing):
-    self.spec = spec_from_config(model_cfg)
+  def __init__(self, model_cfg: ml_collections.ConfigDict, pre: images_lib.Preprocessing, tile_tokens: int):
+    self.spec = spec_from_config(model_cfg, tile_tokens)
     self.pre = pre  # its resample filter and normalisation
 
   def plan(self, image) -> anyres.Plan:

@@ -146,7 +146,7 @@ class Batches:
                image_tokens=image_tokens, seed=config.seed, template=d.template, process_index=process_index,
                process_count=process_count, strict=d.strict, image_position=d.image_position,
                max_images=d.max_images, pack=d.pack, workers=d.workers, threads=d.threads,
-               prefetch=d.prefetch, tfds_dir=d.tfds_dir, anyres=anyres_batch.for_config(config),
+               prefetch=d.prefetch, tfds_dir=d.tfds_dir, anyres=anyres_batch.for_config(config, image_tokens),
                tile_groups=tile_groups, max_tiles=config.model.anyres.max_tiles, image_pool=d.image_pool)
 
   def __iter__(self) -> "Batches":

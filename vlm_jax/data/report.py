@@ -49,7 +49,7 @@ def samples(config: ml_collections.ConfigDict, tokenizer: Tokenizer, image_token
   prepare = Prepare(sources, tokenizer, template=d.template, image_tokens=image_tokens, seq_len=d.seq_len,
                     max_images=d.max_images,
                     preprocessing=images_lib.Preprocessing.from_config(config),
-                    anyres=anyres_batch.for_config(config))  # tile pools depend on the mesh: not checked here
+                    anyres=anyres_batch.for_config(config, image_tokens))  # tile pools depend on the mesh: not checked here
   for k, source in enumerate(sources):
     for index in range(len(source) if limit is None else min(limit, len(source))):
       yield prepare((k, index))

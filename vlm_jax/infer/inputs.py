@@ -26,9 +26,9 @@ class Inputs:
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
     self.config, self.tokenizer = config, tokenizer
-    self.anyres = anyres_batch.for_config(config)
-    self.preprocessing = images_lib.Preprocessing.from_config(config)
     self.image_tokens = vlm.image_tokens(config.model)  # of one image (AnyRes: of a tile)
+    self.anyres = anyres_batch.for_config(config, self.image_tokens)
+    self.preprocessing = images_lib.Preprocessing.from_config(config)
 
   def image_tokens_for(self, image) -> int:
     """Tokens the image takes in the prompt: its AnyRes plan's, or the fixed count."""

@@ -19,7 +19,12 @@ FLAVOURS = {"siglip": dict(cls=False, pre_norm=False, act="gelu_tanh"),
 
 
 def num_patches(cfg: ml_collections.ConfigDict) -> int:
-  return (cfg.image_size // cfg.patch_size) ** 2
+  return grid_side(cfg) ** 2
+
+
+def grid_side(cfg: ml_collections.ConfigDict) -> int:
+  """Patches on a side of the (square) patch grid."""
+  return cfg.image_size // cfg.patch_size
 
 
 def num_output_tokens(cfg: ml_collections.ConfigDict) -> int:

@@ -20,7 +20,8 @@ from vlm_jax.models.vit import ViT
 def image_tokens(model_cfg: ml_collections.ConfigDict) -> int:
   """Placeholder tokens one image occupies in the sequence (AnyRes: one tile's; an image's tile
   plan decides its count, see data/anyres.py)."""
-  return bridge_lib.num_output_tokens(model_cfg.bridge, vit_lib.num_output_tokens(model_cfg.vision))
+  return bridge_lib.num_output_tokens(model_cfg.bridge, vit_lib.num_output_tokens(model_cfg.vision),
+                                      vit_lib.grid_side(model_cfg.vision))
 
 
 def check_config(model_cfg: ml_collections.ConfigDict) -> None:
@@ -34,9 +35,13 @@ def check_config(model_cfg: ml_collections.ConfigDict) -> None:
     check_one_of("config.model.vision.act", m.vision.act, ACTIVATIONS)
   check_one_of("config.model.llm.mlp_act", m.llm.mlp_act, ACTIVATIONS)
   bridge = bridge_lib.kind_of(m.bridge)
-  if m.anyres.enabled and not bridge.keeps_grid:
-    grid_keepers = [k for k, v in bridge_lib.BRIDGES.items() if v.keeps_grid]
-    raise UserError(f"config.model.anyres: needs a bridge that keeps the patch grid ({', '.join(grid_keepers)}), "
+  side = vit_lib.grid_side(m.vision)
+  bridge.check(m, side)
+  if not bridge.per_patch and bridge.side is not None and vit_lib.num_output_tokens(m.vision) != side ** 2:
+    raise UserError(f"config.model.vision.keep_cls: the {m.bridge.kind} bridge reads the patch grid; set it False")
+  if m.anyres.enabled and bridge.side is None:
+    grid_bridges = [k for k, v in bridge_lib.BRIDGES.items() if v.side is not None]
+    raise UserError(f"config.model.anyres: needs a bridge that yields a grid of tokens ({', '.join(grid_bridges)}), "
                     f"not {m.bridge.kind}")
 
 

@@ -279,8 +279,7 @@ SHRINKING = {"pixel_shuffle": {"model.vision.patch_size": 8, "model.bridge.kind"
                              "model.bridge.num_tokens": 4, "model.bridge.depth": 1}}
 
 
-@pytest.mark.parametrize("mesh,accum,max_tiles,bridge", [((8, 1, 1), 1, 0, None), ((2, 2, 2), 2, 96, None),
-                                                         ((2, 2, 2), 1, 0, "pixel_shuffle"),
+@pytest.mark.parametrize("mesh,accum,max_tiles,bridge", [((8, 1, 1), 1, 0, None), ((2, 2, 2), 2, 96, "pixel_shuffle"),
                                                          ((8, 1, 1), 1, 0, "cabstractor")])
 def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles, bridge):
   cfg = _anyres_config(tok, {"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],

@@ -71,7 +71,8 @@ def test_a_bridge_is_one_registry_entry(monkeypatch):
   cfg.model.bridge.kind = "pair_pool"
   with pytest.raises(UserError, match="bridge.kind: 'pair_pool' is not one of linear, mlp2x_gelu, perceiver"):
     build_lib.validate(cfg)
-  monkeypatch.setitem(bridge_lib.BRIDGES, "pair_pool", bridge_lib.BridgeKind(PairPool, lambda c, n: n // 2, False))
+  # A set of tokens (no grid): the tiny ViT's 4 patches give 2.
+  monkeypatch.setitem(bridge_lib.BRIDGES, "pair_pool", bridge_lib.BridgeKind(PairPool, None, queries=lambda c: 2))
   build_lib.validate(cfg)
   assert image_tokens(cfg.model) == 2  # 4 patches, in pairs
   tokens = jnp.array([[5, 63, 63, 7]])  # two placeholders (id 63) for one image
@@ -79,8 +80,8 @@ def test_a_bridge_is_one_registry_entry(monkeypatch):
   logits, params = model.init_with_output(jax.random.key(0), tokens, jnp.ones((1, 1, 16, 16, 3)),
                                           jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32))
   assert logits.shape == (1, 4, 64) and set(params["params"]["bridge"]) == {"linear_1"}
-  cfg.model.anyres.enabled = True  # AnyRes reads the patch grid, which this bridge does not keep
-  with pytest.raises(UserError, match="keeps the patch grid .*not pair_pool"):
+  cfg.model.anyres.enabled = True  # AnyRes tiles a grid of tokens, which this bridge does not yield
+  with pytest.raises(UserError, match="yields a grid of tokens .*not pair_pool"):
     build_lib.validate(cfg)
 
 

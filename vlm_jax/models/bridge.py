@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vlm_jax.config import check_one_of
 from vlm_jax.errors import UserError
 from vlm_jax.models.attention import attention
 from vlm_jax.models.layers import ACTIVATIONS, constrain, dense, layer_norm, logical
@@ -207,6 +208,9 @@ class CAbstractor(_BridgeModule):
     return _tokens(dense(self.out_width, ("mlp", "embed"), name="readout_2", dtype=dt, use_bias=True)(h))
 
 
+PIXEL_SHUFFLE_PROJECTIONS = ("linear", "mlp")
+
+
 def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
   """Space-to-depth: [B, S*S, D] -> [B, (S/r)^2, r*r*D]; token (i, j) holds patches (r*i + dy,
   r*j + dx) in (dy, dx) order, as Idefics3's pixel_shuffle."""
@@ -283,8 +287,7 @@ def _check_pixel_shuffle(model_cfg: ml_collections.ConfigDict, side: int) -> Non
   if side % cfg.factor:
     raise UserError(f"config.model.bridge.factor ({cfg.factor}) does not divide the ViT's {side}x{side} patch "
                     "grid (model.vision.image_size / patch_size)")
-  if cfg.projection not in ("linear", "mlp"):
-    raise UserError(f"config.model.bridge.projection: {cfg.projection!r} is not one of linear, mlp")
+  check_one_of("config.model.bridge.projection", cfg.projection, PIXEL_SHUFFLE_PROJECTIONS)
 
 
 BRIDGES = {

@@ -9,6 +9,7 @@ import torch
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from vlm_jax import cli
 from vlm_jax.convert.safetensors_io import read_all
 
 transformers.logging.set_verbosity_error()
@@ -150,3 +151,13 @@ def edit_json(path: str, **changes) -> None:
     node[leaf] = value
   with open(path, "w") as f:
     json.dump(data, f)
+
+
+def convert_error(capsys, *args: str) -> str:
+  """`vlm-jax convert ARGS` fails with exit status 2 and one error line (returned), no traceback."""
+  capsys.readouterr()
+  assert cli.main(["convert", *args]) == 2
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.startswith("vlm-jax: error:")]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  return lines[0]

@@ -48,7 +48,7 @@ def test_every_implementation_equals_the_reference(implementation, causal, windo
 
 @pytest.mark.parametrize("causal,window", [(True, 0), (True, 5), (False, 0)])
 @pytest.mark.parametrize("segments", [False, True])
-@pytest.mark.parametrize("block", [1, 8, 64])
+@pytest.mark.parametrize("block", [5, 8, 64])  # 5 and 8 do not divide the 37 positions; 64 > 37
 def test_blockwise_blocks_equal_the_reference(causal, window, segments, block):
   q, k, v = _qkv()
   seg = jnp.asarray([[1] * 12 + [2] * 20 + [0] * 5, [1] * 37]) if segments else None

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import hf_models
+from hf_models import convert_error
 import vlm_jax
 from vlm_jax import build as build_lib
 from vlm_jax import cli
@@ -326,15 +327,6 @@ def test_a_run_can_start_from_a_converted_model(small_llava, tmp_path):
 
 
 # --- 6. Bad input: one line naming the key or file, exit status 2 -----------------------------
-def convert_error(capsys, *args: str) -> str:
-  capsys.readouterr()
-  assert cli.main(["convert", *args]) == 2
-  err = capsys.readouterr().err
-  lines = [l for l in err.splitlines() if l.startswith("vlm-jax: error:")]
-  assert len(lines) == 1 and "Traceback" not in err, err
-  return lines[0]
-
-
 @pytest.fixture
 def small_llava(tmp_path):
   directory = str(tmp_path / "hf")

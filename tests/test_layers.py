@@ -15,6 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vlm_jax"
 LAYERS = {  # group prefix -> rank; a module imports only lower ranks or its own group
     "vlm_jax.errors": 0, "vlm_jax.files": 0.5, "vlm_jax.xla_options": 0.75, "vlm_jax.config": 1,
     "vlm_jax.models": 2, "vlm_jax.data": 2,  # independent of each other
+    "vlm_jax.losses": 1.5,  # jax only; below models, which use it (models.contrastive)
     "vlm_jax.parallel": 3,
     "vlm_jax.tasks": 4, "vlm_jax.build": 4.5,  # building a run from a config
     "vlm_jax.train": 5, "vlm_jax.infer": 5,  # independent of each other

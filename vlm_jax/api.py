@@ -2,7 +2,6 @@
 and `train`, the training loop wired to its eval and to Hugging Face checkpoints."""
 
 import dataclasses
-import os
 from typing import Iterator, Sequence
 
 import ml_collections
@@ -10,17 +9,14 @@ import numpy as np
 import PIL.Image
 
 from vlm_jax import build as build_lib
-from vlm_jax import config as config_lib
-from vlm_jax import parallel
-from vlm_jax.convert import hf_import
-from vlm_jax.data.tokenizer import BUILTIN, Tokenizer
+from vlm_jax.convert import dispatch, hf_import
+from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.files import as_path
 from vlm_jax.infer.generate import Generator, Sampling
 from vlm_jax.infer.inputs import Inputs
 from vlm_jax.infer.score import Scorer
 from vlm_jax.infer.text import TextStream
-from vlm_jax.train.checkpoint import read_params, resolve
+from vlm_jax.train.checkpoint import open_workdir
 
 
 class Model:
@@ -29,10 +25,12 @@ class Model:
   def __init__(self, config, tokenizer: Tokenizer, run: build_lib.Run, params, step: int, origin=None):
     self.config, self.tokenizer, self.run, self.params, self.step = config, tokenizer, run, params, step
     self.origin = origin  # convert.hf_import.Origin when the model came from Hugging Face
-    self.generator = Generator(run.model, run.mesh, pad_id=tokenizer.pad_id, context=config.model.llm.max_len)
+    answers = config.task == "vlm"  # a contrastive model embeds images and text; it answers no prompts
+    self.generator = (Generator(run.model, run.mesh, pad_id=tokenizer.pad_id, context=config.model.llm.max_len)
+                      if answers else None)
     self.inputs = Inputs(config, tokenizer)
     self.anyres = self.inputs.anyres
-    self.scorer = Scorer(run.model, run.mesh, pad_id=tokenizer.pad_id)
+    self.scorer = Scorer(run.model, run.mesh, pad_id=tokenizer.pad_id) if answers else None
 
   @property
   def image_tokens(self) -> int:
@@ -79,6 +77,7 @@ class Model:
     """(log p(continuation | images, prompt), whether greedy decoding gives exactly it) for each
     triple. The continuation is scored as the assistant's answer in the chat template, its
     end-of-turn marker included (what multiple-choice harnesses rank options by)."""
+    self._answers("loglikelihood")
     if not len(images) == len(prompts) == len(continuations):
       raise UserError(f"loglikelihood: {len(images)} images, {len(prompts)} prompts and {len(continuations)} "
                       "continuations; give one of each per request")
@@ -109,6 +108,7 @@ class Model:
 
   def _inputs(self, images: Sequence, prompts: Sequence[str], raw_prompt: bool,
               history: Sequence[tuple[str, str]]) -> tuple[list[np.ndarray], "np.ndarray | dict"]:
+    self._answers("generate")
     if len(images) != len(prompts):
       raise UserError(f"generate: {len(images)} images for {len(prompts)} prompts; give one entry (an image, "
                       "a list of images or None) per prompt")
@@ -116,6 +116,10 @@ class Model:
       raise UserError("generate: history goes with one prompt")
     ids = [self.encode_prompt(p, raw_prompt, [] if im is None else im, history) for p, im in zip(prompts, images)]
     return ids, self.pixels(images)
+
+  def _answers(self, what: str) -> None:
+    if self.generator is None:
+      raise UserError(f"{what}: a {self.config.task} model answers no prompts (vlm-jax eval scores it zero-shot)")
 
   def _stop_ids(self, extra: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({self.tokenizer.eos_id, *extra}))
@@ -135,29 +139,15 @@ def load(path: str, dtype: str | None = None) -> Model:
   if hf_import.is_hf_dir(path):
     config, tokenizer, run, params, origin = hf_import.open_llava(path, dtype=dtype)
     return Model(config, tokenizer, run, params, 0, origin)
-  workdir, step = resolve(path)
-  config = config_lib.from_json((as_path(workdir) / "config.json").read_text())
-  if dtype:
-    config.model.dtype = dtype
-  tokenizer = Tokenizer.load(_in_workdir(config.data.tokenizer, workdir))
-  build_lib.resolve_model_config(config, tokenizer.vocab_size)
-  run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id)
-  params, step = read_params(workdir, step, run, "--checkpoint")
+  config, tokenizer, run, params, step, workdir = open_workdir(path, dtype)
   return Model(config, tokenizer, run, params, step, hf_import.load_origin(workdir))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
   """Trains (or resumes) the run in `workdir` (what `vlm-jax train` runs): the periodic evals of
-  config.evals, and config.model.init_from may be a Hugging Face LLaVA directory.
+  config.evals, and config.model.init_from may be a Hugging Face directory (LLaVA, CLIP, SigLIP: the task's).
   Returns the last eval metrics; see vlm_jax.train.loop.train."""
   from vlm_jax.eval import runner  # here: loading a model for inference needs neither
   from vlm_jax.train import loop
-  return loop.train(config, workdir, evals=runner.periodic_evals, load_params=hf_import.load_params,
+  return loop.train(config, workdir, evals=runner.periodic_evals, load_params=dispatch.load_params,
                     stop_after=stop_after)
-
-
-def _in_workdir(spec: str, workdir: str) -> str:
-  """A relative tokenizer path that exists inside the workdir (a converted model's hf/) is read there."""
-  if spec in BUILTIN or os.path.isabs(spec) or not os.path.exists(os.path.join(workdir, spec)):
-    return spec
-  return os.path.join(workdir, spec)

@@ -27,20 +27,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Everything a config can be checked for alone: its fields, its registry choices (task,
   bridge, ViT flavour, activations) and its AnyRes grids; one line naming the field."""
   config_lib.validate(config)
-  tasks.task_of(config)
-  vlm.check_config(config.model)
+  tasks.task_of(config).check(config)
   if config.model.anyres.enabled:
     anyres.parse_pinpoints(config.model.anyres.grid_pinpoints, config.model.vision.image_size)
 
 
-def resolve_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> None:
-  """Fills derived fields (vocab size from the tokenizer) in place."""
-  llm = config.model.llm
-  if llm.vocab_size == 0:
-    llm.vocab_size = vocab_size
-  elif llm.vocab_size < vocab_size:
-    raise UserError(f"config.model.llm.vocab_size ({llm.vocab_size}) is smaller than the tokenizer's "
-                    f"vocabulary ({vocab_size})")
+def resolve_model_config(config: ml_collections.ConfigDict, vocab_size: int, eos_id: int = -1) -> None:
+  """Fills derived fields (vocab sizes and the text tower's end-of-text id from the tokenizer) in place."""
+  # Only the task's own text tower: a run's saved config keeps the other's defaults (resume compares them).
+  for name in ("text",) if config.task == "contrastive" else ("llm",):
+    tower = config.model[name]
+    if tower.vocab_size == 0:
+      tower.vocab_size = vocab_size
+    elif tower.vocab_size < vocab_size:
+      raise UserError(f"config.model.{name}.vocab_size ({tower.vocab_size}) is smaller than the tokenizer's "
+                      f"vocabulary ({vocab_size})")
+  if config.task == "contrastive" and config.model.text.eos_id < 0:
+    config.model.text.eos_id = eos_id
 
 
 def path_str(path) -> str:

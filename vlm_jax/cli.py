@@ -95,7 +95,7 @@ def cmd_eval(argv: list[str]) -> int:
   p.add_argument("--checkpoint", required=True)
   p.add_argument("--data", required=True, help="data spec: llava:FILE.jsonl[:IMAGE_ROOT], tfds:NAME[:SPLIT], shapes:SPLIT")
   p.add_argument("--metric", default="auto", help="auto | vqa | exact | mc | pope | shapes (auto: from what "
-                 "the samples carry)")
+                 "the samples carry) | zeroshot (a contrastive model's, and its auto)")
   p.add_argument("--predictions", metavar="FILE.jsonl", help="write each example's prediction and score")
   p.add_argument("--max-examples", type=int, help="the first N samples (default: all; 512 of shapes)")
   p.add_argument("--batch-size", type=int, help="prompts per batch (default: config.train.eval_batch_size)")
@@ -109,7 +109,9 @@ def cmd_eval(argv: list[str]) -> int:
     if value is not None and value < 1:
       raise UserError(f"{flag} must be >= 1, got {value}")
   from vlm_jax.eval import metrics as metrics_lib
-  metrics_lib.check_name(args.metric, "--metric")
+  from vlm_jax.eval import zeroshot
+  if args.metric != zeroshot.METRIC:
+    metrics_lib.check_name(args.metric, "--metric")
   if args.predictions and (os.path.isdir(args.predictions)
                            or not os.path.isdir(os.path.dirname(os.path.abspath(args.predictions)))):
     raise UserError(f"--predictions {args.predictions}: is a directory, or its folder does not exist")
@@ -117,6 +119,8 @@ def cmd_eval(argv: list[str]) -> int:
   from vlm_jax.eval.progress import ProgressBar
   from vlm_jax.eval.runner import Evaluator
   model = vlm_jax.load(args.checkpoint)
+  if model.config.task == "contrastive" or args.metric == zeroshot.METRIC:
+    return _zeroshot_eval(model, args)
   evaluator = Evaluator(model.run, model.tokenizer, args.data, metric=args.metric, max_examples=args.max_examples,
                         batch_size=args.batch_size or 0, max_new_tokens=args.max_new_tokens or 0)
   if args.metric == metrics_lib.AUTO:
@@ -131,6 +135,22 @@ def cmd_eval(argv: list[str]) -> int:
   else:
     for k, v in result.metrics.items():
       print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+  return 0
+
+
+def _zeroshot_eval(model, args) -> int:
+  """vlm-jax eval of a contrastive model: zero-shot classification (eval/zeroshot.py)."""
+  from vlm_jax.eval import zeroshot
+  if model.config.task != "contrastive" or args.metric not in ("auto", zeroshot.METRIC):
+    raise UserError(f"--metric {args.metric}: zero-shot classification scores contrastive models, and a "
+                    f"contrastive model only that way ({args.checkpoint} holds a {model.config.task} model)")
+  for flag in ("predictions", "shuffle_images", "max_new_tokens"):
+    if getattr(args, flag):
+      raise UserError(f"--{flag.replace('_', '-')}: not for zero-shot classification")
+  metrics = zeroshot.ZeroShot(model.run, model.tokenizer, args.data, max_examples=args.max_examples or 512,
+                              batch_size=args.batch_size or 0)(model.params)
+  print(json.dumps(metrics) if args.json else "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+                                                          for k, v in metrics.items()))
   return 0
 
 
@@ -205,8 +225,9 @@ def cmd_chat(argv: list[str]) -> int:
 def cmd_convert(argv: list[str]) -> int:
   argv, overrides = split_overrides(argv)
   p = _Parser(prog="vlm-jax convert")
-  p.add_argument("--from-hf", metavar="HF_DIR", help="a LlavaForConditionalGeneration directory (or, with "
-                 "--vision, an LLM directory) to convert to a vlm-jax checkpoint")
+  p.add_argument("--from-hf", metavar="HF_DIR", help="a LlavaForConditionalGeneration or CLIPModel/SiglipModel "
+                 "(a contrastive model) directory (or, with --vision, an LLM directory) to convert to a vlm-jax "
+                 "checkpoint")
   p.add_argument("--out", metavar="DIR", help="the vlm-jax workdir to write (with --from-hf)")
   p.add_argument("--vision", metavar="VISION_DIR", help="a CLIP/SigLIP directory: assemble a fresh VLM from "
                  "it and the LLM of --from-hf, with a random bridge (stage 1)")
@@ -245,25 +266,34 @@ def cmd_convert(argv: list[str]) -> int:
       config_lib.apply_overrides(base, overrides)
     elif overrides:
       raise UserError("--config.KEY=VALUE needs --config")
-    from vlm_jax.convert import hf_import
+    from vlm_jax.convert import dispatch, hf_import
     if args.vision:
       out = hf_import.assemble(args.from_hf, args.vision, args.out, feature_layer=args.feature_layer, base=base,
                                qformer_dir=args.qformer)
     else:
-      out = hf_import.convert_llava(args.from_hf, args.out, base=base)
+      out = dispatch.convert(args.from_hf, args.out, base=base)  # LLaVA, CLIP or SigLIP, by model_type
     print(f"wrote {out}", file=sys.stderr)
     return 0
   if not (args.checkpoint and args.to_hf):
     raise UserError(f"convert: {'--to-hf' if args.checkpoint else '--checkpoint'} is missing")
-  import vlm_jax
-  from vlm_jax.convert import hf_export
+  from vlm_jax.convert import dispatch, hf_export
   hf_export.check_out(args.to_hf, args.dtype)
-  model = vlm_jax.load(args.checkpoint)
-  config, params, peft = hf_export.plain_model(model.run, model.params, args.merge_lora, args.peft)
-  hf_export.export(config, model.tokenizer, params, model.origin, args.to_hf, dtype=args.dtype,
-                   max_shard_bytes=int(args.max_shard_gb * 2**30), peft=peft)
+  export = dispatch.EXPORTERS.get(dispatch.checkpoint_task(args.checkpoint), _export_vlm)
+  export(args.checkpoint, args.to_hf, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
+         merge_lora=args.merge_lora, peft=args.peft)
   print(f"wrote {args.to_hf}", file=sys.stderr)
   return 0
+
+
+def _export_vlm(path: str, out: str, *, dtype: str | None, max_shard_bytes: int, merge_lora: bool,
+                peft: bool) -> None:
+  """A VLM checkpoint (or LLaVA directory) as a HF LLaVA directory."""
+  import vlm_jax
+  from vlm_jax.convert import hf_export
+  model = vlm_jax.load(path)
+  config, params, adapters = hf_export.plain_model(model.run, model.params, merge_lora, peft)
+  hf_export.export(config, model.tokenizer, params, model.origin, out, dtype=dtype,
+                   max_shard_bytes=max_shard_bytes, peft=adapters)
 
 
 def _image_size(text: str) -> tuple[int, int]:

@@ -21,7 +21,8 @@ STAGES = ("stage1", "stage2", "full")
 FROZEN_DTYPES = ("float32", "bfloat16")
 LORA_BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
 ROPE_TYPES = ("default", "linear", "llama3")
-COMPONENTS = ("vision", "bridge", "llm")   # the params tree's top-level parts
+VLM_COMPONENTS = ("vision", "bridge", "llm")   # the VLM params tree's top-level parts
+COMPONENTS = VLM_COMPONENTS + ("text",)      # what trains and its lr_mult; text: the contrastive task's tower
 IMAGE_POSITIONS = ("before", "after")      # where <image> goes when a prompt does not say
 # How an image becomes the ViT's square input (vlm_jax/data/images.py).
 RESIZE_MODES = ("squash", "shortest_edge_crop", "pad_square")
@@ -32,7 +33,9 @@ RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.task = "vlm"              # what a batch holds and how the loss is made (vlm_jax/tasks.py)
+  # What a batch holds and how the loss is made (vlm_jax/tasks.py): vlm (images + conversations,
+  # next-token loss) | contrastive (image-caption pairs, CLIP / SigLIP loss; config.model.text)
+  c.task = "vlm"
   c.stage = "full"            # stage1: bridge; stage2: bridge + llm; full: everything
 
   c.model = ml_collections.ConfigDict()
@@ -54,7 +57,23 @@ def base() -> ml_collections.ConfigDict:
   c.model.vision = ml_collections.ConfigDict(dict(
       flavour="siglip", image_size=64, patch_size=8, width=128, depth=2, heads=4, mlp_dim=512,
       norm_eps=1e-6, keep_cls=False, final_norm=False,
-      act=""))                # "" = the flavour's (quick_gelu for CLIP, gelu_tanh for SigLIP)
+      act="",                 # "" = the flavour's (quick_gelu for CLIP, gelu_tanh for SigLIP)
+      # A contrastive run's workdir (or step dir) whose ViT starts this run's, e.g. one trained by
+      # configs/siglip_shapes.py; its first `depth` blocks are taken (LLaVA reads a layer before the last).
+      init_from=""))
+  # The contrastive task (vlm_jax/models/contrastive.py): its family fixes the pooling, heads and
+  # loss as transformers' SiglipModel / CLIPModel; the text tower is config.model.text.
+  c.model.contrastive = ml_collections.ConfigDict(dict(
+      family="siglip",        # siglip | clip
+      loss="",                # "" = the family's: siglip (sigmoid) | clip (softmax)
+      embed_dim=0))           # the shared embedding's width (0 = the vision width; siglip: must be)
+  c.model.text = ml_collections.ConfigDict(dict(
+      vocab_size=0,           # 0: the tokenizer's vocabulary size
+      width=128, depth=2, heads=4, mlp_dim=512, norm_eps=1e-6,
+      max_len=64,             # positions (HF max_position_embeddings); captions are data.seq_len tokens
+      act="",                 # "" = the family's vision flavour's
+      pool="",                # "" = the family's: last (SigLIP) | eos (CLIP) | argmax (original CLIP)
+      eos_id=-1))             # pool=eos: the end-of-text id (-1: the tokenizer's EOS)
   # AnyRes (LLaVA-NeXT) tiling, see vlm_jax/data/anyres.py: tiles of vision.image_size pixels.
   c.model.anyres = ml_collections.ConfigDict(dict(
       enabled=False,
@@ -134,7 +153,8 @@ def base() -> ml_collections.ConfigDict:
   c.train.b2 = 0.95
   c.train.grad_clip = 1.0
   # Learning-rate multiplier per component (for the parts the stage trains).
-  c.train.lr_mult = ml_collections.ConfigDict(dict(vision=1.0, bridge=1.0, llm=1.0))
+  # (text: the contrastive task's text tower; its other params, heads and logit scale, count as bridge.)
+  c.train.lr_mult = ml_collections.ConfigDict(dict(vision=1.0, bridge=1.0, llm=1.0, text=1.0))
   # Comma-separated regexes over param paths ("bridge/.*,llm/layers/.*"): if set, replaces the
   # stage's choice of what trains.
   c.train.trainable = ""

@@ -70,7 +70,8 @@ LLM_FAMILIES = {  # the first whose block variant fits a config trained here is 
 }
 
 
-def _getter(cfg: dict, defaults: dict):
+def getter(cfg: dict, defaults: dict):
+  """key -> cfg's value, or the class default where cfg omits it (or has null)."""
   return lambda key: cfg[key] if cfg.get(key) is not None else defaults.get(key)
 
 
@@ -101,7 +102,7 @@ def llm_from_hf(tc: dict, where: str) -> tuple[dict, str]:
   if family is None:
     raise UserError(f"{where}.model_type: {tc.get('model_type')!r} is not a supported LLM "
                     f"({', '.join(LLM_FAMILIES)})")
-  get = _getter(tc, family.defaults)
+  get = getter(tc, family.defaults)
   for flag in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
     if tc.get(flag):
       raise UserError(f"{where}.{flag}: true is not supported for {family.model_type}")
@@ -180,7 +181,7 @@ def vision_from_hf(vc: dict, feature_layer, strategy: str, where: str) -> tuple[
     raise UserError(f"{where}.model_type: {model_type!r} is not a supported vision tower "
                     f"({', '.join(VISION_FAMILIES)})")
   flavour, defaults = VISION_FAMILIES[model_type]
-  get = _getter(vc, defaults)
+  get = getter(vc, defaults)
   if not isinstance(feature_layer, int):
     raise UserError(f"vision_feature_layer: {feature_layer!r}: only one feature layer is supported")
   n = get("num_hidden_layers")
@@ -197,6 +198,9 @@ def vision_from_hf(vc: dict, feature_layer, strategy: str, where: str) -> tuple[
     raise UserError(f"{where}.hidden_act: {act!r} is not supported ({', '.join(ACT_FROM_HF)})")
   if get("num_channels") != 3:
     raise UserError(f"{where}.num_channels: {get('num_channels')} is not supported (3)")
+  for key in ("image_size", "patch_size"):
+    if not isinstance(get(key), int):
+      raise UserError(f"{where}.{key}: {get(key)!r} is not supported (one int: a square)")
   out = dict(flavour=flavour, image_size=get("image_size"), patch_size=get("patch_size"),
              width=get("hidden_size"), depth=depth, heads=get("num_attention_heads"),
              mlp_dim=get("intermediate_size"), norm_eps=float(get("layer_norm_eps")),
@@ -205,12 +209,9 @@ def vision_from_hf(vc: dict, feature_layer, strategy: str, where: str) -> tuple[
   return out, n
 
 
-def vision_to_hf(v: ml_collections.ConfigDict, total_layers: int, base: dict | None = None,
-                 has_head: bool = False) -> tuple[dict, int, str]:
-  """-> (HF vision config, vision_feature_layer, vision_feature_select_strategy)."""
-  if v.final_norm:
-    raise UserError("config.model.vision.final_norm: HF Llava reads vision hidden states before "
-                    "post_layernorm, so a tower that uses it cannot be written as a Llava model")
+def vision_tower_to_hf(v: ml_collections.ConfigDict, total_layers: int, base: dict | None = None,
+                       has_head: bool = False) -> dict:
+  """Our config.model.vision -> HF vision config (on top of `base`) of a tower with total_layers blocks."""
   out = dict(base or {})
   out.update(model_type=FLAVOUR_MODEL_TYPE[v.flavour], hidden_size=v.width, intermediate_size=v.mlp_dim,
              num_hidden_layers=total_layers, num_attention_heads=v.heads, image_size=v.image_size,
@@ -218,8 +219,17 @@ def vision_to_hf(v: ml_collections.ConfigDict, total_layers: int, base: dict | N
              hidden_act=ACT_TO_HF[v.act or FLAVOUR_ACT[v.flavour]])
   if v.flavour == "siglip":
     out["vision_use_head"] = has_head
+  return out
+
+
+def vision_to_hf(v: ml_collections.ConfigDict, total_layers: int, base: dict | None = None,
+                 has_head: bool = False) -> tuple[dict, int, str]:
+  """-> (HF vision config, vision_feature_layer, vision_feature_select_strategy)."""
+  if v.final_norm:
+    raise UserError("config.model.vision.final_norm: HF Llava reads vision hidden states before "
+                    "post_layernorm, so a tower that uses it cannot be written as a Llava model")
   strategy = "full" if v.flavour == "siglip" or v.keep_cls else "default"
-  return out, v.depth - total_layers - 1, strategy
+  return vision_tower_to_hf(v, total_layers, base, has_head), v.depth - total_layers - 1, strategy
 
 
 # --- LLaVA -----------------------------------------------------------------------------------
@@ -237,7 +247,8 @@ def llava_from_hf(hc: dict, where: str) -> dict:
   if not next_ and hc.get("model_type") != "llava" and LLAVA_ARCHITECTURE not in archs:
     kind = archs[0] if archs else hc.get("model_type")
     raise UserError(f"{where}: architecture {kind!r} is not supported ({LLAVA_ARCHITECTURE}, {NEXT_ARCHITECTURE}; "
-                    "an LLM or vision-tower directory is assembled with `convert --from-hf LLM_DIR --vision VISION_DIR`)")
+                    "`convert --from-hf` also takes CLIPModel and SiglipModel; an LLM or vision-tower directory "
+                    "is assembled with `convert --from-hf LLM_DIR --vision VISION_DIR`)")
   if hc.get("projector_hidden_act", "gelu") != "gelu":
     raise UserError(f"{where}.projector_hidden_act: {hc['projector_hidden_act']!r} is not supported (gelu)")
   if not hc.get("multimodal_projector_bias", True):

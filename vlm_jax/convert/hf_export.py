@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from typing import Callable
 
 import jax
 import ml_dtypes
@@ -19,7 +20,7 @@ import numpy as np
 
 from vlm_jax.build import Run, flat_params
 from vlm_jax.convert import hf_config, image_processor, layout as layout_lib, params as params_lib, peft_export
-from vlm_jax.convert.hf_import import AUX_FILES, Origin, components
+from vlm_jax.convert.hf_import import Origin, components, copy_aux_files
 from vlm_jax.convert.safetensors_io import Reader, Tensor, write_sharded
 from vlm_jax.data import IMAGE, hf_tokenizer
 from vlm_jax.errors import UserError
@@ -65,7 +66,7 @@ def _identity_post_norm(origin: Origin, width: int, dtype_of) -> dict[str, Tenso
   return out
 
 
-def _write_tokenizer(tokenizer, config, out: str) -> None:
+def write_tokenizer(tokenizer, config, out: str) -> None:
   """Tokenizer files for a model without an HF origin."""
   if isinstance(tokenizer, hf_tokenizer.HFTokenizer):
     src = tokenizer.name if os.path.isdir(tokenizer.name) else os.path.dirname(tokenizer.name)
@@ -119,8 +120,7 @@ def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: st
   adapter in out/adapter."""
   check_out(out, dtype)
   origin = origin or scratch_origin(config, tokenizer)
-  default = DTYPE_NAMES[dtype] if dtype else _dominant(origin.dtypes)
-  dtype_of = lambda key: DTYPES[DTYPE_NAMES[dtype] if dtype else origin.dtypes.get(key, default)]
+  default, dtype_of = tensor_dtypes(origin.dtypes, dtype)
 
   model = config.model
   vision_layers = _vision_layers(origin, model.vision.depth)
@@ -149,26 +149,31 @@ def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: st
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(hc, f, indent=2)
   if origin.files_dir:
-    for name in AUX_FILES:
-      if os.path.isfile(os.path.join(origin.files_dir, name)):
-        shutil.copyfile(os.path.join(origin.files_dir, name), os.path.join(out, name))
+    copy_aux_files(origin.files_dir, out)
   else:
-    _write_tokenizer(tokenizer, config, out)
+    write_tokenizer(tokenizer, config, out)
   if not os.path.isfile(os.path.join(out, "generation_config.json")):
-    _write_json(out, "generation_config.json", {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+    write_json(out, "generation_config.json", {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                                                 "pad_token_id": tokenizer.pad_id})
-  _write_processor(config, out)
+  write_processor(config, out)
   if peft:
     peft_export.write(*peft, items, out, out)
   return out
 
 
-def _write_json(out: str, name: str, data: dict) -> None:
+def tensor_dtypes(dtypes: dict[str, str], dtype: str | None) -> tuple[str, Callable[[str], np.dtype]]:
+  """(the config's dtype name, HF key -> numpy dtype): --dtype for all, else each key's at import
+  (dtypes), the most common of them for a key that had none."""
+  default = DTYPE_NAMES[dtype] if dtype else _dominant(dtypes)
+  return default, lambda key: DTYPES[DTYPE_NAMES[dtype] if dtype else dtypes.get(key, default)]
+
+
+def write_json(out: str, name: str, data: dict) -> None:
   with open(os.path.join(out, name), "w") as f:
     json.dump(data, f, indent=2)
 
 
-def _write_processor(config, out: str) -> None:
+def write_processor(config, out: str) -> None:
   """The image processor as config.data says, in the file the checkpoint had it in (transformers
   5.x: processor_config.json's "image_processor"; before: preprocessor_config.json), its other
   fields kept; a model without one gets preprocessor_config.json (and, with AnyRes, the
@@ -177,11 +182,11 @@ def _write_processor(config, out: str) -> None:
   if name == "processor_config.json":
     processor = read_json(out, name)
     processor["image_processor"] = image_processor.to_hf(config, found)
-    _write_json(out, name, processor)
+    write_json(out, name, processor)
     return
-  _write_json(out, "preprocessor_config.json", image_processor.to_hf(config, found))
+  write_json(out, "preprocessor_config.json", image_processor.to_hf(config, found))
   if config.model.anyres.enabled and not os.path.isfile(os.path.join(out, "processor_config.json")):
-    _write_json(out, "processor_config.json", _next_processor(config))
+    write_json(out, "processor_config.json", _next_processor(config))
 
 
 def _next_processor(config) -> dict:

@@ -23,7 +23,7 @@ from vlm_jax import build as build_lib
 from vlm_jax import config as config_lib
 from vlm_jax import parallel
 from vlm_jax.build import flat_params
-from vlm_jax.config import COMPONENTS
+from vlm_jax.config import VLM_COMPONENTS
 from vlm_jax.convert import hf_config, image_processor, layout as layout_lib, params as params_lib
 from vlm_jax.convert import qformer as qformer_lib
 from vlm_jax.convert.safetensors_io import INDEX, Reader, write_sharded
@@ -44,7 +44,7 @@ CHECKPOINT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "f
 
 def components(model_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The parts a LLaVA file holds for this model: AnyRes (LLaVA-NeXT) adds image_newline."""
-  return COMPONENTS + (("image_newline",) if model_cfg.anyres.enabled else ())
+  return VLM_COMPONENTS + (("image_newline",) if model_cfg.anyres.enabled else ())
 
 
 def slots(model_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -101,12 +101,13 @@ def _fill_config(base: ml_collections.ConfigDict | None, vision: dict, llm: dict
 
 def _read_into(reader: Reader, config, run, layout, components, where: str, grow_vocab: bool = False):
   """Checks, then reads the components' params into the run's shardings: ({path: array}, items)."""
-  return _read(reader, config.model, run.abstract_params, run.param_shardings, layout, components,
-               where, grow_vocab)
+  return read_components(reader, config.model, run.abstract_params, run.param_shardings, layout, components,
+                         where, grow_vocab)
 
 
-def _read(reader: Reader, model_cfg, abstract_params, shardings, layout, components, where: str,
-          grow_vocab: bool = False):
+def read_components(reader: Reader, model_cfg, abstract_params, shardings, layout, components, where: str,
+                    grow_vocab: bool = False):
+  """Checks, then reads the components' params in their shardings: ({path: array}, items)."""
   shapes = {k: v.shape for k, v in flat_params(abstract_params).items()}
   items = params_lib.plan(model_cfg, layout, shapes, components)
   params_lib.check(reader, items, where, grow_vocab)
@@ -121,7 +122,7 @@ def read_llava_params(directory: str, model_cfg: ml_collections.ConfigDict, abst
   every tensor must have the shape the config implies."""
   with Reader(directory) as reader:
     layout = layout_lib.detect(reader.keys(), slots(model_cfg), directory)
-    out, _ = _read(reader, model_cfg, abstract_params, shardings, layout, components(model_cfg), directory)
+    out, _ = read_components(reader, model_cfg, abstract_params, shardings, layout, components(model_cfg), directory)
   return params_lib.unflatten(out)
 
 
@@ -199,19 +200,38 @@ def _save_extras(origin: Origin, sidecar: str, renames: dict[str, str]) -> None:
 def write_workdir(out: str, config: ml_collections.ConfigDict, params, origin: Origin, tokenizer,
                   renames: dict[str, str] | None = None) -> str:
   """config.json + checkpoints/0 (params only) + hf/ (files, HF config, meta, extras)."""
+  sidecar = write_sidecar(out, origin.files_dir, origin.hf_config, tokenizer, META, origin.meta())
+  _save_extras(origin, sidecar, renames or {})
+  return save_converted(out, config, params)
+
+
+def write_sidecar(out: str, files_dir: str | None, hf_config: dict | None, tokenizer, meta_name: str,
+                  meta: dict) -> str:
+  """out/hf/: the tokenizer and processor files of files_dir, the HF config and the meta file."""
   sidecar = os.path.join(out, SIDECAR)
   os.makedirs(sidecar, exist_ok=True)
-  for name in AUX_FILES:
-    if origin.files_dir and os.path.isfile(os.path.join(origin.files_dir, name)):
-      shutil.copyfile(os.path.join(origin.files_dir, name), os.path.join(sidecar, name))
+  copy_aux_files(files_dir, sidecar)
   if isinstance(tokenizer, hf_tokenizer.HFTokenizer):
     tokenizer.save(sidecar)  # as used: with <image> when assembly added it
   with open(os.path.join(sidecar, "config.json"), "w") as f:
-    json.dump(origin.hf_config or {}, f, indent=2)
-  _save_extras(origin, sidecar, renames or {})
-  with open(os.path.join(sidecar, META), "w") as f:
-    json.dump(origin.meta(), f, indent=2)
-  config.data.tokenizer = SIDECAR  # relative to the workdir; vlm_jax.load resolves it there
+    json.dump(hf_config or {}, f, indent=2)
+  with open(os.path.join(sidecar, meta_name), "w") as f:
+    json.dump(meta, f, indent=2)
+  return sidecar
+
+
+def copy_aux_files(src: str | None, dst: str) -> None:
+  """The tokenizer, processor and generation files (AUX_FILES) that src has."""
+  for name in AUX_FILES:
+    if src and os.path.isfile(os.path.join(src, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+def save_converted(out: str, config: ml_collections.ConfigDict, params, own_tokenizer: bool = True) -> str:
+  """out/config.json and checkpoints/0 holding the params; own_tokenizer: the config's tokenizer
+  is the one in the sidecar."""
+  if own_tokenizer:
+    config.data.tokenizer = SIDECAR  # relative to the workdir; vlm_jax.load resolves it there
   with open(os.path.join(out, "config.json"), "w") as f:
     f.write(config_lib.to_json(config))
   checkpoints = checkpoint_lib.Checkpointer(os.path.join(out, "checkpoints"))

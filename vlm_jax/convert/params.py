@@ -20,8 +20,9 @@ from vlm_jax.errors import UserError
 
 log = logging.getLogger("vlm_jax")
 
-# Our vocab axis of the params that grow when a tokenizer gains <image> (stage-1 assembly).
-VOCAB_AXIS = {"llm/embedder/embedding": 0, "llm/lm_head": 1}
+# Our vocab axis of the params that grow when a tokenizer gains <image> (stage-1 assembly, a
+# contrastive model's text tower).
+VOCAB_AXIS = {"llm/embedder/embedding": 0, "llm/lm_head": 1, "text/embed/embedding": 0}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 
 from vlm_jax.build import flat_params
 from vlm_jax.convert.safetensors_io import Reader
-from vlm_jax.convert.tables import COPY, FLAT, LINEAR, LINEAR_2IN, Transform
+from vlm_jax.convert.tables import COPY, FLAT, LEADING_ONE, LINEAR, LINEAR_2IN, Transform
 from vlm_jax.errors import UserError
 from vlm_jax.files import read_json
 from vlm_jax.models.bridge import make_bridge
@@ -27,8 +27,6 @@ log = logging.getLogger("vlm_jax")
 DEFAULTS = dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=12, intermediate_size=3072,
                 cross_attention_frequency=2, encoder_hidden_size=1408, layer_norm_eps=1e-12, hidden_act="gelu")
 NUM_QUERY_TOKENS = 32  # Blip2Config's default
-# query_tokens [1, Q, W] <-> ours [Q, W]
-QUERIES = Transform("queries", lambda s: (1,) + s, lambda x, s: x.reshape(s), lambda x: x[None])
 
 
 def _get(qc: dict, key: str):
@@ -57,7 +55,7 @@ def bridge_config(directory: str) -> dict:
 
 def key_table(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, tuple[str, Transform]]:
   """{our path ("bridge/..."): (HF key, transform)} of a qformer bridge config."""
-  table = {"query_tokens": (prefix + "query_tokens", QUERIES),
+  table = {"query_tokens": (prefix + "query_tokens", LEADING_ONE),  # [1, Q, W] <-> ours [Q, W]
            "query_norm/scale": (prefix + "qformer.layernorm.weight", COPY),
            "query_norm/bias": (prefix + "qformer.layernorm.bias", COPY),
            "out_proj/kernel": (prefix + "language_projection.weight", LINEAR),

@@ -115,7 +115,7 @@ def write_sharded(directory: str, tensors: dict[str, Tensor], max_shard_bytes: i
     arrays = {}
     for key in keys:
       shape, dtype, produce = tensors[key]
-      array = np.ascontiguousarray(produce(), dtype=dtype)
+      array = np.require(produce(), dtype=dtype, requirements="C")  # (ascontiguousarray makes a scalar 1-D)
       if array.shape != tuple(shape):
         raise ValueError(f"{key}: produced shape {array.shape}, announced {tuple(shape)}")
       arrays[key] = array

@@ -32,6 +32,8 @@ FLAT = Transform("flat", lambda s: (math.prod(s),), lambda x, s: x.reshape(s), l
 # PyTorch conv weight [out, in, kh, kw] <-> flax [kh, kw, in, out].
 CONV = Transform("conv", lambda s: (s[3], s[2], s[0], s[1]), lambda x, s: x.transpose(2, 3, 1, 0),
                  lambda x: x.transpose(3, 2, 0, 1))
+# An HF tensor with a leading axis of 1 that we do not keep (BLIP-2's query_tokens, SigLIP's probe).
+LEADING_ONE = Transform("leading_one", lambda s: (1,) + s, lambda x, s: x.reshape(s), lambda x: x[None])
 
 
 def linear(n_in: int) -> Transform:
@@ -147,8 +149,46 @@ LLAVA_PROJECTOR = (
 IMAGE_NEWLINE = (_block("", "image_newline"),)
 
 
+# --- Contrastive two-tower models: transformers' CLIPModel and SiglipModel ---------------------
+# The text tower: the ViT's block keys under text_model. (HF's CLIP and SigLIP encoders are alike).
+TEXT_TOWER = (
+    _block("embed/embedding", "embeddings.token_embedding.weight"),
+    _block("pos_embed", "embeddings.position_embedding.weight"),
+) + VIT_BLOCK + (
+    _block("final_norm/scale", "final_layer_norm.weight"),
+    _block("final_norm/bias", "final_layer_norm.bias"),
+)
+# SigLIP's vision_model.head. HF stacks q, k and v in one in_proj tensor: KEY[q] names its first
+# third, and so on (convert/contrastive.py splits it on import and stacks it again on export).
+MAP_HEAD = (
+    _block("probe", "probe", LEADING_ONE),
+    *(_block(f"{p}/kernel", f"attention.in_proj_weight[{p}]", LINEAR) for p in "qkv"),
+    *(_block(f"{p}/bias", f"attention.in_proj_bias[{p}]", FLAT) for p in "qkv"),
+    _block("o/kernel", "attention.out_proj.weight", LINEAR_2IN),
+    _block("o/bias", "attention.out_proj.bias"),
+    _block("norm/scale", "layernorm.weight"),
+    _block("norm/bias", "layernorm.bias"),
+    _block("fc1/kernel", "mlp.fc1.weight", LINEAR),
+    _block("fc1/bias", "mlp.fc1.bias"),
+    _block("fc2/kernel", "mlp.fc2.weight", LINEAR),
+    _block("fc2/bias", "mlp.fc2.bias"),
+)
+# Per family: the text head (CLIP's text_projection sits outside text_model.: the "root" slot)
+# and the logit scale and bias (CLIP's scale is a scalar, SigLIP's are [1]).
+CONTRASTIVE = {
+    "clip": dict(text=TEXT_TOWER + (Entry("head/kernel", "text_projection.weight", LINEAR, slot="root"),),
+                 image_projection=(_block("kernel", "visual_projection.weight", LINEAR),),
+                 logit_scale=(_block("", "logit_scale"),)),
+    "siglip": dict(text=TEXT_TOWER + (_block("head/kernel", "head.weight", LINEAR), _block("head/bias", "head.bias")),
+                   image_head=MAP_HEAD, logit_scale=(_block("", "logit_scale", FLAT),),
+                   logit_bias=(_block("", "logit_bias", FLAT),)),
+}
+
+
 def entries(model_cfg: ml_collections.ConfigDict, components: tuple[str, ...]) -> dict[str, tuple[Entry, ...]]:
   """{component: its entries} for the given components of a model config."""
   table = {"vision": lambda: vision_entries(model_cfg.vision), "bridge": lambda: LLAVA_PROJECTOR,
            "llm": lambda: llm_entries(model_cfg.llm), "image_newline": lambda: IMAGE_NEWLINE}
+  if "contrastive" in model_cfg:
+    table.update({c: lambda es=es: es for c, es in CONTRASTIVE[model_cfg.contrastive.family].items()})
   return {c: table[c]() for c in components}

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax.data import anyres_batch, sources as sources_lib
+from vlm_jax.data.pairs import PairBatches, PreparePair
 from vlm_jax.data.anyres_batch import AnyRes
 from vlm_jax.data.images import Preprocessing
 from vlm_jax.data.packing import ImagePool, PackBatches, TileGroups
@@ -32,6 +33,9 @@ from vlm_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 HOST_ONLY = ("keys",)  # batch entries that stay on the host (sample ids, for tests and logs)
+# What a batch holds (a task's `layout`, vlm_jax/tasks.py): conversations (tokens, loss mask,
+# images in placeholder slots; packing, pools, AnyRes) | pairs (one image and its caption's tokens a row)
+LAYOUTS = ("conversations", "pairs")
 
 
 class EpochOrder:
@@ -81,8 +85,10 @@ class Batches:
                process_count: int = 1, strict: bool = False, image_position: str = "before",
                max_images: int = 1, pack: bool = False, workers: int = 0, threads: int = 4,
                prefetch: int = 2, tfds_dir: str = "", anyres: AnyRes | None = None, tile_groups: int = 1,
-               max_tiles: int = 0, image_pool: int = 0):
+               max_tiles: int = 0, image_pool: int = 0, layout: str = "conversations"):
     get_template(template)  # Fails now, not at the first batch.
+    if layout not in LAYOUTS:
+      raise ValueError(f"batch layout {layout!r} is not one of {LAYOUTS}")
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise UserError(f"batch size {global_batch_size} is not a positive multiple of the "
                       f"{process_count} processes")
@@ -113,19 +119,25 @@ class Batches:
                         "tile groups (batch shards x grad_accum)")
       groups = ImagePool(tile_groups // process_count, image_pool // tile_groups, (image_size, image_size),
                          preprocessing.dtype, image_tokens, max_images * image_tokens)
-    self.prepare = Prepare(sources, tokenizer, template=template, image_tokens=image_tokens,
-                           seq_len=seq_len, max_images=max_images,
-                           preprocessing=preprocessing,
-                           anyres=anyres, max_tiles=groups.tiles_per_group if groups else sys.maxsize)
+    if layout == "pairs":
+      self.prepare = PreparePair(sources, tokenizer, seq_len=seq_len, preprocessing=preprocessing)
+    else:
+      self.prepare = Prepare(sources, tokenizer, template=template, image_tokens=image_tokens,
+                             seq_len=seq_len, max_images=max_images,
+                             preprocessing=preprocessing,
+                             anyres=anyres, max_tiles=groups.tiles_per_group if groups else sys.maxsize)
     orders = [grain.MapDataset.source(EpochOrder(k, len(s), seed, process_index, process_count))
               for k, s in enumerate(sources)]
     ds = orders[0] if len(orders) == 1 else grain.MapDataset.mix(orders, weights)
     # Reader threads prepare samples in order (PIL releases the GIL while decoding/resizing).
     it = ds.map(self.prepare).to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads, 1)))
-    it = PackBatches(it, rows=self.local_batch_size, seq_len=seq_len, max_images=max_images,
-                     image_shape=(image_size, image_size), pad_id=tokenizer.pad_id, pack=pack,
-                     tile_groups=groups, image_dtype=preprocessing.dtype)
+    if layout == "pairs":
+      it = PairBatches(it, rows=self.local_batch_size)
+    else:
+      it = PackBatches(it, rows=self.local_batch_size, seq_len=seq_len, max_images=max_images,
+                       image_shape=(image_size, image_size), pad_id=tokenizer.pad_id, pack=pack,
+                       tile_groups=groups, image_dtype=preprocessing.dtype)
     if workers:
       _absl_flags_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
@@ -138,8 +150,9 @@ class Batches:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, tokenizer: Tokenizer, image_tokens: int, *,
                   spec: str | None = None, process_index: int = 0, process_count: int = 1,
-                  tile_groups: int = 1) -> "Batches":
-    """tile_groups (AnyRes): batch shards x grad_accum, so that each group lives on one device."""
+                  tile_groups: int = 1, layout: str = "conversations") -> "Batches":
+    """tile_groups (AnyRes): batch shards x grad_accum, so that each group lives on one device;
+    layout: the task's (LAYOUTS)."""
     d = config.data
     return cls(spec or d.sources, tokenizer=tokenizer, seq_len=d.seq_len,
                global_batch_size=config.train.batch_size, preprocessing=Preprocessing.from_config(config),
@@ -147,7 +160,8 @@ class Batches:
                process_count=process_count, strict=d.strict, image_position=d.image_position,
                max_images=d.max_images, pack=d.pack, workers=d.workers, threads=d.threads,
                prefetch=d.prefetch, tfds_dir=d.tfds_dir, anyres=anyres_batch.for_config(config, image_tokens),
-               tile_groups=tile_groups, max_tiles=config.model.anyres.max_tiles, image_pool=d.image_pool)
+               tile_groups=tile_groups, max_tiles=config.model.anyres.max_tiles, image_pool=d.image_pool,
+               layout=layout)
 
   def __iter__(self) -> "Batches":
     return self

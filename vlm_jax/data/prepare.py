@@ -66,6 +66,17 @@ def decode_image(ref: ImageRef) -> PIL.Image.Image | np.ndarray:
     raise BadSample("image", f"cannot decode image bytes: {e}") from None
 
 
+def read_sample(sources: Sequence[Source], item: tuple[int, int], prepare):
+  """prepare(sample `index` of source `k`), or Skipped naming the source and index (the loader
+  counts it, or stops with the message under data.strict)."""
+  k, index = item
+  source = sources[k]
+  try:
+    return prepare(source[index])
+  except BadSample as e:
+    return Skipped(e.reason, f"{source.name} sample {index}: {e}")
+
+
 class Prepare:
   """(source number, index) -> Prepared | Skipped. Picklable, for worker processes."""
 
@@ -80,12 +91,7 @@ class Prepare:
     self.anyres, self.max_tiles = anyres, max_tiles  # max_tiles: a tile group's pool size (AnyRes, image_pool)
 
   def __call__(self, item: tuple[int, int]) -> Prepared | Skipped:
-    k, index = item
-    source = self.sources[k]
-    try:
-      return self.prepare(source[index])
-    except BadSample as e:
-      return Skipped(e.reason, f"{source.name} sample {index}: {e}")
+    return read_sample(self.sources, item, self.prepare)
 
   def prepare(self, sample: Sample) -> Prepared:
     """Cheap checks first: a sample that is too long is rejected before its images are decoded."""

@@ -188,6 +188,40 @@ def _wide_example(seed: int, split: str, index: int, image_position: str) -> Exa
   return Example(image, turns, o.shape, "shape", (o,))
 
 
+def caption(objects: tuple[Shape, ...] | list[Shape]) -> str:
+  """What the image shows, for contrastive training: 'two shapes: a red circle and a blue
+  square', the shapes left to right (then top to bottom)."""
+  ordered = sorted(objects, key=lambda o: (o.cx, o.cy))
+  things = [f"{'an' if o.color[0] in 'aeiou' else 'a'} {o.color} {o.shape}" for o in ordered]
+  listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
+  return f"{NUMBERS[len(objects) - 1]} shape{'s' if len(objects) > 1 else ''}: {listed}"
+
+
+def _one(shape: str, color: str) -> str:
+  return caption([Shape(shape, color, 0.0, 0.0, 0.0)])
+
+
+# Zero-shot classification (eval/zeroshot.py): per kind, the class names and each class's
+# prompts, whose mean text embedding stands for the class (prompt ensembling, as CLIP's); the
+# colour of "one shape: a red circle", "... square", "... triangle".
+ZEROSHOT = {
+    "color": (tuple(COLORS), tuple(tuple(_one(s, c) for s in SHAPES) for c in COLORS)),
+    "shape": (SHAPES, tuple(tuple(_one(s, c) for c in COLORS) for s in SHAPES)),
+    "count": (NUMBERS, tuple((f"{n} shape{'s' if i else ''}",) for i, n in enumerate(NUMBERS))),
+}
+
+
+def zeroshot_label(example: Example, kind: str) -> int | None:
+  """The index of the example's class among ZEROSHOT[kind]'s, or None: the example does not
+  count for that kind (the colour or shape of an image with several shapes)."""
+  objects = example.objects
+  if kind == "count":
+    return len(objects) - 1
+  if len(objects) != 1:
+    return None
+  return ZEROSHOT[kind][0].index(objects[0].color if kind == "color" else objects[0].shape)
+
+
 def normalize_answer(text: str) -> str:
   """Lowercase, punctuation removed, whitespace collapsed."""
   text = text.lower().translate(str.maketrans("", "", string.punctuation))

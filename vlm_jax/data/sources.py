@@ -27,13 +27,15 @@ ImageRef = Any  # a file path (str), encoded bytes, or a uint8 array
 class Sample:
   """Evaluation reads the optional fields: `answers` (accepted answers, e.g. VQA's ten; else the
   last assistant turn is the reference), `choices` (multiple choice, in letter order) and
-  `category` (scores are also reported per category)."""
+  `category` (scores are also reported per category); contrastive training reads `caption`
+  (data/pairs.py)."""
   key: str
   turns: list[tuple[str, str]]
   images: list[ImageRef]
   answers: list[str] = dataclasses.field(default_factory=list)
   choices: list[str] = dataclasses.field(default_factory=list)
   category: str = ""
+  caption: str = ""
 
 
 class Source(Protocol):
@@ -60,7 +62,8 @@ class ShapesSource:
 
   def __getitem__(self, index: int) -> Sample:
     ex = self._make(index)
-    return Sample(str(index), list(ex.turns), [] if ex.image is None else [ex.image], category=ex.kind)
+    return Sample(str(index), list(ex.turns), [] if ex.image is None else [ex.image], category=ex.kind,
+                  caption=shapes.caption(ex.objects))
 
 
 def _strings(entry: dict, field: str) -> list[str]:
@@ -99,10 +102,12 @@ def llava_sample(entry: Any, index: int, image_root: str) -> Sample:
     if len(paths) == 1 and text.count(IMAGE) == 1:
       text = IMAGE + "\n" + text.replace(IMAGE, "").strip()
     turns.append((role, text))
-  category = entry.get("category", "")
+  category, caption = entry.get("category", ""), entry.get("caption", "")
+  if not isinstance(caption, str):
+    raise BadSample("format", f"'caption' must be a string, got {caption!r:.60}")
   return Sample(str(entry.get("id", index)), turns, [os.path.join(image_root, p) for p in paths],
                 _strings(entry, "answers"), _strings(entry, "choices" if "choices" in entry else "options"),
-                category if isinstance(category, str) else str(category))
+                category if isinstance(category, str) else str(category), caption)
 
 
 class LlavaSource:

@@ -23,6 +23,7 @@ from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import BadSample, UserError
 from vlm_jax.eval import examples as examples_lib
 from vlm_jax.eval import metrics as metrics_lib
+from vlm_jax.eval import zeroshot
 from vlm_jax.infer.generate import Generator
 from vlm_jax.infer.inputs import Inputs
 
@@ -172,15 +173,30 @@ class PeriodicEval:
   evaluate: Callable[[dict], dict]  # params -> metrics (numbers only)
 
 
+def _answers(run: Run, tokenizer: Tokenizer, entry) -> Callable[[dict], dict]:
+  evaluator = Evaluator(run, tokenizer, entry.data, metric=entry.metric, max_examples=entry.max_examples)
+  return lambda params: _numbers(evaluator(params).metrics)
+
+
+def _zeroshot(run: Run, tokenizer: Tokenizer, entry) -> Callable[[dict], dict]:
+  if entry.metric not in (metrics_lib.AUTO, zeroshot.METRIC):
+    raise UserError(f"metric {entry.metric!r}: a contrastive model is scored by {zeroshot.METRIC} (or auto)")
+  return zeroshot.ZeroShot(run, tokenizer, entry.data, max_examples=entry.max_examples)
+
+
+# config.task -> (run, tokenizer, config.evals entry) -> (params -> metrics)
+PERIODIC = {"vlm": _answers, "contrastive": _zeroshot}
+
+
 def periodic_evals(run: Run, tokenizer: Tokenizer) -> list[PeriodicEval]:
   """config.evals, each read and checked now (before the training loop touches the workdir)."""
   out = []
   for name, entry in eval_entries(run.config).items():
     try:
-      evaluator = Evaluator(run, tokenizer, entry.data, metric=entry.metric, max_examples=entry.max_examples)
+      evaluate = PERIODIC[run.config.task](run, tokenizer, entry)
     except UserError as e:
       raise UserError(f"config.evals.{name}: {e}") from None
-    out.append(PeriodicEval(name, entry.every, lambda params, ev=evaluator: _numbers(ev(params).metrics)))
+    out.append(PeriodicEval(name, entry.every, evaluate))
   return out
 
 

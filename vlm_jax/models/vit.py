@@ -32,6 +32,15 @@ def num_output_tokens(cfg: ml_collections.ConfigDict) -> int:
   return num_patches(cfg) + (1 if has_cls and cfg.keep_cls else 0)
 
 
+def normalize_pixels(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
+  """The ViT's input: uint8 pixels scaled to [0, 1] and normalised with mean and std (as
+  data.images.Preprocessing does on the host, the same operations in fp32); float input as it is."""
+  if images.dtype != jnp.uint8:
+    return images
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
 def sincos_init(grid: int, has_cls: bool):
   """Init for the learned position embedding: 2D sin-cos over the patch grid (zeros for CLS).
 
@@ -55,9 +64,11 @@ def sincos_init(grid: int, has_cls: bool):
 
 
 class EncoderBlock(nn.Module):
+  """Pre-LN transformer block (the ViT's, and the contrastive text tower's: causal for CLIP's)."""
   cfg: ml_collections.ConfigDict
   dtype: jnp.dtype
   compute: Compute
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -66,7 +77,7 @@ class EncoderBlock(nn.Module):
     h = layer_norm("attn_norm", c.norm_eps, dt)(x)
     qkv = [dense((c.heads, head_dim), ("embed", "heads", "head_dim"), name=n, dtype=dt, use_bias=True)(h)
            for n in ("q", "k", "v")]
-    o = attention(*qkv, causal=False, implementation=self.compute.attention, block=self.compute.attention_block)
+    o = attention(*qkv, causal=self.causal, implementation=self.compute.attention, block=self.compute.attention_block)
     x = x + dense(c.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2,
                   use_bias=True, bias_axes=("embed",))(o)
     h = layer_norm("mlp_norm", c.norm_eps, dt)(x)

@@ -82,12 +82,7 @@ class VLM(nn.Module):
           nn.initializers.normal(1 / math.sqrt(c.llm.width)), ("embed",)), (c.llm.width,))
 
   def pixels(self, images: jax.Array) -> jax.Array:
-    """The ViT's input: uint8 pixels normalised here (as data.images.Preprocessing does on the
-    host, the same operations in fp32), float input as it is."""
-    if images.dtype != jnp.uint8:
-      return images
-    x = images.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(self.image_mean, jnp.float32)) / jnp.asarray(self.image_std, jnp.float32)
+    return vit_lib.normalize_pixels(images, self.image_mean, self.image_std)
 
   def encode_images(self, images: "jax.Array | dict") -> jax.Array:
     """images [B, N, H, W, 3] (uint8 or normalised float) -> visual tokens [B, N * image_tokens,

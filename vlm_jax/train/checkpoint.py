@@ -17,7 +17,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vlm_jax import build as build_lib
+from vlm_jax import config as config_lib
+from vlm_jax import parallel
 from vlm_jax.build import Run
+from vlm_jax.data.tokenizer import BUILTIN, Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.files import as_path
 
@@ -134,20 +138,44 @@ def resolve(path: str) -> tuple[str, int | None]:
                   "nor one of its checkpoints/<step> directories")
 
 
-def read_params(workdir: str, step: int | None, run: Run, where: str) -> tuple[dict, int]:
+def read_params(workdir: str, step: int | None, run: Run, where: str, part=None) -> tuple[dict, int]:
   """(params, step) of a workdir's step (None: its latest) in the run's shardings, which they
-  must fit. Params only: inference needs no optimizer state (converted checkpoints have none)."""
+  must fit. Params only: inference needs no optimizer state (converted checkpoints have none).
+  part: (abstract params, shardings) of a subtree to read instead of the run's whole tree."""
+  abstract, shardings = part or (run.abstract_params, run.param_shardings)
   checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
     step = checkpoints.latest_step() if step is None else step
     if step is None or step not in checkpoints.manager.all_steps():
       raise UserError(f"{where}: no checkpoint {'yet' if step is None else step} in {workdir}/checkpoints")
     try:
-      return checkpoints.restore_params(step, run.abstract_params, run.param_shardings), step
+      return checkpoints.restore_params(step, abstract, shardings), step
     except (ValueError, KeyError) as e:  # orbax: shapes or tree differ from the model's
       raise UserError(f"{where}: its params do not fit this model ({str(e).strip().splitlines()[0][:200]})") from None
   finally:
     checkpoints.close()
+
+
+def in_workdir(spec: str, workdir: str) -> str:
+  """A relative tokenizer path that exists inside the workdir (a converted model's hf/) is read there."""
+  if spec in BUILTIN or os.path.isabs(spec) or not os.path.exists(os.path.join(workdir, spec)):
+    return spec
+  return os.path.join(workdir, spec)
+
+
+def open_workdir(path: str, dtype: str | None = None) -> tuple:
+  """--checkpoint PATH (a workdir or step directory) for inference or export: (config, tokenizer,
+  run, params, step, workdir), params on an FSDP mesh over the local devices; dtype overrides
+  the compute dtype."""
+  workdir, step = resolve(path)
+  config = config_lib.from_json((as_path(workdir) / "config.json").read_text())
+  if dtype:
+    config.model.dtype = dtype
+  tokenizer = Tokenizer.load(in_workdir(config.data.tokenizer, workdir))
+  build_lib.resolve_model_config(config, tokenizer.vocab_size, tokenizer.eos_id)
+  run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id)
+  params, step = read_params(workdir, step, run, "--checkpoint")
+  return config, tokenizer, run, params, step, workdir
 
 
 def load_params(path: str, run: Run):
@@ -155,3 +183,34 @@ def load_params(path: str, run: Run):
   (vlm_jax.convert.hf_import.load_params also reads Hugging Face directories.)"""
   workdir, step = resolve(path)
   return read_params(workdir, step, run, path)[0]
+
+
+# The ViT fields a tower taken by config.model.vision.init_from must share (depth may be smaller:
+# its first blocks are taken, as LLaVA reads a layer before the last).
+VISION_SHAPE = ("flavour", "image_size", "patch_size", "width", "heads", "mlp_dim")
+
+
+def load_vision(path: str, run: Run, params: dict) -> dict:
+  """params with their ViT ("vision") taken from PATH, a workdir or step directory of any task
+  (a contrastive run's: config.model.vision.init_from), in the run's shardings. Blocks past this
+  config's depth are dropped; a final LayerNorm is taken where both have one."""
+  where = "config.model.vision.init_from"
+  workdir, step = resolve(path)
+  theirs = config_lib.from_json((as_path(workdir) / "config.json").read_text()).model.vision
+  mine = run.config.model.vision
+  differ = [f"{k} {theirs[k]} vs {mine[k]}" for k in VISION_SHAPE if theirs[k] != mine[k]]
+  if differ or mine.depth > theirs.depth:
+    differ += [f"depth {theirs.depth} < {mine.depth}"] if mine.depth > theirs.depth else []
+    raise UserError(f"{where}: the ViT of {path} does not fit this config's ({', '.join(differ)})")
+  ours, shardings = run.abstract_params["vision"], run.param_shardings["vision"]
+  if not theirs.final_norm:
+    ours, shardings = ({k: v for k, v in tree.items() if k != "final_norm"} for tree in (ours, shardings))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct((theirs.depth,) + x.shape[1:], x.dtype), ours["layers"])
+  target = dict(ours, layers=target)
+  if not mine.final_norm:
+    target.pop("final_norm", None)
+  part = ({"vision": target}, {"vision": {k: shardings[k] for k in target}})
+  vision = read_params(workdir, step, run, where, part)[0]["vision"]
+  vision["layers"] = jax.tree.map(lambda x, s: jax.jit(lambda a: a[:mine.depth], out_shardings=s)(x),
+                                  vision["layers"], shardings["layers"])
+  return dict(params, vision=dict(params["vision"], **vision))

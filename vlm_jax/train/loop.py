@@ -101,7 +101,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals |
   # --- Config, tokenizer, workdir check, mesh ---------------------------------------------------
   build_lib.validate(config)
   tokenizer = Tokenizer.load(config.data.tokenizer)
-  build_lib.resolve_model_config(config, tokenizer.vocab_size)
+  build_lib.resolve_model_config(config, tokenizer.vocab_size, tokenizer.eos_id)
   changes = check_workdir(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   t = config.train
@@ -115,7 +115,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals |
   run = trainer.run
   data = Batches.from_config(config, tokenizer, run.image_tokens, process_index=jax.process_index(),
                              process_count=jax.process_count(),
-                             tile_groups=parallel.batch_divisor(mesh) * t.grad_accum)
+                             tile_groups=parallel.batch_divisor(mesh) * t.grad_accum, layout=run.task.layout)
   try:
     periodic = list(evals(run, tokenizer)) if evals else []
 
@@ -129,8 +129,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals |
       moved = data.continue_from(data_states, jax.process_index())
       log.info("resumed from step %d on %d process(es) x %d devices%s", start, jax.process_count(),
                jax.local_device_count(), "".join(f"\n  {line}" for line in changes + [moved] if line))
-    elif config.model.init_from:
-      start, state = 0, trainer.start(load_params(config.model.init_from, run.plain))
+    elif config.model.init_from or config.model.vision.init_from:
+      params = (load_params(config.model.init_from, run.plain) if config.model.init_from
+                else run.plain.init_params(jax.random.key(config.seed)))
+      if config.model.vision.init_from:
+        params = checkpoint_lib.load_vision(config.model.vision.init_from, run.plain, params)
+        log.info("ViT from %s", config.model.vision.init_from)
+      start, state = 0, trainer.start(params)
     else:
       start, state = 0, trainer.init(jax.random.key(config.seed))
     # Batches go to the device as soon as they are read: the transfer of batch k+1 overlaps step k.

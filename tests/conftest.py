@@ -8,7 +8,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 # The files whose tests run longest, started first: README's test command runs two pytest workers,
-# each taking whole files in this order, so the long ones overlap instead of ending the run alone.
+# each taking whole files in this order (--no-loadscope-reorder: xdist would otherwise put the
+# files with the most tests first), so the long ones overlap instead of ending the run alone.
 SLOW_FIRST = ("test_e2e.py", "test_lora.py", "test_preemption.py", "test_multihost.py", "test_compile.py")
 
 

@@ -130,12 +130,16 @@ def cmd_eval(argv: list[str]) -> int:
     with open(args.predictions, "w", encoding="utf-8") as f:
       for record in result.records:
         f.write(json.dumps(record) + "\n")
-  if args.json:
-    print(json.dumps(result.metrics))
-  else:
-    for k, v in result.metrics.items():
-      print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+  _print_metrics(result.metrics, args.json)
   return 0
+
+
+def _print_metrics(metrics: dict, as_json: bool) -> None:
+  if as_json:
+    print(json.dumps(metrics))
+  else:
+    for k, v in metrics.items():
+      print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 
 
 def _zeroshot_eval(model, args) -> int:
@@ -149,8 +153,7 @@ def _zeroshot_eval(model, args) -> int:
       raise UserError(f"--{flag.replace('_', '-')}: not for zero-shot classification")
   metrics = zeroshot.ZeroShot(model.run, model.tokenizer, args.data, max_examples=args.max_examples or 512,
                               batch_size=args.batch_size or 0)(model.params)
-  print(json.dumps(metrics) if args.json else "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
-                                                          for k, v in metrics.items()))
+  _print_metrics(metrics, args.json)
   return 0
 
 

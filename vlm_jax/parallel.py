@@ -103,6 +103,11 @@ def batch_divisor(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def whole_batch(rows: int, mesh: Mesh) -> int:
+  """rows rounded up to a multiple of the batch shards (padded eval batches)."""
+  return -(-rows // batch_divisor(mesh)) * batch_divisor(mesh)
+
+
 def global_batch(local: dict, mesh: Mesh) -> dict:
   """Process-local rows (a dict of arrays, nested for AnyRes images) -> global arrays sharded
   over the batch axes (multi-host safe)."""

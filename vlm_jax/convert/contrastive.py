@@ -253,8 +253,7 @@ def open_hf(directory: str, base: ml_collections.ConfigDict | None = None):
   run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id if tokenizer else -1)
   with Reader(directory) as reader:
     view = Unfused(reader)
-    flat, items = hf_import.read_components(view, config.model, run.abstract_params, run.param_shardings, LAYOUT,
-                                            components(config.model), directory, grow_vocab=True)
+    flat, items = _read_params(view, run, directory)
     dtypes = {k: reader.dtype(k) for k in reader.keys()}
     used = params_lib.consumed(items)
     unused = [k for k in view.keys() if k not in used and not k.endswith("position_ids")]
@@ -278,10 +277,14 @@ def load_params(path: str, run: build_lib.Run) -> dict:
   if not hf_import.is_hf_dir(path):
     return checkpoint_lib.load_params(path, run)
   with Reader(path) as reader:
-    flat, _ = hf_import.read_components(Unfused(reader), run.config.model, run.abstract_params,
-                                        run.param_shardings, LAYOUT, components(run.config.model), path,
-                                        grow_vocab=True)
+    flat, _ = _read_params(Unfused(reader), run, path)
   return params_lib.unflatten(flat)
+
+
+def _read_params(view: Unfused, run: build_lib.Run, where: str):
+  """({path: array}, items) of the run's model from the file view, in the run's shardings."""
+  return hf_import.read_components(view, run.config.model, run.abstract_params, run.param_shardings, LAYOUT,
+                                   components(run.config.model), where, grow_vocab=True)
 
 
 # --- Export ------------------------------------------------------------------------------------

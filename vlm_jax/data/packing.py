@@ -26,6 +26,32 @@ from vlm_jax.errors import UserError
 MAX_SKIPPED_IN_A_ROW = 1000
 
 
+class Skips:
+  """The samples a batcher rejected since its previous batch: {reason: count}, the first message
+  per reason, and the run of rejections in a row (MAX_SKIPPED_IN_A_ROW ends it)."""
+
+  def __init__(self):
+    self.counts: dict[str, int] = {}
+    self.messages: dict[str, str] = {}
+    self._in_a_row = 0
+
+  def take(self, element) -> bool:
+    """Whether the element is a Skipped (counted); a kept one ends the run."""
+    if not isinstance(element, Skipped):
+      self._in_a_row = 0
+      return False
+    self.counts[element.reason] = self.counts.get(element.reason, 0) + 1
+    self.messages.setdefault(element.reason, element.message)
+    self._in_a_row += 1
+    if self._in_a_row >= MAX_SKIPPED_IN_A_ROW:
+      raise UserError(f"{self._in_a_row} samples in a row skipped (last: {element.message}; "
+                      f"reasons {self.counts})")
+    return True
+
+  def batch_fields(self) -> dict[str, Any]:
+    return {"skipped": self.counts, "skip_messages": self.messages}
+
+
 def collate_text(rows: Sequence[Sequence[Prepared]], seq_len: int, pad_id: int) -> dict[str, Any]:
   """tokens/targets/loss_mask/segment_ids/positions [b, seq_len]: sample j of a row is segment
   j + 1 (0 = padding) with positions restarting at 0; targets[i] = tokens[i + 1] within a
@@ -165,20 +191,11 @@ class _PackIterator(grain.DatasetIterator):
     groups = s.tile_groups.groups if s.tile_groups else 1
     tiles_left = [s.tile_groups.tiles_per_group if s.tile_groups else sys.maxsize] * groups
     rows_per_group = s.rows // groups
-    skipped: dict[str, int] = {}
-    messages: dict[str, str] = {}
-    in_a_row = 0
+    skips = Skips()
     while len(rows[-1]) == 0 or s.pack:
       element, state = self._next_element()
-      if isinstance(element, Skipped):
-        skipped[element.reason] = skipped.get(element.reason, 0) + 1
-        messages.setdefault(element.reason, element.message)
-        in_a_row += 1
-        if in_a_row >= MAX_SKIPPED_IN_A_ROW:
-          raise UserError(f"{in_a_row} samples in a row skipped (last: {element.message}; "
-                          f"reasons {skipped})")
+      if skips.take(element):
         continue
-      in_a_row = 0
       need = (len(element.tokens), element.slots)
       r = next((r for r in range(s.rows) if room[r][0] >= need[0] and room[r][1] >= need[1]
                 and tiles_left[r // rows_per_group] >= element.tiles and (s.pack or not rows[r])), None)
@@ -192,7 +209,7 @@ class _PackIterator(grain.DatasetIterator):
     images = (s.tile_groups.collate(rows) if s.tile_groups
               else square_images(rows, s.max_images, s.image_shape, s.image_dtype))
     batch = {**images, **collate_text(rows, s.seq_len, s.pad_id)}
-    batch.update(skipped=skipped, skip_messages=messages)
+    batch.update(skips.batch_fields())
     return batch
 
   def get_state(self) -> dict[str, Any]:

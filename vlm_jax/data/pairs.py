@@ -14,11 +14,11 @@ import numpy as np
 
 from vlm_jax.data import IMAGE
 from vlm_jax.data.images import Preprocessing
-from vlm_jax.data.packing import MAX_SKIPPED_IN_A_ROW
+from vlm_jax.data.packing import Skips
 from vlm_jax.data.prepare import Skipped, decode_image, read_sample
 from vlm_jax.data.sources import Sample, Source
 from vlm_jax.data.tokenizer import Tokenizer, bos_prefix
-from vlm_jax.errors import BadSample, UserError
+from vlm_jax.errors import BadSample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,22 +81,13 @@ class _PairIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, Any]:
     pairs: list[Pair] = []
-    skipped: dict[str, int] = {}
-    messages: dict[str, str] = {}
-    in_a_row = 0
+    skips = Skips()
     while len(pairs) < self._rows:
       element = next(self._parent)
-      if isinstance(element, Skipped):
-        skipped[element.reason] = skipped.get(element.reason, 0) + 1
-        messages.setdefault(element.reason, element.message)
-        in_a_row += 1
-        if in_a_row >= MAX_SKIPPED_IN_A_ROW:
-          raise UserError(f"{in_a_row} samples in a row skipped (last: {element.message}; reasons {skipped})")
-        continue
-      in_a_row = 0
-      pairs.append(element)
+      if not skips.take(element):
+        pairs.append(element)
     return {"images": np.stack([p.image for p in pairs]), "text": np.stack([p.text for p in pairs]),
-            "keys": [[p.key] for p in pairs], "skipped": skipped, "skip_messages": messages}
+            "keys": [[p.key] for p in pairs], **skips.batch_fields()}
 
   def get_state(self) -> dict[str, Any]:
     return {"parent": self._parent.get_state()}

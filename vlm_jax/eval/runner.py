@@ -64,7 +64,7 @@ class Evaluator:
     self.examples, self.skipped = examples_lib.read(spec, options, max_examples)
     self.metric, self.metric_reason = metric_for(metric, self.examples, spec)
     self.max_new_tokens = max_new_tokens or metrics_lib.METRICS[self.metric].max_new_tokens
-    self.batch_size = _round_up(batch_size or cfg.train.eval_batch_size, parallel.batch_divisor(run.mesh))
+    self.batch_size = parallel.whole_batch(batch_size or cfg.train.eval_batch_size, run.mesh)
     self.inputs = Inputs(cfg, tokenizer)
     self.generator = Generator(run.model, run.mesh, pad_id=tokenizer.pad_id, context=cfg.model.llm.max_len)
     # Prompt lengths for the batch order (AnyRes: each image counted as one tile, before decoding).
@@ -202,7 +202,3 @@ def periodic_evals(run: Run, tokenizer: Tokenizer) -> list[PeriodicEval]:
 
 def _numbers(metrics: dict) -> dict:
   return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple

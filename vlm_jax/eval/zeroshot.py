@@ -52,8 +52,7 @@ class ZeroShot:
     if name == "shapes" and split not in shapes.SPLITS:
       raise UserError(f"data spec {spec!r}: unknown split {split!r} (shapes has {', '.join(shapes.SPLITS)})")
     self.run = run
-    divisor = parallel.batch_divisor(run.mesh)
-    self.batch_size = -(-(batch_size or cfg.train.eval_batch_size) // divisor) * divisor
+    self.batch_size = parallel.whole_batch(batch_size or cfg.train.eval_batch_size, run.mesh)
     zs = ZEROSHOT_SETS[name]
     examples = zs.examples(split, cfg.seed, cfg.model.vision.image_size, max_examples)
     preprocess = Preprocessing.from_config(cfg)

@@ -199,16 +199,15 @@ def load_vision(path: str, run: Run, params: dict) -> dict:
   theirs = config_lib.from_json((as_path(workdir) / "config.json").read_text()).model.vision
   mine = run.config.model.vision
   differ = [f"{k} {theirs[k]} vs {mine[k]}" for k in VISION_SHAPE if theirs[k] != mine[k]]
-  if differ or mine.depth > theirs.depth:
-    differ += [f"depth {theirs.depth} < {mine.depth}"] if mine.depth > theirs.depth else []
+  if mine.depth > theirs.depth:
+    differ.append(f"depth {theirs.depth} < {mine.depth}")
+  if differ:
     raise UserError(f"{where}: the ViT of {path} does not fit this config's ({', '.join(differ)})")
   ours, shardings = run.abstract_params["vision"], run.param_shardings["vision"]
   if not theirs.final_norm:
     ours, shardings = ({k: v for k, v in tree.items() if k != "final_norm"} for tree in (ours, shardings))
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct((theirs.depth,) + x.shape[1:], x.dtype), ours["layers"])
-  target = dict(ours, layers=target)
-  if not mine.final_norm:
-    target.pop("final_norm", None)
+  target = dict(ours, layers=target)  # (ours has a final_norm only where this config has one)
   part = ({"vision": target}, {"vision": {k: shardings[k] for k in target}})
   vision = read_params(workdir, step, run, where, part)[0]["vision"]
   vision["layers"] = jax.tree.map(lambda x, s: jax.jit(lambda a: a[:mine.depth], out_shardings=s)(x),

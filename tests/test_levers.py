@@ -63,7 +63,9 @@ def _value_and_grads(cfg, tok, params, batch, stage: str):
 def _init(cfg, tok, batch):
   model = tasks.task_of(cfg).make_model(cfg, tok.image_id)
   inputs = [batch[k] for k in tasks.VLM_INPUTS]
-  return nn.meta.unbox(model.init(jax.random.key(0), *inputs)["params"])
+  params = nn.meta.unbox(model.init(jax.random.key(0), *inputs)["params"])
+  # Cross-attention gates open (they start shut), so that the images reach the loss.
+  return jax.tree_util.tree_map_with_path(lambda path, x: x + 0.5 if path[-1].key.endswith("_gate") else x, params)
 
 
 def _assert_same(cfg_plain, cfg_lever, tok, batch, stage, lever_batch=None):
@@ -129,12 +131,17 @@ def test_uint8_images_give_the_float_path_loss_and_grads(tok, base):
   _assert_same(host, device, tok, batch_host, "full", lever_batch=batch_device)
 
 
-@pytest.mark.parametrize("stage", ["full", "stage2"])
-def test_image_pool_gives_every_slot_loss_and_grads(tok, tmp_path, stage):
+CROSS_ATTENTION = {"model.fusion": "cross_attention", "model.bridge.kind": "perceiver", "model.bridge.num_latents": 4}
+
+
+@pytest.mark.parametrize("stage,fusion", [("full", {}), ("stage2", {}), ("stage1", CROSS_ATTENTION)],
+                         ids=["full", "stage2", "cross_attention"])
+def test_image_pool_gives_every_slot_loss_and_grads(tok, tmp_path, stage, fusion):
   # Text-only samples and packed rows with fewer images than slots: the empty slots the pool skips.
+  # Cross-attention: each image one <image> marker, read by the blocks of the tokens after it.
   path = llava_fixture.write(str(tmp_path), 24, image_size=32, text_only_every=3, broken=False)
   base = {**PACKED, "data.sources": f"llava:{path}", "data.max_images": 4, "data.seq_len": 192,
-          "train.batch_size": 4, "model.vision.image_size": 32}
+          "train.batch_size": 4, "model.vision.image_size": 32, **fusion}
   slots, pool = _config(tok, base, {}), _config(tok, base, {"data.image_pool": 12})
   tile_groups = 2  # as two batch shards would ask
   batch_slots, batch_pool = (next(Batches.from_config(c, tok, helpers.image_tokens(c.model), tile_groups=tile_groups))
@@ -144,7 +151,8 @@ def test_image_pool_gives_every_slot_loss_and_grads(tok, tmp_path, stage):
   assert empty.any() and (~empty).any() and max(len(row) for row in batch_slots["keys"]) >= 2
   assert batch_pool["images"]["pool"].shape[:2] == (tile_groups, 6)
   assert batch_pool["images"]["pool"].shape[1] * tile_groups < batch_slots["images"].shape[0] * 4
-  _assert_same(slots, pool, tok, batch_slots, stage, lever_batch=batch_pool)
+  grads = _assert_same(slots, pool, tok, batch_slots, stage, lever_batch=batch_pool)
+  assert np.abs(grads["bridge/block_0/q/kernel" if fusion else "bridge/linear_1/kernel"]).max() > 0
 
 
 def test_image_pool_defers_a_sample_its_group_cannot_hold(tok, tmp_path):

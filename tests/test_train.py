@@ -221,8 +221,10 @@ def check_optimizer_state(run, trains: set[str]):
   trained_paths = {p for p in sizes if component(p) in trains}
   assert set(counts) == trained_paths, sorted(set(counts) ^ trained_paths)[:5]
   assert all(n == 2 for n in counts.values()), counts
-  array_elements = sum(x.size for x in jax.tree.leaves(run.abstract_state["opt_state"]) if x.ndim)
-  assert array_elements == 2 * sum(sizes[p] for p in trained_paths)
+  leaves = jax.tree.leaves(run.abstract_state["opt_state"])
+  moment_elements = sum(x.size for x, param in zip(leaves, helpers.moment_paths(run.abstract_state["opt_state"],
+                                                                                 with_none=True)) if param)
+  assert moment_elements == 2 * sum(sizes[p] for p in trained_paths)
 
 
 def check_frozen_and_trained(init_params, final_params, trains: set[str]):

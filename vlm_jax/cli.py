@@ -323,9 +323,17 @@ def cmd_tokens(argv: list[str]) -> int:
   from vlm_jax import build
   build.validate(config)
   from vlm_jax.data import anyres, anyres_batch
-  from vlm_jax.models import vlm
-  per_view = vlm.image_tokens(config.model)  # one tile's, or one view's
-  bridge = f"bridge {config.model.bridge.kind}: {per_view} tokens a {'tile' if config.model.anyres.enabled else 'view'}"
+  from vlm_jax.models import vit, vlm
+  m = config.model
+  per_view = vlm.image_tokens(m)  # one tile's, or one view's, in the LLM's sequence
+  bridge = f"bridge {m.bridge.kind}: {vlm.visual_tokens(m)} tokens a {'tile' if m.anyres.enabled else 'view'}"
+  if m.vision.token_merging:
+    unmerged = m.vision.copy_and_resolve_references()
+    unmerged.token_merging = 0
+    bridge += (f" (ToMe, {m.vision.token_merging} merged a ViT block: {vit.num_output_tokens(unmerged)} -> "
+               f"{vit.num_output_tokens(m.vision)})")
+  if m.fusion == "cross_attention":
+    bridge += ", read by cross-attention; the sequence holds 1 <image> marker an image"
   if config.model.anyres.enabled:
     plan = anyres.plan(size, anyres_batch.spec_from_config(config.model, per_view))
     out = {"height": size[0], "width": size[1], "grid": list(plan.grid), "tiles": plan.tiles,
@@ -334,7 +342,7 @@ def cmd_tokens(argv: list[str]) -> int:
               f"features {plan.features[0]}x{plan.features[1]} (+1 newline a row)"]
   else:  # one square view, whatever the image
     out = {"height": size[0], "width": size[1], "grid": [1, 1], "tiles": 1, "image_tokens": per_view,
-           "tile_tokens": per_view}
+           "tile_tokens": per_view, "visual_tokens": vlm.visual_tokens(m)}
     detail = [bridge, "AnyRes off: resized to one square view"]
   if args.json:
     print(json.dumps(out))

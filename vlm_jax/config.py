@@ -58,6 +58,10 @@ def base() -> ml_collections.ConfigDict:
       flavour="siglip", image_size=64, patch_size=8, width=128, depth=2, heads=4, mlp_dim=512,
       norm_eps=1e-6, keep_cls=False, final_norm=False,
       act="",                 # "" = the flavour's (quick_gelu for CLIP, gelu_tanh for SigLIP)
+      # ToMe (models/token_merging.py): tokens merged per block, by bipartite soft matching with
+      # proportional attention; the VLM reads depth * r fewer tokens (less at most half a block).
+      # Needs a bridge that does not read the patch grid (linear, mlp2x_gelu, perceiver, qformer).
+      token_merging=0,
       # A contrastive run's workdir (or step dir) whose ViT starts this run's, e.g. one trained by
       # configs/siglip_shapes.py; its first `depth` blocks are taken (LLaVA reads a layer before the last).
       init_from=""))
@@ -98,6 +102,15 @@ def base() -> ml_collections.ConfigDict:
       num_tokens=16,          # cabstractor: tokens per image after pooling, a square (Honeybee: 144)
       factor=2,               # pixel_shuffle: r x r patches per token (Idefics3: 3, SmolVLM: 4)
       projection="linear"))   # pixel_shuffle: linear (no bias, Idefics3) | mlp (two layers, GELU)
+  # How the visual tokens reach the LLM (vlm_jax/models/fusion.py): tokens (LLaVA: written into the
+  # sequence, image_tokens placeholders an image) | cross_attention (Flamingo: the sequence keeps
+  # one <image> marker an image; gated cross-attention blocks between the LLM's layers read the
+  # bridge's tokens of the latest image before each text token; config.model.cross_attention).
+  c.model.fusion = "tokens"
+  c.model.cross_attention = ml_collections.ConfigDict(dict(
+      every=1,                # a block before every k-th LLM layer (layers k-1, 2k-1, ...; Flamingo-9B: 4)
+      heads=0, head_dim=0,    # 0: the LLM's
+      mlp_dim=0))             # the gated dense block's hidden width (0: 4 x llm.width)
   c.model.llm = ml_collections.ConfigDict(dict(
       vocab_size=0,           # 0: the tokenizer's vocabulary size
       width=128, depth=2, heads=4, kv_heads=2, head_dim=32, mlp_dim=512, rope_theta=10000.0,
@@ -321,6 +334,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   m = config.model
   if m.vision.image_size % m.vision.patch_size:
     raise UserError("config.model.vision.image_size must be a multiple of patch_size")
+  if m.vision.token_merging < 0:
+    raise UserError(f"config.model.vision.token_merging must be >= 0 (tokens merged per ViT block; 0: off), "
+                    f"got {m.vision.token_merging}")
   if m.vision.width % m.vision.heads:
     raise UserError("config.model.vision.width must be a multiple of heads")
   check_one_of("config.model.llm.rope_type", m.llm.rope_type, ROPE_TYPES)

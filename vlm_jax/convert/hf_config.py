@@ -274,6 +274,12 @@ def llava_to_hf(model: ml_collections.ConfigDict, *, image_token_id: int, llm_fa
   if model.bridge.kind != "mlp2x_gelu":
     raise UserError(f"config.model.bridge.kind: {model.bridge.kind!r} cannot be written as a HF Llava "
                     "projector (mlp2x_gelu)")
+  if model.fusion != "tokens":
+    raise UserError(f"config.model.fusion: {model.fusion!r} has no HF Llava counterpart (the visual tokens go "
+                    "into the sequence there)")
+  if model.vision.token_merging:
+    raise UserError("config.model.vision.token_merging: HF Llava has no token merging (its processor would "
+                    "write the unmerged count of <image> tokens)")
   base = dict(base or {})
   vision, layer, strategy = vision_to_hf(model.vision, vision_layers, base.get("vision_config"), has_vision_head)
   text = llm_to_hf(model.llm, llm_family, base.get("text_config"))

@@ -30,8 +30,6 @@ from vlm_jax.convert.safetensors_io import INDEX, Reader, write_sharded
 from vlm_jax.data import hf_tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.files import check_empty_dir, read_json
-from vlm_jax.models import vit as vit_lib
-from vlm_jax.models.bridge import make_bridge
 from vlm_jax.train import checkpoint as checkpoint_lib
 
 log = logging.getLogger("vlm_jax")
@@ -302,7 +300,7 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
                    for k in _unused(reader, items, src_layout, slots)}
   if tokenizer.vocab_size > tc.get("vocab_size", 0):  # grown: no longer the file's tensors
     dtypes = {k: v for k, v in dtypes.items() if not k.endswith(("embed_tokens.weight", "lm_head.weight"))}
-  params.update(_fresh_bridge(config, run, config.seed))
+  params.update(_fresh_parts(run, config.seed))
   shardings = flat_params(run.param_shardings)
   for path, host in qformer.items():  # fresh params stay for what BLIP-2 cannot give (its projection)
     params[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda idx, h=host: h[idx])
@@ -315,13 +313,14 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
   return out
 
 
-def _fresh_bridge(config: ml_collections.ConfigDict, run, seed: int) -> dict:
-  """The bridge's params from the model's own initialisers, created in their shardings."""
-  m = config.model
-  bridge = make_bridge(m.bridge, m.llm.width, jnp.dtype(m.dtype))
-  features = jnp.zeros((1, vit_lib.num_output_tokens(m.vision), m.vision.width), jnp.float32)
-  shardings = {k[len("bridge/"):]: s for k, s in flat_params(run.param_shardings).items() if k.startswith("bridge/")}
-  init = jax.jit(lambda key: flat_params(nn.meta.unbox(bridge.init(key, features)["params"])), out_shardings=shardings)
-  with jax.set_mesh(run.mesh), nn.logical_axis_rules(parallel.RULES):
-    out = init(jax.random.key(seed))
-  return {f"bridge/{k}": x for k, x in out.items()}
+def _fresh_parts(run, seed: int) -> dict:
+  """The params an LLM and a vision tower do not hold (the bridge; AnyRes's image_newline; the
+  cross-attention blocks), from the model's own initialisers, created in their shardings (XLA
+  drops the rest of the init: its outputs are unused)."""
+  plain = run.plain
+  shardings = {k: s for k, s in flat_params(plain.param_shardings).items() if k.split("/")[0] not in ("vision", "llm")}
+  inputs = plain.task.dummy_inputs(plain.config, 1)
+  init = jax.jit(lambda key: {k: x for k, x in flat_params(nn.meta.unbox(plain.model.init(key, *inputs)["params"])).items()
+                              if k in shardings}, out_shardings=shardings)
+  with build_lib.tracing_context(plain.mesh):
+    return init(jax.random.key(seed))

@@ -36,11 +36,13 @@ class ResamplerBlock(nn.Module):
     k = dense((c.heads, head_dim), ("embed", "heads", "head_dim"), name="k", dtype=dt)(kv_in)
     v = dense((c.heads, head_dim), ("embed", "heads", "head_dim"), name="v", dtype=dt)(kv_in)
     o = attention(q, k, v, causal=False)
-    latents = latents + dense(self.width, ("heads", "head_dim", "embed"), name="o", dtype=dt,
-                              n_in=2)(o)
+    # Constrained: left to propagation, a (2,2,2) mesh gave wrong sums here (XLA CPU, jax 0.10.2;
+    # the residual's width and batch both on fsdp).
+    latents = _tokens(latents + dense(self.width, ("heads", "head_dim", "embed"), name="o", dtype=dt,
+                                      n_in=2)(o))
     h = layer_norm("mlp_norm", 1e-5, dt)(latents)
     h = ACTIVATIONS["gelu"](dense(4 * self.width, ("embed", "mlp"), name="fc1", dtype=dt)(h))
-    return latents + dense(self.width, ("mlp", "embed"), name="fc2", dtype=dt)(h)
+    return _tokens(latents + dense(self.width, ("mlp", "embed"), name="fc2", dtype=dt)(h))
 
 
 def _tokens(x: jax.Array) -> jax.Array:
@@ -78,7 +80,7 @@ class Perceiver(_BridgeModule):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c, dt, w = self.cfg, self.dtype, self.out_width
-    x = dense(w, ("embed", "mlp"), name="input_proj", dtype=dt, use_bias=True)(x)
+    x = _tokens(dense(w, ("embed", "mlp"), name="input_proj", dtype=dt, use_bias=True)(x))
     latents = self.param("latents", logical(nn.initializers.normal(0.02), (None, "embed")),
                          (c.num_latents, w))
     y = jnp.broadcast_to(latents.astype(dt), (x.shape[0],) + latents.shape)

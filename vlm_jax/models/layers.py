@@ -116,6 +116,25 @@ class Compute(NamedTuple):
                model_cfg.loss_chunk)
 
 
+def rematted(block: type[nn.Module], compute: Compute) -> type[nn.Module]:
+  """`block` under config.model.remat's policy (itself with none)."""
+  if compute.remat == "none":
+    return block
+  return nn.remat(block, policy=REMAT_POLICIES[compute.remat], prevent_cse=False)
+
+
+def stacked_slice(owner: nn.Module, name: str, lo: int, hi: int | None = None):
+  """Params of layers lo..hi-1 of `owner`'s stack_layers child `name` (hi None: layer lo alone,
+  without the layer axis), for running part of a stack as a module applied to them: ToMe's token
+  count shrinks every layer and cross-attention fusion runs between layers, which one scan
+  cannot do. The params keep their stacked layout (checkpoints, imports, LoRA targets). At init,
+  only once the stack itself has created them (their logical-axis boxes are dropped: the slices
+  have no layer axis).
+  """
+  stacked = nn.meta.unbox(owner.variables["params"][name])
+  return jax.tree.map(lambda a: a[lo] if hi is None else a[lo:hi], stacked)
+
+
 def stack_layers(block: type[nn.Module], depth: int, compute: Compute, n_broadcast: int = 0, **kwargs):
   """`depth` copies of `block` under nn.scan (params get a leading 'layers' axis), optionally rematted.
 
@@ -123,8 +142,7 @@ def stack_layers(block: type[nn.Module], depth: int, compute: Compute, n_broadca
   and returns (carry, None). Unrolled (compute.scan_unroll), the params keep their stacked
   layout: the choice is one of speed and compile time (README "Train-step speed").
   """
-  if compute.remat != "none":
-    block = nn.remat(block, policy=REMAT_POLICIES[compute.remat], prevent_cse=False)
+  block = rematted(block, compute)
   unroll = depth if compute.scan_unroll <= 0 else min(compute.scan_unroll, depth)
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast,) * n_broadcast, length=depth, unroll=unroll,

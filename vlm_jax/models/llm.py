@@ -9,7 +9,7 @@ k/v, one [rows x kv_heads, slots, head_dim] array per layer (row b's kv head j a
 same slot) and `index` (the next slot to write).
 """
 
-from typing import NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -18,7 +18,8 @@ import ml_collections
 
 from vlm_jax.models.attention import attention, cache_mask, cached_attention
 from vlm_jax.models.cross_entropy import chunked_token_loss, token_loss
-from vlm_jax.models.layers import ACTIVATIONS, Compute, RMSNorm, constrain, dense, logical, stack_layers
+from vlm_jax.models.layers import (ACTIVATIONS, Compute, RMSNorm, constrain, dense, logical, stack_layers,
+                                   stacked_slice)
 
 
 def rope_inv_freq(cfg: ml_collections.ConfigDict) -> jax.Array:
@@ -71,6 +72,10 @@ def unstack_layers(llm_params: dict) -> dict:
   for i in range(depth):
     out[f"block_{i}"] = jax.tree.map(lambda a: a[i], llm_params["layers"])
   return out
+
+
+# {layer index: fn(x) -> x} run on the residual stream before those layers (cross-attention fusion).
+Inserts = Mapping[int, Callable[[jax.Array], jax.Array]]
 
 
 class Decoding(NamedTuple):
@@ -153,44 +158,69 @@ class LLM(nn.Module):
       x = x * jnp.asarray(self.cfg.width ** 0.5, x.dtype)
     return constrain(x, ("act_batch", "act_length", "act_embed"))
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               inserts: Inserts | None = None) -> jax.Array:
     """Embeddings [B, T, D] -> fp32 logits [B, T, vocab] (training, scoring)."""
-    x, _ = self._layers(x, positions, segment_ids)
+    x, _ = self._layers(x, positions, segment_ids, inserts=inserts)
     return self._logits(x)
 
   def loss(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, targets: jax.Array,
-           loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+           loss_mask: jax.Array, inserts: Inserts | None = None) -> tuple[jax.Array, jax.Array]:
     """Embeddings [B, T, D] -> (summed fp32 cross-entropy over the supervised targets, their count)."""
-    x, _ = self._layers(x, positions, segment_ids)
+    x, _ = self._layers(x, positions, segment_ids, inserts=inserts)
     if not self.compute.loss_chunk:
       return token_loss(self._logits(x), targets, loss_mask)
     return chunked_token_loss(self.final_norm(x), self._head(), targets, loss_mask, self.compute.loss_chunk)
 
-  def extend(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+  def extend(self, x: jax.Array, cache: dict, inserts: Inserts | None = None) -> tuple[jax.Array, dict]:
     """Embeddings [B, T, D] of the tokens at cache slots index..index+T-1 -> (fp32 logits of the
     last one [B, vocab], the cache with them written). Prefill is T = the prompt, decode T = 1."""
     t, slots = x.shape[1], cache["k"][0].shape[1]
     q_slots = cache["index"] + jnp.arange(t, dtype=jnp.int32)
     positions = q_slots[None, :] - cache["start"][:, None]
     decoding = Decoding(cache["index"], cache_mask(cache["start"], q_slots, slots, self.cfg.sliding_window))
-    x, kv = self._layers(x, positions, None, decoding, cache)
+    x, kv = self._layers(x, positions, None, decoding, cache, inserts)
     return self._logits(x[:, -1:])[:, 0], dict(cache, **kv, index=cache["index"] + t)
 
-  def _layers(self, x, positions, segment_ids, decoding: Decoding | None = None, cache: dict | None = None):
+  def _layers(self, x, positions, segment_ids, decoding: Decoding | None = None, cache: dict | None = None,
+              inserts: Inserts | None = None):
     """-> (x, None); decoding, (x, the cache's k/v with this call's tokens written)."""
+    inserts = inserts or {}
     if not self.layer_list:
       if decoding is not None:
         raise ValueError("decoding reads the layer-list layout: VLM(layer_list=True) with unstack_params")
-      (x, _), _ = self.layers((x, None), positions, segment_ids, None)
-      return x, None
+      if not inserts:
+        (x, _), _ = self.layers((x, None), positions, segment_ids, None)
+        return x, None
+      return self._stack_with_inserts(x, positions, segment_ids, inserts), None
     written = []
     for i, block in enumerate(self.block):
+      if i in inserts:
+        x = inserts[i](x)
       mine = None if decoding is None else {"k": cache["k"][i], "v": cache["v"][i]}
       (x, mine), _ = block((x, mine), positions, segment_ids, decoding)
       written.append(mine)
     if decoding is None:
       return x, None
     return x, {name: tuple(constrain(w[name], CACHE_AXES) for w in written) for name in ("k", "v")}
+
+  def _stack_with_inserts(self, x, positions, segment_ids, inserts: Inserts) -> jax.Array:
+    """The stacked layers run as one scan per run of layers between inserts, each over its
+    slice of the stacked params (layers.stacked_slice)."""
+    if self.is_initializing():  # params are created by shape: the inserts', then the stack's
+      for i in sorted(inserts):
+        x = inserts[i](x)
+      (x, _), _ = self.layers((x, None), positions, segment_ids, None)
+      return x
+    bounds = sorted(set(inserts) | {0, self.cfg.depth})
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+      if lo in inserts:
+        x = inserts[lo](x)
+      run = stack_layers(DecoderBlock, hi - lo, self.compute, n_broadcast=3, cfg=self.cfg, dtype=self.dtype,
+                         parent=None)
+      (x, _), _ = run.apply({"params": stacked_slice(self, "layers", lo, hi)}, (x, None), positions, segment_ids,
+                            None)
+    return x
 
   def _head(self) -> jax.Array:
     """[width, vocab] in the compute dtype."""

@@ -4,6 +4,7 @@ Returns the hidden state after `depth` blocks, as LLaVA reads `hidden_states[fea
 model with N blocks and feature_layer=-2 is built with depth=N-1. `final_norm` adds a LayerNorm at
 the end (SigLIP's post_layernorm): off for LLaVA-style use of pretrained towers, on when training
 from scratch, where it keeps the visual tokens at the scale of the text embeddings.
+`token_merging` > 0 merges that many tokens in each block (ToMe, token_merging.py).
 """
 
 import flax.linen as nn
@@ -11,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlm_jax.models import token_merging
 from vlm_jax.models.attention import attention
-from vlm_jax.models.layers import ACTIVATIONS, Compute, constrain, dense, layer_norm, logical, stack_layers
+from vlm_jax.models.layers import (ACTIVATIONS, Compute, constrain, dense, layer_norm, logical, rematted,
+                                   stack_layers, stacked_slice)
 
 FLAVOURS = {"siglip": dict(cls=False, pre_norm=False, act="gelu_tanh"),
             "clip": dict(cls=True, pre_norm=True, act="quick_gelu")}
@@ -27,9 +30,16 @@ def grid_side(cfg: ml_collections.ConfigDict) -> int:
   return cfg.image_size // cfg.patch_size
 
 
+def cls_tokens(cfg: ml_collections.ConfigDict) -> int:
+  """1 for a flavour with a CLS token (first in the sequence), else 0."""
+  return int(FLAVOURS[cfg.flavour]["cls"])
+
+
 def num_output_tokens(cfg: ml_collections.ConfigDict) -> int:
-  has_cls = FLAVOURS[cfg.flavour]["cls"]
-  return num_patches(cfg) + (1 if has_cls and cfg.keep_cls else 0)
+  """Tokens per image out of the ViT: the patches (and CLS with keep_cls) less those ToMe merged."""
+  cls = cls_tokens(cfg)
+  merged = token_merging.counts(num_patches(cfg) + cls, cfg.token_merging, cfg.depth, cls)[-1]
+  return merged - (0 if cfg.keep_cls else cls)
 
 
 def normalize_pixels(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
@@ -64,33 +74,49 @@ def sincos_init(grid: int, has_cls: bool):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer block (the ViT's, and the contrastive text tower's: causal for CLIP's)."""
+  """Pre-LN transformer block (the ViT's, and the contrastive text tower's: causal for CLIP's).
+
+  Its carry is x [B, N, D], or (x, size [B, N] fp32) under ToMe (token_merging.py): attention is
+  then proportional to the sizes, and `merge` tokens are merged after it.
+  """
   cfg: ml_collections.ConfigDict
   dtype: jnp.dtype
   compute: Compute
   causal: bool = False
+  merge: int = 0  # ToMe's r: tokens this block merges (with a (x, size) carry)
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, carry):
     c, dt = self.cfg, self.dtype
+    merging = isinstance(carry, tuple)
+    x, size = carry if merging else (carry, None)
     head_dim = c.width // c.heads
     h = layer_norm("attn_norm", c.norm_eps, dt)(x)
-    qkv = [dense((c.heads, head_dim), ("embed", "heads", "head_dim"), name=n, dtype=dt, use_bias=True)(h)
-           for n in ("q", "k", "v")]
-    o = attention(*qkv, causal=self.causal, implementation=self.compute.attention, block=self.compute.attention_block)
+    q, k, v = [dense((c.heads, head_dim), ("embed", "heads", "head_dim"), name=n, dtype=dt, use_bias=True)(h)
+               for n in ("q", "k", "v")]
+    if merging:
+      o = token_merging.proportional_attention(q, k, v, size)
+    else:
+      o = attention(q, k, v, causal=self.causal, implementation=self.compute.attention,
+                    block=self.compute.attention_block)
     x = x + dense(c.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2,
                   use_bias=True, bias_axes=("embed",))(o)
+    if self.merge > 0:  # ToMe's metric: the keys, averaged over heads
+      matching = token_merging.bipartite_soft_matching(k.mean(axis=2), self.merge, cls_tokens(c))
+      x, size = token_merging.merge_weighted(x, size, matching)
     h = layer_norm("mlp_norm", c.norm_eps, dt)(x)
     h = ACTIVATIONS[c.act or FLAVOURS[c.flavour]["act"]](
         dense(c.mlp_dim, ("embed", "mlp"), name="fc1", dtype=dt, use_bias=True)(h))
     x = x + dense(c.width, ("mlp", "embed"), name="fc2", dtype=dt, use_bias=True)(h)
-    return constrain(x, ("act_batch", "act_length", "act_embed")), None
+    x = constrain(x, ("act_batch", "act_length", "act_embed"))
+    return ((x, size) if merging else x), None
 
 
 class ViT(nn.Module):
   cfg: ml_collections.ConfigDict
   dtype: jnp.dtype = jnp.bfloat16
   compute: Compute = Compute()
+  merging: bool | None = None  # the ToMe loop over blocks; None: when cfg.token_merging > 0 (True: tests)
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -111,10 +137,28 @@ class ViT(nn.Module):
     if flavour["pre_norm"]:
       x = layer_norm("pre_norm", c.norm_eps, self.dtype)(x)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
-    x, _ = stack_layers(EncoderBlock, c.depth, self.compute, cfg=c, dtype=self.dtype,
-                        name="layers")(x)
+    layers = stack_layers(EncoderBlock, c.depth, self.compute, cfg=c, dtype=self.dtype, name="layers")
+    merging = c.token_merging > 0 if self.merging is None else self.merging
+    if merging:
+      if self.is_initializing():
+        layers(x)  # creates the stacked params that the loop reads
+      x = self.merging_blocks(x)
+    else:
+      x, _ = layers(x)
     if c.final_norm:  # SigLIP's post_layernorm; LLaVA reads pretrained towers before it
       x = layer_norm("final_norm", c.norm_eps, self.dtype)(x)
     if flavour["cls"] and not c.keep_cls:
       x = x[:, 1:]
     return x
+
+  def merging_blocks(self, x: jax.Array) -> jax.Array:
+    """The blocks one at a time on the stacked params, each merging its share of tokens: the
+    token count shrinks from block to block, which one scan cannot carry."""
+    c = self.cfg
+    sizes = token_merging.counts(x.shape[1], c.token_merging, c.depth, cls_tokens(c))
+    block = rematted(EncoderBlock, self.compute)
+    carry = (x, jnp.ones(x.shape[:2], jnp.float32))
+    for i in range(c.depth):
+      layer = block(cfg=c, dtype=self.dtype, compute=self.compute, merge=sizes[i] - sizes[i + 1], parent=None)
+      carry, _ = layer.apply({"params": stacked_slice(self, "layers", i)}, carry)
+    return carry[0]

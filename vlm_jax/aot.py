@@ -241,7 +241,10 @@ def model_flops(config: ml_collections.ConfigDict, params, labels, batch: dict) 
   bridge = passes("bridge", "vision" in trains) * counts.get("bridge", 0) * n_images * vlm.image_tokens(config.model)
   attention_scores = m.depth * m.heads * m.head_dim * length * length  # multiply-adds of QK^T and PV, causal half
   llm = passes("llm", True) * (counts.get("llm", 0) * length + attention_scores) * rows
-  return float(vision + bridge + llm)
+  # Cross-attention blocks (fusion): counted on every text token (their keys and values, on the
+  # media tokens, are fewer); the LLM's backward reaches them.
+  blocks = passes("bridge", True) * sum(n for part, n in counts.items() if part.startswith("xattn_")) * length * rows
+  return float(vision + bridge + llm + blocks)
 
 
 def compile_run(config: ml_collections.ConfigDict, topology: str, generation: tuple[int, int] | None = None) -> Report:

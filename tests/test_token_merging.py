@@ -174,4 +174,4 @@ def test_tokens_command_reports_merged_and_cross_attention_counts(flags, sequenc
   config = str(pathlib.Path(__file__).parent.parent / "configs" / "shapes_tiny.py")
   assert cli.main(["tokens", "--config", config, "--image-size", "300x500", "--json", *flags]) == 0
   out = json.loads(capsys.readouterr().out)
-  assert (out["image_tokens"], out["visual_tokens"]) == (sequence, visual)
+  assert (out["image_tokens"], out["tile_tokens"]) == (sequence, visual)

@@ -341,8 +341,9 @@ def cmd_tokens(argv: list[str]) -> int:
     detail = [bridge, f"canvas {plan.canvas[0]}x{plan.canvas[1]}", f"resized {plan.resized[0]}x{plan.resized[1]}",
               f"features {plan.features[0]}x{plan.features[1]} (+1 newline a row)"]
   else:  # one square view, whatever the image
+    # tile_tokens: the bridge's tokens of the view (cross-attention reads them; its sequence holds 1)
     out = {"height": size[0], "width": size[1], "grid": [1, 1], "tiles": 1, "image_tokens": per_view,
-           "tile_tokens": per_view, "visual_tokens": vlm.visual_tokens(m)}
+           "tile_tokens": vlm.visual_tokens(m)}
     detail = [bridge, "AnyRes off: resized to one square view"]
   if args.json:
     print(json.dumps(out))

@@ -207,11 +207,8 @@ class LLM(nn.Module):
   def _stack_with_inserts(self, x, positions, segment_ids, inserts: Inserts) -> jax.Array:
     """The stacked layers run as one scan per run of layers between inserts, each over its
     slice of the stacked params (layers.stacked_slice)."""
-    if self.is_initializing():  # params are created by shape: the inserts', then the stack's
-      for i in sorted(inserts):
-        x = inserts[i](x)
-      (x, _), _ = self.layers((x, None), positions, segment_ids, None)
-      return x
+    if self.is_initializing():
+      self.layers((x, None), positions, segment_ids, None)  # creates the stacked params the slices read
     bounds = sorted(set(inserts) | {0, self.cfg.depth})
     for lo, hi in zip(bounds[:-1], bounds[1:]):
       if lo in inserts:

@@ -155,10 +155,10 @@ class ViT(nn.Module):
     """The blocks one at a time on the stacked params, each merging its share of tokens: the
     token count shrinks from block to block, which one scan cannot carry."""
     c = self.cfg
-    sizes = token_merging.counts(x.shape[1], c.token_merging, c.depth, cls_tokens(c))
-    block = rematted(EncoderBlock, self.compute)
+    # Each block merges r, capped at half its tokens by the matching itself (token_merging.counts).
+    layer = rematted(EncoderBlock, self.compute)(cfg=c, dtype=self.dtype, compute=self.compute,
+                                                  merge=c.token_merging, parent=None)
     carry = (x, jnp.ones(x.shape[:2], jnp.float32))
     for i in range(c.depth):
-      layer = block(cfg=c, dtype=self.dtype, compute=self.compute, merge=sizes[i] - sizes[i + 1], parent=None)
       carry, _ = layer.apply({"params": stacked_slice(self, "layers", i)}, carry)
     return carry[0]

@@ -75,6 +75,15 @@ def scatter_visual(embeds: jax.Array, visual: jax.Array, is_placeholder: jax.Arr
   return jnp.where(is_placeholder[..., None], gathered, embeds)
 
 
+def pool_gather(items: jax.Array, index: jax.Array) -> jax.Array:
+  """items [G, K, ...] (a group's pool of K tokens or images), index [B, V] (rows in G contiguous
+  groups, each entry an item of its row's group) -> [B, V, ...]."""
+  g, per_row = items.shape[0], index.size // items.shape[0]
+  flat = items.reshape(g, items.shape[1], -1)
+  picked = jnp.take_along_axis(flat, index.reshape(g, per_row, 1), axis=1)
+  return picked.reshape(index.shape + items.shape[2:])
+
+
 def unstack_params(params: dict) -> dict:
   """Params in the layout of VLM(layer_list=True): the LLM's layers one subtree each."""
   return dict(params, llm=unstack_layers(params["llm"]))
@@ -117,20 +126,20 @@ class VLM(nn.Module):
       return self.encode_tiles(images)
     if isinstance(images, dict):
       return self.encode_pool(images)
-    b, n = images.shape[:2]
-    visual = self.visual(images.reshape((b * n,) + images.shape[2:]))
-    return visual.reshape(b, n * visual.shape[1], visual.shape[2])
+    media = self.encode_media(images)
+    return media.reshape(media.shape[0], -1, media.shape[-1])
 
   def encode_pool(self, images: dict) -> jax.Array:
     """Pooled images (data.image_pool): {"pool" [G, P, H, W, 3], "index" [B, V]} -> visual
     tokens [B, V, D]. Only the pool goes through the ViT; token v of a row is feature index[v]
     of its group's [P * image_tokens] features (data/packing.py ImagePool)."""
-    pool, index = images["pool"], images["index"]
-    g, p = pool.shape[:2]
-    feats = self.visual(pool.reshape((g * p,) + pool.shape[2:]))
-    feats = feats.reshape(g, -1, feats.shape[-1])
-    b, v = index.shape
-    return jnp.take_along_axis(feats, index.reshape(g, -1, 1), axis=1).reshape(b, v, -1)
+    feats = self._pool_visual(images["pool"])
+    return pool_gather(feats.reshape(feats.shape[0], -1, feats.shape[-1]), images["index"])
+
+  def _pool_visual(self, pool: jax.Array) -> jax.Array:
+    """Pooled images [G, P, H, W, 3] -> their tokens [G, P, visual_tokens, D]."""
+    feats = self.visual(pool.reshape((-1,) + pool.shape[2:]))
+    return feats.reshape(pool.shape[:2] + feats.shape[1:])
 
   def encode_tiles(self, images: dict) -> jax.Array:
     """AnyRes: {"tiles" [G, Tg, t, t, 3], "index", "weight" [B, V, K]} -> visual tokens [B, V, D].
@@ -152,18 +161,13 @@ class VLM(nn.Module):
     return jnp.einsum("bvkd,bvk->bvd", gathered, weight.astype(gathered.dtype))
 
   def encode_media(self, images: "jax.Array | dict") -> jax.Array:
-    """Cross-attention fusion: images [B, N, H, W, 3], or pooled ones (data.image_pool: row b's
-    v-th image is pool image index[b, v] of its group) -> each image's tokens [B, N, L, D]."""
+    """Images [B, N, H, W, 3], or pooled ones (data.image_pool: row b's v-th image is pool image
+    index[b, v] of its group) -> each image's tokens [B, N, L, D]: what cross-attention fusion
+    reads (encode_images lays them into the sequence)."""
     if isinstance(images, dict):
-      pool, index = images["pool"], images["index"]
-      g, p = pool.shape[:2]
-      feats = self.visual(pool.reshape((g * p,) + pool.shape[2:]))
-      tokens, width = feats.shape[1:]
-      picked = jnp.take_along_axis(feats.reshape(g, p, -1), index.reshape(g, -1, 1), axis=1)
-      return picked.reshape(index.shape + (tokens, width))
-    b, n = images.shape[:2]
-    feats = self.visual(images.reshape((b * n,) + images.shape[2:]))
-    return feats.reshape((b, n) + feats.shape[1:])
+      return pool_gather(self._pool_visual(images["pool"]), images["index"])
+    feats = self.visual(images.reshape((-1,) + images.shape[2:]))
+    return feats.reshape(images.shape[:2] + feats.shape[1:])
 
   def embed(self, tokens: jax.Array, images: jax.Array) -> jax.Array:
     """Token embeddings with the visual tokens written into the placeholder slots."""

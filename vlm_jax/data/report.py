@@ -80,7 +80,8 @@ def _piece(tokenizer: Tokenizer, token: int) -> str:
 
 
 def print_samples(items: Iterator[Prepared | Skipped], tokenizer: Tokenizer, n: int,
-                  out: TextIO = sys.stdout) -> None:
+                  out: TextIO | None = None) -> None:
+  out = out or sys.stdout  # sys.stdout when called, not when imported
   color = out.isatty()
   shown = 0
   for item in items:

@@ -7,10 +7,11 @@ from typing import TextIO
 
 
 class ProgressBar:
-  def __init__(self, label: str, stream: TextIO = sys.stderr, every_s: float = 5.0, width: int = 24):
-    self.label, self.stream, self.every_s, self.width = label, stream, every_s, width
+  def __init__(self, label: str, stream: TextIO | None = None, every_s: float = 5.0, width: int = 24):
+    # sys.stderr when called, not when imported: it may have been replaced since (notebooks, pytest).
+    self.label, self.stream, self.every_s, self.width = label, stream or sys.stderr, every_s, width
     self.start = self.last = time.time()
-    self.tty = stream.isatty()
+    self.tty = self.stream.isatty()
 
   def __call__(self, done: int, total: int) -> None:
     now = time.time()

@@ -77,10 +77,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
 def _layouts_match(compiled, args) -> bool:
   """Whether the arrays have the layouts the executable was compiled for. XLA:CPU makes 4-bit
   arrays (QLoRA's nf4 codes) unpacked but compiles for packed ones, which an executable refuses;
-  the jitted step (compiled once more, on its first call) takes them."""
+  the jitted step (compiled once more, on its first call) takes them. An input the step does not
+  read has no layout (None) and takes any."""
   formats = jax.tree.leaves(compiled.input_formats[0])
   arrays = jax.tree.leaves(args)
-  match = all(f.layout == x.format.layout for f, x in zip(formats, arrays))
+  match = all(f.layout is None or f.layout == x.format.layout for f, x in zip(formats, arrays))
   if not match:
     log.info("the arrays' layouts differ from the compiled step's (4-bit values on CPU): it runs through jit")
   return match

@@ -1,10 +1,28 @@
 import os
+import shutil
+import tempfile
 
-# 8 simulated CPU devices for every test process; must be set before jax is imported.
-# LLVM at -O0 compiles ~2.5x faster; tests compare results, never speed, and both sides of every
-# equivalence run under the same flags. Subprocess tests (CLI, e2e) set their own XLA_FLAGS.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+import processes
+
+# 8 simulated CPU devices for every test process, compiled for speed of compiling
+# (processes.xla_flags); must be set before jax is imported. Subprocesses the tests start set
+# their own device count with the same flags.
+os.environ.setdefault("XLA_FLAGS", processes.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the whole run: the pytest workers and every process a test
+# starts (they inherit this environment) reuse what another one compiled; the cache key holds the
+# program, the flags and the devices, so a hit is the executable XLA would have built. Compiles
+# under a second are kept too (the default skips them): most of the suite's are.
+_CACHE_OWNER = "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ
+if _CACHE_OWNER:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlm-jax-tests-xla-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_unconfigure(config):
+  if _CACHE_OWNER:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 # The files whose tests run longest, started first: README's test command runs two pytest workers,

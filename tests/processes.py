@@ -23,6 +23,19 @@ TINY = ["--config.model.dtype=float32", "--config.model.vision.image_size=32",
         "--config.train.eval_examples=8", "--config.train.eval_batch_size=8", "--config.mesh.data=-1"]
 
 
+# Tests compare results, never speed, and both sides of every equivalence run under the same
+# flags, so every test process compiles LLVM at -O0 (~2.5x faster to compile). XLA:CPU's older
+# fusion emitters (--xla_cpu_use_fusion_emitters=false) would halve the rest of the backend time,
+# but they round a sharded init and a jitted gradient differently from the unsharded and eager
+# ones, which tests compare bit for bit.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS of a test process with `devices` simulated CPU devices."""
+  return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -35,8 +48,7 @@ class Train:
 
   def __init__(self, workdir: str, processes: int = 1, args=(), devices: int = 8):
     argv = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", CONFIG, "--workdir", workdir, *TINY, *args]
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices // processes}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices // processes))
     if processes > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
     self.procs = [subprocess.Popen(argv, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)), stderr=subprocess.PIPE,
@@ -49,14 +61,23 @@ class Train:
 
   def wait_for_step(self, step: int, process: int = 0, timeout: float = 300) -> None:
     """Until process `process` has logged step >= `step`."""
+    pattern = re.compile(r"step (\d+)/")
+    self._wait(lambda line: (m := pattern.search(line)) is not None and int(m.group(1)) >= step, f"step {step}",
+               process, timeout)
+
+  def wait_for_line(self, text: str, process: int = 0, timeout: float = 60) -> None:
+    """Until process `process` has logged a line holding `text`."""
+    self._wait(lambda line: text in line, repr(text), process, timeout)
+
+  def _wait(self, seen, what: str, process: int, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-      if any(int(m.group(1)) >= step for m in map(re.compile(r"step (\d+)/").search, list(self.lines[process])) if m):
+      if any(seen(line) for line in list(self.lines[process])):
         return
       if self.procs[process].poll() is not None:
-        raise AssertionError(f"process {process} ended before step {step}:\n{self.stderr(process)[-3000:]}")
+        raise AssertionError(f"process {process} ended before {what}:\n{self.stderr(process)[-3000:]}")
       time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout}s:\n{self.stderr(process)[-3000:]}")
+    raise AssertionError(f"no {what} within {timeout}s:\n{self.stderr(process)[-3000:]}")
 
   def signal(self, process: int, sig: int = signal.SIGTERM) -> None:
     self.procs[process].send_signal(sig)

@@ -288,9 +288,12 @@ def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles
   m = parallel.make_mesh(cfg.mesh)
   run = trainer_lib.build(cfg, m, tok.image_id)
   data = _batches(cfg, tok, parallel.batch_divisor(m) * accum)
+  # A compile is XLA's, or an executable read from the suite's compilation cache in its place.
   compiles = []
   listener = lambda event, *_, **__: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+  cache_hit = lambda event, **__: compiles.append(event) if event == "/jax/compilation_cache/cache_hits" else None
   jax.monitoring.register_event_duration_secs_listener(listener)
+  jax.monitoring.register_event_listener(cache_hit)
   try:
     state = run.init(jax.random.key(0))
     counts, shapes, losses = set(), set(), []
@@ -310,6 +313,7 @@ def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles
         first = len(compiles)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+    jax.monitoring.unregister_event_listener(cache_hit)
   print(f"image token counts {sorted(counts)}; compiles: {first} in step 1, {len(compiles) - first} after; "
         f"train_step cache entries {run.train_step.__wrapped__._cache_size()}")
   assert len(counts) >= 3 and len(shapes) == 1  # many image sizes, one batch shape

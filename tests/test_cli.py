@@ -1,6 +1,8 @@
-"""Bad input at the CLI: one clear line on stderr, exit status 2, no traceback."""
+"""Bad input at the CLI: one clear line on stderr, exit status 2, no traceback. The cases run
+`cli.main` in this process; one runs `python -m vlm_jax.cli` to show the same from a shell."""
 
 import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,19 +12,36 @@ import numpy as np
 import PIL.Image
 import pytest
 
+import processes
+from vlm_jax import cli
 from vlm_jax.data import llava_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py")
 
 
-def run_cli(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+@dataclasses.dataclass
+class Result:
+  returncode: int
+  stdout: str
+  stderr: str
+
+
+def run_cli(capsys, *args: str) -> Result:
+  """`vlm-jax ARGS` in this process (its 8 CPU devices): exit status and what it printed."""
+  capsys.readouterr()  # what came before is not this command's
+  code = cli.main(list(args))
+  out = capsys.readouterr()
+  return Result(code, out.out, out.err)
+
+
+def run_cli_process(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS=processes.xla_flags(devices), JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "vlm_jax.cli", *args], capture_output=True, text=True,
                         env=env, cwd=ROOT, timeout=300)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+def assert_one_line_error(result: "Result | subprocess.CompletedProcess", *needles: str) -> None:
   assert result.returncode == 2, result.stderr
   lines = [l for l in result.stderr.splitlines() if l.startswith("vlm-jax: error:")]
   assert len(lines) == 1, result.stderr
@@ -35,55 +54,57 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     (("--config.train.lrr=1",), ("train.lrr", "unknown config field")),
     (("--config.train.steps=abc",), ("train.steps",)),
     (("--config.stage=stage9",), ("config.stage",)),
-    (("--config.mesh.data=16",), ("config.mesh", "16", "1 are available")),
+    (("--config.mesh.data=16",), ("config.mesh", "16", "8 are available")),
     (("--config.mesh.data=3", "--config.mesh.fsdp=-1"), ("config.mesh", "do not divide")),
     (("--config.model.bridge.kind=qformerr",), ("config.model.bridge.kind", "qformerr", "mlp2x_gelu")),
     (("--config.train.trainable=bridge/.*,lm/.*",), ("config.train.trainable", "lm/.*", "matches no parameter")),
 ])
-def test_train_config_errors(tmp_path, args, needles):
+def test_train_config_errors(tmp_path, capsys, args, needles):
   """A failed start writes nothing: the workdir is not even created."""
   workdir = tmp_path / "w"
-  assert_one_line_error(run_cli("train", "--config", CONFIG, "--workdir", str(workdir), *args), *needles)
+  assert_one_line_error(run_cli(capsys, "train", "--config", CONFIG, "--workdir", str(workdir), *args), *needles)
   assert not workdir.exists()
 
 
-def test_train_missing_workdir_flag():
-  assert_one_line_error(run_cli("train", "--config", CONFIG), "--workdir")
+def test_train_missing_workdir_flag(capsys):
+  assert_one_line_error(run_cli(capsys, "train", "--config", CONFIG), "--workdir")
 
 
 def test_train_missing_config_file(tmp_path):
-  assert_one_line_error(run_cli("train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path)),
-                        "nope.py")
+  """From a shell: `python -m vlm_jax.cli` prints the one line, no traceback, and exits 2."""
+  result = run_cli_process("train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path))
+  assert_one_line_error(result, "nope.py")
+  assert result.stderr.strip().splitlines() == [l for l in result.stderr.splitlines() if l.startswith("vlm-jax: error:")]
 
 
-def test_impossible_mesh_on_8_devices(tmp_path):
-  result = run_cli("train", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
-                   "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=3", devices=8)
+def test_impossible_mesh_on_8_devices(tmp_path, capsys):
+  result = run_cli(capsys, "train", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
+                   "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=3")
   assert_one_line_error(result, "2x2x3", "8 are available")
 
 
-def test_generate_missing_checkpoint(tmp_path):
+def test_generate_missing_checkpoint(tmp_path, capsys):
   image = tmp_path / "a.png"
   PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-  assert_one_line_error(run_cli("generate", "--checkpoint", str(tmp_path / "missing"), "--image", str(image),
+  assert_one_line_error(run_cli(capsys, "generate", "--checkpoint", str(tmp_path / "missing"), "--image", str(image),
                                 "--prompt", "hi"), "--checkpoint", "missing")
 
 
-def test_generate_missing_image(tmp_path):
-  assert_one_line_error(run_cli("generate", "--checkpoint", str(tmp_path), "--image", str(tmp_path / "x.png"),
-                                "--prompt", "hi"), "x.png")
+def test_generate_missing_image(tmp_path, capsys):
+  assert_one_line_error(run_cli(capsys, "generate", "--checkpoint", str(tmp_path), "--image",
+                                str(tmp_path / "x.png"), "--prompt", "hi"), "x.png")
 
 
-def test_generate_not_a_workdir(tmp_path):
+def test_generate_not_a_workdir(tmp_path, capsys):
   image = tmp_path / "a.png"
   PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-  assert_one_line_error(run_cli("generate", "--checkpoint", str(tmp_path), "--image", str(image),
+  assert_one_line_error(run_cli(capsys, "generate", "--checkpoint", str(tmp_path), "--image", str(image),
                                 "--prompt", "hi"), "neither a vlm-jax workdir")
 
 
-def test_unknown_command_and_flag(tmp_path):
-  assert_one_line_error(run_cli("trian"), "unknown command")
-  assert_one_line_error(run_cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--bogus"), "--bogus")
+def test_unknown_command_and_flag(tmp_path, capsys):
+  assert_one_line_error(run_cli(capsys, "trian"), "unknown command")
+  assert_one_line_error(run_cli(capsys, "train", "--config", CONFIG, "--workdir", str(tmp_path), "--bogus"), "--bogus")
 
 
 # --- LLaVA-format data: inspect and train ----------------------------------------------------
@@ -123,21 +144,22 @@ def llava_config(tmp_path_factory):
   return str(config), path
 
 
-def test_data_json_counts_one_pass(llava_config):
+def test_data_json_counts_one_pass(llava_config, capsys):
   config, _ = llava_config
-  result = run_cli("data", "--config", config, "--json")
+  result = run_cli(capsys, "data", "--config", config, "--json")
   assert result.returncode == 0, result.stderr
   summary = json.loads(result.stdout)
   assert summary["examples"] == 20
   assert summary["skipped"] == dict(collections.Counter(llava_fixture.BROKEN.values()))
   assert 0 < summary["supervised_tokens"] < summary["tokens"]
-  text = run_cli("data", "--config", config, "--n", "2")
+  text = run_cli(capsys, "data", "--config", config, "--n", "2")
   assert text.returncode == 0 and text.stdout.count("--- ") == 2 and "[[" in text.stdout
 
 
 def test_train_on_llava_data_skips_and_counts_bad_samples(llava_config, tmp_path):
+  """On one device, as its config's mesh says: in a process of its own."""
   config, _ = llava_config
-  result = run_cli("train", "--config", config, "--workdir", str(tmp_path / "w"))
+  result = run_cli_process("train", "--config", config, "--workdir", str(tmp_path / "w"))
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
   train = [l for l in lines if "train/loss" in l]
@@ -145,9 +167,9 @@ def test_train_on_llava_data_skips_and_counts_bad_samples(llava_config, tmp_path
   assert train[-1]["data/skipped"] > 0
   assert train[-1]["data/skipped"] == sum(v for k, v in train[-1].items() if k.startswith("data/skipped/"))
   assert result.stderr.count("skipping") == len([k for k in train[-1] if k.startswith("data/skipped/")])
-  strict = run_cli("train", "--config", config, "--workdir", str(tmp_path / "s"), "--config.data.strict=true")
+  strict = run_cli_process("train", "--config", config, "--workdir", str(tmp_path / "s"), "--config.data.strict=true")
   assert_one_line_error(strict, "data.strict=True", "sample")
 
 
-def test_data_bad_spec():
-  assert_one_line_error(run_cli("data", "--config", CONFIG, "--data", "coco"), "'coco'", "unknown source")
+def test_data_bad_spec(capsys):
+  assert_one_line_error(run_cli(capsys, "data", "--config", CONFIG, "--data", "coco"), "'coco'", "unknown source")

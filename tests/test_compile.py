@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 import helpers
-from vlm_jax import aot
+from vlm_jax import aot, cli
 from vlm_jax import build as build_lib
 from vlm_jax import config as config_lib
 from vlm_jax import parallel
@@ -61,14 +61,26 @@ def test_model_flops_equal_the_compilers_count_of_an_unrolled_step():
   assert 0.93 * report.compiler_flops < report.flops_per_step <= report.compiler_flops
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+SHAPES = os.path.join(ROOT, "configs", "shapes_tiny.py")
+
+
+def _cli_process(*args: str) -> subprocess.CompletedProcess:
+  """`vlm-jax compile ARGS` from a shell: stdout holds exactly what --json prints."""
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="")
   return subprocess.run([sys.executable, "-m", "vlm_jax.cli", "compile", *args], capture_output=True, text=True,
                         env=env, cwd=ROOT, timeout=900)
 
 
+def _cli(capsys, *args: str) -> subprocess.CompletedProcess:
+  """`vlm-jax compile ARGS` in this process: exit status and what it printed."""
+  capsys.readouterr()
+  code = cli.main(["compile", *args])
+  out = capsys.readouterr()
+  return subprocess.CompletedProcess(["vlm-jax", "compile", *args], code, out.out, out.err)
+
+
 def test_cli_prints_one_json_object_as_the_contract_says():
-  out = _cli("--config", "configs/shapes_tiny.py", "--topology", "v6e:2x2", "--config.mesh.data=1",
+  out = _cli_process("--config", "configs/shapes_tiny.py", "--topology", "v6e:2x2", "--config.mesh.data=1",
              "--config.mesh.fsdp=4", "--json")
   assert out.returncode == 0, out.stderr
   report = json.loads(out.stdout)
@@ -78,16 +90,16 @@ def test_cli_prints_one_json_object_as_the_contract_says():
   assert report["flops_per_step"] > 0 and report["collectives"]["all-gather"] > 0
   # Generation (8 prompts by default) holds the KV cache: rows x kv heads x slots x head dim, K and
   # V, bf16, for every layer, split over the 4 chips.
-  generation, llm = report["generation"], config_lib.load_file(os.path.join(ROOT, "configs/shapes_tiny.py")).model.llm
+  generation, llm = report["generation"], config_lib.load_file(SHAPES).model.llm
   assert (generation["rows"], generation["prompt_tokens"], generation["new_tokens"]) == (8, 80, 256)
   cache = 8 * llm.kv_heads * (80 + 256) * llm.head_dim * 2 * 2 * llm.depth
   assert generation["decode"]["arguments_bytes"] > cache / 4
   assert generation["total_bytes"] >= max(generation["prefill"]["total_bytes"], generation["decode"]["total_bytes"])
 
 
-def test_a_gpu_estimate_comes_from_the_cpu_compiler():
+def test_a_gpu_estimate_comes_from_the_cpu_compiler(capsys):
   # stage 1's `plain` template (captions), which the shapes questions do not fit: batch shapes do not care
-  out = _cli("--config", "configs/shapes_tiny.py", "--topology", "gpu:80", "--decode-rows", "0", "--json",
+  out = _cli(capsys, "--config", SHAPES, "--topology", "gpu:80", "--decode-rows", "0", "--json",
              "--config.stage=stage1", "--config.data.template=plain")
   assert out.returncode == 0, out.stderr
   report = json.loads(out.stdout)
@@ -95,9 +107,9 @@ def test_a_gpu_estimate_comes_from_the_cpu_compiler():
   assert report["fits"] and report["per_chip"]["total_bytes"] > 0 and report["pallas_kernels"] == 0
 
 
-def test_a_step_that_does_not_fit_exits_2_naming_the_levers():
+def test_a_step_that_does_not_fit_exits_2_naming_the_levers(capsys):
   # A 2B-parameter LLM replicated on each 16 GiB chip (data parallel, no remat): it cannot fit.
-  out = _cli("--config", "configs/shapes_tiny.py", "--topology", "v5e:2x2", "--config.mesh.data=4",
+  out = _cli(capsys, "--config", SHAPES, "--topology", "v5e:2x2", "--config.mesh.data=4",
              "--config.model.llm.width=4096", "--config.model.llm.mlp_dim=16384", "--config.model.llm.heads=32",
              "--config.model.llm.kv_heads=8", "--config.model.llm.head_dim=128", "--config.model.llm.depth=8")
   assert out.returncode == 2
@@ -106,16 +118,15 @@ def test_a_step_that_does_not_fit_exits_2_naming_the_levers():
   assert "--config.model.remat=full" in message and "--config.mesh.fsdp=4" in message
 
 
-def test_an_unknown_topology_is_one_line_exit_2():
-  out = _cli("--config", "configs/shapes_tiny.py", "--topology", "v5e:3x7x9")
+def test_an_unknown_topology_is_one_line_exit_2(capsys):
+  out = _cli(capsys, "--config", SHAPES, "--topology", "v5e:3x7x9")
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1].startswith("vlm-jax: error: --topology v5e:3x7x9:")
 
 
-@pytest.mark.slow
 def test_llava15_stage2_on_v5e_4x4_holds_a_sixteenth_of_params_and_adam():
   # README "Compiling for a TPU slice": the hand count of LLaVA-1.5 7B's state split over 16 chips.
-  out = _cli("--config", "configs/llava15_ref.py:stage2", "--topology", "v5e:4x4", "--config.mesh.data=1",
+  out = _cli_process("--config", "configs/llava15_ref.py:stage2", "--topology", "v5e:4x4", "--config.mesh.data=1",
              "--config.mesh.fsdp=-1", "--config.train.grad_accum=4", "--decode-rows", "0", "--json")
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads(out.stdout)

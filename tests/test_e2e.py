@@ -1,5 +1,7 @@
-"""The README's main job, end to end through the CLI: train the default config, check it learned
-from the image (held-out accuracy, shuffled-image control), and ask it about a new image."""
+"""The README's main job, end to end: train the default config through the CLI, check it learned
+from the image (held-out accuracy, shuffled-image control), and ask it about a new image. One
+`vlm_jax.load` of the trained model answers the prompts and the VQA file; one `vlm-jax generate
+--json` process checks the command line's contract."""
 
 import json
 import os
@@ -10,15 +12,18 @@ import time
 import PIL.Image
 import pytest
 
+import vlm_jax
 from test_eval import WRONG, write_eval_set
 from vlm_jax.data import shapes
+from vlm_jax.data.images import load_image
 from vlm_jax.eval import metrics
+from vlm_jax.eval.runner import Evaluator
 from vlm_jax.data.shapes import Shape, draw_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def vlm_jax(*args: str) -> subprocess.CompletedProcess:
+def vlm_jax_cli(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one CPU device, as a user runs it
   result = subprocess.run([sys.executable, "-m", "vlm_jax.cli", *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=1800)
@@ -30,13 +35,17 @@ def vlm_jax(*args: str) -> subprocess.CompletedProcess:
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("shapes"))
   t0 = time.time()
-  vlm_jax("train", "--config", "configs/shapes_tiny.py", "--workdir", workdir)
+  vlm_jax_cli("train", "--config", "configs/shapes_tiny.py", "--workdir", workdir)
   print(f"\ntrain took {time.time() - t0:.0f}s")
   return workdir
 
 
-@pytest.mark.slow
-def test_default_config_learns_from_the_image(trained):
+@pytest.fixture(scope="module")
+def model(trained):
+  return vlm_jax.load(trained)
+
+
+def test_default_config_learns_from_the_image(trained, model):
   lines = [json.loads(l) for l in open(os.path.join(trained, "metrics.jsonl"))]
   final = [l for l in lines if "eval/shapes_test/accuracy" in l][-1]
   print("held-out:", {k: round(v, 3) for k, v in final.items()})
@@ -45,8 +54,9 @@ def test_default_config_learns_from_the_image(trained):
   # Counting needs the image and no binding of words to objects: learned near-perfectly.
   assert final["eval/shapes_test/accuracy/count"] >= 0.9
   # Overall accuracy is far above what the same model scores with the images shuffled.
-  shuffled = json.loads(vlm_jax("eval", "--checkpoint", trained, "--data", "shapes:test",
-                                "--max-examples", "256", "--shuffle-images", "--json").stdout)
+  # `vlm-jax eval --data shapes:test --max-examples 256 --shuffle-images`
+  shuffled = Evaluator(model.run, model.tokenizer, "shapes:test", max_examples=256)(
+      model.params, shuffle_images=True).metrics
   print("shuffled images:", shuffled)
   assert shuffled["examples"] == 256
   assert final["eval/shapes_test/accuracy"] >= 0.9  # the foundation issue's acceptance bar
@@ -61,7 +71,6 @@ THREE = [Shape("circle", "yellow", 8, 8, 12), Shape("square", "red", 24, 8, 12),
          Shape("triangle", "blue", 8, 24, 12)]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("objects,prompt,answer", [
     (THREE, "How many shapes are there?", "three"),
     (ONE, "How many shapes are there?", "one"),
@@ -71,26 +80,33 @@ THREE = [Shape("circle", "yellow", 8, 8, 12), Shape("square", "red", 24, 8, 12),
     (TWO, "What color is the triangle?", "orange"),
     (ONE, "Which side is the square on?", "left"),
 ])
-def test_generate_answers_about_a_new_image(trained, tmp_path, objects, prompt, answer):
+def test_generate_answers_about_a_new_image(model, tmp_path, objects, prompt, answer):
   assert shapes._is_held_out(objects, "dark")  # not an image the model was trained on
   path = str(tmp_path / "drawn.png")
   PIL.Image.fromarray(draw_shapes(objects, 64, "dark")).save(path)
-  out = json.loads(vlm_jax("generate", "--checkpoint", trained, "--image", path, "--prompt", prompt,
-                           "--json").stdout)
+  image = load_image(path)  # as `vlm-jax generate --image` reads it
+  assert model.generate([image], [prompt])[0] == answer
+  assert model.image_tokens_for(image) == 16 and len(model.encode_prompt(prompt, image=[image])) > 16
+
+
+def test_generate_cli_prints_the_answer_as_json(trained, tmp_path):
+  """The command line's contract, in a process of its own: one JSON object on stdout."""
+  objects, prompt, answer = THREE, "How many shapes are there?", "three"
+  path = str(tmp_path / "drawn.png")
+  PIL.Image.fromarray(draw_shapes(objects, 64, "dark")).save(path)
+  out = json.loads(vlm_jax_cli("generate", "--checkpoint", trained, "--image", path, "--prompt", prompt,
+                               "--json").stdout)
   assert out["text"] == answer, out
   assert out["image_tokens"] == 16 and out["prompt_tokens"] > 16
 
 
-@pytest.mark.slow
-def test_eval_scores_a_vqa_file(trained, tmp_path):
-  """`vlm-jax eval` on 30 VQA-style samples (ten annotator answers each): the --json score is the
-  mean of the --predictions lines' scores, recomputed here; the trained model scores near an
-  oracle that always gives the right answer."""
+def test_eval_scores_a_vqa_file(model, tmp_path):
+  """`vlm-jax eval --metric vqa` on 30 VQA-style samples (ten annotator answers each): the score is
+  the mean of the records' scores (its --predictions lines), recomputed here; the trained model
+  scores near an oracle that always gives the right answer."""
   path = write_eval_set(str(tmp_path), 30, varied=False)
-  predictions = tmp_path / "predictions.jsonl"
-  out = json.loads(vlm_jax("eval", "--checkpoint", trained, "--data", f"llava:{path}", "--metric", "vqa",
-                           "--predictions", str(predictions), "--json").stdout)
-  lines = [json.loads(l) for l in open(predictions)]
+  result = Evaluator(model.run, model.tokenizer, f"llava:{path}", metric="vqa")(model.params)
+  out, lines = result.metrics, result.records
   scores = [metrics.vqa_accuracy(l["prediction"], l["answers"]) for l in lines]
   print("vqa:", out)
   assert out["examples"] == len(lines) == 30 and out["metric"] == "vqa"

@@ -259,11 +259,11 @@ def test_eval_config_fields():
 # --- The command --------------------------------------------------------------------------------
 
 
-def test_cli_score_is_the_mean_of_the_predictions(workdir, tmp_path):
+def test_cli_score_is_the_mean_of_the_predictions(workdir, tmp_path, capsys):
   path = write_eval_set(str(tmp_path), 10)
   predictions = tmp_path / "pred.jsonl"
-  r = run_cli("eval", "--checkpoint", workdir, "--data", f"llava:{path}", "--predictions", str(predictions),
-              "--batch-size", "4", "--json", devices=2)
+  r = run_cli(capsys, "eval", "--checkpoint", workdir, "--data", f"llava:{path}", "--predictions", str(predictions),
+              "--batch-size", "4", "--json")
   assert r.returncode == 0, r.stderr
   out = json.loads(r.stdout)
   assert "metric: vqa (samples carry 'answers' lists)" in r.stderr and "examples/s" in r.stderr  # the auto choice and the progress bar
@@ -276,14 +276,14 @@ def test_cli_score_is_the_mean_of_the_predictions(workdir, tmp_path):
   assert out["accuracy"] == pytest.approx(np.mean(recomputed))
 
 
-def test_cli_eval_errors(workdir, tmp_path):
+def test_cli_eval_errors(workdir, tmp_path, capsys):
   no_refs = tmp_path / "norefs.jsonl"
   no_refs.write_text(json.dumps({"id": "a", "conversations": [{"from": "human", "value": "Hi?"}]}) + "\n")
-  assert_one_line_error(run_cli("eval", "--checkpoint", workdir, "--data", f"llava:{no_refs}"),
+  assert_one_line_error(run_cli(capsys, "eval", "--checkpoint", workdir, "--data", f"llava:{no_refs}"),
                         "sample 0", "no reference answer")
-  assert_one_line_error(run_cli("eval", "--checkpoint", workdir, "--data", "shapes:test", "--metric", "bleu"),
+  assert_one_line_error(run_cli(capsys, "eval", "--checkpoint", workdir, "--data", "shapes:test", "--metric", "bleu"),
                         "--metric", "bleu")
-  assert_one_line_error(run_cli("eval", "--checkpoint", workdir, "--data", "shapes:test", "--max-examples", "0"),
+  assert_one_line_error(run_cli(capsys, "eval", "--checkpoint", workdir, "--data", "shapes:test", "--max-examples", "0"),
                         "--max-examples")
 
 

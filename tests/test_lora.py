@@ -289,7 +289,6 @@ def eval_losses(workdir: str) -> dict[int, float]:
   return {s: m["eval/shapes_test/loss"] for s, m in processes.metrics(workdir).items() if "eval/shapes_test/loss" in m}
 
 
-@pytest.mark.slow
 def test_lora_and_qlora_keep_lowering_the_held_out_loss(tmp_path):
   """shapes_tiny trained fully for 150 steps, then tuned on (stage 2: bridge + LLM
   adapters): both lower the held-out loss at every eval, and QLoRA (nf4) ends within 10% of LoRA."""

@@ -3,12 +3,10 @@
 import os
 
 import numpy as np
-import pytest
 
 from processes import metrics, train
 
 
-@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   train(one, 1)
@@ -31,7 +29,6 @@ ANYRES = ["--config.model.vision.patch_size=16", "--config.model.anyres.enabled=
           "--config.train.eval_every=100"]
 
 
-@pytest.mark.slow
 def test_two_processes_train_anyres_like_one(tmp_path):
   """AnyRes tiles (1x4..1x6 grids of 32-px tiles) in tile groups split over two processes."""
   one, two = str(tmp_path / "one"), str(tmp_path / "two")

@@ -99,7 +99,7 @@ def test_packed_loss_equals_unpacked(tok):
   np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5)
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("workers", [0, 2])
 def test_resume_sees_the_samples_of_an_unbroken_run(tok, llava, workers):
   kwargs = dict(seq_len=160, pack=True, max_images=4, workers=workers)
   k = 5

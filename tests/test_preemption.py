@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -58,8 +57,7 @@ class Probe:
 
   def evaluate(self, params) -> dict:
     if self.armed:
-      os.kill(os.getpid(), signal.SIGTERM)
-      time.sleep(0.1)
+      signal.raise_signal(signal.SIGTERM)  # handled before it returns: no wait needed
     return {"params": float(sum(x.size for x in jax.tree.leaves(params)))}
 
 
@@ -160,12 +158,12 @@ def test_a_run_continues_on_another_mesh(elastic, tmp_path, caplog):
     api.train(processes.config([*ELASTIC, "--config.mesh.data=2", "--config.mesh.fsdp=2",
                                 "--config.mesh.tensor=2"]), workdir)
   assert "resumed from step 20" in caplog.text
+  assert "runs through jit" not in caplog.text  # the step compiled before the loop is the one that runs
   for change in ("mesh.data: -1 -> 2", "mesh.fsdp: 1 -> 2", "mesh.tensor: 1 -> 2"):
     assert change in caplog.text  # the log says what changed
   _assert_ends_like(processes.metrics(workdir), unbroken)
 
 
-@pytest.mark.slow
 def test_a_run_continues_on_one_device(elastic, tmp_path):
   unbroken, stopped = elastic
   workdir = str(tmp_path / "run")
@@ -175,7 +173,6 @@ def test_a_run_continues_on_one_device(elastic, tmp_path):
   _assert_ends_like(processes.metrics(workdir), unbroken)
 
 
-@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(elastic, tmp_path):
   """SIGTERM to process 1 only: both save the same step and exit 0; the run then ends on the
   unbroken run's loss, continued on 2 processes x 4 devices or on 1 x 8."""
@@ -185,18 +182,15 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(elastic, tmp_pat
   try:
     run.wait_for_step(8)
     run.signal(1)
-    signalled = time.time()
-    codes = run.wait(timeout=120)
+    codes = run.wait(timeout=60)  # both exit within a minute: a stop, not a hang
   finally:
     run.kill()
-  waited = time.time() - signalled
   assert codes == [0, 0], (run.stderr(0)[-2000:], run.stderr(1)[-2000:])
   stops = [re.findall(r"stopped at step (\d+) on (SIGTERM|a peer's signal)", run.stderr(i)) for i in range(2)]
   assert len(stops[0]) == len(stops[1]) == 1 and stops[0][0][0] == stops[1][0][0], stops
   assert (stops[0][0][1], stops[1][0][1]) == ("a peer's signal", "SIGTERM")
   step = int(stops[0][0][0])
   assert 8 <= step < 40 and _latest(workdir) == step
-  assert waited < 60, waited  # seconds, not a hang
   on_one = str(tmp_path / "one")
   shutil.copytree(workdir, on_one)
   processes.train(workdir, 2, ELASTIC)
@@ -206,7 +200,6 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(elastic, tmp_pat
   _assert_ends_like(processes.metrics(on_one), unbroken)
 
 
-@pytest.mark.slow
 def test_a_second_signal_exits_at_once_while_a_collective_waits(tmp_path):
   """Process 1 frozen (SIGSTOP): process 0 waits in a collective for ever. Its first SIGTERM can
   only ask for a stop; the second ends it within seconds, and the last complete checkpoint stays."""
@@ -214,21 +207,18 @@ def test_a_second_signal_exits_at_once_while_a_collective_waits(tmp_path):
   run = processes.Train(workdir, 2, [*ELASTIC, "--config.train.steps=10000", "--config.train.checkpoint_every=5"])
   try:
     run.wait_for_step(7)
-    run.signal(1, signal.SIGSTOP)
-    time.sleep(2)
+    run.signal(1, signal.SIGSTOP)  # from here on, every collective process 0 enters waits for ever
     run.signal(0)
-    time.sleep(1)
-    assert run.procs[0].poll() is None  # the first signal cannot end the step process 0 waits in
+    run.wait_for_line("SIGTERM received: stopping after this step")
+    with pytest.raises(subprocess.TimeoutExpired):  # the first signal cannot end the step process 0 waits in
+      run.procs[0].wait(timeout=1)
     run.signal(0)
-    signalled = time.time()
-    code = run.procs[0].wait(timeout=60)
-    waited = time.time() - signalled
+    code = run.procs[0].wait(timeout=10)  # the second ends it within seconds
   finally:
     run.signal(1, signal.SIGKILL)
     run.kill()
   assert code == 128 + signal.SIGTERM, run.stderr(0)[-2000:]
   assert "second SIGTERM: exiting now" in run.stderr(0)
-  assert waited < 10, waited
   latest = _latest(workdir)
   assert latest is not None and latest % 5 == 0 and latest >= 5
 

@@ -5,30 +5,19 @@ from the image (held-out accuracy, shuffled-image control), and ask it about a n
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import PIL.Image
 import pytest
 
 import vlm_jax
+from processes import vlm_jax_cli
 from test_eval import WRONG, write_eval_set
 from vlm_jax.data import shapes
 from vlm_jax.data.images import load_image
 from vlm_jax.eval import metrics
 from vlm_jax.eval.runner import Evaluator
 from vlm_jax.data.shapes import Shape, draw_shapes
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def vlm_jax_cli(*args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one CPU device, as a user runs it
-  result = subprocess.run([sys.executable, "-m", "vlm_jax.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=1800)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result
 
 
 @pytest.fixture(scope="module")

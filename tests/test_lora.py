@@ -17,7 +17,6 @@ import helpers
 import processes
 import vlm_jax
 from vlm_jax import api, cli, parallel
-from vlm_jax import config as config_lib
 from vlm_jax import build as build_lib
 from vlm_jax.build import flat_params
 from vlm_jax.convert import hf_export, peft_export
@@ -278,11 +277,10 @@ def test_target_that_matches_nothing_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 # --- learning: LoRA and QLoRA from a briefly trained model --------------------------------------
-def shapes_tiny(args: list[str]):
-  """The default config (configs/shapes_tiny.py) with --config.KEY=VALUE args."""
-  cfg = config_lib.load_file(processes.CONFIG)
-  config_lib.apply_overrides(cfg, cli.split_overrides(args)[1])
-  return cfg
+def shapes_tiny(workdir: str, args: list[str]) -> None:
+  """`vlm-jax train` of the default config (configs/shapes_tiny.py) with --config.KEY=VALUE args,
+  as a user runs it: hundreds of steps, at XLA's default optimization (processes.vlm_jax_cli)."""
+  processes.vlm_jax_cli("train", "--config", processes.CONFIG, "--workdir", workdir, *args)
 
 
 def eval_losses(workdir: str) -> dict[int, float]:
@@ -294,17 +292,17 @@ def test_lora_and_qlora_keep_lowering_the_held_out_loss(tmp_path):
   adapters): both lower the held-out loss at every eval, and QLoRA (nf4) ends within 10% of LoRA."""
   base = str(tmp_path / "base")
   common = ["--config.train.eval_examples=64", "--config.train.log_every=30"]
-  api.train(shapes_tiny(["--config.train.steps=150", "--config.train.eval_every=150",
-                                   "--config.train.checkpoint_every=150", *common]), base)
+  shapes_tiny(base, ["--config.train.steps=150", "--config.train.eval_every=150",
+                      "--config.train.checkpoint_every=150", *common])
   start = eval_losses(base)[150]
   final = {}
   for kind in ("float32", "nf4"):
     workdir = str(tmp_path / kind)
-    api.train(shapes_tiny([
+    shapes_tiny(workdir, [
         f"--config.model.init_from={base}", "--config.stage=stage2", "--config.lora.rank=8",
         "--config.lora.alpha=16", f"--config.lora.base_dtype={kind}", "--config.lora.block_size=16",
         "--config.train.steps=90", "--config.train.eval_every=30", "--config.train.checkpoint_every=90",
-        "--config.train.warmup_steps=10", "--config.train.lr=1e-3", *common]), workdir)
+        "--config.train.warmup_steps=10", "--config.train.lr=1e-3", *common])
     losses = eval_losses(workdir)
     print(f"{kind}: held-out loss {start:.4f} (base) -> {[round(losses[s], 4) for s in sorted(losses)]}")
     assert sorted(losses) == [30, 60, 90]

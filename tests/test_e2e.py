@@ -1,7 +1,7 @@
 """The README's main job, end to end: train the default config through the CLI, check it learned
 from the image (held-out accuracy, shuffled-image control), and ask it about a new image. One
-`vlm_jax.load` of the trained model answers the prompts and the VQA file; one `vlm-jax generate
---json` process checks the command line's contract."""
+`vlm_jax.load` of the trained model answers the prompts, `vlm-jax eval` runs in this process, and
+one `vlm-jax generate --json` process checks the command line's contract."""
 
 import json
 import os
@@ -11,12 +11,12 @@ import PIL.Image
 import pytest
 
 import vlm_jax
+from vlm_jax import cli
 from processes import vlm_jax_cli
 from test_eval import WRONG, write_eval_set
 from vlm_jax.data import shapes
 from vlm_jax.data.images import load_image
 from vlm_jax.eval import metrics
-from vlm_jax.eval.runner import Evaluator
 from vlm_jax.data.shapes import Shape, draw_shapes
 
 
@@ -34,7 +34,14 @@ def model(trained):
   return vlm_jax.load(trained)
 
 
-def test_default_config_learns_from_the_image(trained, model):
+def vlm_jax_here(capsys, *args: str) -> dict:
+  """`vlm-jax ARGS --json` in this process (its 8 CPU devices): the JSON object it printed."""
+  capsys.readouterr()
+  assert cli.main([*args, "--json"]) == 0, capsys.readouterr().err[-3000:]
+  return json.loads(capsys.readouterr().out)
+
+
+def test_default_config_learns_from_the_image(trained, capsys):
   lines = [json.loads(l) for l in open(os.path.join(trained, "metrics.jsonl"))]
   final = [l for l in lines if "eval/shapes_test/accuracy" in l][-1]
   print("held-out:", {k: round(v, 3) for k, v in final.items()})
@@ -43,9 +50,8 @@ def test_default_config_learns_from_the_image(trained, model):
   # Counting needs the image and no binding of words to objects: learned near-perfectly.
   assert final["eval/shapes_test/accuracy/count"] >= 0.9
   # Overall accuracy is far above what the same model scores with the images shuffled.
-  # `vlm-jax eval --data shapes:test --max-examples 256 --shuffle-images`
-  shuffled = Evaluator(model.run, model.tokenizer, "shapes:test", max_examples=256)(
-      model.params, shuffle_images=True).metrics
+  shuffled = vlm_jax_here(capsys, "eval", "--checkpoint", trained, "--data", "shapes:test", "--max-examples", "256",
+                          "--shuffle-images")
   print("shuffled images:", shuffled)
   assert shuffled["examples"] == 256
   assert final["eval/shapes_test/accuracy"] >= 0.9  # the foundation issue's acceptance bar
@@ -89,13 +95,15 @@ def test_generate_cli_prints_the_answer_as_json(trained, tmp_path):
   assert out["image_tokens"] == 16 and out["prompt_tokens"] > 16
 
 
-def test_eval_scores_a_vqa_file(model, tmp_path):
-  """`vlm-jax eval --metric vqa` on 30 VQA-style samples (ten annotator answers each): the score is
-  the mean of the records' scores (its --predictions lines), recomputed here; the trained model
-  scores near an oracle that always gives the right answer."""
+def test_eval_scores_a_vqa_file(trained, tmp_path, capsys):
+  """`vlm-jax eval` on 30 VQA-style samples (ten annotator answers each): the --json score is the
+  mean of the --predictions lines' scores, recomputed here; the trained model scores near an
+  oracle that always gives the right answer."""
   path = write_eval_set(str(tmp_path), 30, varied=False)
-  result = Evaluator(model.run, model.tokenizer, f"llava:{path}", metric="vqa")(model.params)
-  out, lines = result.metrics, result.records
+  predictions = tmp_path / "predictions.jsonl"
+  out = vlm_jax_here(capsys, "eval", "--checkpoint", trained, "--data", f"llava:{path}", "--metric", "vqa",
+                     "--predictions", str(predictions))
+  lines = [json.loads(l) for l in open(predictions)]
   scores = [metrics.vqa_accuracy(l["prediction"], l["answers"]) for l in lines]
   print("vqa:", out)
   assert out["examples"] == len(lines) == 30 and out["metric"] == "vqa"

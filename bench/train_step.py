@@ -9,7 +9,7 @@ BOS, one image's placeholder tokens, a prompt and an answer; only the answer car
 (about half the text tokens). Both systems first give the loss of that batch at the initial
 weights (checked equal: fp32 1e-4), then time `--steps` steps after a warm-up step; the vision
 tower is frozen on both sides, stage1 also freezes the LLM. One JSON line per system, then the
-ratio (their step time / ours). FLOPs as ../shared/bench/hf_llava_baseline.py; `ceiling_fraction`
+ratio (their step time / ours). FLOPs as model_flops (the LLaVA reference baseline's formula); `ceiling_fraction`
 is the share of the framework's own dense-matmul rate on this machine that the step reaches.
 
 Levers: `supervise=answer|all` (which text tokens carry the loss), `image_slots=N` (our rows
@@ -35,7 +35,7 @@ from hf_llava import CPU_SHAPE, write_llava
 
 SHAPES = {
     "cpu": dict(CPU_SHAPE, batch=4, seq=1024),
-    # ../shared/bench/README.md: LLaVA-1.5 recipe on a 1.1B LLM (TinyLlama shape), CLIP ViT-L/14-336
+    # The reference workload: LLaVA-1.5 recipe on a 1.1B LLM (TinyLlama shape), CLIP ViT-L/14-336
     "ref": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                             image_size=336, patch_size=14),
                 text=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -91,7 +91,7 @@ def param_counts(directory: str) -> dict[str, int]:
 
 
 def model_flops(shape: dict, stage: str, counts: dict[str, int]) -> float:
-  """../shared/bench/hf_llava_baseline.py's formula: frozen vision forward; trained parts fwd+bwd;
+  """The LLaVA reference baseline's formula: frozen vision forward; trained parts fwd+bwd;
   the LLM's backward for activations always (they reach the bridge)."""
   b, s, n_img = shape["batch"], shape["seq"], image_tokens(shape)
   d, layers = shape["text"]["hidden_size"], shape["text"]["num_hidden_layers"]

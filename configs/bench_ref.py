@@ -1,4 +1,4 @@
-"""The performance reference of ../shared/bench/README.md: LLaVA-1.5 (llava15_ref.py: CLIP
+"""The performance reference workload: LLaVA-1.5 (llava15_ref.py: CLIP
 ViT-L/14-336 frozen, mlp2x_gelu) on a 1.1B Llama-shaped LLM (TinyLlama: width 2048, MLP 5632,
 22 layers, 32 heads, 4 KV heads, vocab 32000), 8 sequences x 2048 tokens, one image each.
 

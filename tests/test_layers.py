@@ -1,7 +1,7 @@
 """Imports go one way: no import cycles and no import against the layer order.
 
 Every module under vlm_jax/ is parsed with ast, never imported; imports inside functions and
-`if TYPE_CHECKING:` blocks count too. The layers are those of ../shared/DESIGN.md, "Layers".
+`if TYPE_CHECKING:` blocks count too. The layers are listed in vlm_jax/__init__.py.
 """
 
 import ast

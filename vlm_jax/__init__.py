@@ -1,7 +1,7 @@
 """vlm-jax: a JAX/Flax trainer for LLaVA-family vision-language models.
 
 Layers, from the bottom up; a module imports only from layers below its own (tests/test_layers.py
-checks it, DESIGN.md "Layers"):
+checks it):
 
   errors, files, config           one-line user errors, JSON files, config defaults and fields
   models | data                   Flax modules | host-side data (numpy and PIL, no jax)

@@ -42,7 +42,7 @@ CHIPS = {
 # ALLOW_MULTIPLE_LIBTPU_LOAD: compiling beside a process that holds the chips (a run on the VM).
 _NO_TPU_VM = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
               "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-GPU_PEAK_FLOPS = 989e12  # H100 dense bf16, as ../shared/bench/README.md
+GPU_PEAK_FLOPS = 989e12  # H100 dense bf16 (the LLaVA reference baseline's peak)
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_OP = re.compile(r"=\s*\S+\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 
@@ -219,7 +219,7 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
 
 
 def model_flops(config: ml_collections.ConfigDict, params, labels, batch: dict) -> float:
-  """FLOPs of one step as ../shared/bench/hf_llava_baseline.py counts them: 2 per multiply-add of
+  """FLOPs of one step as the LLaVA reference baseline counts them: 2 per multiply-add of
   a weight and a token (or of the attention scores; causal: half) forward, 4 more backward for
   what trains (the LLM's backward for activations always, as its gradients reach the bridge)."""
   counts = {}

@@ -30,18 +30,37 @@ TINY = ["--config.model.dtype=float32", "--config.model.vision.image_size=32",
 # ones, which tests compare bit for bit.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
+# glibc's malloc asks for transparent huge pages for the large blocks it maps (README "Train-step speed").
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+
 
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS of a test process with `devices` simulated CPU devices."""
   return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
 
 
+def cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
+  """`vlm-jax ARGS` in this process (its 8 CPU devices): exit status and what it printed."""
+  from vlm_jax import cli  # not at import: conftest imports this module before jax may be
+  capsys.readouterr()  # what came before is not this command's
+  code = cli.main(list(args))
+  out = capsys.readouterr()
+  return subprocess.CompletedProcess(["vlm-jax", *args], code, out.out, out.err)
+
+
+def cli_process(*args: str, xla_flags: str = "", platforms: str = "cpu",
+                timeout: int = 1800) -> subprocess.CompletedProcess:
+  """`vlm-jax ARGS` from a shell, in a process of its own. XLA_FLAGS `xla_flags` ("": one CPU
+  device at XLA's default optimization, as a user runs it); JAX_PLATFORMS `platforms`."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS=platforms)
+  return subprocess.run([sys.executable, "-m", "vlm_jax.cli", *args], capture_output=True, text=True,
+                        env=env, cwd=ROOT, timeout=timeout)
+
+
 def vlm_jax_cli(*args: str) -> subprocess.CompletedProcess:
-  """`vlm-jax ARGS` as a user runs it: one CPU device, XLA's default optimization (a run of
-  hundreds of steps computes ~2.8x faster than at the tests' -O0); it must exit 0."""
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-m", "vlm_jax.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=1800)
+  """`vlm-jax ARGS` as a user runs it (cli_process: a run of hundreds of steps computes ~2.8x
+  faster than at the tests' -O0); it must exit 0."""
+  result = cli_process(*args)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 

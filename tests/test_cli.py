@@ -2,46 +2,21 @@
 `cli.main` in this process; one runs `python -m vlm_jax.cli` to show the same from a shell."""
 
 import collections
-import dataclasses
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
 import pytest
 
 import processes
-from vlm_jax import cli
 from vlm_jax.data import llava_fixture
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py")
+CONFIG = processes.CONFIG
+ONE_DEVICE = processes.xla_flags(1)  # the processes this file starts
 
 
-@dataclasses.dataclass
-class Result:
-  returncode: int
-  stdout: str
-  stderr: str
-
-
-def run_cli(capsys, *args: str) -> Result:
-  """`vlm-jax ARGS` in this process (its 8 CPU devices): exit status and what it printed."""
-  capsys.readouterr()  # what came before is not this command's
-  code = cli.main(list(args))
-  out = capsys.readouterr()
-  return Result(code, out.out, out.err)
-
-
-def run_cli_process(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS=processes.xla_flags(devices), JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "vlm_jax.cli", *args], capture_output=True, text=True,
-                        env=env, cwd=ROOT, timeout=300)
-
-
-def assert_one_line_error(result: "Result | subprocess.CompletedProcess", *needles: str) -> None:
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
   assert result.returncode == 2, result.stderr
   lines = [l for l in result.stderr.splitlines() if l.startswith("vlm-jax: error:")]
   assert len(lines) == 1, result.stderr
@@ -62,23 +37,24 @@ def assert_one_line_error(result: "Result | subprocess.CompletedProcess", *needl
 def test_train_config_errors(tmp_path, capsys, args, needles):
   """A failed start writes nothing: the workdir is not even created."""
   workdir = tmp_path / "w"
-  assert_one_line_error(run_cli(capsys, "train", "--config", CONFIG, "--workdir", str(workdir), *args), *needles)
+  assert_one_line_error(processes.cli_here(capsys, "train", "--config", CONFIG, "--workdir", str(workdir), *args), *needles)
   assert not workdir.exists()
 
 
 def test_train_missing_workdir_flag(capsys):
-  assert_one_line_error(run_cli(capsys, "train", "--config", CONFIG), "--workdir")
+  assert_one_line_error(processes.cli_here(capsys, "train", "--config", CONFIG), "--workdir")
 
 
 def test_train_missing_config_file(tmp_path):
   """From a shell: `python -m vlm_jax.cli` prints the one line, no traceback, and exits 2."""
-  result = run_cli_process("train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path))
+  result = processes.cli_process("train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path),
+                                  xla_flags=ONE_DEVICE)
   assert_one_line_error(result, "nope.py")
   assert result.stderr.strip().splitlines() == [l for l in result.stderr.splitlines() if l.startswith("vlm-jax: error:")]
 
 
 def test_impossible_mesh_on_8_devices(tmp_path, capsys):
-  result = run_cli(capsys, "train", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
+  result = processes.cli_here(capsys, "train", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
                    "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=3")
   assert_one_line_error(result, "2x2x3", "8 are available")
 
@@ -86,25 +62,25 @@ def test_impossible_mesh_on_8_devices(tmp_path, capsys):
 def test_generate_missing_checkpoint(tmp_path, capsys):
   image = tmp_path / "a.png"
   PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-  assert_one_line_error(run_cli(capsys, "generate", "--checkpoint", str(tmp_path / "missing"), "--image", str(image),
+  assert_one_line_error(processes.cli_here(capsys, "generate", "--checkpoint", str(tmp_path / "missing"), "--image", str(image),
                                 "--prompt", "hi"), "--checkpoint", "missing")
 
 
 def test_generate_missing_image(tmp_path, capsys):
-  assert_one_line_error(run_cli(capsys, "generate", "--checkpoint", str(tmp_path), "--image",
+  assert_one_line_error(processes.cli_here(capsys, "generate", "--checkpoint", str(tmp_path), "--image",
                                 str(tmp_path / "x.png"), "--prompt", "hi"), "x.png")
 
 
 def test_generate_not_a_workdir(tmp_path, capsys):
   image = tmp_path / "a.png"
   PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-  assert_one_line_error(run_cli(capsys, "generate", "--checkpoint", str(tmp_path), "--image", str(image),
+  assert_one_line_error(processes.cli_here(capsys, "generate", "--checkpoint", str(tmp_path), "--image", str(image),
                                 "--prompt", "hi"), "neither a vlm-jax workdir")
 
 
 def test_unknown_command_and_flag(tmp_path, capsys):
-  assert_one_line_error(run_cli(capsys, "trian"), "unknown command")
-  assert_one_line_error(run_cli(capsys, "train", "--config", CONFIG, "--workdir", str(tmp_path), "--bogus"), "--bogus")
+  assert_one_line_error(processes.cli_here(capsys, "trian"), "unknown command")
+  assert_one_line_error(processes.cli_here(capsys, "train", "--config", CONFIG, "--workdir", str(tmp_path), "--bogus"), "--bogus")
 
 
 # --- LLaVA-format data: inspect and train ----------------------------------------------------
@@ -146,20 +122,20 @@ def llava_config(tmp_path_factory):
 
 def test_data_json_counts_one_pass(llava_config, capsys):
   config, _ = llava_config
-  result = run_cli(capsys, "data", "--config", config, "--json")
+  result = processes.cli_here(capsys, "data", "--config", config, "--json")
   assert result.returncode == 0, result.stderr
   summary = json.loads(result.stdout)
   assert summary["examples"] == 20
   assert summary["skipped"] == dict(collections.Counter(llava_fixture.BROKEN.values()))
   assert 0 < summary["supervised_tokens"] < summary["tokens"]
-  text = run_cli(capsys, "data", "--config", config, "--n", "2")
+  text = processes.cli_here(capsys, "data", "--config", config, "--n", "2")
   assert text.returncode == 0 and text.stdout.count("--- ") == 2 and "[[" in text.stdout
 
 
 def test_train_on_llava_data_skips_and_counts_bad_samples(llava_config, tmp_path):
   """On one device, as its config's mesh says: in a process of its own."""
   config, _ = llava_config
-  result = run_cli_process("train", "--config", config, "--workdir", str(tmp_path / "w"))
+  result = processes.cli_process("train", "--config", config, "--workdir", str(tmp_path / "w"), xla_flags=ONE_DEVICE)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
   train = [l for l in lines if "train/loss" in l]
@@ -167,9 +143,10 @@ def test_train_on_llava_data_skips_and_counts_bad_samples(llava_config, tmp_path
   assert train[-1]["data/skipped"] > 0
   assert train[-1]["data/skipped"] == sum(v for k, v in train[-1].items() if k.startswith("data/skipped/"))
   assert result.stderr.count("skipping") == len([k for k in train[-1] if k.startswith("data/skipped/")])
-  strict = run_cli_process("train", "--config", config, "--workdir", str(tmp_path / "s"), "--config.data.strict=true")
+  strict = processes.cli_process("train", "--config", config, "--workdir", str(tmp_path / "s"),
+                                 "--config.data.strict=true", xla_flags=ONE_DEVICE)
   assert_one_line_error(strict, "data.strict=True", "sample")
 
 
 def test_data_bad_spec(capsys):
-  assert_one_line_error(run_cli(capsys, "data", "--config", CONFIG, "--data", "coco"), "'coco'", "unknown source")
+  assert_one_line_error(processes.cli_here(capsys, "data", "--config", CONFIG, "--data", "coco"), "'coco'", "unknown source")

@@ -3,15 +3,14 @@ the train step's per-chip memory, sharding and kernels are the TPU compiler's.""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import ml_collections
 import pytest
 
 import helpers
-from vlm_jax import aot, cli
+import processes
+from vlm_jax import aot
 from vlm_jax import build as build_lib
 from vlm_jax import config as config_lib
 from vlm_jax import parallel
@@ -64,24 +63,14 @@ def test_model_flops_equal_the_compilers_count_of_an_unrolled_step():
 SHAPES = os.path.join(ROOT, "configs", "shapes_tiny.py")
 
 
-def _cli_process(*args: str) -> subprocess.CompletedProcess:
-  """`vlm-jax compile ARGS` from a shell: stdout holds exactly what --json prints."""
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="")
-  return subprocess.run([sys.executable, "-m", "vlm_jax.cli", "compile", *args], capture_output=True, text=True,
-                        env=env, cwd=ROOT, timeout=900)
-
-
-def _cli(capsys, *args: str) -> subprocess.CompletedProcess:
-  """`vlm-jax compile ARGS` in this process: exit status and what it printed."""
-  capsys.readouterr()
-  code = cli.main(["compile", *args])
-  out = capsys.readouterr()
-  return subprocess.CompletedProcess(["vlm-jax", "compile", *args], code, out.out, out.err)
+def _compile_process(*args: str):
+  """`vlm-jax compile ARGS` from a shell, with no platform forced: stdout holds exactly what --json prints."""
+  return processes.cli_process("compile", *args, platforms="", timeout=900)
 
 
 def test_cli_prints_one_json_object_as_the_contract_says():
-  out = _cli_process("--config", "configs/shapes_tiny.py", "--topology", "v6e:2x2", "--config.mesh.data=1",
-             "--config.mesh.fsdp=4", "--json")
+  out = _compile_process("--config", "configs/shapes_tiny.py", "--topology", "v6e:2x2", "--config.mesh.data=1",
+                         "--config.mesh.fsdp=4", "--json")
   assert out.returncode == 0, out.stderr
   report = json.loads(out.stdout)
   assert report["topology"] == "v6e:2x2" and report["chips"] == 4 and report["fits"] is True
@@ -99,7 +88,7 @@ def test_cli_prints_one_json_object_as_the_contract_says():
 
 def test_a_gpu_estimate_comes_from_the_cpu_compiler(capsys):
   # stage 1's `plain` template (captions), which the shapes questions do not fit: batch shapes do not care
-  out = _cli(capsys, "--config", SHAPES, "--topology", "gpu:80", "--decode-rows", "0", "--json",
+  out = processes.cli_here(capsys, "compile", "--config", SHAPES, "--topology", "gpu:80", "--decode-rows", "0", "--json",
              "--config.stage=stage1", "--config.data.template=plain")
   assert out.returncode == 0, out.stderr
   report = json.loads(out.stdout)
@@ -109,7 +98,7 @@ def test_a_gpu_estimate_comes_from_the_cpu_compiler(capsys):
 
 def test_a_step_that_does_not_fit_exits_2_naming_the_levers(capsys):
   # A 2B-parameter LLM replicated on each 16 GiB chip (data parallel, no remat): it cannot fit.
-  out = _cli(capsys, "--config", SHAPES, "--topology", "v5e:2x2", "--config.mesh.data=4",
+  out = processes.cli_here(capsys, "compile", "--config", SHAPES, "--topology", "v5e:2x2", "--config.mesh.data=4",
              "--config.model.llm.width=4096", "--config.model.llm.mlp_dim=16384", "--config.model.llm.heads=32",
              "--config.model.llm.kv_heads=8", "--config.model.llm.head_dim=128", "--config.model.llm.depth=8")
   assert out.returncode == 2
@@ -119,15 +108,15 @@ def test_a_step_that_does_not_fit_exits_2_naming_the_levers(capsys):
 
 
 def test_an_unknown_topology_is_one_line_exit_2(capsys):
-  out = _cli(capsys, "--config", SHAPES, "--topology", "v5e:3x7x9")
+  out = processes.cli_here(capsys, "compile", "--config", SHAPES, "--topology", "v5e:3x7x9")
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1].startswith("vlm-jax: error: --topology v5e:3x7x9:")
 
 
 def test_llava15_stage2_on_v5e_4x4_holds_a_sixteenth_of_params_and_adam():
   # README "Compiling for a TPU slice": the hand count of LLaVA-1.5 7B's state split over 16 chips.
-  out = _cli_process("--config", "configs/llava15_ref.py:stage2", "--topology", "v5e:4x4", "--config.mesh.data=1",
-             "--config.mesh.fsdp=-1", "--config.train.grad_accum=4", "--decode-rows", "0", "--json")
+  out = _compile_process("--config", "configs/llava15_ref.py:stage2", "--topology", "v5e:4x4", "--config.mesh.data=1",
+                         "--config.mesh.fsdp=-1", "--config.train.grad_accum=4", "--decode-rows", "0", "--json")
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads(out.stdout)
   m = config_lib.load_file(os.path.join(ROOT, "configs/llava15_ref.py")).model

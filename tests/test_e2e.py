@@ -11,8 +11,7 @@ import PIL.Image
 import pytest
 
 import vlm_jax
-from vlm_jax import cli
-from processes import vlm_jax_cli
+from processes import cli_here, vlm_jax_cli
 from test_eval import WRONG, write_eval_set
 from vlm_jax.data import shapes
 from vlm_jax.data.images import load_image
@@ -36,9 +35,9 @@ def model(trained):
 
 def vlm_jax_here(capsys, *args: str) -> dict:
   """`vlm-jax ARGS --json` in this process (its 8 CPU devices): the JSON object it printed."""
-  capsys.readouterr()
-  assert cli.main([*args, "--json"]) == 0, capsys.readouterr().err[-3000:]
-  return json.loads(capsys.readouterr().out)
+  result = cli_here(capsys, *args, "--json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout)
 
 
 def test_default_config_learns_from_the_image(trained, capsys):

@@ -9,11 +9,6 @@ import processes
 # their own device count with the same flags.
 os.environ.setdefault("XLA_FLAGS", processes.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA:CPU allocates a program's temporaries at every call (190 MiB a step for the default config):
-# glibc mmaps such blocks fresh and the kernel zeroes them 4 KiB at a time, a quarter of a training
-# process's CPU time. Transparent huge pages for those blocks cut the page faults ~40x; it reaches
-# the pytest workers and every process they start (glibc reads it at process start).
-os.environ.setdefault("GLIBC_TUNABLES", processes.HUGE_PAGES)
 
 # One persistent compilation cache for the whole run: the pytest workers and every process a test
 # starts (they inherit this environment) reuse what another one compiled; the cache key holds the

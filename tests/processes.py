@@ -30,7 +30,10 @@ TINY = ["--config.model.dtype=float32", "--config.model.vision.image_size=32",
 # ones, which tests compare bit for bit.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
-# glibc's malloc asks for transparent huge pages for the large blocks it maps (README "Train-step speed").
+# Transparent huge pages from glibc's malloc (README "Train-step speed"): XLA:CPU allocates a
+# program's temporaries at every call (190 MiB a step for the default config), and the kernel
+# zeroes the fresh pages 4 KiB at a time; a long training run is ~15% faster with them. Only such
+# runs get it: compile-bound test processes were 8-15% slower (tests/test_bridges.py).
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
@@ -48,19 +51,19 @@ def cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
   return subprocess.CompletedProcess(["vlm-jax", *args], code, out.out, out.err)
 
 
-def cli_process(*args: str, xla_flags: str = "", platforms: str = "cpu",
-                timeout: int = 1800) -> subprocess.CompletedProcess:
+def cli_process(*args: str, xla_flags: str = "", platforms: str = "cpu", timeout: int = 1800,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
   """`vlm-jax ARGS` from a shell, in a process of its own. XLA_FLAGS `xla_flags` ("": one CPU
-  device at XLA's default optimization, as a user runs it); JAX_PLATFORMS `platforms`."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS=platforms)
+  device at XLA's default optimization, as a user runs it); JAX_PLATFORMS `platforms`; `env` added."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS=platforms, **(env or {}))
   return subprocess.run([sys.executable, "-m", "vlm_jax.cli", *args], capture_output=True, text=True,
                         env=env, cwd=ROOT, timeout=timeout)
 
 
 def vlm_jax_cli(*args: str) -> subprocess.CompletedProcess:
   """`vlm-jax ARGS` as a user runs it (cli_process: a run of hundreds of steps computes ~2.8x
-  faster than at the tests' -O0); it must exit 0."""
-  result = cli_process(*args)
+  faster than at the tests' -O0), with huge pages; it must exit 0."""
+  result = cli_process(*args, env={"GLIBC_TUNABLES": HUGE_PAGES})
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 

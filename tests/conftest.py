@@ -34,4 +34,3 @@ SLOW_FIRST = ("test_e2e.py", "test_lora.py", "test_preemption.py", "test_multiho
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(SLOW_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: each file keeps its order
-

@@ -10,6 +10,7 @@ import PIL.Image
 import pytest
 
 import processes
+from processes import cli_here
 from vlm_jax.data import llava_fixture
 
 CONFIG = processes.CONFIG
@@ -37,12 +38,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 def test_train_config_errors(tmp_path, capsys, args, needles):
   """A failed start writes nothing: the workdir is not even created."""
   workdir = tmp_path / "w"
-  assert_one_line_error(processes.cli_here(capsys, "train", "--config", CONFIG, "--workdir", str(workdir), *args), *needles)
+  assert_one_line_error(cli_here(capsys, "train", "--config", CONFIG, "--workdir", str(workdir), *args), *needles)
   assert not workdir.exists()
 
 
 def test_train_missing_workdir_flag(capsys):
-  assert_one_line_error(processes.cli_here(capsys, "train", "--config", CONFIG), "--workdir")
+  assert_one_line_error(cli_here(capsys, "train", "--config", CONFIG), "--workdir")
 
 
 def test_train_missing_config_file(tmp_path):
@@ -54,33 +55,33 @@ def test_train_missing_config_file(tmp_path):
 
 
 def test_impossible_mesh_on_8_devices(tmp_path, capsys):
-  result = processes.cli_here(capsys, "train", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
-                   "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=3")
+  result = cli_here(capsys, "train", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
+                    "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=3")
   assert_one_line_error(result, "2x2x3", "8 are available")
 
 
 def test_generate_missing_checkpoint(tmp_path, capsys):
   image = tmp_path / "a.png"
   PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-  assert_one_line_error(processes.cli_here(capsys, "generate", "--checkpoint", str(tmp_path / "missing"), "--image", str(image),
-                                "--prompt", "hi"), "--checkpoint", "missing")
+  assert_one_line_error(cli_here(capsys, "generate", "--checkpoint", str(tmp_path / "missing"), "--image", str(image),
+                                 "--prompt", "hi"), "--checkpoint", "missing")
 
 
 def test_generate_missing_image(tmp_path, capsys):
-  assert_one_line_error(processes.cli_here(capsys, "generate", "--checkpoint", str(tmp_path), "--image",
-                                str(tmp_path / "x.png"), "--prompt", "hi"), "x.png")
+  assert_one_line_error(cli_here(capsys, "generate", "--checkpoint", str(tmp_path), "--image",
+                                 str(tmp_path / "x.png"), "--prompt", "hi"), "x.png")
 
 
 def test_generate_not_a_workdir(tmp_path, capsys):
   image = tmp_path / "a.png"
   PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-  assert_one_line_error(processes.cli_here(capsys, "generate", "--checkpoint", str(tmp_path), "--image", str(image),
-                                "--prompt", "hi"), "neither a vlm-jax workdir")
+  assert_one_line_error(cli_here(capsys, "generate", "--checkpoint", str(tmp_path), "--image", str(image),
+                                 "--prompt", "hi"), "neither a vlm-jax workdir")
 
 
 def test_unknown_command_and_flag(tmp_path, capsys):
-  assert_one_line_error(processes.cli_here(capsys, "trian"), "unknown command")
-  assert_one_line_error(processes.cli_here(capsys, "train", "--config", CONFIG, "--workdir", str(tmp_path), "--bogus"), "--bogus")
+  assert_one_line_error(cli_here(capsys, "trian"), "unknown command")
+  assert_one_line_error(cli_here(capsys, "train", "--config", CONFIG, "--workdir", str(tmp_path), "--bogus"), "--bogus")
 
 
 # --- LLaVA-format data: inspect and train ----------------------------------------------------
@@ -122,13 +123,13 @@ def llava_config(tmp_path_factory):
 
 def test_data_json_counts_one_pass(llava_config, capsys):
   config, _ = llava_config
-  result = processes.cli_here(capsys, "data", "--config", config, "--json")
+  result = cli_here(capsys, "data", "--config", config, "--json")
   assert result.returncode == 0, result.stderr
   summary = json.loads(result.stdout)
   assert summary["examples"] == 20
   assert summary["skipped"] == dict(collections.Counter(llava_fixture.BROKEN.values()))
   assert 0 < summary["supervised_tokens"] < summary["tokens"]
-  text = processes.cli_here(capsys, "data", "--config", config, "--n", "2")
+  text = cli_here(capsys, "data", "--config", config, "--n", "2")
   assert text.returncode == 0 and text.stdout.count("--- ") == 2 and "[[" in text.stdout
 
 
@@ -149,4 +150,4 @@ def test_train_on_llava_data_skips_and_counts_bad_samples(llava_config, tmp_path
 
 
 def test_data_bad_spec(capsys):
-  assert_one_line_error(processes.cli_here(capsys, "data", "--config", CONFIG, "--data", "coco"), "'coco'", "unknown source")
+  assert_one_line_error(cli_here(capsys, "data", "--config", CONFIG, "--data", "coco"), "'coco'", "unknown source")

@@ -10,6 +10,7 @@ import pytest
 
 import helpers
 import processes
+from processes import cli_here
 from vlm_jax import aot
 from vlm_jax import build as build_lib
 from vlm_jax import config as config_lib
@@ -17,7 +18,7 @@ from vlm_jax import parallel
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.train import trainer as trainer_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = processes.ROOT
 # A model whose LLM dominates its params, so replicated LLM weights would show in the arguments.
 SMALL = {"model.dtype": "bfloat16", "model.attention": "splash", "model.llm.width": 256, "model.llm.mlp_dim": 1024,
          "model.llm.depth": 4, "model.llm.heads": 4, "model.llm.kv_heads": 2, "model.llm.head_dim": 64,
@@ -60,7 +61,7 @@ def test_model_flops_equal_the_compilers_count_of_an_unrolled_step():
   assert 0.93 * report.compiler_flops < report.flops_per_step <= report.compiler_flops
 
 
-SHAPES = os.path.join(ROOT, "configs", "shapes_tiny.py")
+SHAPES = processes.CONFIG
 
 
 def _compile_process(*args: str):
@@ -88,8 +89,8 @@ def test_cli_prints_one_json_object_as_the_contract_says():
 
 def test_a_gpu_estimate_comes_from_the_cpu_compiler(capsys):
   # stage 1's `plain` template (captions), which the shapes questions do not fit: batch shapes do not care
-  out = processes.cli_here(capsys, "compile", "--config", SHAPES, "--topology", "gpu:80", "--decode-rows", "0", "--json",
-             "--config.stage=stage1", "--config.data.template=plain")
+  out = cli_here(capsys, "compile", "--config", SHAPES, "--topology", "gpu:80", "--decode-rows", "0", "--json",
+              "--config.stage=stage1", "--config.data.template=plain")
   assert out.returncode == 0, out.stderr
   report = json.loads(out.stdout)
   assert report["chips"] == 1 and "estimate" in report["device_kind"] and report["per_chip"]["hbm_bytes"] == 80 * 10**9
@@ -98,9 +99,9 @@ def test_a_gpu_estimate_comes_from_the_cpu_compiler(capsys):
 
 def test_a_step_that_does_not_fit_exits_2_naming_the_levers(capsys):
   # A 2B-parameter LLM replicated on each 16 GiB chip (data parallel, no remat): it cannot fit.
-  out = processes.cli_here(capsys, "compile", "--config", SHAPES, "--topology", "v5e:2x2", "--config.mesh.data=4",
-             "--config.model.llm.width=4096", "--config.model.llm.mlp_dim=16384", "--config.model.llm.heads=32",
-             "--config.model.llm.kv_heads=8", "--config.model.llm.head_dim=128", "--config.model.llm.depth=8")
+  out = cli_here(capsys, "compile", "--config", SHAPES, "--topology", "v5e:2x2", "--config.mesh.data=4",
+              "--config.model.llm.width=4096", "--config.model.llm.mlp_dim=16384", "--config.model.llm.heads=32",
+              "--config.model.llm.kv_heads=8", "--config.model.llm.head_dim=128", "--config.model.llm.depth=8")
   assert out.returncode == 2
   message = out.stderr.strip().splitlines()[-1]
   assert message.startswith("vlm-jax: error: v5e:2x2: does not fit")
@@ -108,7 +109,7 @@ def test_a_step_that_does_not_fit_exits_2_naming_the_levers(capsys):
 
 
 def test_an_unknown_topology_is_one_line_exit_2(capsys):
-  out = processes.cli_here(capsys, "compile", "--config", SHAPES, "--topology", "v5e:3x7x9")
+  out = cli_here(capsys, "compile", "--config", SHAPES, "--topology", "v5e:3x7x9")
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1].startswith("vlm-jax: error: --topology v5e:3x7x9:")
 

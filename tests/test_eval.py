@@ -12,7 +12,7 @@ import pytest
 
 import vlm_jax
 import helpers
-import processes
+from processes import cli_here
 from test_cli import assert_one_line_error
 from vlm_jax import api
 from vlm_jax import config as config_lib
@@ -263,8 +263,8 @@ def test_eval_config_fields():
 def test_cli_score_is_the_mean_of_the_predictions(workdir, tmp_path, capsys):
   path = write_eval_set(str(tmp_path), 10)
   predictions = tmp_path / "pred.jsonl"
-  r = processes.cli_here(capsys, "eval", "--checkpoint", workdir, "--data", f"llava:{path}", "--predictions", str(predictions),
-              "--batch-size", "4", "--json")
+  r = cli_here(capsys, "eval", "--checkpoint", workdir, "--data", f"llava:{path}", "--predictions", str(predictions),
+               "--batch-size", "4", "--json")
   assert r.returncode == 0, r.stderr
   out = json.loads(r.stdout)
   assert "metric: vqa (samples carry 'answers' lists)" in r.stderr and "examples/s" in r.stderr  # the auto choice and the progress bar
@@ -280,11 +280,11 @@ def test_cli_score_is_the_mean_of_the_predictions(workdir, tmp_path, capsys):
 def test_cli_eval_errors(workdir, tmp_path, capsys):
   no_refs = tmp_path / "norefs.jsonl"
   no_refs.write_text(json.dumps({"id": "a", "conversations": [{"from": "human", "value": "Hi?"}]}) + "\n")
-  assert_one_line_error(processes.cli_here(capsys, "eval", "--checkpoint", workdir, "--data", f"llava:{no_refs}"),
+  assert_one_line_error(cli_here(capsys, "eval", "--checkpoint", workdir, "--data", f"llava:{no_refs}"),
                         "sample 0", "no reference answer")
-  assert_one_line_error(processes.cli_here(capsys, "eval", "--checkpoint", workdir, "--data", "shapes:test", "--metric", "bleu"),
+  assert_one_line_error(cli_here(capsys, "eval", "--checkpoint", workdir, "--data", "shapes:test", "--metric", "bleu"),
                         "--metric", "bleu")
-  assert_one_line_error(processes.cli_here(capsys, "eval", "--checkpoint", workdir, "--data", "shapes:test", "--max-examples", "0"),
+  assert_one_line_error(cli_here(capsys, "eval", "--checkpoint", workdir, "--data", "shapes:test", "--max-examples", "0"),
                         "--max-examples")
 
 

@@ -1,12 +1,24 @@
 """Metrics out: DIR/metrics.jsonl, TensorBoard events (no TensorFlow), and the console progress line."""
 
 import json
+import sys
 import time
 
 from etils import epath
-from tensorboardX import SummaryWriter, record_writer
 
 from vlm_jax.files import AppendFile, as_path
+
+
+# tensorboardX imports torch when it is installed, only to accept torch tensors (we log floats):
+# hidden from it, a run starts 1.6 s sooner where transformers' torch is installed.
+_HIDE_TORCH = "torch" not in sys.modules
+if _HIDE_TORCH:
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+try:
+  from tensorboardX import SummaryWriter, record_writer
+finally:
+  if _HIDE_TORCH:
+    del sys.modules["torch"]
 
 
 class _EventFiles:

@@ -2,6 +2,7 @@
 only the adapters (and what the stage trains beside them); adapters shard like their kernels;
 QLoRA stores the base quantized; merged == unmerged; the PEFT export loads in transformers."""
 
+import functools
 import json
 import os
 
@@ -156,23 +157,31 @@ def adapted_kernel_params(run: build_lib.Run) -> int:
              if p.endswith("/kernel") and f"{p}_lora_a" in flat_params(run.abstract_params))
 
 
+@functools.cache
+def stored_base(base_dtype: str) -> tuple[build_lib.Run, int, np.ndarray]:
+  """The LoRA model with its base stored in `base_dtype` (the same init and adapters for every
+  dtype): its run, its compiled eval step's argument bytes and its logits. Computed once a dtype
+  (float32 and bfloat16 serve every case below)."""
+  tok = Tokenizer.load("shapes")
+  cfg = lora_config(tok, {"lora.base_dtype": base_dtype})
+  trainer = trainer_lib.build(cfg, mesh_of(cfg, 1), tok.image_id)
+  state = trainer.start(trainer.run.base.init_params(jax.random.key(3)))
+  batch = batch_for(cfg, tok, trainer.run.mesh)
+  params = with_random_adapters(state["params"], 1)
+  compiled = trainer.run.eval_step.lower(params, batch).compile()
+  return trainer.run, compiled.memory_analysis().argument_size_in_bytes, logits(trainer.run, params, batch)
+
+
 @pytest.mark.parametrize("base_dtype, bytes_per_param, tolerance",
                          [("bfloat16", 2, 0.0), ("int8", 1, 0.02), ("nf4", 0.5, 0.25)])
-def test_qlora_stores_the_base_quantized_and_stays_close(tok, base_dtype, bytes_per_param, tolerance):
+def test_qlora_stores_the_base_quantized_and_stays_close(base_dtype, bytes_per_param, tolerance):
   """The compiled eval step's arguments shrink by exactly the adapted kernels' saving, less their
   fp32 scales; logits stay within `tolerance` (relative L2) of the bf16 base's."""
   sizes, outputs = {}, {}
   for dtype in ("float32", "bfloat16", base_dtype):
-    cfg = lora_config(tok, {"lora.base_dtype": dtype})
-    trainer = trainer_lib.build(cfg, mesh_of(cfg, 1), tok.image_id)
-    state = trainer.start(trainer.run.base.init_params(jax.random.key(3)))
-    batch = batch_for(cfg, tok, trainer.run.mesh)
-    params = with_random_adapters(state["params"], 1)
-    compiled = trainer.run.eval_step.lower(params, batch).compile()
-    sizes[dtype] = compiled.memory_analysis().argument_size_in_bytes
-    outputs[dtype] = logits(trainer.run, params, batch)
-  n = adapted_kernel_params(trainer.run)
-  scales = sum(x.size for p, x in flat_params(trainer.run.abstract_params).items() if p.endswith(".scale"))
+    run, sizes[dtype], outputs[dtype] = stored_base(dtype)
+  n = adapted_kernel_params(run)
+  scales = sum(x.size for p, x in flat_params(run.abstract_params).items() if p.endswith(".scale"))
   assert (scales == 0) == (base_dtype == "bfloat16") and scales <= n // 8  # fp32, one per block of 8 or fewer
   assert sizes["float32"] - sizes[base_dtype] == int(n * (4 - bytes_per_param)) - 4 * scales
   err = np.linalg.norm(outputs[base_dtype] - outputs["bfloat16"]) / np.linalg.norm(outputs["bfloat16"])

@@ -90,7 +90,7 @@ def test_cli_prints_one_json_object_as_the_contract_says():
 def test_a_gpu_estimate_comes_from_the_cpu_compiler(capsys):
   # stage 1's `plain` template (captions), which the shapes questions do not fit: batch shapes do not care
   out = cli_here(capsys, "compile", "--config", SHAPES, "--topology", "gpu:80", "--decode-rows", "0", "--json",
-              "--config.stage=stage1", "--config.data.template=plain")
+                 "--config.stage=stage1", "--config.data.template=plain")
   assert out.returncode == 0, out.stderr
   report = json.loads(out.stdout)
   assert report["chips"] == 1 and "estimate" in report["device_kind"] and report["per_chip"]["hbm_bytes"] == 80 * 10**9
@@ -100,8 +100,8 @@ def test_a_gpu_estimate_comes_from_the_cpu_compiler(capsys):
 def test_a_step_that_does_not_fit_exits_2_naming_the_levers(capsys):
   # A 2B-parameter LLM replicated on each 16 GiB chip (data parallel, no remat): it cannot fit.
   out = cli_here(capsys, "compile", "--config", SHAPES, "--topology", "v5e:2x2", "--config.mesh.data=4",
-              "--config.model.llm.width=4096", "--config.model.llm.mlp_dim=16384", "--config.model.llm.heads=32",
-              "--config.model.llm.kv_heads=8", "--config.model.llm.head_dim=128", "--config.model.llm.depth=8")
+                 "--config.model.llm.width=4096", "--config.model.llm.mlp_dim=16384", "--config.model.llm.heads=32",
+                 "--config.model.llm.kv_heads=8", "--config.model.llm.head_dim=128", "--config.model.llm.depth=8")
   assert out.returncode == 2
   message = out.stderr.strip().splitlines()[-1]
   assert message.startswith("vlm-jax: error: v5e:2x2: does not fit")

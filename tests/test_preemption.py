@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -257,9 +256,8 @@ def test_a_read_only_workdir_is_one_line_exit_2_and_left_as_it_was(tmp_path):
   try:
     with pytest.raises(OSError):
       (workdir / "probe").write_text("")  # the directory is read-only indeed
-    result = subprocess.run([sys.executable, "-m", "vlm_jax.cli", "train", "--config", processes.CONFIG,
-                             "--workdir", str(workdir), *processes.TINY], capture_output=True, text=True,
-                            cwd=processes.ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    result = processes.cli_process("train", "--config", processes.CONFIG, "--workdir", str(workdir), *processes.TINY,
+                                   xla_flags=processes.xla_flags(8))
   finally:
     subprocess.run(["chattr", "-i", str(workdir)], capture_output=True)
     os.chmod(workdir, 0o755)

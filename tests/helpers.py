@@ -1,5 +1,6 @@
 """Tiny configs, synthetic batches and tree helpers for the trainer tests."""
 
+import importlib
 import pathlib
 
 import jax
@@ -108,3 +109,20 @@ def workdir_files(workdir) -> dict[str, bytes]:
   """{relative path: bytes} of every file under `workdir`: what a failed start must leave as it was."""
   return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(pathlib.Path(workdir).rglob("*"))
           if p.is_file()}
+
+
+def fake_gcs(monkeypatch) -> None:
+  """gs:// through etils.epath onto fsspec's in-memory filesystem, standing in for GCS (no network
+  here), for the test that calls it."""
+  from fsspec.implementations.memory import MemoryFileSystem
+
+  class FakeGCS(MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    store, pseudo_dirs = {}, [""]
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):  # epath passes gcsfs' option
+      super().__init__(*args, **kwargs)
+
+  registry = importlib.import_module("fsspec.registry")._registry
+  for name in FakeGCS.protocol:
+    monkeypatch.setitem(registry, name, FakeGCS)

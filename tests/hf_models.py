@@ -4,10 +4,15 @@ import json
 import os
 
 import numpy as np
+import PIL.Image
 import tokenizers
 import torch
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from vlm_jax import cli
 from vlm_jax.convert.safetensors_io import read_all
@@ -118,6 +123,112 @@ def save_llava(directory: str, flavour: str = "clip", family: str = "llama", see
   model.config._attn_implementation = "eager"
   model.save_pretrained(directory)
   return model, tok
+
+
+# --- LLaVA checkpoints as transformers writes them (model, processor, tokenizer, chat template) ---
+QUESTION = "what color is the circle"
+NEW_TOKENS = 32
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# llava-1.5-hf's chat template: typed content, images first.
+CHAT = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+        "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+        "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', "
+        "'text') %}{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}"
+        "{{ 'ASSISTANT:' }}{% endif %}")
+TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # LLaVA-NeXT's, at a 32-px tile
+
+# kind -> (vision flavour, vision_feature_select_strategy, image processor); 16-px CLIP/SigLIP
+# towers of 8-px patches, 32-px tiles for AnyRes. Each kind has its own LLM family (FAMILY).
+KINDS = {
+    # llava-1.5-hf: shortest edge then a centre crop (here the short side goes to 20, the crop to 16)
+    "clip_crop": ("clip", "default", lambda: CLIPImageProcessorPil(
+        size={"shortest_edge": 20}, crop_size={"height": 16, "width": 16}, image_mean=CLIP_MEAN, image_std=CLIP_STD)),
+    # SigLIP: squash to the square
+    "siglip": ("siglip", "full", lambda: SiglipImageProcessorPil(size={"height": 16, "width": 16})),
+    # The original LLaVA-1.5 recipe: pad to a square with the mean colour, then resize and crop
+    "llava_pad": ("clip", "default", lambda: LlavaImageProcessorPil(
+        do_pad=True, size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=CLIP_MEAN,
+        image_std=CLIP_STD)),
+    # LLaVA-NeXT AnyRes tiles
+    "next": ("clip", "default", lambda: LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=TINY_PINPOINTS,
+        image_mean=CLIP_MEAN, image_std=CLIP_STD)),
+}
+# LLaVA CLIP+Llama, SigLIP+Qwen2, a padded LLaVA over Gemma, LLaVA-NeXT over Mistral with a
+# 5-token window (far shorter than its sequences).
+FAMILY = {"clip_crop": "llama", "siglip": "qwen2", "llava_pad": "gemma", "next": "mistral"}
+
+
+def image(size, seed=0) -> PIL.Image.Image:
+  """Smooth colour gradients plus noise: resampling and cropping differences show."""
+  h, w = size
+  rng = np.random.default_rng([seed, h, w])
+  y, x = np.mgrid[0:h, 0:w]
+  base = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), 128 + 0 * x], -1)
+  return PIL.Image.fromarray(np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8))
+
+
+def save_llava_tokenizer(directory: str, bos: str = "added") -> None:
+  """save_tokenizer's word-level tokenizer; bos: "added" (its post-processor adds BOS, as Llama's),
+  "not_added" (BOS defined, never added), "none" (no BOS at all, as Qwen2's)."""
+  tok = save_tokenizer(directory, template=None)
+  if bos != "added":
+    tok.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    tok.save(os.path.join(directory, "tokenizer.json"))
+  if bos == "none":
+    edit_json(os.path.join(directory, "tokenizer_config.json"), bos_token=None)
+
+
+def write_llava(directory: str, kind: str, bos: str = "added", chat: str = CHAT, seed: int = 0):
+  """A tiny random LLaVA(-NeXT) saved by transformers: model, then processor (which rewrites the
+  tokenizer files and writes processor_config.json and the chat template)."""
+  flavour, strategy, image_processor = KINDS[kind]
+  save_llava_tokenizer(directory, bos)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+  image_id = tokenizer.convert_tokens_to_ids("<image>")
+  vision = vision_config(flavour)
+  text = text_config(FAMILY[kind], 64)
+  if kind == "next":
+    vision.image_size = 32
+    config = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=image_id,
+                                          image_grid_pinpoints=TINY_PINPOINTS)
+    model = transformers.LlavaNextForConditionalGeneration(config)
+    processor_cls = transformers.LlavaNextProcessor
+  else:
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id,
+                                      vision_feature_select_strategy=strategy)
+    model = transformers.LlavaForConditionalGeneration(config)
+    processor_cls = transformers.LlavaProcessor
+  model = randomize(model, seed)
+  model.config._attn_implementation = "eager"
+  model.save_pretrained(directory)
+  processor = processor_cls(image_processor=image_processor(), tokenizer=tokenizer, patch_size=8,
+                            vision_feature_select_strategy=strategy, num_additional_image_tokens=int(flavour == "clip"),
+                            chat_template=chat)
+  processor.save_pretrained(directory)
+  return model
+
+
+def hf_inputs(processor, image: PIL.Image.Image, prompt: str | None = None, raw: bool = False):
+  """As a transformers user: the chat template renders the prompt, the processor tokenizes it
+  (without a second BOS if the template wrote one) and preprocesses the image."""
+  if raw:
+    return processor(images=[image], text=[prompt], return_tensors="pt")
+  messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt or QUESTION}]}]
+  text = processor.apply_chat_template(messages, add_generation_prompt=True)
+  bos = processor.tokenizer.bos_token
+  return processor(images=[image], text=[text], return_tensors="pt",
+                   add_special_tokens=not (bos and text.startswith(bos)))
+
+
+def hf_greedy(model, inputs, **kwargs) -> list[int]:
+  """32 new tokens, cut at EOS as ours are (ours drop it)."""
+  with torch.no_grad():
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=PAD, **kwargs)
+  new = out[0, inputs["input_ids"].shape[1]:].tolist()
+  return new[:new.index(EOS)] if EOS in new else new
+
 
 
 NEW_LAYOUT = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),

@@ -7,7 +7,6 @@ before anything is written.
 """
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -272,19 +271,8 @@ def test_a_bucket_workdir_goes_through_the_same_path_layer(monkeypatch):
   network here; orbax writes its checkpoints through the same epath paths): the workdir check,
   metrics.jsonl appended across two writers (a resumed run), and TensorBoard event files."""
   from etils import epath
-  from fsspec.implementations.memory import MemoryFileSystem
   from vlm_jax.train.metrics import MetricWriter
-
-  class FakeGCS(MemoryFileSystem):
-    protocol = ("gs", "gcs")
-    store, pseudo_dirs = {}, [""]
-
-    def __init__(self, *args, finalize_on_close=None, **kwargs):  # epath passes gcsfs' option
-      super().__init__(*args, **kwargs)
-
-  registry = importlib.import_module("fsspec.registry")._registry
-  for name in FakeGCS.protocol:
-    monkeypatch.setitem(registry, name, FakeGCS)
+  helpers.fake_gcs(monkeypatch)
   root = "gs://bucket/run"
   loop.check_workdir(helpers.tiny_config(), root)  # nothing there yet: fine, writes nothing
   assert not epath.Path(root).exists()

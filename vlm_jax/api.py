@@ -2,14 +2,14 @@
 and `train`, the training loop wired to its eval and to Hugging Face checkpoints."""
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
 import PIL.Image
 
 from vlm_jax import build as build_lib
-from vlm_jax.convert import dispatch, hf_import
+from vlm_jax.convert import dispatch, hf_import, init_from
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.infer.generate import Generator, Sampling
@@ -143,11 +143,16 @@ def load(path: str, dtype: str | None = None) -> Model:
   return Model(config, tokenizer, run, params, step, hf_import.load_origin(workdir))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
-  """Trains (or resumes) the run in `workdir` (what `vlm-jax train` runs): the periodic evals of
-  config.evals, and config.model.init_from may be a Hugging Face directory (LLaVA, CLIP, SigLIP: the task's).
-  Returns the last eval metrics; see vlm_jax.train.loop.train."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, explicit: Iterable[str] = (),
+          stop_after: int | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir` (what `vlm-jax train` runs), with the periodic evals
+  of config.evals. config.model.init_from (a Hugging Face directory: LLaVA, CLIP, SigLIP, the
+  task's; or a workdir) brings the model, tokenizer, chat template and image processor it was made
+  with (convert/init_from.py); `explicit`: the fields the caller set on purpose, kept where they
+  are choices, refused where they contradict the weights. Returns the last eval metrics; see
+  vlm_jax.train.loop.train."""
   from vlm_jax.eval import runner  # here: loading a model for inference needs neither
   from vlm_jax.train import loop
+  init_from.take_from_checkpoint(config, explicit)
   return loop.train(config, workdir, evals=runner.periodic_evals, load_params=dispatch.load_params,
                     stop_after=stop_after)

@@ -9,6 +9,7 @@ inference, eval and conversion need only this.
 import contextlib
 import dataclasses
 import functools
+import logging
 from typing import Callable
 
 import flax.linen as nn
@@ -21,6 +22,8 @@ from vlm_jax import parallel, tasks
 from vlm_jax.data import anyres
 from vlm_jax.errors import UserError
 from vlm_jax.models import attention, lora, vlm
+
+log = logging.getLogger("vlm_jax")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -88,6 +91,19 @@ class Run:
     return vlm.image_tokens(self.config.model)
 
 
+def _quantization_blocks(model: nn.Module, inputs: tuple, lora_cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """QLoRA's block per adapted kernel (lora.quantization_blocks); the ones smaller than
+  lora.block_size are logged."""
+  if lora_cfg.base_dtype not in lora.QUANTIZED or not lora_cfg.block_size:
+    return {}
+  blocks = lora.quantization_blocks(model, inputs, lora_cfg)
+  smaller = {path: b for path, b in blocks.items() if b != lora_cfg.block_size}
+  if smaller:
+    log.info("QLoRA blocks: %d input rows a scale; smaller where %d does not divide the input: %s",
+             lora_cfg.block_size, lora_cfg.block_size, ", ".join(f"{p} {b}" for p, b in smaller.items()))
+  return blocks
+
+
 def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) -> Run:
   task = tasks.task_of(config)
   model = task.make_model(config, image_token_id)
@@ -96,18 +112,14 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
     plain_config = config.copy_and_resolve_references()
     plain_config.lora.rank = 0
     base = build(plain_config, mesh, image_token_id)
-    model, train_model = lora.wrap(model, config.lora), lora.wrap(model, config.lora, train=True)
+    with attention.on_platform(parallel.platform(mesh)):
+      blocks = _quantization_blocks(base.model, task.dummy_inputs(config, 1), config.lora)
+    model, train_model = lora.wrap(model, config.lora, blocks=blocks), lora.wrap(model, config.lora, True, blocks)
   inputs = task.dummy_inputs(config, 1)
   masters = lora.fp32_masters if base else (lambda params: params)
   boxed_init = lambda rng: masters(model.init(rng, *inputs)["params"])
   with attention.on_platform(parallel.platform(mesh)):
-    try:
-      boxed = jax.eval_shape(boxed_init, jax.random.key(0))
-    except ValueError as e:  # qwix: a block that does not divide a kernel's last input axis
-      if base and "cannot be tiled" in str(e):
-        raise UserError(f"config.lora.block_size: {config.lora.block_size} does not divide the last input axis "
-                        f"of every adapted kernel ({str(e).strip()}); pick a divisor, or 0") from None
-      raise
+    boxed = jax.eval_shape(boxed_init, jax.random.key(0))
   if base:
     paths = list(flat_params(nn.meta.unbox(boxed)))
     lora.check_targets(config.lora, paths)

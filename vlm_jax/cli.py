@@ -67,6 +67,19 @@ def _maybe_distributed() -> None:
   jax.distributed.initialize(address, **kwargs)
 
 
+def _load_config(spec: str, overrides: dict[str, str]):
+  """CONFIG.py[:ARG] with the --config.KEY=VALUE overrides, what config.model.init_from's checkpoint
+  defines taken from it (vlm_jax/convert/init_from.py), validated."""
+  from vlm_jax import build
+  from vlm_jax import config as config_lib
+  from vlm_jax.convert import init_from
+  config = config_lib.load_file(spec)
+  config_lib.apply_overrides(config, overrides)
+  init_from.take_from_checkpoint(config, overrides)
+  build.validate(config)
+  return config
+
+
 def cmd_train(argv: list[str]) -> int:
   argv, overrides = split_overrides(argv)
   p = _Parser(prog="vlm-jax train")
@@ -75,18 +88,15 @@ def cmd_train(argv: list[str]) -> int:
   p.add_argument("--data", help="training data spec (replaces config.data.sources)")
   p.add_argument("--eval-data", help="eval data spec (replaces config.evals with this one, metric auto)")
   args = p.parse_args(argv)
+  config = _load_config(args.config, overrides)
   from vlm_jax import config as config_lib
-  config = config_lib.load_file(args.config)
-  config_lib.apply_overrides(config, overrides)
   if args.data:
     config.data.sources = args.data
   if args.eval_data:
     config.evals = {config_lib.eval_name(args.eval_data): config_lib.eval_entry(args.eval_data)}
-  from vlm_jax import build
-  build.validate(config)
   _maybe_distributed()
   from vlm_jax import api
-  api.train(config, args.workdir)
+  api.train(config, args.workdir, explicit=overrides)
   return 0
 
 
@@ -248,8 +258,9 @@ def cmd_convert(argv: list[str]) -> int:
   lora_mode = p.add_mutually_exclusive_group()
   lora_mode.add_argument("--merge-lora", action="store_true", help="with --to-hf, a LoRA checkpoint: one model "
                          "with the adapters merged into its weights")
-  lora_mode.add_argument("--peft", action="store_true", help="with --to-hf, a LoRA checkpoint: the base model, "
-                         "plus its adapters as a PEFT adapter in HF_DIR/adapter")
+  lora_mode.add_argument("--peft", action="store_true", help="with --to-hf, a LoRA checkpoint: a PEFT adapter "
+                         "for the Hugging Face checkpoint the run started from (model.init_from), what it trained "
+                         "whole as modules_to_save; else the base model plus the adapter in HF_DIR/adapter")
   args = p.parse_args(argv)
   importing, exporting = bool(args.from_hf or args.out), bool(args.checkpoint or args.to_hf)
   if importing == exporting:
@@ -293,8 +304,13 @@ def _export_vlm(path: str, out: str, *, dtype: str | None, max_shard_bytes: int,
   """A VLM checkpoint (or LLaVA directory) as a HF LLaVA directory."""
   import vlm_jax
   from vlm_jax.convert import hf_export
+  from vlm_jax.convert import hf_import
   model = vlm_jax.load(path)
   config, params, adapters = hf_export.plain_model(model.run, model.params, merge_lora, peft)
+  source = model.config.model.init_from
+  if adapters and hf_import.is_hf_dir(source):  # an adapter for the checkpoint the run started from
+    hf_export.export_adapter(config, params, adapters, source, out, hf_export.trained_whole(model.run))
+    return
   hf_export.export(config, model.tokenizer, params, model.origin, out, dtype=dtype,
                    max_shard_bytes=max_shard_bytes, peft=adapters)
 
@@ -317,11 +333,7 @@ def cmd_tokens(argv: list[str]) -> int:
   size = _image_size(args.image_size)
   if min(size) < 1:
     raise UserError(f"--image-size {args.image_size!r}: both sides must be >= 1")
-  from vlm_jax import config as config_lib
-  config = config_lib.load_file(args.config)
-  config_lib.apply_overrides(config, overrides)
-  from vlm_jax import build
-  build.validate(config)
+  config = _load_config(args.config, overrides)
   from vlm_jax.data import anyres, anyres_batch
   from vlm_jax.models import vit, vlm
   m = config.model
@@ -362,11 +374,7 @@ def cmd_data(argv: list[str]) -> int:
   p.add_argument("--limit", type=int, help="with --json: at most this many samples of each source")
   p.add_argument("--json", action="store_true", help="one pass over the data; one JSON summary on stdout")
   args = p.parse_args(argv)
-  from vlm_jax import config as config_lib
-  config = config_lib.load_file(args.config)
-  config_lib.apply_overrides(config, overrides)
-  from vlm_jax import build
-  build.validate(config)
+  config = _load_config(args.config, overrides)
   from vlm_jax.data import report
   from vlm_jax.data.tokenizer import Tokenizer
   from vlm_jax.models.vlm import image_tokens
@@ -394,11 +402,7 @@ def cmd_compile(argv: list[str]) -> int:
   for flag, value in (("--decode-rows", args.decode_rows), ("--decode-tokens", args.decode_tokens)):
     if value < 0 or (flag == "--decode-tokens" and value < 1):
       raise UserError(f"{flag} must be >= {0 if flag == '--decode-rows' else 1}, got {value}")
-  from vlm_jax import config as config_lib
-  config = config_lib.load_file(args.config)
-  config_lib.apply_overrides(config, overrides)
-  from vlm_jax import build
-  build.validate(config)
+  config = _load_config(args.config, overrides)
   import jax
   # The target is libtpu's description of the slice; this machine's own devices are not needed
   # (and on a machine without a TPU, jax would otherwise try to start libtpu's backend).

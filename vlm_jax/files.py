@@ -1,8 +1,11 @@
 """Files in and out: the JSON files users and checkpoints bring (one-line errors naming the file),
-and the path layer workdirs are written through (etils.epath: local or gs://)."""
+and the path layer workdirs, Hugging Face directories and tokenizers go through (etils.epath:
+local or gs://)."""
 
+import hashlib
 import json
 import os
+import tempfile
 import time
 
 from etils import epath
@@ -11,17 +14,41 @@ from vlm_jax.errors import UserError
 
 
 def read_json(directory: str, name: str = "config.json", required: bool = True) -> dict | None:
-  """DIRECTORY/NAME parsed; None when it is absent and not required."""
-  path = os.path.join(directory, name)
-  if not os.path.isfile(path):
+  """DIRECTORY/NAME parsed (local or gs://); None when it is absent and not required."""
+  path = as_path(directory) / name
+  if not path.is_file():
     if required:
       raise UserError(f"{directory}: no {name} (not a Hugging Face model directory?)")
     return None
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def is_remote(path: str) -> bool:
+  return "://" in str(path)
+
+
+def local_files(path: str) -> str:
+  """A local path for the small files of a directory (or one file) in a bucket: everything but
+  the *.safetensors weights (read in place, convert/safetensors_io.py), copied into a cache that
+  is refreshed on each call. Local paths are returned as they are."""
+  if not is_remote(path):
+    return path
+  src = as_path(path)
+  if not src.exists():
+    raise UserError(f"{path}: no such file or directory")
+  cache = os.path.join(os.environ.get("VLM_JAX_CACHE", os.path.join(tempfile.gettempdir(), "vlm_jax")),
+                       hashlib.sha256(str(path).encode()).hexdigest()[:16])
+  os.makedirs(cache, exist_ok=True)
+  files = [f for f in src.iterdir() if f.is_file() and not f.name.endswith(".safetensors")] if src.is_dir() else [src]
+  for f in files:
+    tmp = os.path.join(cache, f".{f.name}.{os.getpid()}")
+    with open(tmp, "wb") as out:
+      out.write(f.read_bytes())
+    os.replace(tmp, os.path.join(cache, f.name))  # atomic: processes of one host may share the cache
+  return cache if src.is_dir() else os.path.join(cache, src.name)
 
 
 def check_empty_dir(path: str, flag: str) -> None:

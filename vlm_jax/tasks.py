@@ -71,13 +71,22 @@ def _check_contrastive(config: ml_collections.ConfigDict) -> None:
                     f"positions (config.model.text.max_len = {config.model.text.max_len})")
 
 
+def _check_vlm(config: ml_collections.ConfigDict) -> None:
+  vlm.check_config(config.model)
+  if config.data.seq_len > config.model.llm.max_len:
+    raise UserError(f"config.data.seq_len ({config.data.seq_len}) is longer than the model's context "
+                    f"(config.model.llm.max_len = {config.model.llm.max_len}): the trained model would refuse its "
+                    f"own prompts; set --config.model.llm.max_len={config.data.seq_len} (a longer context over "
+                    "the same RoPE) or a shorter seq_len")
+
+
 def _image_stats(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[float, ...]]:
   return tuple(config.data.image_mean), tuple(config.data.image_std)
 
 
 TASKS = {
     "vlm": Task(lambda config, image_token_id: vlm.VLM(config.model, image_token_id, *_image_stats(config)),
-                _vlm_dummy_inputs, _vlm_loss, lambda config: vlm.check_config(config.model), "conversations"),
+                _vlm_dummy_inputs, _vlm_loss, _check_vlm, "conversations"),
     "contrastive": Task(lambda config, image_token_id: contrastive.Contrastive(config.model, *_image_stats(config)),
                         _contrastive_dummy_inputs, _contrastive_loss, _check_contrastive, "pairs"),
 }

@@ -20,12 +20,13 @@ import numpy as np
 
 from vlm_jax.build import Run, flat_params
 from vlm_jax.convert import hf_config, image_processor, layout as layout_lib, params as params_lib, peft_export
-from vlm_jax.convert.hf_import import Origin, components, copy_aux_files
+from vlm_jax.convert.hf_import import Origin, components, copy_aux_files, slots
 from vlm_jax.convert.safetensors_io import Reader, Tensor, write_sharded
 from vlm_jax.data import IMAGE, hf_tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.files import check_empty_dir, read_json
+from vlm_jax.files import check_empty_dir, local_files, read_json
 from vlm_jax.models import lora
+from vlm_jax.train import optim
 
 DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -157,7 +158,31 @@ def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: st
                                                 "pad_token_id": tokenizer.pad_id})
   write_processor(config, out)
   if peft:
-    peft_export.write(*peft, items, out, out)
+    peft_export.write(*peft, items, os.path.join(out, peft_export.ADAPTER_DIR), out)
+  return out
+
+
+def trained_whole(run: Run) -> set[str]:
+  """Paths of the plain params a LoRA run trained whole (not through adapters): the stage's
+  components without adapters, e.g. the bridge in stage 2."""
+  labels = flat_params(optim.param_labels(run.abstract_params, run.config.train, run.config.stage))
+  return {p for p, label in labels.items() if label != optim.FROZEN and not lora.is_adapter(p)}
+
+
+def export_adapter(config, params, peft: tuple, base_dir: str, out: str, trained: set[str]) -> str:
+  """--peft of a LoRA run that started from a Hugging Face directory: out holds a PEFT adapter for
+  that very checkpoint (PeftModel.from_pretrained(its model, out)), the params trained whole (see
+  trained_whole) in it as PEFT's modules_to_save, and the tokenizer and image processor the run
+  used. params: the plain model's (lora.merge without adapters); peft: (config.lora, the LoRA params)."""
+  check_out(out)
+  with Reader(base_dir) as reader:
+    layout = layout_lib.detect(reader.keys(), slots(config.model), base_dir)
+  flat = flat_params(params)
+  items = params_lib.plan(config.model, layout, {k: v.shape for k, v in flat.items()}, components(config.model))
+  saved = params_lib.hf_tensors([it for it in items if it.path in trained], flat, lambda key: np.dtype(np.float32))
+  peft_export.write(*peft, items, out, base_dir, saved)
+  copy_aux_files(local_files(base_dir), out)
+  write_processor(config, out)
   return out
 
 

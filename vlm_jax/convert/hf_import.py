@@ -29,7 +29,7 @@ from vlm_jax.convert import qformer as qformer_lib
 from vlm_jax.convert.safetensors_io import INDEX, Reader, write_sharded
 from vlm_jax.data import hf_tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.files import check_empty_dir, read_json
+from vlm_jax.files import as_path, check_empty_dir, local_files, read_json
 from vlm_jax.train import checkpoint as checkpoint_lib
 
 log = logging.getLogger("vlm_jax")
@@ -52,9 +52,10 @@ AUX_FILES = hf_tokenizer.FILES + ("preprocessor_config.json", "processor_config.
 
 
 def is_hf_dir(path: str) -> bool:
-  return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
-          and not os.path.isdir(os.path.join(path, "checkpoints"))
-          and (os.path.isfile(os.path.join(path, INDEX)) or any(f.endswith(".safetensors") for f in os.listdir(path))))
+  """A Hugging Face model directory (local or gs://): config.json and safetensors weights."""
+  root = as_path(path) if path else None
+  return bool(root and root.is_dir() and (root / "config.json").is_file() and not (root / "checkpoints").is_dir()
+              and ((root / INDEX).is_file() or any(f.name.endswith(".safetensors") for f in root.iterdir())))
 
 
 @dataclasses.dataclass
@@ -143,13 +144,14 @@ def _unused(reader: Reader, items, layout, slots: tuple[str, ...] | None, skip: 
 def llava_config(directory: str, dtype: str | None = None, base: ml_collections.ConfigDict | None = None):
   """A LLaVA directory's (config, tokenizer, config.json): the model and image processor it
   describes, computing in `dtype` (None: the checkpoint's, as transformers' dtype "auto")."""
-  hc = read_json(directory)
+  files = local_files(directory)  # config, tokenizer and processor (a bucket's copied here)
+  hc = read_json(files)
   info = hf_config.llava_from_hf(hc, f"{directory}/config.json")
-  tokenizer = hf_tokenizer.load(directory)
+  tokenizer = hf_tokenizer.load(files)
   if tokenizer.image_id != info["image_token_id"]:
     raise UserError(f"{directory}: the tokenizer's <image> is id {tokenizer.image_id}, config.json's "
                     f"image_token_id is {info['image_token_id']}")
-  config = _fill_config(base, info["vision"], info["llm"], tokenizer, directory, llava=True,
+  config = _fill_config(base, info["vision"], info["llm"], tokenizer, files, llava=True,
                         anyres=info["anyres"])
   config.data.tokenizer = directory
   if dtype is None and base is None:
@@ -173,7 +175,7 @@ def open_llava(directory: str, dtype: str | None = None, base: ml_collections.Co
     flat_params, items = _read_into(reader, config, run, layout, components(config.model), directory)
     # A tied head stored anyway is the embedding again: never keep a copy that training leaves stale.
     tied = layout["llm_head"] + "lm_head.weight" if config.model.llm.tie_embeddings else None
-    origin = Origin(directory, hc, layout, info["llm_family"], info["vision_layers"], info["image_token_id"],
+    origin = Origin(local_files(directory), hc, layout, info["llm_family"], info["vision_layers"], info["image_token_id"],
                     {k: reader.dtype(k) for k in reader.keys()}, directory,
                     tuple(_unused(reader, items, layout, None, tied)))
   return config, tokenizer, run, params_lib.unflatten(flat_params), origin

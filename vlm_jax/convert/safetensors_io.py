@@ -1,8 +1,9 @@
 """Reading and writing the *.safetensors files of a Hugging Face model directory, as numpy.
 
 Reading is lazy (memory-mapped, one tensor at a time), so a checkpoint larger than host memory
-can be converted parameter by parameter. Writing shards by size and adds the index file that
-transformers expects for more than one shard.
+can be converted parameter by parameter. A directory in a bucket (gs://) is read in place, one
+ranged read a tensor, so every host of a slice reads the one copy. Writing shards by size and
+adds the index file that transformers expects for more than one shard.
 """
 
 import contextlib
@@ -13,6 +14,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from vlm_jax.errors import UserError
+from vlm_jax.files import as_path, is_remote
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -29,33 +31,80 @@ def _safetensors():
   return safetensors
 
 
+class _RangedFile:
+  """A safetensors file in a bucket, with the interface of safetensors' safe_open handle:
+  its header read once, each tensor by one ranged read (8-byte header size, JSON header, data)."""
+
+  DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+  def __init__(self, path):
+    import ml_dtypes  # bfloat16 for numpy
+    self._file = path.open("rb")
+    size = int.from_bytes(self._file.read(8), "little")
+    self._header = json.loads(self._file.read(size))
+    self._header.pop("__metadata__", None)
+    self._start = 8 + size
+    self._numpy = {k: np.dtype(ml_dtypes.bfloat16 if v == "bfloat16" else v) for k, v in self.DTYPES.items()}
+
+  def keys(self) -> list[str]:
+    return list(self._header)
+
+  def get_slice(self, key: str) -> "_RangedFile._Info":
+    return self._Info(self._header[key])
+
+  def get_tensor(self, key: str) -> np.ndarray:
+    info = self._header[key]
+    begin, end = info["data_offsets"]
+    self._file.seek(self._start + begin)
+    return np.frombuffer(self._file.read(end - begin), self._numpy[info["dtype"]]).reshape(info["shape"])
+
+  def __enter__(self) -> "_RangedFile":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._file.close()
+
+  class _Info:
+    def __init__(self, info: dict):
+      self._info = info
+
+    def get_shape(self) -> list[int]:
+      return self._info["shape"]
+
+    def get_dtype(self) -> str:
+      return self._info["dtype"]
+
+
 class Reader:
-  """Every tensor of a HF model directory: `model.safetensors`, an index, or any *.safetensors."""
+  """Every tensor of a HF model directory (local or gs://): `model.safetensors`, an index, or any
+  *.safetensors."""
 
   def __init__(self, directory: str):
     self.directory = directory
     self._files: dict[str, str] = {}   # key -> file name
-    index = os.path.join(directory, INDEX)
-    if os.path.isfile(index):
+    root = as_path(directory)
+    index = root / INDEX
+    if index.is_file():
       try:
-        with open(index) as f:
-          weight_map = json.load(f)["weight_map"]
+        weight_map = json.loads(index.read_text())["weight_map"]
       except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{index}: not a safetensors index ({e})") from None
       names = sorted(set(weight_map.values()))
     else:
-      names = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+      names = sorted(f.name for f in root.iterdir() if f.name.endswith(".safetensors")) if root.is_dir() else []
       if not names:
         raise UserError(f"{directory}: no *.safetensors weights (only safetensors checkpoints are read)")
     st = _safetensors()
     self._stack = contextlib.ExitStack()
     self._handles = {}
     for name in names:
-      path = os.path.join(directory, name)
-      if not os.path.isfile(path):
+      path = root / name
+      if not path.is_file():
         raise UserError(f"{index}: names {name}, which is missing")
       try:
-        handle = self._stack.enter_context(st.safe_open(path, framework="numpy"))
+        handle = self._stack.enter_context(_RangedFile(path) if is_remote(directory)
+                                           else st.safe_open(os.fspath(path), framework="numpy"))
       except Exception as e:  # safetensors raises its own error types for a bad header
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
       self._handles[name] = handle

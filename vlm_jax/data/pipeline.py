@@ -26,7 +26,7 @@ from vlm_jax.data.anyres_batch import AnyRes
 from vlm_jax.data.images import Preprocessing
 from vlm_jax.data.packing import ImagePool, PackBatches, TileGroups
 from vlm_jax.data.prepare import Prepare
-from vlm_jax.data.templates import get_template
+from vlm_jax.data.templates import check_tokenizer
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
 
@@ -86,9 +86,10 @@ class Batches:
                max_images: int = 1, pack: bool = False, workers: int = 0, threads: int = 4,
                prefetch: int = 2, tfds_dir: str = "", anyres: AnyRes | None = None, tile_groups: int = 1,
                max_tiles: int = 0, image_pool: int = 0, layout: str = "conversations"):
-    get_template(template)  # Fails now, not at the first batch.
     if layout not in LAYOUTS:
       raise ValueError(f"batch layout {layout!r} is not one of {LAYOUTS}")
+    if layout == "conversations":
+      check_tokenizer(template, tokenizer)  # fails now, not at the first batch
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise UserError(f"batch size {global_batch_size} is not a positive multiple of the "
                       f"{process_count} processes")

@@ -10,6 +10,7 @@ the runs concatenate to the tokens of the whole text.
 """
 
 import dataclasses
+import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -60,6 +61,26 @@ TEMPLATES = {
     "gemma": Template(user="<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n",
                       answer="{}<end_of_turn>", after_answer="\n", trim=True, bos="template"),
 }
+
+
+# A template's special tokens: <|im_end|>, <|eot_id|>, <start_of_turn>, ...
+_SPECIAL = re.compile(r"<\|[^<>|]+\|>|<[a-z_]+_of_turn>")
+
+
+def check_tokenizer(name: str, tokenizer: Tokenizer) -> None:
+  """config.data.template `name` can be written with the tokenizer: the model's own template
+  exists, and each special token a built-in template writes is one token of this vocabulary."""
+  tpl = get_template(name)
+  if tpl is None:
+    if not getattr(tokenizer, "chat_template", None):
+      raise UserError(f"config.data.template: 'hf' needs the tokenizer's own chat template, and "
+                      f"{tokenizer.name} has none; name a built-in one ({', '.join(TEMPLATES)})")
+    return
+  texts = (tpl.user, tpl.answer, tpl.system, tpl.after_answer)
+  for token in sorted({t for text in texts for t in _SPECIAL.findall(text)}):
+    if len(tokenizer.encode(token)) != 1:
+      raise UserError(f"config.data.template: {name!r} writes {token}, which is not a token of "
+                      f"{tokenizer.name}; use its model's template ('hf' or another)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ import sentencepiece as spm
 
 from vlm_jax.data import IMAGE
 from vlm_jax.errors import UserError
+from vlm_jax.files import local_files
 
 ASSETS = pathlib.Path(__file__).parent / "assets"
 BUILTIN = {"shapes": ASSETS / "shapes.model"}
@@ -38,6 +39,7 @@ class Tokenizer:
   def load(cls, spec: str) -> "Tokenizer":
     """`shapes` (the shipped model), a sentencepiece .model file, or a Hugging Face model
     directory / tokenizer.json (data.hf_tokenizer.HFTokenizer, same interface)."""
+    spec = local_files(spec)  # a tokenizer in a bucket: its files copied here
     if os.path.isdir(spec) or spec.endswith(".json"):
       from vlm_jax.data import hf_tokenizer
       if not os.path.exists(spec):

@@ -21,6 +21,7 @@ from qwix._src.core import qarray  # quantize / dequantize one array: not re-exp
 from qwix._src.providers import ptq
 
 from vlm_jax.errors import UserError
+from vlm_jax.models.layers import Dense
 
 
 QUANTIZED = ("int8", "nf4")
@@ -45,17 +46,52 @@ def targets(lora_cfg: ml_collections.ConfigDict) -> list[str]:
   return patterns
 
 
-def wrap(model: nn.Module, lora_cfg: ml_collections.ConfigDict, train: bool = False) -> nn.Module:
-  """The model with adapters on the target modules (module paths like "llm/layers/q"); dropout
-  on their input only with train (it then needs a "dropout" rng)."""
-  qtype = lora_cfg.base_dtype if lora_cfg.base_dtype in QUANTIZED else None
+def _with_blocks(pattern: str) -> str:
   # Decoding runs the LLM's layers as "block_<i>" modules (VLM.layer_list): a target written
   # against the training layout ("llm/layers/q") matches them too.
-  paths = [f"(?:{p})|(?:{p.replace('layers', r'block_[0-9]+')})" for p in targets(lora_cfg)]
-  rules = [qwix.LoraRule(module_path=p, rank=lora_cfg.rank, alpha=float(lora_cfg.alpha),
-                         dropout=lora_cfg.dropout if train else 0.0, weight_qtype=qtype,
-                         tile_size=(lora_cfg.block_size or None) if qtype else None)
-           for p in paths]
+  return f"(?:{pattern})|(?:{pattern.replace('layers', r'block_[0-9]+')})"
+
+
+def quantization_blocks(model: nn.Module, inputs: tuple, lora_cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """QLoRA's block (input rows per scale) for each adapted kernel: the largest power of two up to
+  lora.block_size that divides the kernel's last input axis (what qwix tiles). {module path: block}."""
+  sizes = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, Dense) and context.method_name == "__call__":
+      sizes["/".join(context.module.path)] = args[0].shape[-1]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(model.init, jax.random.key(0), *inputs)
+  patterns = targets(lora_cfg)
+  blocks = {}
+  for path, size in sorted(sizes.items()):
+    if any(re.fullmatch(p, path) for p in patterns):
+      block = 1 << (lora_cfg.block_size.bit_length() - 1)
+      while size % block:
+        block //= 2
+      blocks[path] = block
+  return blocks
+
+
+def wrap(model: nn.Module, lora_cfg: ml_collections.ConfigDict, train: bool = False,
+         blocks: dict[str, int] | None = None) -> nn.Module:
+  """The model with adapters on the target modules (module paths like "llm/layers/q"); dropout
+  on their input only with train (it then needs a "dropout" rng). QLoRA (base_dtype int8 / nf4)
+  quantizes each kernel in `blocks[path]` input rows per scale (quantization_blocks), one scale
+  per output channel without a lora.block_size."""
+  qtype = lora_cfg.base_dtype if lora_cfg.base_dtype in QUANTIZED else None
+  rule = lambda pattern, tile=None: qwix.LoraRule(
+      module_path=_with_blocks(pattern), rank=lora_cfg.rank, alpha=float(lora_cfg.alpha),
+      dropout=lora_cfg.dropout if train else 0.0, weight_qtype=qtype, tile_size=tile)
+  if qtype and lora_cfg.block_size:
+    by_block = {}
+    for path, block in (blocks or {}).items():
+      by_block.setdefault(block, []).append(re.escape(path))
+    rules = [rule("|".join(paths), block) for block, paths in sorted(by_block.items())]
+  else:
+    rules = [rule(p) for p in targets(lora_cfg)]
   return qwix.apply_lora_to_model(model, qwix.LoraProvider(rules), methods=METHODS)
 
 

@@ -184,9 +184,9 @@ def read_params(workdir: str, step: int | None, run: Run, where: str, part=None)
 
 def in_workdir(spec: str, workdir: str) -> str:
   """A relative tokenizer path that exists inside the workdir (a converted model's hf/) is read there."""
-  if spec in BUILTIN or os.path.isabs(spec) or not os.path.exists(os.path.join(workdir, spec)):
+  if spec in BUILTIN or os.path.isabs(spec) or "://" in spec or not (as_path(workdir) / spec).exists():
     return spec
-  return os.path.join(workdir, spec)
+  return str(as_path(workdir) / spec)
 
 
 def open_workdir(path: str, dtype: str | None = None) -> tuple:

@@ -1,8 +1,10 @@
 """A run started from a checkpoint (config.model.init_from) takes what the checkpoint defines: the
-LLaVA-1.5 recipe, given a tiny Hugging Face LLaVA written by transformers and only sizes for CPU,
-trains with the checkpoint's model, tokenizer, chat template and image processor: its first loss
-is transformers' loss on the same sample, and the trained workdir (lr 0) generates transformers'
-greedy tokens. A field that contradicts the weights is refused in one line, before any write."""
+LLaVA-1.5 recipe, given a tiny Hugging Face LLaVA written by transformers (local or in a bucket)
+and only sizes for CPU, trains with the checkpoint's model, tokenizer, chat template and image
+processor: its first loss is transformers' loss on the same sample, and the trained workdir (lr 0)
+generates transformers' greedy tokens. A field that contradicts the weights is refused in one
+line, before any write; choices set on purpose are kept. LoRA from the checkpoint exports a PEFT
+adapter for that very checkpoint."""
 
 import json
 import logging
@@ -24,13 +26,15 @@ from vlm_jax import config as config_lib
 from vlm_jax.convert import init_from
 
 RECIPE = os.path.join(processes.ROOT, "configs", "llava15_ref.py") + ":stage2"
+NEXT_RECIPE = os.path.join(processes.ROOT, "configs", "llava_next_ref.py") + ":stage2"
 # Only sizes for CPU (8 devices: 8 rows, one micro-batch); lr 0 keeps the checkpoint's weights.
 SIZES = ["--config.train.steps=1", "--config.train.batch_size=8", "--config.train.grad_accum=1",
          "--config.data.seq_len=64", "--config.train.log_every=1", "--config.train.lr=0"]
 ANSWER = "a red circle on a blue square"
 IMAGE_SIZE = (40, 24)  # portrait: the processor's resize and crop show
-# Llama + CLIP, shortest edge and a centre crop (llava-1.5-hf's); Qwen2 + SigLIP, squashed.
-KINDS = ("clip_crop", "siglip")
+# Llama + CLIP, shortest edge and a centre crop (llava-1.5-hf's); Qwen2 + SigLIP, squashed;
+# LLaVA-NeXT (AnyRes tiles) over Mistral (configs/llava_next_ref.py).
+KINDS = ("clip_crop", "siglip", "next")
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +86,17 @@ def in_bucket(directory: str, monkeypatch) -> str:
   return str(root)
 
 
-@pytest.mark.parametrize("kind, where", [("clip_crop", "local"), ("siglip", "local"), ("clip_crop", "gs")])
+@pytest.mark.parametrize("kind, where", [("clip_crop", "local"), ("siglip", "local"), ("clip_crop", "gs"),
+                                         ("next", "local")])
 def test_the_recipe_trains_what_the_checkpoint_defines(kind, where, checkpoints, data, tmp_path, capsys, caplog,
                                                        monkeypatch):
   c = checkpoints[kind]
   source = in_bucket(c["dir"], monkeypatch) if where == "gs" else c["dir"]
   work = str(tmp_path / "run")
+  recipe, sizes = (NEXT_RECIPE, [*SIZES, "--config.data.seq_len=160"]) if kind == "next" else (RECIPE, SIZES)
   with caplog.at_level(logging.INFO, logger="vlm_jax"):
-    out = cli_here(capsys, "train", "--config", RECIPE, "--workdir", work, f"--config.model.init_from={source}",
-                   "--data", data["spec"], "--eval-data", data["spec"], *SIZES)
+    out = cli_here(capsys, "train", "--config", recipe, "--workdir", work, f"--config.model.init_from={source}",
+                   "--data", data["spec"], "--eval-data", data["spec"], *sizes)
   assert out.returncode == 0, out.stderr[-3000:]
   # The log lists what came from the checkpoint instead of the recipe.
   assert f"from {source} (config.model.init_from)" in caplog.text
@@ -107,7 +113,7 @@ def test_the_recipe_trains_what_the_checkpoint_defines(kind, where, checkpoints,
   expected = hf_models.hf_greedy(c["hf"], hf_models.hf_inputs(c["processor"], data["image"]))
   assert len(expected) == hf_models.NEW_TOKENS and json.loads(out.stdout)["token_ids"] == expected
   # The workdir is a checkpoint like the HF directory: the recipe started from it takes its model.
-  config = config_lib.load_file(RECIPE)
+  config = config_lib.load_file(recipe)
   config.model.init_from = work
   init_from.take_from_checkpoint(config)
   saved = config_lib.from_json(open(os.path.join(work, "config.json")).read())

@@ -3,6 +3,7 @@ apply_chat_template for the templates that models ship (Llama 3, Qwen2 ChatML, G
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -11,9 +12,9 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from vlm_jax.data import IMAGE, hf_tokenizer
-from vlm_jax.data.templates import TEMPLATES, encode_conversation, encode_prompt
+from vlm_jax.data.templates import TEMPLATES, check_tokenizer, encode_conversation, encode_prompt
 from vlm_jax.data.tokenizer import Tokenizer
-from vlm_jax.errors import BadSample
+from vlm_jax.errors import BadSample, UserError
 
 TURNS = [("user", f"{IMAGE}\nWhat color is the circle?"), ("assistant", "red"),
          ("user", "And the square?"), ("assistant", "blue, I think")]
@@ -150,3 +151,19 @@ def test_matches_apply_chat_template(tmp_path, template):
   prompt = theirs.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
   assert encode_prompt(TURNS[0][1], ours, 1, template=template).tolist() == theirs.encode(
       prompt, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("template, token", [("llama3", "<|end_header_id|>"), ("chatml", "<|im_end|>"),
+                                             ("gemma", "<end_of_turn>")])
+def test_a_template_needs_its_special_tokens_in_the_vocabulary(sp, tmp_path, template, token):
+  """Checked at start (data/pipeline.py): each special token a built-in template writes is one
+  token of the tokenizer; 'hf' needs the tokenizer's own chat template."""
+  check_tokenizer(template, hf_tokenizer.load(_hf_dir(str(tmp_path), template)))  # its model's tokenizer: fine
+  check_tokenizer("hf", hf_tokenizer.load(_hf_dir(str(tmp_path), template)))
+  check_tokenizer("simple", sp)
+  with pytest.raises(UserError, match=f"config.data.template: '{template}' writes {re.escape(token)}, which is not a "
+                     "token of shapes"):
+    check_tokenizer(template, sp)
+  with pytest.raises(UserError, match="config.data.template: 'hf' needs the tokenizer's own chat template"):
+    check_tokenizer("hf", sp)
+

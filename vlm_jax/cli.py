@@ -270,8 +270,9 @@ def cmd_convert(argv: list[str]) -> int:
       raise UserError(f"convert: {'--out' if args.from_hf else '--from-hf'} is missing")
     if args.qformer and not args.vision:
       raise UserError("convert: --qformer needs --vision (the tower whose features the Q-Former reads)")
+    from vlm_jax.files import as_path
     for flag, path in (("--from-hf", args.from_hf), ("--vision", args.vision), ("--qformer", args.qformer)):
-      if path is not None and not os.path.isdir(path):
+      if path is not None and not as_path(path).is_dir():
         raise UserError(f"{flag}: no such directory: {path}")
     base = None
     if args.config:

@@ -23,7 +23,7 @@ from vlm_jax.convert import hf_config, hf_export, hf_import, image_processor, pa
 from vlm_jax.convert.safetensors_io import Reader, Tensor, write_sharded
 from vlm_jax.data import hf_tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.files import check_empty_dir, read_json
+from vlm_jax.files import check_empty_dir, local_files, read_json
 from vlm_jax.models import contrastive as model_lib
 from vlm_jax.train import checkpoint as checkpoint_lib
 
@@ -183,7 +183,7 @@ def read_config(directory: str, base: ml_collections.ConfigDict | None = None):
   config.data.update(image_processor.read(directory, v.flavour, v.image_size, False))
   if base is None or config.data.seq_len > config.model.text.max_len:
     config.data.seq_len = config.model.text.max_len
-  tokenizer = _tokenizer(directory, config)
+  tokenizer = _tokenizer(local_files(directory), config)  # a bucket's tokenizer files copied here
   if tokenizer is not None:
     config.data.tokenizer = directory
   build_lib.validate(config)

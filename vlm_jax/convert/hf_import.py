@@ -278,7 +278,7 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
   vision, n_layers = hf_config.vision_from_hf(vc, feature_layer, "default" if flavour == "clip" else "full",
                                               f"{vision_dir}/config.json")
   llm, family = hf_config.llm_from_hf(tc, f"{llm_dir}/config.json")
-  tokenizer = hf_tokenizer.load(llm_dir, add_image=True)
+  tokenizer = hf_tokenizer.load(local_files(llm_dir), add_image=True)
   llm["vocab_size"] = max(llm["vocab_size"], tokenizer.vocab_size)
   config = _fill_config(base, vision, llm, tokenizer, vision_dir, llava=False)
   qformer = {} if qformer_dir is None else qformer_lib.read_bridge(  # its errors before the long reads
@@ -306,10 +306,10 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
   shardings = flat_params(run.param_shardings)
   for path, host in qformer.items():  # fresh params stay for what BLIP-2 cannot give (its projection)
     params[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda idx, h=host: h[idx])
-  origin = Origin(llm_dir, {"text_config": tc, "vision_config": vc}, layout, family, n_layers,
+  origin = Origin(local_files(llm_dir), {"text_config": tc, "vision_config": vc}, layout, family, n_layers,
                   tokenizer.image_id, dtypes, vision_dir, tuple(renames))
   write_workdir(out, config, params_lib.unflatten(params), origin, tokenizer, renames)
-  preprocessor = os.path.join(vision_dir, "preprocessor_config.json")  # the image side is the tower's
+  preprocessor = os.path.join(local_files(vision_dir), "preprocessor_config.json")  # the image side is the tower's
   if os.path.isfile(preprocessor):
     shutil.copyfile(preprocessor, os.path.join(out, SIDECAR, "preprocessor_config.json"))
   return out

@@ -191,3 +191,13 @@ def test_peft_adapter_applies_to_the_checkpoint_the_run_started_from(checkpoints
     original = c["hf"](**inputs).logits[0].numpy()
   np.testing.assert_allclose(mine, theirs, atol=1e-4)
   assert np.abs(mine - original).max() > 1e-2  # training moved the model: the adapter carries it
+
+
+def test_a_missing_checkpoint_is_one_line_naming_the_field(data, tmp_path, capsys):
+  work = tmp_path / "run"
+  out = cli_here(capsys, "train", "--config", RECIPE, "--workdir", str(work),
+                 f"--config.model.init_from={tmp_path / 'nope'}", "--data", data["spec"], *SIZES)
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (f"vlm-jax: error: config.model.init_from: no such file or "
+                                                 f"directory: {tmp_path / 'nope'}")
+  assert not work.exists()

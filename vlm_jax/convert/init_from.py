@@ -53,7 +53,10 @@ def checkpoint_config(path: str, task: str) -> ml_collections.ConfigDict:
     if config.model.dtype == "float16":  # TPUs compute in bfloat16; fp16 without loss scaling underflows
       config.model.dtype = "bfloat16"
     return config
-  workdir, _ = checkpoint_lib.resolve(path)
+  try:
+    workdir, _ = checkpoint_lib.resolve(path)
+  except UserError as e:  # resolve speaks of --checkpoint
+    raise UserError(f"config.model.init_from: {str(e).removeprefix('--checkpoint: ')}") from None
   config = config_lib.from_json((as_path(workdir) / "config.json").read_text())
   config.data.tokenizer = checkpoint_lib.in_workdir(config.data.tokenizer, workdir)
   return config
@@ -96,15 +99,15 @@ def take_from_checkpoint(config: ml_collections.ConfigDict, explicit: Iterable[s
   mine = config_lib.flatten(config.to_dict())
   taken = []
   for key, value in sorted(theirs.items()):
-    if value is None or not _owned(key, config, value) or _same(key, mine[key], value):
+    if value is None or not _owned(key, config, value) or _same(key, mine.get(key), value):
       continue
     if key in explicit:
       if weight_field(key):
-        raise UserError(f"--config.{key}={mine[key]!r}: config.model.init_from {path} defines it as {value!r} "
+        raise UserError(f"--config.{key}={mine.get(key)!r}: config.model.init_from {path} defines it as {value!r} "
                         "(its weights were trained so); leave the field out")
       continue
     _set(config, key, tuple(value) if isinstance(value, list) else value)
-    taken.append(f"{key}: {mine[key]!r} -> {value!r}")
+    taken.append(f"{key}: {mine.get(key)!r} -> {value!r}")
   if taken:
     log.info("from %s (config.model.init_from):\n  %s", path, "\n  ".join(taken))
   return taken

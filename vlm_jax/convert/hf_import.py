@@ -87,6 +87,8 @@ def _fill_config(base: ml_collections.ConfigDict | None, vision: dict, llm: dict
   config = config_lib.base() if base is None else base
   config.model.vision.update(vision)
   config.model.llm.update(llm)
+  if base is None:  # rows no longer than the context (a base's are its own to check)
+    config.data.seq_len = min(config.data.seq_len, config.model.llm.max_len)
   if anyres is not None:  # a LLaVA checkpoint says; an assembled model keeps base's
     config.model.anyres.update(anyres)
   if llava:

@@ -60,7 +60,7 @@ def check_empty_dir(path: str, flag: str) -> None:
 def as_path(path: str) -> epath.Path:
   """A workdir path through one layer for every filesystem: local (made absolute) or a URI
   etils.epath opens (gs://bucket/run on a TPU VM)."""
-  return epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(path))
+  return epath.Path(path) if is_remote(path) else epath.Path(os.path.abspath(path))
 
 
 def check_output_dir(path: str, flag: str, subdirs: tuple[str, ...] = (), files: tuple[str, ...] = ()) -> None:

@@ -24,7 +24,7 @@ from vlm_jax.convert.hf_import import Origin, components, copy_aux_files, slots
 from vlm_jax.convert.safetensors_io import Reader, Tensor, write_sharded
 from vlm_jax.data import IMAGE, hf_tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.files import check_empty_dir, local_files, read_json
+from vlm_jax.files import check_empty_dir, read_json
 from vlm_jax.models import lora
 from vlm_jax.train import optim
 
@@ -181,7 +181,7 @@ def export_adapter(config, params, peft: tuple, base_dir: str, out: str, trained
   items = params_lib.plan(config.model, layout, {k: v.shape for k, v in flat.items()}, components(config.model))
   saved = params_lib.hf_tensors([it for it in items if it.path in trained], flat, lambda key: np.dtype(np.float32))
   peft_export.write(*peft, items, out, base_dir, saved)
-  copy_aux_files(local_files(base_dir), out)
+  copy_aux_files(base_dir, out)
   write_processor(config, out)
   return out
 

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 
 import flax.linen as nn
@@ -177,7 +176,7 @@ def open_llava(directory: str, dtype: str | None = None, base: ml_collections.Co
     flat_params, items = _read_into(reader, config, run, layout, components(config.model), directory)
     # A tied head stored anyway is the embedding again: never keep a copy that training leaves stale.
     tied = layout["llm_head"] + "lm_head.weight" if config.model.llm.tie_embeddings else None
-    origin = Origin(local_files(directory), hc, layout, info["llm_family"], info["vision_layers"], info["image_token_id"],
+    origin = Origin(directory, hc, layout, info["llm_family"], info["vision_layers"], info["image_token_id"],
                     {k: reader.dtype(k) for k in reader.keys()}, directory,
                     tuple(_unused(reader, items, layout, None, tied)))
   return config, tokenizer, run, params_lib.unflatten(flat_params), origin
@@ -222,11 +221,12 @@ def write_sidecar(out: str, files_dir: str | None, hf_config: dict | None, token
   return sidecar
 
 
-def copy_aux_files(src: str | None, dst: str) -> None:
-  """The tokenizer, processor and generation files (AUX_FILES) that src has."""
-  for name in AUX_FILES:
-    if src and os.path.isfile(os.path.join(src, name)):
-      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+def copy_aux_files(src: str | None, dst: str, names: tuple[str, ...] = AUX_FILES) -> None:
+  """The tokenizer, processor and generation files (AUX_FILES) that src (local or gs://) has."""
+  for name in names:
+    if src and (as_path(src) / name).is_file():
+      with open(os.path.join(dst, name), "wb") as f:
+        f.write((as_path(src) / name).read_bytes())
 
 
 def save_converted(out: str, config: ml_collections.ConfigDict, params, own_tokenizer: bool = True) -> str:
@@ -308,12 +308,10 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
   shardings = flat_params(run.param_shardings)
   for path, host in qformer.items():  # fresh params stay for what BLIP-2 cannot give (its projection)
     params[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda idx, h=host: h[idx])
-  origin = Origin(local_files(llm_dir), {"text_config": tc, "vision_config": vc}, layout, family, n_layers,
+  origin = Origin(llm_dir, {"text_config": tc, "vision_config": vc}, layout, family, n_layers,
                   tokenizer.image_id, dtypes, vision_dir, tuple(renames))
   write_workdir(out, config, params_lib.unflatten(params), origin, tokenizer, renames)
-  preprocessor = os.path.join(local_files(vision_dir), "preprocessor_config.json")  # the image side is the tower's
-  if os.path.isfile(preprocessor):
-    shutil.copyfile(preprocessor, os.path.join(out, SIDECAR, "preprocessor_config.json"))
+  copy_aux_files(vision_dir, os.path.join(out, SIDECAR), ("preprocessor_config.json",))  # the image side is the tower's
   return out
 
 

@@ -20,7 +20,7 @@ from vlm_jax.convert import contrastive, hf_import
 from vlm_jax.data.chat_template import HF
 from vlm_jax.data.templates import get_template
 from vlm_jax.errors import UserError
-from vlm_jax.files import as_path
+from vlm_jax.files import as_path, is_remote
 from vlm_jax.train import checkpoint as checkpoint_lib
 
 log = logging.getLogger("vlm_jax")
@@ -72,7 +72,7 @@ def _owned(key: str, config: ml_collections.ConfigDict, value) -> bool:
 
 
 def _same(key: str, a, b) -> bool:
-  if key == "data.tokenizer" and "://" not in f"{a}{b}" and os.path.exists(a) and os.path.exists(b):
+  if key == "data.tokenizer" and not (is_remote(a) or is_remote(b)) and os.path.exists(a) and os.path.exists(b):
     return os.path.samefile(a, b)
   return a == b
 

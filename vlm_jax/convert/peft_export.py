@@ -15,6 +15,7 @@ import numpy as np
 
 from vlm_jax.convert import params as params_lib, safetensors_io
 from vlm_jax.errors import UserError
+from vlm_jax.files import is_remote
 from vlm_jax.models import lora
 
 ADAPTER_DIR = "adapter"  # inside the --to-hf directory, beside the base model
@@ -69,7 +70,7 @@ def write(lora_cfg: ml_collections.ConfigDict, params: dict, items: list[params_
   [written] = safetensors_io.write_sharded(directory, tensors, max_shard_bytes=1 << 62)
   os.replace(os.path.join(directory, written), os.path.join(directory, "adapter_model.safetensors"))
   config = {"peft_type": "LORA", "task_type": None,
-            "base_model_name_or_path": base_model if "://" in base_model else os.path.abspath(base_model),
+            "base_model_name_or_path": base_model if is_remote(base_model) else os.path.abspath(base_model),
             "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout,
             "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
             "inference_mode": True, "modules_to_save": modules_to_save or None}

@@ -25,7 +25,7 @@ from vlm_jax import parallel
 from vlm_jax.build import Run
 from vlm_jax.data.tokenizer import BUILTIN, Tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.files import as_path
+from vlm_jax.files import as_path, is_remote
 
 
 # Tensorstore has no 4-bit types: 4-bit arrays (QLoRA's nf4 codes) are stored as bytes.
@@ -184,7 +184,7 @@ def read_params(workdir: str, step: int | None, run: Run, where: str, part=None)
 
 def in_workdir(spec: str, workdir: str) -> str:
   """A relative tokenizer path that exists inside the workdir (a converted model's hf/) is read there."""
-  if spec in BUILTIN or os.path.isabs(spec) or "://" in spec or not (as_path(workdir) / spec).exists():
+  if spec in BUILTIN or os.path.isabs(spec) or is_remote(spec) or not (as_path(workdir) / spec).exists():
     return spec
   return str(as_path(workdir) / spec)
 

@@ -47,7 +47,7 @@ def write_random_llava(directory: str) -> int:
   config.model.vision.update(info["vision"])
   config.model.vision.depth = CLIP_L_336["num_hidden_layers"]  # every block on disk
   config.model.llm.update(info["llm"])
-  run = build_lib.build(config, parallel.inference_mesh(config), hc["image_token_id"])
+  run = build_lib.build(config, parallel.inference_mesh(), hc["image_token_id"])
   shapes = {k: v.shape for k, v in build_lib.flat_params(run.abstract_params).items()}
   items = params_lib.plan(config.model, layout.LLAVA, shapes, ("vision", "bridge", "llm"))
   rng = np.random.default_rng(0)

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from vlm_jax import config as config_lib
 from vlm_jax.data import llava_fixture
 from vlm_jax.data.images import Preprocessing
 from vlm_jax.data.pipeline import Batches
@@ -51,9 +52,11 @@ MODES = {  # name: (pack, uint8 images, image_pool)
 
 def measure(path: str, pack: bool, uint8: bool, pool: int, batches: int) -> dict:
   tok = Tokenizer.load("shapes")
-  it = Batches(f"llava:{path}", tokenizer=tok, seq_len=SEQ_LEN, global_batch_size=ROWS,
-               preprocessing=Preprocessing(IMAGE_SIZE, on_device=uint8), image_tokens=IMAGE_TOKENS, seed=0,
-               pack=pack, max_images=8 if pack else 1, threads=1, prefetch=0, image_pool=pool)
+  config = config_lib.base()
+  config.train.batch_size = ROWS
+  config.data.update(dict(sources=f"llava:{path}", seq_len=SEQ_LEN, pack=pack, max_images=8 if pack else 1,
+                          threads=1, prefetch=0, image_pool=pool))
+  it = Batches(config, tok, IMAGE_TOKENS, preprocessing=Preprocessing(IMAGE_SIZE, on_device=uint8))
   next(it)  # warm-up: file list, first reads
   t0, cpu0 = time.perf_counter(), time.process_time()
   samples = used = real_images = encoded = image_bytes = 0

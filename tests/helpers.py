@@ -31,6 +31,14 @@ def tiny_config(overrides: dict[str, object] | None = None) -> ml_collections.Co
   return c
 
 
+def data_config(spec: str, *, seq_len: int, batch: int, seed: int, **data) -> ml_collections.ConfigDict:
+  """The base config reading `spec` with these data fields, as pipeline.Batches takes it."""
+  c = config_lib.base()
+  c.seed, c.train.batch_size = seed, batch
+  c.data.update(dict(sources=spec, seq_len=seq_len, **data))
+  return c
+
+
 def random_batch(seed: int, cfg: ml_collections.ConfigDict, image_id: int) -> dict[str, np.ndarray]:
   """A batch with pipeline.collate's layout and varied content: rows of different lengths,
   text-only rows, packed rows (two segments), and a different number of supervised targets

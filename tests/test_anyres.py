@@ -265,7 +265,7 @@ def _anyres_config(tok, overrides=None):
 
 
 def _batches(cfg, tok, tile_groups: int):
-  return Batches.from_config(cfg, tok, helpers.image_tokens(cfg.model), tile_groups=tile_groups)
+  return Batches(cfg, tok, helpers.image_tokens(cfg.model), tile_groups=tile_groups)
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def config(tok, family: str = "siglip", overrides: dict | None = None):
 
 
 def batches(cfg, tok, n: int) -> list[dict]:
-  data = Batches.from_config(cfg, tok, 0, layout="pairs")
+  data = Batches(cfg, tok, 0, layout="pairs")
   out = [next(data) for _ in range(n)]
   data.close()
   return out
@@ -85,7 +85,7 @@ def test_pairs_read_llava_captions_skip_bad_samples_and_resume(tok, tmp_path):
   path = tmp_path / "pairs.json"
   path.write_text(json.dumps(records))
   cfg = config(tok, overrides={"data.sources": f"llava:{path}", "train.batch_size": 2})
-  data = Batches.from_config(cfg, tok, 0, layout="pairs")
+  data = Batches(cfg, tok, 0, layout="pairs")
   got = [next(data) for _ in range(3)]
   state = data.get_state()
   after = next(data)
@@ -95,7 +95,7 @@ def test_pairs_read_llava_captions_skip_bad_samples_and_resume(tok, tmp_path):
   np.testing.assert_array_equal(by_key["cap"][:5], [tok.bos_id] + tok.encode("a red circle") + [tok.eos_id])
   np.testing.assert_array_equal(by_key["conv"][:4], [tok.bos_id] + tok.encode("two shapes") + [tok.eos_id])
   assert data.skipped.get("image_count", 0) >= 1
-  resumed = Batches.from_config(cfg, tok, 0, layout="pairs")
+  resumed = Batches(cfg, tok, 0, layout="pairs")
   resumed.set_state(state)
   again = next(resumed)
   resumed.close()
@@ -182,7 +182,7 @@ def test_zeroshot_accuracy_is_the_nearest_prompted_class(tok):
   examples = [shapes.make_example(cfg.seed, "test", i, 32) for i in range(37)]
   images = np.asarray(apply(host, np.stack([preprocess(e.image) for e in examples]), "image_features"), np.float64)
   images /= np.linalg.norm(images, axis=1, keepdims=True)
-  for kind, (names, prompts) in shapes.ZEROSHOT.items():
+  for kind, (_, prompts) in shapes.ZEROSHOT.items():
     classes = []
     for class_prompts in prompts:
       tokens = np.stack([pairs.caption_tokens(tok, p, cfg.data.seq_len) for p in class_prompts])

@@ -258,7 +258,7 @@ def test_a_model_trained_here_exports_with_our_tokenizer(tmp_path):
   config.data.seq_len = LENGTH
   tokenizer = Tokenizer.load("shapes")
   build_lib.resolve_model_config(config, tokenizer.vocab_size, tokenizer.eos_id)
-  run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id)
+  run = build_lib.build(config, parallel.inference_mesh(), tokenizer.image_id)
   params = run.init_params(jax.random.key(0))
   out = str(tmp_path / "out")
   contrastive.export(config, tokenizer, params, None, out)

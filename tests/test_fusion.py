@@ -37,7 +37,7 @@ IMAGE_AT = (6, 11, 17)  # each row's three <image> markers
 
 def _run(overrides=None):
   config = helpers.tiny_config({"model.llm.vocab_size": VOCAB, **FUSION, **(overrides or {})})
-  return config, build_lib.build(config, parallel.inference_mesh(config), IMAGE_ID)
+  return config, build_lib.build(config, parallel.inference_mesh(), IMAGE_ID)
 
 
 def _open_gates(params, value: float = 0.8):
@@ -232,12 +232,11 @@ def test_cached_decoding_with_several_images_equals_uncached():
     ({"model.cross_attention.every": 9}, "config.model.cross_attention.every"),
     ({"model.cross_attention.heads": -1}, "config.model.cross_attention.heads"),
     ({"model.anyres.enabled": True, "model.bridge.kind": "mlp2x_gelu"}, "AnyRes"),
-    ({"lora.rank": 4}, "config.lora.targets"),
 ])
 def test_bad_fusion_config_is_one_line(overrides, message):
   with pytest.raises(UserError, match=message) as e:
     config = helpers.tiny_config({"model.llm.vocab_size": VOCAB, **FUSION, **overrides})
-    build_lib.build(config, parallel.inference_mesh(config), IMAGE_ID)
+    build_lib.build(config, parallel.inference_mesh(), IMAGE_ID)
   assert "\n" not in str(e.value)
 
 

@@ -31,7 +31,7 @@ VARIANTS = {"gqa": {}, "sliding_window": {"model.llm.sliding_window": 3}}
 
 def _run(variant: str):
   config = tiny_config({"model.llm.vocab_size": VOCAB, **VARIANTS[variant]})
-  run = build_lib.build(config, parallel.inference_mesh(config), IMAGE_ID)
+  run = build_lib.build(config, parallel.inference_mesh(), IMAGE_ID)
   # Larger weights than the initialisers' so that logits are far from uniform (no near ties).
   params = jax.tree.map(lambda x: x * 3, run.init_params(jax.random.key(1)))
   return config, run, params

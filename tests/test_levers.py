@@ -16,7 +16,7 @@ from vlm_jax.data import images as images_lib
 from vlm_jax.data import llava_fixture
 from vlm_jax.data.pipeline import Batches
 from vlm_jax.data.tokenizer import Tokenizer
-from vlm_jax.models.cross_entropy import chunked_token_loss, token_loss
+from vlm_jax.losses import chunked_token_loss, token_loss
 from vlm_jax.train import optim
 from vlm_jax.train.step import trainable_part, with_frozen
 
@@ -109,7 +109,7 @@ PACKED = {"data.seq_len": 160, "data.pack": True, "data.max_images": 3, "train.b
 def test_lever_gives_the_plain_loss_and_grads_with_anyres(tok, lever):
   base = ANYRES
   plain = _config(tok, base, {})
-  batch = next(Batches.from_config(plain, tok, helpers.image_tokens(plain.model), tile_groups=1))
+  batch = next(Batches(plain, tok, helpers.image_tokens(plain.model), tile_groups=1))
   assert max(len(row) for row in batch["keys"]) >= 2  # packed
   _assert_same(plain, _config(tok, base, LEVERS[lever]), tok, batch, "full")
 
@@ -121,7 +121,7 @@ def test_uint8_images_give_the_float_path_loss_and_grads(tok, base):
           "data.image_std": (0.3, 0.25, 0.6)}
   host = _config(tok, base, {"data.images_uint8": False})
   device = _config(tok, base, {"data.images_uint8": True})
-  batch_host, batch_device = (next(Batches.from_config(c, tok, helpers.image_tokens(c.model), tile_groups=1))
+  batch_host, batch_device = (next(Batches(c, tok, helpers.image_tokens(c.model), tile_groups=1))
                               for c in (host, device))
   assert max(len(row) for row in batch_host["keys"]) >= 2  # packed
   images_host, images_device = (b["images"]["tiles"] if "tiles" in b["images"] else b["images"]
@@ -144,7 +144,7 @@ def test_image_pool_gives_every_slot_loss_and_grads(tok, tmp_path, stage, fusion
           "train.batch_size": 4, "model.vision.image_size": 32, **fusion}
   slots, pool = _config(tok, base, {}), _config(tok, base, {"data.image_pool": 12})
   tile_groups = 2  # as two batch shards would ask
-  batch_slots, batch_pool = (next(Batches.from_config(c, tok, helpers.image_tokens(c.model), tile_groups=tile_groups))
+  batch_slots, batch_pool = (next(Batches(c, tok, helpers.image_tokens(c.model), tile_groups=tile_groups))
                              for c in (slots, pool))
   assert batch_slots["keys"] == batch_pool["keys"]  # the pool has room for this batch's images
   empty = batch_slots["image_mask"] == 0
@@ -160,7 +160,7 @@ def test_image_pool_defers_a_sample_its_group_cannot_hold(tok, tmp_path):
   path = llava_fixture.write(str(tmp_path), 16, image_size=32, text_only_every=0, broken=False)
   cfg = _config(tok, {**PACKED, "data.sources": f"llava:{path}", "data.max_images": 4, "data.seq_len": 192,
                       "train.batch_size": 4, "model.vision.image_size": 32, "data.image_pool": 2}, {})
-  data = Batches.from_config(cfg, tok, helpers.image_tokens(cfg.model), tile_groups=2)
+  data = Batches(cfg, tok, helpers.image_tokens(cfg.model), tile_groups=2)
   seen = []
   for _ in range(4):
     rows = next(data)["keys"]

@@ -23,7 +23,6 @@ from vlm_jax import build as build_lib
 from vlm_jax.build import flat_params
 from vlm_jax.convert import hf_export, peft_export
 from vlm_jax.data.tokenizer import Tokenizer
-from vlm_jax.errors import UserError
 from vlm_jax.models import lora
 from vlm_jax.train import optim, trainer as trainer_lib
 
@@ -137,6 +136,38 @@ def test_only_adapters_and_the_bridge_train(tok, base_dtype):
   one = flat_params(helpers.to_host(state1["params"]))
   for p in changed:
     np.testing.assert_allclose(after[p], one[p], rtol=1e-4, atol=1e-6, err_msg=p)
+
+
+# The layers that run in slices of their stack (models/layers.py LayerStack): between the
+# cross-attention blocks of fusion, and one at a time under ToMe.
+SLICED = {"cross_attention": {"model.fusion": "cross_attention", "model.bridge.kind": "perceiver",
+                              "model.bridge.num_latents": 4, "model.llm.depth": 3},
+          "token_merging": {"model.vision.token_merging": 2, "model.vision.image_size": 32,
+                            "model.vision.depth": 2, "model.bridge.kind": "mlp2x_gelu"}}
+
+
+@pytest.mark.parametrize("kind", sorted(SLICED))
+def test_adapters_reach_and_train_in_sliced_stacks(tok, kind):
+  """LoRA on the LLM's and the ViT's layers of a cross-attention-fusion model and of a ToMe model:
+  an untrained adapter is the base model exactly, a nonzero one changes it; training (stage full)
+  moves the adapters of every layer and nothing else of the adapted layers, the rest trains whole."""
+  cfg = lora_config(tok, SLICED[kind])
+  run = build_lib.build(cfg, mesh_of(cfg, 1), tok.image_id)
+  base = run.base.init_params(jax.random.key(1))
+  params = run.adapt(jax.tree.map(jnp.copy, base))
+  batch = batch_for(cfg, tok, run.mesh)
+  np.testing.assert_array_equal(logits(run, params, batch), logits(run.base, base, batch))
+  assert not np.allclose(logits(run, with_random_adapters(params, 0), batch), logits(run.base, base, batch))
+
+  trainer, start, state, losses = train_steps(cfg, tok, 1)
+  before, after = flat_params(start), flat_params(helpers.to_host(state["params"]))
+  changed = {p for p in before if not np.array_equal(before[p], after[p])}
+  adapters = {p for p in before if lora.is_adapter(p)}
+  assert {p.rsplit("/", 1)[0] for p in adapters} >= {"llm/layers/q", "vision/layers/fc1"}
+  whole = {p for p in before if p.split("/", 1)[0] not in ("llm", "vision")}  # bridge (and fusion's blocks)
+  assert changed == adapters | whole
+  assert sorted(set(helpers.moment_paths(state["opt_state"]))) == sorted(changed)
+  assert losses[-1] < losses[0]
 
 
 def test_dropout_changes_the_step_and_not_eval(tok):

@@ -150,3 +150,44 @@ def test_vlm_logits_depend_on_image_only_through_placeholders():
   pos5, seg5 = jnp.arange(5)[None], jnp.ones((1, 5), jnp.int32)
   np.testing.assert_allclose(model.apply(params, text_only, images, pos5, seg5),
                              model.apply(params, text_only, images * -1.0, pos5, seg5), rtol=1e-6)
+
+
+class _Scaled(nn.Module):
+  """A block whose __call__ takes a broadcast input, and a field the one-by-one mode sets."""
+  compute: object
+  width: int
+  shift: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, scale):
+    return x + scale * jnp.tanh(nn.Dense(self.width, name="q")(x)) + self.shift, None
+
+
+@pytest.mark.parametrize("call", [dict(inserts={1: lambda x: 2 * x, 3: jnp.sin}), dict(one_by_one={}),
+                                  dict(one_by_one={"shift": 0.5})], ids=["inserts", "one_by_one", "fields"])
+def test_layer_stack_runs_slices_of_one_stacked_tree(call):
+  """Run in slices (between inserts, one layer at a time) the stack keeps one stacked params tree,
+  the scanned one (same paths, shapes and init), and computes what a loop over its layers does."""
+  from vlm_jax.models.layers import Compute, LayerStack
+
+  class Top(nn.Module):
+    kwargs: dict
+
+    @nn.compact
+    def __call__(self, x):
+      stack = LayerStack(_Scaled, 4, Compute(), n_broadcast=1, fields={"width": 8}, name="layers")
+      return stack(x, 0.5, **self.kwargs)[0]
+
+  x = jax.random.normal(jax.random.key(1), (2, 8))
+  scanned = Top({}).init(jax.random.key(0), x)["params"]
+  sliced = Top(call).init(jax.random.key(0), x)["params"]
+  assert jax.tree.map(jnp.shape, sliced) == jax.tree.map(jnp.shape, scanned) == {
+      "layers": {"q": {"kernel": (4, 8, 8), "bias": (4, 8)}}}
+  jax.tree.map(np.testing.assert_array_equal, sliced, scanned)
+  q = scanned["layers"]["q"]
+  expected = x
+  for i in range(4):
+    expected = call.get("inserts", {}).get(i, lambda v: v)(expected)
+    expected = expected + 0.5 * jnp.tanh(expected @ q["kernel"][i] + q["bias"][i]) + call.get("one_by_one", {}).get(
+        "shift", 0.0)
+  np.testing.assert_allclose(Top(call).apply({"params": scanned}, x), expected, rtol=1e-5, atol=1e-6)

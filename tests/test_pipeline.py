@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from helpers import per_sample_loss, tiny_config
+from helpers import data_config, per_sample_loss, tiny_config
 from vlm_jax.data import IMAGE, images, llava_fixture, shapes, sources
 from vlm_jax.data.packing import collate_text, square_images
 from vlm_jax.data.pipeline import Batches, EpochOrder, device_batch
@@ -32,10 +32,10 @@ def llava(tmp_path_factory):
   return llava_fixture.write(str(tmp_path_factory.mktemp("llava")), N, image_size=SIZE)
 
 
-def _batches(tok, spec, *, seq_len=128, batch=4, **kwargs):
-  kwargs = {"threads": 2, **kwargs}
-  return Batches(spec, tokenizer=tok, seq_len=seq_len, global_batch_size=batch, preprocessing=images.Preprocessing(SIZE),
-                 image_tokens=IMAGE_TOKENS, seed=SEED, **kwargs)
+def _batches(tok, spec, *, seq_len=128, batch=4, process_index=0, process_count=1, **data):
+  config = data_config(spec, seq_len=seq_len, batch=batch, seed=SEED, **{"threads": 2, **data})
+  return Batches(config, tok, IMAGE_TOKENS, preprocessing=images.Preprocessing(SIZE), process_index=process_index,
+                 process_count=process_count)
 
 
 def _take(it, n):
@@ -51,8 +51,9 @@ def _keys(batches):
 def test_unpacked_rows_are_the_samples_encoded(tok):
   b = _take(_batches(tok, "shapes", batch=4), 1)[0]
   assert {k: v.shape for k, v in device_batch(b).items()} == {
-      "images": (4, 1, SIZE, SIZE, 3), "image_mask": (4, 1), "tokens": (4, 128), "targets": (4, 128),
+      "images": (4, 1, SIZE, SIZE, 3), "tokens": (4, 128), "targets": (4, 128),
       "loss_mask": (4, 128), "segment_ids": (4, 128), "positions": (4, 128)}
+  assert b["image_mask"].shape == (4, 1)  # which slots hold an image: for the host, not sent
   for r, (key,) in enumerate(b["keys"]):
     ex = shapes.make_example(SEED, "train", int(key), SIZE)
     enc = encode_conversation(ex.turns, tok, IMAGE_TOKENS)
@@ -85,8 +86,8 @@ def test_packed_loss_equals_unpacked(tok):
   cfg = tiny_config({"model.llm.vocab_size": tok.vocab_size, "model.vision.image_size": SIZE})
   model = VLM(cfg.model, tok.image_id)
   n_image = model_image_tokens(cfg.model)
-  it = Batches("shapes", tokenizer=tok, seq_len=192, global_batch_size=2, preprocessing=images.Preprocessing(SIZE),
-               image_tokens=n_image, seed=SEED, pack=True, max_images=3, threads=0, prefetch=0)
+  config = data_config("shapes", seq_len=192, batch=2, seed=SEED, pack=True, max_images=3, threads=0, prefetch=0)
+  it = Batches(config, tok, n_image, preprocessing=images.Preprocessing(SIZE))
   packed = next(it)
   assert max(len(row) for row in packed["keys"]) >= 2
   samples = [it.prepare((0, int(k))) for row in packed["keys"] for k in row]
@@ -176,6 +177,32 @@ def test_a_stream_continues_on_another_process_count(tok, tmp_path):
     assert messages == ([None] * 2 if processes == 2 else
                         ["data: 2 processes' positions continued on %d: from global sample 12 (exact)" % processes]
                         * processes)
+
+
+def _without_positions(state):
+  """A state as vlm-jax wrote it before it kept stream positions (grain's state and the counts)."""
+  if isinstance(state, dict):
+    return {k: _without_positions(v) for k, v in state.items() if k != "position"}
+  return state
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_state_written_before_positions_were_kept_resumes_exactly(tok, tmp_path, pack):
+  """Checkpoints of the previous layout: the same process count resumes where it was; another one is
+  refused in one line (that layout holds no position of ours)."""
+  spec = f"llava:{llava_fixture.write(str(tmp_path), 21, image_size=SIZE, broken=False)}"
+  unbroken = _keys(_take(_batches(tok, spec, pack=pack), 5))
+  it = _batches(tok, spec, pack=pack)
+  first = _keys([next(it) for _ in range(2)])
+  state = it.get_state()
+  it.close()
+  old = _without_positions(state)
+  assert "position" in json.dumps(state) and "position" not in json.dumps(old)
+  resumed = _batches(tok, spec, pack=pack)
+  assert resumed.continue_from([old], 0) is None
+  assert first + _keys(_take(resumed, 3)) == unbroken
+  with pytest.raises(UserError, match="no stream position to move from 1 to 2 processes"):
+    _batches(tok, spec, pack=pack, process_index=0, process_count=2).continue_from([old], 0)
 
 
 def test_one_epoch_sees_every_good_sample_once(tok, llava):
@@ -280,7 +307,7 @@ def test_training_images_follow_the_configs_resize_mode(tok, tmp_path, resize):
   cfg = tiny_config({"data.image_resize": resize, "data.image_short_side": 20, "data.image_fill": (9, 99, 199),
                      "data.sources": f"llava:{tmp_path / 'one.json'}", "data.seq_len": 64, "train.batch_size": 1})
   cfg.data.update(dict(threads=0, prefetch=0))
-  b = next(Batches.from_config(cfg, tok, IMAGE_TOKENS))
+  b = next(Batches(cfg, tok, IMAGE_TOKENS))
   pre = images.Preprocessing(SIZE, resize=resize, short_side=20, fill=(9, 99, 199))
   np.testing.assert_array_equal(b["images"][0, 0], pre.pixels(photo))  # uint8: normalised on device
   # The modes differ on this photo: a test of one of them cannot pass for another.
@@ -294,8 +321,8 @@ def test_model_writes_each_image_into_its_own_placeholders(tok, tmp_path):
   model = VLM(cfg.model, tok.image_id)
   path, _ = _two_image_set(tmp_path)
   n_image = model_image_tokens(cfg.model)
-  b = _take(Batches(f"llava:{path}", tokenizer=tok, seq_len=64, global_batch_size=1, preprocessing=images.Preprocessing(SIZE),
-                    image_tokens=n_image, seed=SEED, max_images=2, threads=0, prefetch=0), 1)[0]
+  config = data_config(f"llava:{path}", seq_len=64, batch=1, seed=SEED, max_images=2, threads=0, prefetch=0)
+  b = _take(Batches(config, tok, n_image, preprocessing=images.Preprocessing(SIZE)), 1)[0]
   params = model.init(jax.random.key(0), b["tokens"], b["images"], b["positions"], b["segment_ids"])["params"]
   embeds = model.apply({"params": params}, b["tokens"], b["images"], method=VLM.embed)
   where = np.flatnonzero(b["tokens"][0] == tok.image_id)

@@ -7,6 +7,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
+import helpers
+
 from vlm_jax.data import IMAGE, images
 from vlm_jax.data.pipeline import Batches
 from vlm_jax.data.prepare import Skipped, decode_image
@@ -63,9 +65,9 @@ def data_dir(tmp_path_factory):
 
 def test_tfds_source_through_the_pipeline(data_dir):
   tok = Tokenizer.load("shapes")
-  it = Batches("tfds:tiny_vqa:train", tokenizer=tok, seq_len=64, global_batch_size=1, preprocessing=images.Preprocessing(SIZE),
-               image_tokens=2, seed=0, tfds_dir=data_dir,
-               threads=0, prefetch=0)
+  config = helpers.data_config("tfds:tiny_vqa:train", seq_len=64, batch=1, seed=0, tfds_dir=data_dir, threads=0,
+                               prefetch=0)
+  it = Batches(config, tok, 2, preprocessing=images.Preprocessing(SIZE))
   prepared = [it.prepare((0, i)) for i in range(6)]  # tfds orders records by a hash of their keys
   broken = [p for p in prepared if isinstance(p, Skipped)]
   assert sorted(p.key for p in prepared if not isinstance(p, Skipped)) == [f"s{i}" for i in range(5)]
@@ -86,8 +88,8 @@ def test_tfds_source_through_the_pipeline(data_dir):
 
 def test_unknown_tfds_dataset(tmp_path):
   with pytest.raises(UserError, match="tfds:nope:train"):
-    Batches("tfds:nope", tokenizer=Tokenizer.load("shapes"), seq_len=64, global_batch_size=1, preprocessing=images.Preprocessing(SIZE),
-            image_tokens=2, seed=0, tfds_dir=str(tmp_path))
+    Batches(helpers.data_config("tfds:nope", seq_len=64, batch=1, seed=0, tfds_dir=str(tmp_path)),
+            Tokenizer.load("shapes"), 2, preprocessing=images.Preprocessing(SIZE))
 
 
 class TinyVqaAnswers(tfds.core.GeneratorBasedBuilder):

@@ -362,7 +362,7 @@ def test_checkpoint_holds_the_data_position_of_its_step(runs):
   stopped = checkpoint_data_state(runs["a"], K)
   unbroken = checkpoint_data_state(runs["b"], K)
   # batch_size 8, unpacked; shapes at seq_len 64 skips nothing: the next sample is number K * 8.
-  assert [s["loader"]["parent"]["next_index"] for s in stopped["processes"]] == [K * 8]
+  assert [s["position"] for s in stopped["processes"]] == [K * 8]
   assert unbroken == stopped
 
 

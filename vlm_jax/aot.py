@@ -8,6 +8,7 @@ would not fit fails here, in a minute, not after a pod has been allocated. `gpu:
 one GPU of that memory, with this machine's CPU compiler in place of the GPU's: an estimate.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -45,6 +46,19 @@ _NO_TPU_VM = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "T
 GPU_PEAK_FLOPS = 989e12  # H100 dense bf16 (the LLaVA reference baseline's peak)
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_OP = re.compile(r"=\s*\S+\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+
+
+@contextlib.contextmanager
+def _off_tpu_vm():
+  """_NO_TPU_VM in the environment while libtpu starts (it reads it then), the variables a user
+  set kept; the process's environment is as it was afterwards."""
+  added = {key: value for key, value in _NO_TPU_VM.items() if key not in os.environ}
+  os.environ.update(added)
+  try:
+    yield
+  finally:
+    for key in added:
+      os.environ.pop(key, None)
 
 
 class DoesNotFit(Exception):
@@ -120,11 +134,10 @@ def target(name: str) -> Target:
       raise UserError(f"--topology {name}: expected gpu:GB, e.g. gpu:80")
     return Target(jax.devices("cpu")[:1], f"GPU, {gib} GB (estimate from the CPU compiler)", int(gib) * 10**9,
                   GPU_PEAK_FLOPS)
-  for key, value in _NO_TPU_VM.items():
-    os.environ.setdefault(key, value)
   try:
     from jax.experimental import topologies
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    with _off_tpu_vm():
+      devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
   except ImportError as e:
     raise UserError(f"--topology {name}: needs libtpu (pip install 'jax[tpu]'): {e}") from None
   except Exception as e:  # libtpu's own message says what is wrong with the name
@@ -143,7 +156,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict:
   c = ml_collections.ConfigDict(config.to_dict())
   c.data.update(dict(sources="shapes:wide" if c.model.anyres.enabled else "shapes", tokenizer="shapes",
                      template="simple", workers=0, threads=0, prefetch=0, strict=False))  # any template fits shapes
-  batches = pipeline.Batches.from_config(c, Tokenizer.load("shapes"), vlm.image_tokens(c.model),
+  batches = pipeline.Batches(c, Tokenizer.load("shapes"), vlm.image_tokens(c.model),
                                          tile_groups=parallel.batch_divisor(mesh) * c.train.grad_accum)
   try:
     batch = pipeline.device_batch(next(batches))

@@ -1,30 +1,35 @@
-"""The Python API: `vlm_jax.load(PATH)`, a trained model ready to answer questions about images,
-and `train`, the training loop wired to its eval and to Hugging Face checkpoints."""
+"""The Python API: `vlm_jax.load(PATH)`, a trained model ready to answer questions about images;
+`train`, the training loop wired to its eval and to Hugging Face checkpoints; `evaluate`, a model
+scored on a data spec; `image_token_report`, what an image costs in a config's sequence."""
 
 import dataclasses
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
 import PIL.Image
 
 from vlm_jax import build as build_lib
-from vlm_jax.convert import dispatch, hf_import, init_from
+from vlm_jax.convert import dispatch, init_from
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.infer.generate import Generator, Sampling
 from vlm_jax.infer.inputs import Inputs
 from vlm_jax.infer.score import Scorer
 from vlm_jax.infer.text import TextStream
-from vlm_jax.train.checkpoint import open_workdir
+
+if TYPE_CHECKING:  # evaluate imports it when called: loading a model for inference needs no eval code
+  from vlm_jax.eval.runner import Result
 
 
 class Model:
   """Params + tokenizer + config of one checkpoint, on a mesh over all local devices (FSDP)."""
 
-  def __init__(self, config, tokenizer: Tokenizer, run: build_lib.Run, params, step: int, origin=None):
+  def __init__(self, config, tokenizer: Tokenizer, run: build_lib.Run, params, step: int, origin=None,
+               path: str | None = None):
     self.config, self.tokenizer, self.run, self.params, self.step = config, tokenizer, run, params, step
     self.origin = origin  # convert.hf_import.Origin when the model came from Hugging Face
+    self.path = path  # what it was loaded from (errors name it)
     answers = config.task == "vlm"  # a contrastive model embeds images and text; it answers no prompts
     self.generator = (Generator(run.model, run.mesh, pad_id=tokenizer.pad_id, context=config.model.llm.max_len)
                       if answers else None)
@@ -136,11 +141,7 @@ def load(path: str, dtype: str | None = None) -> Model:
   """PATH: a workdir (its latest checkpoint), one of its checkpoints/<step> directories, or a
   Hugging Face LLaVA directory (converted on the fly). dtype overrides the compute dtype
   (e.g. "float32" to compare with another implementation)."""
-  if hf_import.is_hf_dir(path):
-    config, tokenizer, run, params, origin = hf_import.open_llava(path, dtype=dtype)
-    return Model(config, tokenizer, run, params, 0, origin)
-  config, tokenizer, run, params, step, workdir = open_workdir(path, dtype)
-  return Model(config, tokenizer, run, params, step, hf_import.load_origin(workdir))
+  return Model(*dispatch.open_checkpoint(path, dtype), path=path)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, explicit: Iterable[str] = (),
@@ -156,3 +157,72 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, explicit: Iterable
   init_from.take_from_checkpoint(config, explicit)
   return loop.train(config, workdir, evals=runner.periodic_evals, load_params=dispatch.load_params,
                     stop_after=stop_after)
+
+
+def scores_zeroshot(model: Model, metric: str = "auto") -> bool:
+  """Whether `evaluate` scores the model zero-shot (eval/zeroshot.py): a contrastive model is
+  scored only so, and only it is; a mismatch of model and metric is one UserError line."""
+  from vlm_jax.eval import zeroshot
+  if model.config.task != "contrastive" and metric != zeroshot.METRIC:
+    return False
+  if model.config.task != "contrastive" or metric not in ("auto", zeroshot.METRIC):
+    raise UserError(f"--metric {metric}: zero-shot classification scores contrastive models, and a "
+                    f"contrastive model only that way ({model.path} holds a {model.config.task} model)")
+  return True
+
+
+def evaluate(model: Model, data: str, *, metric: str = "auto", max_examples: int | None = None,
+             batch_size: int | None = None, max_new_tokens: int | None = None, shuffle_images: bool = False,
+             progress: Callable[[int, int], None] | None = None,
+             on_metric: Callable[[str, str], None] | None = None) -> "Result":
+  """The model scored on a data spec (what `vlm-jax eval` runs): its answers by `metric` (auto:
+  the one the samples call for; on_metric(metric, why) hears the choice before scoring), or a
+  contrastive model's zero-shot classification (512 examples unless max_examples says). Returns
+  eval.runner.Result: metrics and each example's record (none zero-shot). batch_size: default
+  config.train.eval_batch_size; max_new_tokens: the metric's; shuffle_images: each prompt with
+  another example's image (a control); progress(done, total) after each batch."""
+  from vlm_jax.eval import runner, zeroshot
+  if scores_zeroshot(model, metric):
+    for flag, value in (("--shuffle-images", shuffle_images), ("--max-new-tokens", max_new_tokens)):
+      if value:
+        raise UserError(f"{flag}: not for zero-shot classification")
+    scorer = zeroshot.ZeroShot(model.run, model.tokenizer, data, max_examples=max_examples or 512,
+                               batch_size=batch_size or 0)
+    return runner.Result(scorer(model.params), [])
+  evaluator = runner.Evaluator(model.run, model.tokenizer, data, metric=metric, max_examples=max_examples,
+                               batch_size=batch_size or 0, max_new_tokens=max_new_tokens or 0)
+  if metric == "auto" and on_metric:
+    on_metric(evaluator.metric, evaluator.metric_reason)
+  return evaluator(model.params, shuffle_images=shuffle_images, progress=progress)
+
+
+def image_token_report(config: ml_collections.ConfigDict, size: tuple[int, int]) -> tuple[dict, str]:
+  """What one image of `size` (height, width) takes in the config's sequence: ({height, width,
+  grid, tiles, image_tokens, tile_tokens}, a one-line description with the bridge, ToMe and AnyRes
+  plan behind it); what `vlm-jax tokens` prints."""
+  from vlm_jax.data import anyres, anyres_batch
+  from vlm_jax.models import vit, vlm
+  m = config.model
+  per_view = vlm.image_tokens(m)  # one tile's, or one view's, in the LLM's sequence
+  bridge = f"bridge {m.bridge.kind}: {vlm.visual_tokens(m)} tokens a {'tile' if m.anyres.enabled else 'view'}"
+  if m.vision.token_merging:
+    unmerged = m.vision.copy_and_resolve_references()
+    unmerged.token_merging = 0
+    bridge += (f" (ToMe, {m.vision.token_merging} merged a ViT block: {vit.num_output_tokens(unmerged)} -> "
+               f"{vit.num_output_tokens(m.vision)})")
+  if m.fusion == "cross_attention":
+    bridge += ", read by cross-attention; the sequence holds 1 <image> marker an image"
+  if m.anyres.enabled:
+    plan = anyres.plan(size, anyres_batch.spec_from_config(m, per_view))
+    out = {"height": size[0], "width": size[1], "grid": list(plan.grid), "tiles": plan.tiles,
+           "image_tokens": plan.tokens, "tile_tokens": per_view}
+    detail = [bridge, f"canvas {plan.canvas[0]}x{plan.canvas[1]}", f"resized {plan.resized[0]}x{plan.resized[1]}",
+              f"features {plan.features[0]}x{plan.features[1]} (+1 newline a row)"]
+  else:  # one square view, whatever the image
+    # tile_tokens: the bridge's tokens of the view (cross-attention reads them; its sequence holds 1)
+    out = {"height": size[0], "width": size[1], "grid": [1, 1], "tiles": 1, "image_tokens": per_view,
+           "tile_tokens": vlm.visual_tokens(m)}
+    detail = [bridge, "AnyRes off: resized to one square view"]
+  line = (f"{size[0]}x{size[1]} (HxW): grid {out['grid'][0]}x{out['grid'][1]}, {out['tiles']} tiles, "
+          f"{out['image_tokens']} image tokens; " + ", ".join(detail))
+  return out, line

@@ -123,7 +123,6 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
   if base:
     paths = list(flat_params(nn.meta.unbox(boxed)))
     lora.check_targets(config.lora, paths)
-    _check_no_adapters_in_sliced_stacks(config.model, paths)
   param_shardings = parallel.param_shardings(boxed, mesh)
 
   def eval_step(params, batch: dict) -> dict[str, jax.Array]:
@@ -145,18 +144,6 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
                                    out_shardings=param_shardings, donate_argnums=0), mesh)
     run.base, run.adapt, run.train_model = base, lambda params: attach(params, jax.random.key(config.seed)), train_model
   return run
-
-
-def _check_no_adapters_in_sliced_stacks(model_cfg: ml_collections.ConfigDict, paths: list[str]) -> None:
-  """Stacks that run in slices (layers.stacked_slice: the ViT under token merging, the LLM under
-  cross-attention fusion) apply their layers outside the module tree qwix adapts."""
-  sliced = {"vision": "config.model.vision.token_merging > 0" if model_cfg.vision.token_merging else "",
-            "llm": "config.model.fusion=cross_attention" if model_cfg.fusion == "cross_attention" else ""}
-  for path in paths:
-    top = path.split("/", 1)[0]
-    if lora.is_adapter(path) and sliced.get(top) and path.startswith(f"{top}/layers/"):
-      raise UserError(f"config.lora.targets: no adapters on {top}/layers with {sliced[top]} (its layers run in "
-                      f"slices that LoRA does not reach); adapt other modules (e.g. bridge/..., xattn_0/q)")
 
 
 def in_mesh(fn: Callable, mesh: Mesh) -> Callable:

@@ -9,29 +9,30 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from vlm_jax.config import BATCH_AXES, MESH_AXES, TENSOR_AXIS
 from vlm_jax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+DATA, FSDP = BATCH_AXES
 
 # Parameters: weights are split over fsdp (ZeRO-3) on their embed side and over tensor on their
 # heads/mlp/vocab side. Activations: batch over data x fsdp, heads/mlp over tensor.
 RULES = (
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
+    ("embed", FSDP),
+    ("mlp", TENSOR_AXIS),
+    ("heads", TENSOR_AXIS),
+    ("kv_heads", TENSOR_AXIS),
     ("head_dim", None),
-    ("vocab", "tensor"),
+    ("vocab", TENSOR_AXIS),
     ("layers", None),
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", BATCH_AXES),
     ("act_length", None),
     ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_batch_kv_heads", ("data", "fsdp", "tensor")),  # the KV cache's (row, kv head) dim
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+    ("act_heads", TENSOR_AXIS),
+    ("act_batch_kv_heads", (*BATCH_AXES, TENSOR_AXIS)),  # the KV cache's (row, kv head) dim
+    ("act_mlp", TENSOR_AXIS),
+    ("act_vocab", TENSOR_AXIS),
 )
-BATCH = P(("data", "fsdp"))
+BATCH = P(BATCH_AXES)
 
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -54,11 +55,10 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def inference_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """FSDP over every device, whatever the run trained on: inference and conversion hold one copy
-  of the params split over all devices (sets config.mesh to match)."""
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-  return make_mesh(config.mesh)
+def inference_mesh(devices=None) -> Mesh:
+  """FSDP over every device, whatever mesh a run trained on: inference and conversion hold one
+  copy of the params split over all devices."""
+  return make_mesh(ml_collections.ConfigDict({axis: -1 if axis == FSDP else 1 for axis in MESH_AXES}), devices)
 
 
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, path: str) -> P:
@@ -100,7 +100,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def batch_divisor(mesh: Mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
 def whole_batch(rows: int, mesh: Mesh) -> int:

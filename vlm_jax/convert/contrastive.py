@@ -20,6 +20,7 @@ from vlm_jax import config as config_lib
 from vlm_jax import parallel
 from vlm_jax.build import flat_params
 from vlm_jax.convert import hf_config, hf_export, hf_import, image_processor, params as params_lib, tables
+from vlm_jax.convert import workdir as workdir_lib
 from vlm_jax.convert.safetensors_io import Reader, Tensor, write_sharded
 from vlm_jax.data import hf_tokenizer
 from vlm_jax.errors import UserError
@@ -250,7 +251,7 @@ def open_hf(directory: str, base: ml_collections.ConfigDict | None = None):
   """A CLIPModel / SiglipModel directory loaded: (config, tokenizer or None, run, params, config.json,
   {HF key: dtype}); each param goes straight into its sharding on an FSDP mesh over the local devices."""
   config, tokenizer, hc = read_config(directory, base)
-  run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id if tokenizer else -1)
+  run = build_lib.build(config, parallel.inference_mesh(), tokenizer.image_id if tokenizer else -1)
   with Reader(directory) as reader:
     view = Unfused(reader)
     flat, items = _read_params(view, run, directory)
@@ -322,7 +323,7 @@ def export_checkpoint(path: str, out: str, *, dtype: str | None = None, max_shar
                       merge_lora: bool = False, peft: bool = False) -> str:
   """`vlm-jax convert --checkpoint WORKDIR --to-hf OUT` of a contrastive workdir (or step directory)."""
   hf_export.check_out(out, dtype)
-  _, tokenizer, run, params, _, workdir = checkpoint_lib.open_workdir(path)
+  _, tokenizer, run, params, _, workdir = workdir_lib.open_workdir(path)
   config, params, adapters = hf_export.plain_model(run, params, merge_lora, peft)
   if adapters is not None:
     raise UserError("--peft: a contrastive model is written whole; give --merge-lora")

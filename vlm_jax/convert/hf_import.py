@@ -170,7 +170,7 @@ def open_llava(directory: str, dtype: str | None = None, base: ml_collections.Co
   straight into its sharding on an FSDP mesh over the local devices."""
   config, tokenizer, hc = llava_config(directory, dtype, base)
   info = hf_config.llava_from_hf(hc, f"{directory}/config.json")
-  run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id)
+  run = build_lib.build(config, parallel.inference_mesh(), tokenizer.image_id)
   with Reader(directory) as reader:
     layout = layout_lib.detect(reader.keys(), slots(config.model), directory)
     flat_params, items = _read_into(reader, config, run, layout, components(config.model), directory)
@@ -285,7 +285,7 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
   config = _fill_config(base, vision, llm, tokenizer, vision_dir, llava=False)
   qformer = {} if qformer_dir is None else qformer_lib.read_bridge(  # its errors before the long reads
       qformer_dir, config.model.bridge, config.model.vision.width, config.model.llm.width)
-  run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id)
+  run = build_lib.build(config, parallel.inference_mesh(), tokenizer.image_id)
   layout = dict(layout_lib.LLAVA)  # export writes the hub's LLaVA layout
   dtypes, renames = {}, {}
   params = {}

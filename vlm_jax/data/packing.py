@@ -52,6 +52,32 @@ class Skips:
     return {"skipped": self.counts, "skip_messages": self.messages}
 
 
+class CountingIterator(grain.DatasetIterator):
+  """A batcher that counts the stream elements it reads, in its own state beside its parent's, so
+  that each batch says where in this process's stream the next batch starts (`stream_position`):
+  where a run continues on another process count (pipeline.Batches.continue_from)."""
+
+  def __init__(self, parent: grain.DatasetIterator, start: int):
+    super().__init__(parent)
+    self._read: int | None = start  # None: restored from a state that did not keep it
+
+  def _read_one(self):
+    element = next(self._parent)
+    if self._read is not None:
+      self._read += 1
+    return element
+
+  def _next_start(self) -> int | None:
+    return self._read
+
+  def _state(self, parent_state: dict[str, Any]) -> dict[str, Any]:
+    return {"parent": parent_state, "position": self._next_start()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._read = state.get("position")
+
+
 def collate_text(rows: Sequence[Sequence[Prepared]], seq_len: int, pad_id: int) -> dict[str, Any]:
   """tokens/targets/loss_mask/segment_ids/positions [b, seq_len]: sample j of a row is segment
   j + 1 (0 = padding) with positions restarting at 0; targets[i] = tokens[i + 1] within a
@@ -158,8 +184,9 @@ class PackBatches(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, *, rows: int, seq_len: int, max_images: int,
                image_shape: tuple[int, int], pad_id: int, pack: bool,
-               tile_groups: "TileGroups | ImagePool | None" = None, image_dtype: type = np.float32):
+               tile_groups: "TileGroups | ImagePool | None" = None, image_dtype: type = np.float32, start: int = 0):
     super().__init__(parent)
+    self.start = start  # the parent's first element's position in this process's stream
     self.rows, self.seq_len, self.max_images = rows, seq_len, max_images
     self.image_shape, self.image_dtype, self.pad_id, self.pack = image_shape, image_dtype, pad_id, pack
     self.tile_groups = tile_groups  # AnyRes, data.image_pool: rows in groups, each with a pool of tile slots
@@ -168,12 +195,12 @@ class PackBatches(grain.IterDataset):
     return _PackIterator(self._parent.__iter__(), self)
 
 
-class _PackIterator(grain.DatasetIterator):
+class _PackIterator(CountingIterator):
   """State = the parent's state before the sample that opens the next batch, so a restored
   iterator reads that sample again and makes exactly the batches an unbroken one makes."""
 
   def __init__(self, parent: grain.DatasetIterator, spec: PackBatches):
-    super().__init__(parent)
+    super().__init__(parent, spec.start)
     self._spec = spec
     self._pending: tuple[Prepared, dict] | None = None
 
@@ -182,7 +209,7 @@ class _PackIterator(grain.DatasetIterator):
       element, self._pending = self._pending, None
       return element
     state = self._parent.get_state()
-    return next(self._parent), state
+    return self._read_one(), state
 
   def __next__(self) -> dict[str, Any]:
     s = self._spec
@@ -209,12 +236,16 @@ class _PackIterator(grain.DatasetIterator):
     images = (s.tile_groups.collate(rows) if s.tile_groups
               else square_images(rows, s.max_images, s.image_shape, s.image_dtype))
     batch = {**images, **collate_text(rows, s.seq_len, s.pad_id)}
-    batch.update(skips.batch_fields())
+    batch.update(skips.batch_fields(), stream_position=self._next_start())
     return batch
 
+  def _next_start(self) -> int | None:
+    pending = self._pending is not None and self._read is not None
+    return self._read - 1 if pending else self._read
+
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._pending[1] if self._pending is not None else self._parent.get_state()}
+    return self._state(self._pending[1] if self._pending is not None else self._parent.get_state())
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state["parent"])
+    super().set_state(state)
     self._pending = None

@@ -14,7 +14,7 @@ import numpy as np
 
 from vlm_jax.data import IMAGE
 from vlm_jax.data.images import Preprocessing
-from vlm_jax.data.packing import Skips
+from vlm_jax.data.packing import CountingIterator, Skips
 from vlm_jax.data.prepare import Skipped, decode_image, read_sample
 from vlm_jax.data.sources import Sample, Source
 from vlm_jax.data.tokenizer import Tokenizer, bos_prefix
@@ -64,33 +64,30 @@ class PairBatches(grain.IterDataset):
   """Pair | Skipped elements -> {"images" [rows, H, W, 3], "text" [rows, seq_len], "keys"} with
   `skipped` and `skip_messages` of the samples rejected since the previous batch (as PackBatches)."""
 
-  def __init__(self, parent: grain.IterDataset, *, rows: int):
+  def __init__(self, parent: grain.IterDataset, *, rows: int, start: int = 0):
     super().__init__(parent)
-    self.rows = rows
+    self.rows, self.start = rows, start  # start: the parent's first element's position in the stream
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _PairIterator(self._parent.__iter__(), self.rows)
+    return _PairIterator(self._parent.__iter__(), self.rows, self.start)
 
 
-class _PairIterator(grain.DatasetIterator):
-  """Reads no further than its batch, so its state is the parent's."""
+class _PairIterator(CountingIterator):
+  """Reads no further than its batch, so its state is the parent's (and the count)."""
 
-  def __init__(self, parent: grain.DatasetIterator, rows: int):
-    super().__init__(parent)
+  def __init__(self, parent: grain.DatasetIterator, rows: int, start: int):
+    super().__init__(parent, start)
     self._rows = rows
 
   def __next__(self) -> dict[str, Any]:
     pairs: list[Pair] = []
     skips = Skips()
     while len(pairs) < self._rows:
-      element = next(self._parent)
+      element = self._read_one()
       if not skips.take(element):
         pairs.append(element)
     return {"images": np.stack([p.image for p in pairs]), "text": np.stack([p.text for p in pairs]),
-            "keys": [[p.key] for p in pairs], **skips.batch_fields()}
+            "keys": [[p.key] for p in pairs], **skips.batch_fields(), "stream_position": self._next_start()}
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state()}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state["parent"])
+    return self._state(self._parent.get_state())

@@ -11,7 +11,6 @@ the config and the position in the stream, and the position (grain's iterator st
 with each checkpoint, so a resumed run sees exactly the samples an unbroken run would.
 """
 
-import json
 import logging
 import sys
 from typing import Any
@@ -22,7 +21,6 @@ import numpy as np
 
 from vlm_jax.data import anyres_batch, sources as sources_lib
 from vlm_jax.data.pairs import PairBatches, PreparePair
-from vlm_jax.data.anyres_batch import AnyRes
 from vlm_jax.data.images import Preprocessing
 from vlm_jax.data.packing import ImagePool, PackBatches, TileGroups
 from vlm_jax.data.prepare import Prepare
@@ -32,7 +30,9 @@ from vlm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-HOST_ONLY = ("keys",)  # batch entries that stay on the host (sample ids, for tests and logs)
+# Batch entries that stay on the host: sample ids and which image slots hold an image (for tests,
+# logs and reports; the model reads the placeholders in the tokens instead).
+HOST_ONLY = ("keys", "image_mask")
 # What a batch holds (a task's `layout`, vlm_jax/tasks.py): conversations (tokens, loss mask,
 # images in placeholder slots; packing, pools, AnyRes) | pairs (one image and its caption's tokens a row)
 LAYOUTS = ("conversations", "pairs")
@@ -80,95 +80,95 @@ class Batches:
   """Infinite iterator of this process's batches ({name: array} + host-only `keys`); resumable
   via get_state/set_state. `skipped` counts the rejected samples by reason."""
 
-  def __init__(self, spec: str, *, tokenizer: Tokenizer, seq_len: int, global_batch_size: int,
-               preprocessing: Preprocessing, image_tokens: int, seed: int, template: str = "simple", process_index: int = 0,
-               process_count: int = 1, strict: bool = False, image_position: str = "before",
-               max_images: int = 1, pack: bool = False, workers: int = 0, threads: int = 4,
-               prefetch: int = 2, tfds_dir: str = "", anyres: AnyRes | None = None, tile_groups: int = 1,
-               max_tiles: int = 0, image_pool: int = 0, layout: str = "conversations"):
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, image_tokens: int, *,
+               spec: str | None = None, preprocessing: Preprocessing | None = None, process_index: int = 0,
+               process_count: int = 1, tile_groups: int = 1, layout: str = "conversations"):
+    """What config.data, train.batch_size (global), seed and model.anyres say, read from `spec`
+    (default: config.data.sources); preprocessing: default Preprocessing.from_config(config);
+    tile_groups (AnyRes, image pools): batch shards x grad_accum, so that each group lives on one
+    device; layout: the task's (LAYOUTS)."""
+    d, spec = config.data, spec or config.data.sources
+    preprocessing = preprocessing or Preprocessing.from_config(config)
+    anyres = anyres_batch.for_config(config, image_tokens)
     if layout not in LAYOUTS:
       raise ValueError(f"batch layout {layout!r} is not one of {LAYOUTS}")
     if layout == "conversations":
-      check_tokenizer(template, tokenizer)  # fails now, not at the first batch
-    if global_batch_size <= 0 or global_batch_size % process_count:
-      raise UserError(f"batch size {global_batch_size} is not a positive multiple of the "
+      check_tokenizer(d.template, tokenizer)  # fails now, not at the first batch
+    if config.train.batch_size <= 0 or config.train.batch_size % process_count:
+      raise UserError(f"batch size {config.train.batch_size} is not a positive multiple of the "
                       f"{process_count} processes")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    for name, value, low in (("seq_len", seq_len, 1), ("max_images", max_images, 1),
-                             ("workers", workers, 0), ("threads", threads, 0), ("prefetch", prefetch, 0)):
+    for name, value, low in (("seq_len", d.seq_len, 1), ("max_images", d.max_images, 1),
+                             ("workers", d.workers, 0), ("threads", d.threads, 0), ("prefetch", d.prefetch, 0)):
       if value < low:
         raise UserError(f"config.data.{name} must be >= {low}, got {value}")
-    self.spec, self.strict, self.process_count = spec, strict, process_count
-    self.local_batch_size = global_batch_size // process_count
+    self.spec, self.strict, self.process_count = spec, d.strict, process_count
+    self.local_batch_size = config.train.batch_size // process_count
     image_size = preprocessing.size
-    options = sources_lib.Options(seed, image_size, image_position, tfds_dir)
+    options = sources_lib.Options(config.seed, image_size, d.image_position, d.tfds_dir)
     sources, weights = sources_lib.open_mixture(spec, options)
-    # AnyRes (and image_pool): the batch's rows form tile_groups groups (tile_groups: global, a
-    # multiple of the batch shards x micro-batches), each with a pool of tile slots from max_tiles
-    # (image_pool).
+    # AnyRes (and data.image_pool): the batch's rows form tile_groups groups (tile_groups: global,
+    # a multiple of the batch shards x micro-batches), each with a pool of tile slots from
+    # model.anyres.max_tiles (data.image_pool).
     groups = None
-    if (anyres or image_pool) and tile_groups % process_count:
+    if (anyres or d.image_pool) and tile_groups % process_count:
       raise UserError(f"{tile_groups} tile groups (batch shards x grad_accum) do not split over "
                       f"{process_count} processes")
     if anyres:
-      groups = TileGroups(anyres, tile_groups // process_count,
-                          anyres.tiles_per_group(max_tiles, tile_groups, global_batch_size), seq_len)
-    elif image_pool:
-      if image_pool % tile_groups:
-        raise UserError(f"config.data.image_pool ({image_pool}) must be a positive multiple of the {tile_groups} "
+      per_group = anyres.tiles_per_group(config.model.anyres.max_tiles, tile_groups, config.train.batch_size)
+      groups = TileGroups(anyres, tile_groups // process_count, per_group, d.seq_len)
+    elif d.image_pool:
+      if d.image_pool % tile_groups:
+        raise UserError(f"config.data.image_pool ({d.image_pool}) must be a positive multiple of the {tile_groups} "
                         "tile groups (batch shards x grad_accum)")
-      groups = ImagePool(tile_groups // process_count, image_pool // tile_groups, (image_size, image_size),
-                         preprocessing.dtype, image_tokens, max_images * image_tokens)
+      groups = ImagePool(tile_groups // process_count, d.image_pool // tile_groups, (image_size, image_size),
+                         preprocessing.dtype, image_tokens, d.max_images * image_tokens)
     if layout == "pairs":
-      self.prepare = PreparePair(sources, tokenizer, seq_len=seq_len, preprocessing=preprocessing)
+      self.prepare = PreparePair(sources, tokenizer, seq_len=d.seq_len, preprocessing=preprocessing)
     else:
-      self.prepare = Prepare(sources, tokenizer, template=template, image_tokens=image_tokens,
-                             seq_len=seq_len, max_images=max_images,
+      self.prepare = Prepare(sources, tokenizer, template=d.template, image_tokens=image_tokens,
+                             seq_len=d.seq_len, max_images=d.max_images,
                              preprocessing=preprocessing,
                              anyres=anyres, max_tiles=groups.tiles_per_group if groups else sys.maxsize)
-    orders = [grain.MapDataset.source(EpochOrder(k, len(s), seed, process_index, process_count))
+    orders = [grain.MapDataset.source(EpochOrder(k, len(s), config.seed, process_index, process_count))
               for k, s in enumerate(sources)]
-    ds = orders[0] if len(orders) == 1 else grain.MapDataset.mix(orders, weights)
-    # Reader threads prepare samples in order (PIL releases the GIL while decoding/resizing).
-    it = ds.map(self.prepare).to_iter_dataset(
-        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads, 1)))
-    if layout == "pairs":
-      it = PairBatches(it, rows=self.local_batch_size)
-    else:
-      it = PackBatches(it, rows=self.local_batch_size, seq_len=seq_len, max_images=max_images,
-                       image_shape=(image_size, image_size), pad_id=tokenizer.pad_id, pack=pack,
-                       tile_groups=groups, image_dtype=preprocessing.dtype)
-    if workers:
-      _absl_flags_parsed()
-      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                       per_worker_buffer_size=max(prefetch, 1)))
-    elif prefetch:
-      it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
-    self._it = iter(it)
-    self.skipped: dict[str, int] = {}
+    ordered = orders[0] if len(orders) == 1 else grain.MapDataset.mix(orders, weights)
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, tokenizer: Tokenizer, image_tokens: int, *,
-                  spec: str | None = None, process_index: int = 0, process_count: int = 1,
-                  tile_groups: int = 1, layout: str = "conversations") -> "Batches":
-    """tile_groups (AnyRes): batch shards x grad_accum, so that each group lives on one device;
-    layout: the task's (LAYOUTS)."""
-    d = config.data
-    return cls(spec or d.sources, tokenizer=tokenizer, seq_len=d.seq_len,
-               global_batch_size=config.train.batch_size, preprocessing=Preprocessing.from_config(config),
-               image_tokens=image_tokens, seed=config.seed, template=d.template, process_index=process_index,
-               process_count=process_count, strict=d.strict, image_position=d.image_position,
-               max_images=d.max_images, pack=d.pack, workers=d.workers, threads=d.threads,
-               prefetch=d.prefetch, tfds_dir=d.tfds_dir, anyres=anyres_batch.for_config(config, image_tokens),
-               tile_groups=tile_groups, max_tiles=config.model.anyres.max_tiles, image_pool=d.image_pool,
-               layout=layout)
+    def iterate(start: int) -> grain.DatasetIterator:
+      """This process's batches from position `start` of its stream. Several worker processes each
+      read a slice of it, so their batchers' counts are not positions in it (None)."""
+      counted = start if d.workers <= 1 else None
+      # Reader threads prepare samples in order (PIL releases the GIL while decoding/resizing).
+      it = ordered[start:].map(self.prepare).to_iter_dataset(
+          grain.ReadOptions(num_threads=d.threads, prefetch_buffer_size=max(2 * d.threads, 1)))
+      if layout == "pairs":
+        it = PairBatches(it, rows=self.local_batch_size, start=counted)
+      else:
+        it = PackBatches(it, rows=self.local_batch_size, seq_len=d.seq_len, max_images=d.max_images,
+                         image_shape=(image_size, image_size), pad_id=tokenizer.pad_id, pack=d.pack,
+                         tile_groups=groups, image_dtype=preprocessing.dtype, start=counted)
+      if d.workers:
+        _absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers,
+                                                         per_worker_buffer_size=max(d.prefetch, 1)))
+      elif d.prefetch:
+        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=d.prefetch)
+      return iter(it)
+
+    self._iterate = iterate
+    self._it = iterate(0)
+    # Where the next batch starts in this process's stream (None: not known, see continue_from).
+    # Ours, not read from grain's iterator state, whose layout grain owns.
+    self.position: int | None = 0 if d.workers <= 1 else None
+    self.skipped: dict[str, int] = {}
 
   def __iter__(self) -> "Batches":
     return self
 
   def __next__(self) -> dict[str, Any]:
     batch = next(self._it)
+    self.position = batch.pop("stream_position")
     messages = batch.pop("skip_messages")
     for reason, count in batch.pop("skipped").items():
       if self.strict:
@@ -181,7 +181,7 @@ class Batches:
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable position in the stream."""
-    return {"loader": self._it.get_state(), "skipped": dict(self.skipped)}
+    return {"loader": self._it.get_state(), "position": self.position, "skipped": dict(self.skipped)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues exactly where get_state() was taken."""
@@ -189,6 +189,7 @@ class Batches:
       loader = state["loader"]
       skipped = {str(k): int(v) for k, v in state.get("skipped", {}).items()}
       self._it.set_state(loader)
+      self.position = state.get("position")  # a state written before positions were kept has none
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       raise UserError(f"data iterator state {state!r:.100}: malformed ({type(e).__name__}: {e}); "
                       "was it written by another version of the pipeline?") from None
@@ -208,20 +209,18 @@ class Batches:
     if n == m:
       self.set_state(states[process_index])
       return None
-    try:
-      positions = [int(_stream(s["loader"])["next_index"]) for s in states]
-    except (KeyError, TypeError) as e:
-      raise UserError(f"data iterator state: no stream position to move from {n} to {m} processes "
-                      f"({type(e).__name__}: {e}); with config.data.workers > 0 resume on {n} processes") from None
+    positions = [s.get("position") for s in states]
+    if None in positions:
+      raise UserError(f"data iterator state: no stream position to move from {n} to {m} processes (config.data."
+                      f"workers > 1 read the stream in slices, or an older vlm-jax wrote it); resume on {n} processes")
     first_unread = min(p + j * n for p, j in enumerate(positions))
     mine = max(0, -(-(first_unread - process_index) // m))
-    loader = json.loads(json.dumps(states[0]["loader"]))
-    _stream(loader)["next_index"] = mine
-    skipped: dict[str, int] = {}
+    self.close()
+    self._it, self.position = self._iterate(mine), mine
+    self.skipped = {}
     for s in states if process_index == 0 else ():  # the counts carry on in process 0's log
       for reason, count in s.get("skipped", {}).items():
-        skipped[reason] = skipped.get(reason, 0) + count
-    self.set_state({"loader": loader, "skipped": skipped})
+        self.skipped[reason] = self.skipped.get(reason, 0) + count
     again = max(p + j * n for p, j in enumerate(positions)) - first_unread
     return (f"data: {n} processes' positions continued on {m}: from global sample {first_unread}"
             + (f" (up to {again} samples past it are read again: packing or skips left the processes apart)"
@@ -233,10 +232,3 @@ class Batches:
     if close:
       close()
 
-
-def _stream(loader: dict[str, Any]) -> dict[str, Any]:
-  """The part of a loader state that holds the sample stream's `next_index` (one reader, no
-  worker processes)."""
-  while "next_index" not in loader:
-    loader = loader["parent"]
-  return loader

@@ -93,16 +93,19 @@ class State(NamedTuple):
   keys: jax.Array               # [B] PRNG keys, one per row
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class _Static:
   """What a compiled program is specialised on."""
   rows: int
   prompt_slots: int
-  cache_slots: int
   max_new_tokens: int
-  sample: bool
-  penalize: bool
-  stop_ids: tuple[int, ...]
+  sample: bool = False       # greedy otherwise
+  penalize: bool = False     # a repetition penalty
+  stop_ids: tuple[int, ...] = ()
+
+  @property
+  def cache_slots(self) -> int:
+    return bucket(self.prompt_slots + self.max_new_tokens)
 
 
 def _choose(logits: jax.Array, state: State, knobs: dict, st: _Static) -> jax.Array:
@@ -202,7 +205,7 @@ class Generator:
     live [rows] bool, images, seeds [rows] uint32, knobs); decode(layer-list params, state, until
     int32, knobs), as `stream` calls them."""
     slots = bucket(prompt_len)
-    st = _Static(rows, slots, bucket(slots + max_new_tokens), max_new_tokens, False, False, ())
+    st = _Static(rows=rows, prompt_slots=slots, max_new_tokens=max_new_tokens)
     return (self._unstack,) + self._compiled(st)
 
   def stream(self, params, prompts: Sequence[np.ndarray], images, *, max_new_tokens: int,
@@ -224,8 +227,8 @@ class Generator:
                         f"exceed the model's context of {self.context} (config.model.llm.max_len)")
     rows = -(-n // self.batch_multiple) * self.batch_multiple
     prompt_slots = bucket(longest)
-    st = _Static(rows, prompt_slots, bucket(prompt_slots + max_new_tokens), max_new_tokens,
-                 sampling.temperature > 0, sampling.repetition_penalty != 1.0, tuple(sorted(set(stop_ids))))
+    st = _Static(rows=rows, prompt_slots=prompt_slots, max_new_tokens=max_new_tokens, sample=sampling.temperature > 0,
+                 penalize=sampling.repetition_penalty != 1.0, stop_ids=tuple(sorted(set(stop_ids))))
     tokens = np.full((rows, prompt_slots), self.pad_id, np.int32)
     start = np.full((rows,), prompt_slots - 1, np.int32)  # padding rows: a one-token prompt
     for i, p in enumerate(prompts):

@@ -26,7 +26,7 @@ from vlm_jax.config import check_one_of
 from vlm_jax.errors import UserError
 from vlm_jax.models import vit as vit_lib
 from vlm_jax.models.attention import attention
-from vlm_jax.models.layers import ACTIVATIONS, Compute, constrain, dense, layer_norm, logical, stack_layers
+from vlm_jax.models.layers import ACTIVATIONS, Compute, constrain, dense, layer_norm, logical, LayerStack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +143,8 @@ class TextEncoder(nn.Module):
                  embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")))(tokens)
     pos = self.param("pos_embed", logical(nn.initializers.normal(0.01), (None, "embed")), (t.max_len, t.width))
     x = constrain(x + pos[:tokens.shape[1]].astype(dt), ("act_batch", "act_length", "act_embed"))
-    x, _ = stack_layers(vit_lib.EncoderBlock, t.depth, self.compute, cfg=block_config(m), dtype=dt,
-                        causal=f.text_causal, name="layers")(x)
+    x, _ = LayerStack(vit_lib.EncoderBlock, t.depth, self.compute,
+                      fields=dict(cfg=block_config(m), dtype=dt, causal=f.text_causal), name="layers")(x)
     x = layer_norm("final_norm", t.norm_eps, dt)(x)
     pool = text_pool(m)
     if pool == "last":

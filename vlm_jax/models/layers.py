@@ -1,6 +1,7 @@
 """Small building blocks shared by the ViT, the bridge and the LLM."""
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -123,27 +124,61 @@ def rematted(block: type[nn.Module], compute: Compute) -> type[nn.Module]:
   return nn.remat(block, policy=REMAT_POLICIES[compute.remat], prevent_cse=False)
 
 
-def stacked_slice(owner: nn.Module, name: str, lo: int, hi: int | None = None):
-  """Params of layers lo..hi-1 of `owner`'s stack_layers child `name` (hi None: layer lo alone,
-  without the layer axis), for running part of a stack as a module applied to them: ToMe's token
-  count shrinks every layer and cross-attention fusion runs between layers, which one scan
-  cannot do. The params keep their stacked layout (checkpoints, imports, LoRA targets). At init,
-  only once the stack itself has created them (their logical-axis boxes are dropped: the slices
-  have no layer axis).
+class LayerStack(nn.Module):
+  """`depth` copies of `block` with one set of stacked params (a leading 'layers' axis), run as
+  one nn.scan, optionally rematted; the block takes a `compute` field, its __call__ takes
+  (carry, *broadcast) and returns (carry, None).
+
+  `inserts` {layer: fn(carry) -> carry} run between layers (cross-attention fusion): the layers
+  between two inserts run as one scan over their slice of the stack. `one_by_one` (block fields,
+  e.g. ToMe's merge) runs the layers one at a time with those fields: ToMe's carry shrinks every
+  layer, which a scan cannot carry. The slices are views of the stacked params in the module tree (nn.map_variables
+  under this module's scope), so checkpoints keep one layout and LoRA adapts every layer.
+  Unrolled (compute.scan_unroll) the params keep their stacked layout too: that choice is one of
+  speed and compile time (README "Train-step speed").
   """
-  stacked = nn.meta.unbox(owner.variables["params"][name])
-  return jax.tree.map(lambda a: a[lo] if hi is None else a[lo:hi], stacked)
+  block: type[nn.Module]
+  depth: int
+  compute: Compute
+  n_broadcast: int = 0
+  fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the block's other fields
 
+  @nn.compact
+  def __call__(self, carry, *broadcast, inserts: Mapping[int, Callable] | None = None,
+               one_by_one: Mapping[str, Any] | None = None):
+    inserts = inserts or {}
+    if not inserts and one_by_one is None:
+      return self._layers(self._scan(self.depth), "all")(carry, *broadcast)
+    if self.is_initializing():  # the stacked params (and adapters) the slices read
+      self._layers(self._scan(self.depth), "all")(carry, *broadcast)
+    if one_by_one is not None:
+      for i in range(self.depth):
+        carry = inserts[i](carry) if i in inserts else carry
+        layer = self._layers(self._view(rematted(self.block, self.compute), i, None), f"layer_{i}", **one_by_one)
+        carry, _ = layer(carry, *broadcast)
+      return carry, None
+    bounds = sorted(set(inserts) | {0, self.depth})
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+      carry = inserts[lo](carry) if lo in inserts else carry
+      carry, _ = self._layers(self._view(self._scan(hi - lo), lo, hi), f"layers_{lo}_{hi}")(carry, *broadcast)
+    return carry, None
 
-def stack_layers(block: type[nn.Module], depth: int, compute: Compute, n_broadcast: int = 0, **kwargs):
-  """`depth` copies of `block` under nn.scan (params get a leading 'layers' axis), optionally rematted.
+  def _scan(self, length: int):
+    unroll = length if self.compute.scan_unroll <= 0 else min(self.compute.scan_unroll, length)
+    return nn.scan(rematted(self.block, self.compute), variable_axes={"params": 0},
+                   split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * self.n_broadcast,
+                   length=length, unroll=unroll, metadata_params={nn.PARTITION_NAME: "layers"})
 
-  The block takes a `compute` field (given this one); its __call__ takes (carry, *broadcast_args)
-  and returns (carry, None). Unrolled (compute.scan_unroll), the params keep their stacked
-  layout: the choice is one of speed and compile time (README "Train-step speed").
-  """
-  block = rematted(block, compute)
-  unroll = depth if compute.scan_unroll <= 0 else min(compute.scan_unroll, depth)
-  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                 in_axes=(nn.broadcast,) * n_broadcast, length=depth, unroll=unroll,
-                 metadata_params={nn.PARTITION_NAME: "layers"})(compute=compute, **kwargs)
+  @staticmethod
+  def _view(module, lo: int, hi: int | None):
+    """`module` reading layers lo..hi-1 of the stacked params (hi None: layer lo, no layer axis)."""
+    take = lambda a: a[lo] if hi is None else a[lo:hi]
+    return nn.map_variables(module, "params", lambda v: jax.tree.map(take, nn.meta.unbox(v)), init=False,
+                            mutable=False)
+
+  def _layers(self, module: type[nn.Module], name: str, **fields) -> nn.Module:
+    """An instance of `module` (the block, scanned or viewed) whose params are this module's:
+    "layers/q/kernel", not "layers/all/q/kernel"."""
+    child = module(compute=self.compute, **self.fields, **fields, name=name)
+    nn.share_scope(self, child)
+    return child

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.models.attention import attention, cache_mask, cached_attention
-from vlm_jax.models.cross_entropy import chunked_token_loss, token_loss
-from vlm_jax.models.layers import (ACTIVATIONS, Compute, RMSNorm, constrain, dense, logical, stack_layers,
-                                   stacked_slice)
+from vlm_jax.losses import chunked_token_loss, token_loss
+from vlm_jax.models.layers import ACTIVATIONS, Compute, LayerStack, RMSNorm, constrain, dense, logical
 
 
 def rope_inv_freq(cfg: ml_collections.ConfigDict) -> jax.Array:
@@ -70,7 +69,7 @@ def unstack_layers(llm_params: dict) -> dict:
   out = {k: v for k, v in llm_params.items() if k != "layers"}
   depth = jax.tree.leaves(llm_params["layers"])[0].shape[0]
   for i in range(depth):
-    out[f"block_{i}"] = jax.tree.map(lambda a: a[i], llm_params["layers"])
+    out[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], llm_params["layers"])
   return out
 
 
@@ -144,7 +143,7 @@ class LLM(nn.Module):
     if self.layer_list:
       self.block = [DecoderBlock(c, self.dtype, self.compute) for _ in range(c.depth)]
     else:
-      self.layers = stack_layers(DecoderBlock, c.depth, self.compute, n_broadcast=3, cfg=c, dtype=self.dtype)
+      self.layers = LayerStack(DecoderBlock, c.depth, self.compute, n_broadcast=3, fields=dict(cfg=c, dtype=self.dtype))
     self.final_norm = RMSNorm(c.norm_eps, self.dtype, c.norm_offset)
     if not c.tie_embeddings:
       self.lm_head = self.param("lm_head", logical(nn.initializers.lecun_normal(), ("embed", "vocab")),
@@ -189,10 +188,10 @@ class LLM(nn.Module):
     if not self.layer_list:
       if decoding is not None:
         raise ValueError("decoding reads the layer-list layout: VLM(layer_list=True) with unstack_params")
-      if not inserts:
-        (x, _), _ = self.layers((x, None), positions, segment_ids, None)
-        return x, None
-      return self._stack_with_inserts(x, positions, segment_ids, inserts), None
+      # Between layers the carry is (x, None): an insert maps x.
+      on_x = {i: (lambda carry, f=f: (f(carry[0]), None)) for i, f in inserts.items()}
+      (x, _), _ = self.layers((x, None), positions, segment_ids, None, inserts=on_x)
+      return x, None
     written = []
     for i, block in enumerate(self.block):
       if i in inserts:
@@ -203,21 +202,6 @@ class LLM(nn.Module):
     if decoding is None:
       return x, None
     return x, {name: tuple(constrain(w[name], CACHE_AXES) for w in written) for name in ("k", "v")}
-
-  def _stack_with_inserts(self, x, positions, segment_ids, inserts: Inserts) -> jax.Array:
-    """The stacked layers run as one scan per run of layers between inserts, each over its
-    slice of the stacked params (layers.stacked_slice)."""
-    if self.is_initializing():
-      self.layers((x, None), positions, segment_ids, None)  # creates the stacked params the slices read
-    bounds = sorted(set(inserts) | {0, self.cfg.depth})
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-      if lo in inserts:
-        x = inserts[lo](x)
-      run = stack_layers(DecoderBlock, hi - lo, self.compute, n_broadcast=3, cfg=self.cfg, dtype=self.dtype,
-                         parent=None)
-      (x, _), _ = run.apply({"params": stacked_slice(self, "layers", lo, hi)}, (x, None), positions, segment_ids,
-                            None)
-    return x
 
   def _head(self) -> jax.Array:
     """[width, vocab] in the compute dtype."""

@@ -123,7 +123,7 @@ def check_targets(lora_cfg: ml_collections.ConfigDict, paths: list[str]) -> None
 
 
 def _stacked(path: tuple[str, ...]) -> bool:
-  """Params under a scanned "layers" module carry a leading layer axis (layers.stack_layers)."""
+  """Params under a scanned "layers" module carry a leading layer axis (layers.LayerStack)."""
   return "layers" in path
 
 

@@ -22,8 +22,9 @@ from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 from jax.sharding import PartitionSpec as P
 
+from vlm_jax.config import BATCH_AXES, TENSOR_AXIS
+
 BLOCK = 128  # rows per kernel block: the TPU's lane width; lengths are padded to a multiple
-BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"  # parallel.py's mesh axes
 
 
 def _pad_length(x: jax.Array, length: int) -> jax.Array:
@@ -81,10 +82,10 @@ def _gpu_flash_local(q, k, v, seg, *, causal: bool, interpret: bool):
 def _sharded(local, q, k, v, seg):
   """`local` over this device's rows and heads under the ambient mesh (jax.set_mesh), else as is."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES + (HEAD_AXIS,)) <= set(mesh.axis_names):
+  if mesh.empty or not set(BATCH_AXES + (TENSOR_AXIS,)) <= set(mesh.axis_names):
     return local(q, k, v, seg)
   rows = BATCH_AXES if q.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES) == 0 else None
-  heads = HEAD_AXIS if k.shape[2] % mesh.shape[HEAD_AXIS] == 0 else None
+  heads = TENSOR_AXIS if k.shape[2] % mesh.shape[TENSOR_AXIS] == 0 else None
   qkv_spec = P(rows, None, heads, None)
   specs = (qkv_spec, qkv_spec, qkv_spec) + ((P(rows, None),) if seg is not None else ())
   body = local if seg is not None else (lambda q, k, v: local(q, k, v, None))

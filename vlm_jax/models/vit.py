@@ -14,8 +14,7 @@ import ml_collections
 
 from vlm_jax.models import token_merging
 from vlm_jax.models.attention import attention
-from vlm_jax.models.layers import (ACTIVATIONS, Compute, constrain, dense, layer_norm, logical, rematted,
-                                   stack_layers, stacked_slice)
+from vlm_jax.models.layers import ACTIVATIONS, Compute, LayerStack, constrain, dense, layer_norm, logical
 
 FLAVOURS = {"siglip": dict(cls=False, pre_norm=False, act="gelu_tanh"),
             "clip": dict(cls=True, pre_norm=True, act="quick_gelu")}
@@ -137,12 +136,11 @@ class ViT(nn.Module):
     if flavour["pre_norm"]:
       x = layer_norm("pre_norm", c.norm_eps, self.dtype)(x)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
-    layers = stack_layers(EncoderBlock, c.depth, self.compute, cfg=c, dtype=self.dtype, name="layers")
-    merging = c.token_merging > 0 if self.merging is None else self.merging
-    if merging:
-      if self.is_initializing():
-        layers(x)  # creates the stacked params that the loop reads
-      x = self.merging_blocks(x)
+    layers = LayerStack(EncoderBlock, c.depth, self.compute, fields=dict(cfg=c, dtype=self.dtype), name="layers")
+    if c.token_merging > 0 if self.merging is None else self.merging:
+      # One block at a time, each merging its share of tokens (at most half its tokens, by the
+      # matching itself: token_merging.counts), with attention proportional to token sizes.
+      (x, _), _ = layers((x, jnp.ones(x.shape[:2], jnp.float32)), one_by_one=dict(merge=c.token_merging))
     else:
       x, _ = layers(x)
     if c.final_norm:  # SigLIP's post_layernorm; LLaVA reads pretrained towers before it
@@ -150,15 +148,3 @@ class ViT(nn.Module):
     if flavour["cls"] and not c.keep_cls:
       x = x[:, 1:]
     return x
-
-  def merging_blocks(self, x: jax.Array) -> jax.Array:
-    """The blocks one at a time on the stacked params, each merging its share of tokens: the
-    token count shrinks from block to block, which one scan cannot carry."""
-    c = self.cfg
-    # Each block merges r, capped at half its tokens by the matching itself (token_merging.counts).
-    layer = rematted(EncoderBlock, self.compute)(cfg=c, dtype=self.dtype, compute=self.compute,
-                                                  merge=c.token_merging, parent=None)
-    carry = (x, jnp.ones(x.shape[:2], jnp.float32))
-    for i in range(c.depth):
-      carry, _ = layer.apply({"params": stacked_slice(self, "layers", i)}, carry)
-    return carry[0]

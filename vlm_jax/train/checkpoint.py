@@ -19,11 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from vlm_jax import build as build_lib
 from vlm_jax import config as config_lib
-from vlm_jax import parallel
 from vlm_jax.build import Run
-from vlm_jax.data.tokenizer import BUILTIN, Tokenizer
+from vlm_jax.data.tokenizer import BUILTIN
 from vlm_jax.errors import UserError
 from vlm_jax.files import as_path, is_remote
 
@@ -187,21 +185,6 @@ def in_workdir(spec: str, workdir: str) -> str:
   if spec in BUILTIN or os.path.isabs(spec) or is_remote(spec) or not (as_path(workdir) / spec).exists():
     return spec
   return str(as_path(workdir) / spec)
-
-
-def open_workdir(path: str, dtype: str | None = None) -> tuple:
-  """--checkpoint PATH (a workdir or step directory) for inference or export: (config, tokenizer,
-  run, params, step, workdir), params on an FSDP mesh over the local devices; dtype overrides
-  the compute dtype."""
-  workdir, step = resolve(path)
-  config = config_lib.from_json((as_path(workdir) / "config.json").read_text())
-  if dtype:
-    config.model.dtype = dtype
-  tokenizer = Tokenizer.load(in_workdir(config.data.tokenizer, workdir))
-  build_lib.resolve_model_config(config, tokenizer.vocab_size, tokenizer.eos_id)
-  run = build_lib.build(config, parallel.inference_mesh(config), tokenizer.image_id)
-  params, step = read_params(workdir, step, run, "--checkpoint")
-  return config, tokenizer, run, params, step, workdir
 
 
 def load_params(path: str, run: Run):

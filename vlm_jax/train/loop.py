@@ -114,7 +114,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals |
   # --- Model, optimizer, shardings; data and eval -----------------------------------------------
   trainer = trainer_lib.build(config, mesh, tokenizer.image_id)
   run = trainer.run
-  data = Batches.from_config(config, tokenizer, run.image_tokens, process_index=jax.process_index(),
+  data = Batches(config, tokenizer, run.image_tokens, process_index=jax.process_index(),
                              process_count=jax.process_count(),
                              tile_groups=parallel.batch_divisor(mesh) * t.grad_accum, layout=run.task.layout)
   try:

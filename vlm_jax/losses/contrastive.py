@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is split over (vlm_jax.parallel.BATCH)
+from vlm_jax.config import BATCH_AXES
+
 MAX_LOG_SCALE = math.log(100.0)  # CLIP clips its temperature at 100
 
 

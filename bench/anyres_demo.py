@@ -25,9 +25,19 @@ def demo_config(anyres: bool, steps: int):
   c.model.anyres.update(dict(enabled=anyres, grid_pinpoints="(1x1),...,(1x6)"))
   c.data.sources = "shapes:wide"
   c.evals = {"shapes_wide_test": eval_entry("shapes:wide_test")}
-  c.data.seq_len = 48         # AnyRes: at most 4 + 2 x 13 image tokens, then one question
-  c.train.update(dict(steps=steps, batch_size=32, lr=5e-4, warmup_steps=50, log_every=50,
-                      eval_every=steps, checkpoint_every=steps, eval_examples=256))
+  c.data.seq_len = 48  # AnyRes: at most 4 + 2 x 13 image tokens, then one question
+  c.train.update(
+    dict(
+      steps=steps,
+      batch_size=32,
+      lr=5e-4,
+      warmup_steps=50,
+      log_every=50,
+      eval_every=steps,
+      checkpoint_every=steps,
+      eval_examples=256,
+    )
+  )
   c.mesh.update(dict(data=1, fsdp=1, tensor=1))
   return c
 
@@ -44,9 +54,12 @@ def main() -> None:
     t0 = time.time()
     metrics = api.train(demo_config(anyres, args.steps), workdir)
     key = "eval/shapes_wide_test/"
-    results[name] = {"accuracy": round(metrics[key + "accuracy"], 4),
-                     **{k[len(key):]: round(v, 4) for k, v in metrics.items() if "accuracy/" in k},
-                     "seconds": round(time.time() - t0, 1), "steps": args.steps}
+    results[name] = {
+      "accuracy": round(metrics[key + "accuracy"], 4),
+      **{k[len(key) :]: round(v, 4) for k, v in metrics.items() if "accuracy/" in k},
+      "seconds": round(time.time() - t0, 1),
+      "steps": args.steps,
+    }
   print(json.dumps(results, indent=2))
 
 

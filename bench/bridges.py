@@ -31,20 +31,23 @@ import time
 
 # Config fields per variant, on top of the config's (--config.KEY=VALUE overrides win).
 VARIANTS = {
-    "linear": {"model.bridge.kind": "linear"},
-    "mlp2x_gelu": {"model.bridge.kind": "mlp2x_gelu"},
-    "perceiver": {"model.bridge.kind": "perceiver", "model.bridge.num_latents": 16},
-    "qformer": {"model.bridge.kind": "qformer", "model.bridge.num_queries": 16},
-    # 3x3 pooled from shapes_tiny's 4x4 patch grid: windows overlap
-    "cabstractor": {"model.bridge.kind": "cabstractor", "model.bridge.num_tokens": 9},
-    "pixel_shuffle": {"model.bridge.kind": "pixel_shuffle", "model.bridge.factor": 2},  # 2x2 patches a token
-    # Flamingo: the resampler's 16 tokens an image read by a gated block before every LLM layer
-    "cross_attention": {"model.fusion": "cross_attention", "model.bridge.kind": "perceiver",
-                        "model.bridge.num_latents": 16},
-    # The same blocks reading the per-patch tokens (mlp2x_gelu's) instead of the resampler's
-    "cross_attention+patches": {"model.fusion": "cross_attention", "model.bridge.kind": "mlp2x_gelu"},
-    # ToMe: 4 merged in each of the 2 ViT blocks, 16 -> 8 tokens
-    "mlp2x_gelu+tome": {"model.bridge.kind": "mlp2x_gelu", "model.vision.token_merging": 4},
+  "linear": {"model.bridge.kind": "linear"},
+  "mlp2x_gelu": {"model.bridge.kind": "mlp2x_gelu"},
+  "perceiver": {"model.bridge.kind": "perceiver", "model.bridge.num_latents": 16},
+  "qformer": {"model.bridge.kind": "qformer", "model.bridge.num_queries": 16},
+  # 3x3 pooled from shapes_tiny's 4x4 patch grid: windows overlap
+  "cabstractor": {"model.bridge.kind": "cabstractor", "model.bridge.num_tokens": 9},
+  "pixel_shuffle": {"model.bridge.kind": "pixel_shuffle", "model.bridge.factor": 2},  # 2x2 patches a token
+  # Flamingo: the resampler's 16 tokens an image read by a gated block before every LLM layer
+  "cross_attention": {
+    "model.fusion": "cross_attention",
+    "model.bridge.kind": "perceiver",
+    "model.bridge.num_latents": 16,
+  },
+  # The same blocks reading the per-patch tokens (mlp2x_gelu's) instead of the resampler's
+  "cross_attention+patches": {"model.fusion": "cross_attention", "model.bridge.kind": "mlp2x_gelu"},
+  # ToMe: 4 merged in each of the 2 ViT blocks, 16 -> 8 tokens
+  "mlp2x_gelu+tome": {"model.bridge.kind": "mlp2x_gelu", "model.vision.token_merging": 4},
 }
 
 
@@ -82,8 +85,13 @@ def run_variant(variant: str, args, overrides: dict) -> dict:
   bridge_params = []
 
   def evals(run, tokenizer):  # what api.train passes, plus a look at the bridge's params
-    bridge_params.append(sum(math.prod(x.shape) for k, x in build_lib.flat_params(run.abstract_params).items()
-                             if optim.component(k) == "bridge"))
+    bridge_params.append(
+      sum(
+        math.prod(x.shape)
+        for k, x in build_lib.flat_params(run.abstract_params).items()
+        if optim.component(k) == "bridge"
+      )
+    )
     return runner.periodic_evals(run, tokenizer)
 
   with tempfile.TemporaryDirectory(prefix="bench_bridges_") as workdir:
@@ -92,16 +100,24 @@ def run_variant(variant: str, args, overrides: dict) -> dict:
     wall = time.perf_counter() - t0
     ms = step_ms(workdir, t.batch_size * config.data.seq_len)
   key = f"eval/{name}/"
-  return {"variant": variant, "settings": VARIANTS[variant], "steps": t.steps, "eval": name,
-          "accuracy": round(metrics[key + "accuracy"], 4),
-          **{k[len(key):]: round(v, 4) for k, v in metrics.items() if k.startswith(key + "accuracy/")},
-          "visual_tokens": vlm.visual_tokens(config.model), "sequence_tokens": vlm.image_tokens(config.model),
-          "bridge_params": bridge_params[0],
-          "step_ms": ms, "wall_s": round(wall, 1)}
+  return {
+    "variant": variant,
+    "settings": VARIANTS[variant],
+    "steps": t.steps,
+    "eval": name,
+    "accuracy": round(metrics[key + "accuracy"], 4),
+    **{k[len(key) :]: round(v, 4) for k, v in metrics.items() if k.startswith(key + "accuracy/")},
+    "visual_tokens": vlm.visual_tokens(config.model),
+    "sequence_tokens": vlm.image_tokens(config.model),
+    "bridge_params": bridge_params[0],
+    "step_ms": ms,
+    "wall_s": round(wall, 1),
+  }
 
 
 def main() -> int:
   from vlm_jax import cli
+
   argv, overrides = cli.split_overrides(sys.argv[1:])
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_tiny.py"))
@@ -124,14 +140,18 @@ def main() -> int:
       with open(args.json_out, "a") as f:
         f.write(json.dumps(r) + "\n")
 
-  print("\n| Variant | Settings | Visual tokens | Sequence tokens | Bridge params | Step (ms) | Held-out accuracy "
-        "| Wall (s) |")
+  print(
+    "\n| Variant | Settings | Visual tokens | Sequence tokens | Bridge params | Step (ms) | Held-out accuracy "
+    "| Wall (s) |"
+  )
   print("|---|---|---:|---:|---:|---:|---:|---:|")
   for r in results:
     per_kind = ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in r.items() if k.startswith("accuracy/"))
-    print(f"| {r['variant']} | {settings(r['variant'])} | {r['visual_tokens']} | {r['sequence_tokens']} | "
-          f"{r['bridge_params']:,} | {r['step_ms']} | "
-          f"{r['accuracy']:.4f}{f' ({per_kind})' if per_kind else ''} | {r['wall_s']} |")
+    print(
+      f"| {r['variant']} | {settings(r['variant'])} | {r['visual_tokens']} | {r['sequence_tokens']} | "
+      f"{r['bridge_params']:,} | {r['step_ms']} | "
+      f"{r['accuracy']:.4f}{f' ({per_kind})' if per_kind else ''} | {r['wall_s']} |"
+    )
   return 0
 
 

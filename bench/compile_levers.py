@@ -20,22 +20,33 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEVERS = {
-    "attention=xla": ["model.attention=xla"],
-    "remat=full": ["model.remat=full"],
-    "remat=dots": ["model.remat=dots"],
-    "remat=dots_with_no_batch_dims": ["model.remat=dots_with_no_batch_dims"],
-    "remat=offload": ["model.remat=offload"],
-    "unrolled layers": ["model.scan_unroll=0"],
-    "full logits": ["model.loss_chunk=0"],
-    "frozen params bf16": ["train.frozen_dtype=bfloat16"],
-    "images float32": ["data.images_uint8=false"],
-    "xla: latency hiding + async collectives": ["xla.latency_hiding_scheduler=true", "xla.async_collectives=true"],
+  "attention=xla": ["model.attention=xla"],
+  "remat=full": ["model.remat=full"],
+  "remat=dots": ["model.remat=dots"],
+  "remat=dots_with_no_batch_dims": ["model.remat=dots_with_no_batch_dims"],
+  "remat=offload": ["model.remat=offload"],
+  "unrolled layers": ["model.scan_unroll=0"],
+  "full logits": ["model.loss_chunk=0"],
+  "frozen params bf16": ["train.frozen_dtype=bfloat16"],
+  "images float32": ["data.images_uint8=false"],
+  "xla: latency hiding + async collectives": ["xla.latency_hiding_scheduler=true", "xla.async_collectives=true"],
 }
 
 
 def compile_once(config: str, topology: str, overrides: list[str]) -> dict:
-  cmd = [sys.executable, "-m", "vlm_jax.cli", "compile", "--config", config, "--topology", topology, "--json",
-         "--decode-rows", "0"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "vlm_jax.cli",
+    "compile",
+    "--config",
+    config,
+    "--topology",
+    topology,
+    "--json",
+    "--decode-rows",
+    "0",
+  ]
   cmd += [f"--config.{o}" for o in overrides]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -50,10 +61,15 @@ def summary(report: dict) -> dict:
   out = {"fits": report["fits"]}
   if "per_chip" in report:
     per_chip = report["per_chip"]
-    out.update(total_gib=gib(per_chip["total_bytes"]), arguments_gib=gib(per_chip["arguments_bytes"]),
-               temp_gib=gib(per_chip["temp_bytes"]), hbm_gib=gib(per_chip["hbm_bytes"]),
-               roofline_ms=round(report["roofline_step_seconds"] * 1e3, 1), compile_s=report["compile_seconds"],
-               pallas_kernels=report["pallas_kernels"])
+    out.update(
+      total_gib=gib(per_chip["total_bytes"]),
+      arguments_gib=gib(per_chip["arguments_bytes"]),
+      temp_gib=gib(per_chip["temp_bytes"]),
+      hbm_gib=gib(per_chip["hbm_bytes"]),
+      roofline_ms=round(report["roofline_step_seconds"] * 1e3, 1),
+      compile_s=report["compile_seconds"],
+      pallas_kernels=report["pallas_kernels"],
+    )
   else:
     out["error"] = report["error"]
   return out
@@ -71,8 +87,10 @@ def main() -> None:
   head = {"config": args.config, "topology": args.topology}
   if args.mode == "levers":
     for name, overrides in {"as configured": [], **LEVERS}.items():
-      print(json.dumps({**head, "lever": name, **summary(compile_once(args.config, args.topology, base + overrides))}),
-            flush=True)
+      print(
+        json.dumps({**head, "lever": name, **summary(compile_once(args.config, args.topology, base + overrides))}),
+        flush=True,
+      )
     return
   chips = math.prod(int(n) for n in args.topology.partition(":")[2].split("x"))  # v5e:4x4 -> 16
   rows = 1

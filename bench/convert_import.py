@@ -19,15 +19,41 @@ import time
 import ml_dtypes
 import numpy as np
 
-LLAMA_1B = dict(model_type="llama", vocab_size=128320, hidden_size=2048, intermediate_size=8192,
-                num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=131072,
-                bos_token_id=128000, eos_token_id=128001,
-                rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
-                                     high_freq_factor=4.0, original_max_position_embeddings=8192))
-CLIP_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
-                  hidden_act="quick_gelu", layer_norm_eps=1e-5)
+LLAMA_1B = dict(
+  model_type="llama",
+  vocab_size=128320,
+  hidden_size=2048,
+  intermediate_size=8192,
+  num_hidden_layers=16,
+  num_attention_heads=32,
+  num_key_value_heads=8,
+  head_dim=64,
+  rms_norm_eps=1e-5,
+  tie_word_embeddings=True,
+  max_position_embeddings=131072,
+  bos_token_id=128000,
+  eos_token_id=128001,
+  rope_parameters=dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=32.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+  ),
+)
+CLIP_L_336 = dict(
+  model_type="clip_vision_model",
+  hidden_size=1024,
+  intermediate_size=4096,
+  num_hidden_layers=24,
+  num_attention_heads=16,
+  image_size=336,
+  patch_size=14,
+  projection_dim=768,
+  hidden_act="quick_gelu",
+  layer_norm_eps=1e-5,
+)
 WORDS = 128000  # tokenizer words; + <|begin_of_text|>, <|end_of_text|>, <image>
 
 
@@ -39,9 +65,17 @@ def write_random_llava(directory: str) -> int:
   from vlm_jax.convert import hf_config, layout, params as params_lib
   from vlm_jax.convert.safetensors_io import write_sharded
 
-  hc = dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", text_config=LLAMA_1B,
-            vision_config=CLIP_L_336, image_token_id=WORDS + 2, projector_hidden_act="gelu",
-            vision_feature_layer=-2, vision_feature_select_strategy="default", dtype="bfloat16")
+  hc = dict(
+    architectures=["LlavaForConditionalGeneration"],
+    model_type="llava",
+    text_config=LLAMA_1B,
+    vision_config=CLIP_L_336,
+    image_token_id=WORDS + 2,
+    projector_hidden_act="gelu",
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="default",
+    dtype="bfloat16",
+  )
   info = hf_config.llava_from_hf(hc, "bench")
   config = config_lib.base()
   config.model.vision.update(info["vision"])
@@ -61,8 +95,7 @@ def write_random_llava(directory: str) -> int:
     for key in it.keys:
       tensors[key] = (shape, ml_dtypes.bfloat16, lambda shape=shape: random(shape))
   for name in ("weight", "bias"):
-    tensors[f"vision_tower.vision_model.post_layernorm.{name}"] = ((1024,), ml_dtypes.bfloat16,
-                                                                     lambda: random((1024,)))
+    tensors[f"vision_tower.vision_model.post_layernorm.{name}"] = ((1024,), ml_dtypes.bfloat16, lambda: random((1024,)))
   write_sharded(directory, tensors, max_shard_bytes=2 << 30)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(hc, f, indent=2)
@@ -73,16 +106,23 @@ def write_random_llava(directory: str) -> int:
 def _write_tokenizer(directory: str) -> None:
   import tokenizers
   from tokenizers import models, pre_tokenizers
+
   vocab = {f"w{i}": i for i in range(WORDS)}
   vocab.update({"<|begin_of_text|>": WORDS, "<|end_of_text|>": WORDS + 1})
   tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="w0"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                          for t in ("<|begin_of_text|>", "<|end_of_text|>", "<image>")])
+  tok.add_special_tokens(
+    [
+      tokenizers.AddedToken(t, special=True, normalized=False)
+      for t in ("<|begin_of_text|>", "<|end_of_text|>", "<image>")
+    ]
+  )
   tok.save(os.path.join(directory, "tokenizer.json"))
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
-               "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    json.dump(
+      {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "tokenizer_class": "PreTrainedTokenizerFast"},
+      f,
+    )
 
 
 def timed(args: list[str]) -> dict:
@@ -94,7 +134,7 @@ def timed(args: list[str]) -> dict:
     raise SystemExit(f"{' '.join(args)} failed:\n{result.stderr[-3000:]}")
   rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
   wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", result.stderr).group(1)
-  seconds = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.split(":"))))
+  seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
   return {"seconds": round(seconds, 1), "peak_rss_gb": round(rss_kb / 2**20, 2)}
 
 

@@ -36,17 +36,17 @@ def write_set(directory: str, samples: int, rounds: int) -> str:
   for r in records:
     first, rest = r["conversations"][:2], r["conversations"][2:]
     more = [dict(t, value=t["value"].replace("<image>\n", "")) for t in r["conversations"]]
-    r["conversations"] = (first + rest + more * (rounds // 4))[:2 * rounds]
+    r["conversations"] = (first + rest + more * (rounds // 4))[: 2 * rounds]
   with open(path, "w") as f:
     json.dump(records, f)
   return path
 
 
 MODES = {  # name: (pack, uint8 images, image_pool)
-    "unpacked": (False, True, 0),
-    "packed_float32": (True, False, 0),
-    "packed": (True, True, 0),
-    f"packed_pool{3 * ROWS}": (True, True, 3 * ROWS),
+  "unpacked": (False, True, 0),
+  "packed_float32": (True, False, 0),
+  "packed": (True, True, 0),
+  f"packed_pool{3 * ROWS}": (True, True, 3 * ROWS),
 }
 
 
@@ -54,8 +54,17 @@ def measure(path: str, pack: bool, uint8: bool, pool: int, batches: int) -> dict
   tok = Tokenizer.load("shapes")
   config = config_lib.base()
   config.train.batch_size = ROWS
-  config.data.update(dict(sources=f"llava:{path}", seq_len=SEQ_LEN, pack=pack, max_images=8 if pack else 1,
-                          threads=1, prefetch=0, image_pool=pool))
+  config.data.update(
+    dict(
+      sources=f"llava:{path}",
+      seq_len=SEQ_LEN,
+      pack=pack,
+      max_images=8 if pack else 1,
+      threads=1,
+      prefetch=0,
+      image_pool=pool,
+    )
+  )
   it = Batches(config, tok, IMAGE_TOKENS, preprocessing=Preprocessing(IMAGE_SIZE, on_device=uint8))
   next(it)  # warm-up: file list, first reads
   t0, cpu0 = time.perf_counter(), time.process_time()
@@ -71,12 +80,15 @@ def measure(path: str, pack: bool, uint8: bool, pool: int, batches: int) -> dict
   seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
   it.close()
   # Per core: samples per CPU-second of this process (wall-clock rates depend on what else runs).
-  return {"samples_per_s_per_core": round(samples / cpu_seconds, 1), "samples_per_s": round(samples / seconds, 1),
-          "batches_per_s": round(batches / seconds, 2),
-          "samples_per_row": round(samples / (batches * ROWS), 2),
-          "packing_efficiency": round(used / (batches * ROWS * SEQ_LEN), 3),
-          "image_mb_per_batch": round(image_bytes / batches / 2**20, 1),
-          "vit_images_per_batch": {"real": round(real_images / batches, 1), "encoded": encoded // batches}}
+  return {
+    "samples_per_s_per_core": round(samples / cpu_seconds, 1),
+    "samples_per_s": round(samples / seconds, 1),
+    "batches_per_s": round(batches / seconds, 2),
+    "samples_per_row": round(samples / (batches * ROWS), 2),
+    "packing_efficiency": round(used / (batches * ROWS * SEQ_LEN), 3),
+    "image_mb_per_batch": round(image_bytes / batches / 2**20, 1),
+    "vit_images_per_batch": {"real": round(real_images / batches, 1), "encoded": encoded // batches},
+  }
 
 
 def main() -> None:
@@ -92,8 +104,14 @@ def main() -> None:
   with open(path) as f:
     records = json.load(f)
   text_tokens = [sum(len(tok.encode(t["value"])) for t in r["conversations"]) for r in records]
-  out = {"image": "640x480 JPEG -> 336x336", "image_tokens": IMAGE_TOKENS, "seq_len": SEQ_LEN, "rows": ROWS,
-         "text_tokens_mean": round(float(np.mean(text_tokens)), 1), "cpu_count": os.cpu_count()}
+  out = {
+    "image": "640x480 JPEG -> 336x336",
+    "image_tokens": IMAGE_TOKENS,
+    "seq_len": SEQ_LEN,
+    "rows": ROWS,
+    "text_tokens_mean": round(float(np.mean(text_tokens)), 1),
+    "cpu_count": os.cpu_count(),
+  }
   for name, (pack, uint8, pool) in MODES.items():
     out[name] = measure(path, pack, uint8, pool, args.batches)
   print(json.dumps(out, indent=1))

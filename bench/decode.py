@@ -28,13 +28,27 @@ import numpy as np
 from hf_llava import CPU_SHAPE, write_llava
 
 SHAPES = {
-    # CLIP-style ViT 6 x 384 at 224 px / patch 16, Llama 6 x 768 (GQA 12/4), vocab 32000
-    "cpu": CPU_SHAPE,
-    # LLaVA-1.5-7B: CLIP ViT-L/14-336 and a Llama-2-7B-sized decoder (a GPU shape)
-    "ref": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                            image_size=336, patch_size=14),
-                text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=32064)),
+  # CLIP-style ViT 6 x 384 at 224 px / patch 16, Llama 6 x 768 (GQA 12/4), vocab 32000
+  "cpu": CPU_SHAPE,
+  # LLaVA-1.5-7B: CLIP ViT-L/14-336 and a Llama-2-7B-sized decoder (a GPU shape)
+  "ref": dict(
+    vision=dict(
+      hidden_size=1024,
+      intermediate_size=4096,
+      num_hidden_layers=24,
+      num_attention_heads=16,
+      image_size=336,
+      patch_size=14,
+    ),
+    text=dict(
+      hidden_size=4096,
+      intermediate_size=11008,
+      num_hidden_layers=32,
+      num_attention_heads=32,
+      num_key_value_heads=32,
+      vocab_size=32064,
+    ),
+  ),
 }
 PROMPT = "USER: <image>\nWhat is shown in this picture? Describe it in detail. ASSISTANT:"
 
@@ -85,10 +99,17 @@ def measure(system: str, run, batch: int, new_tokens: int, repeats: int, device:
   total = statistics.median(r[1] for r in runs[1:])
   decode = statistics.median(r[1] - r[0] for r in runs[1:])
   peak = run.peak_device_bytes() if device == "gpu" else mem.bytes
-  return {"system": system, "batch": batch, "new_tokens": new_tokens, "device": device,
-          "tokens_per_s": round(batch * (new_tokens - 1) / decode, 2),
-          "time_to_first_token_s": round(first, 4), "total_s": round(total, 4),
-          "end_to_end_tokens_per_s": round(batch * new_tokens / total, 2), "peak_mem_bytes": int(peak)}
+  return {
+    "system": system,
+    "batch": batch,
+    "new_tokens": new_tokens,
+    "device": device,
+    "tokens_per_s": round(batch * (new_tokens - 1) / decode, 2),
+    "time_to_first_token_s": round(first, 4),
+    "total_s": round(total, 4),
+    "end_to_end_tokens_per_s": round(batch * new_tokens / total, 2),
+    "peak_mem_bytes": int(peak),
+  }
 
 
 def ours(directory: str, prompt: str, images: list):
@@ -110,8 +131,10 @@ def ours(directory: str, prompt: str, images: list):
       for more in chunks:
         rows = [r + m for r, m in zip(rows, more)]
       return first, time.perf_counter() - t0, rows
+
     run.peak_device_bytes = lambda: jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0)
     return run
+
   return model, ids, pixels_one, runner
 
 
@@ -126,6 +149,7 @@ def theirs(directory: str, ids: np.ndarray, pixels_one: np.ndarray, on_gpu: bool
 
   class FirstToken(transformers.generation.streamers.BaseStreamer):
     """Notes when generate hands over its first new tokens (its first put is the prompt)."""
+
     def __init__(self):
       self.puts, self.at = 0, None
 
@@ -149,13 +173,23 @@ def theirs(directory: str, ids: np.ndarray, pixels_one: np.ndarray, on_gpu: bool
       streamer = FirstToken()
       t0 = time.perf_counter()
       with torch.inference_mode():
-        out = hf.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
-                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=3, streamer=streamer)
+        out = hf.generate(
+          input_ids=input_ids,
+          attention_mask=torch.ones_like(input_ids),
+          pixel_values=pixels,
+          max_new_tokens=n,
+          min_new_tokens=n,
+          do_sample=False,
+          pad_token_id=3,
+          streamer=streamer,
+        )
       if on_gpu:
         torch.cuda.synchronize()
-      return streamer.at - t0, time.perf_counter() - t0, out[:, input_ids.shape[1]:].tolist()
+      return streamer.at - t0, time.perf_counter() - t0, out[:, input_ids.shape[1] :].tolist()
+
     run.peak_device_bytes = lambda: torch.cuda.max_memory_allocated()
     return run
+
   return hf, runner
 
 
@@ -164,6 +198,7 @@ def matvec_bandwidth(n: int = 8192, repeats: int = 50) -> float:
   ceiling): the rate a batch-1 decode can read weights."""
   import jax
   import jax.numpy as jnp
+
   w = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   x = jnp.ones((n,), jnp.float32)
   f = jax.jit(lambda w, x: w @ x)
@@ -176,6 +211,7 @@ def llm_weight_bytes(model) -> int:
   """LLM weights read per decoded token: every layer and the output head (not the embedding table
   unless it is the head)."""
   import jax
+
   llm = model.params["llm"]
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(llm["layers"]))
   total += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(llm["final_norm"]))
@@ -192,6 +228,7 @@ def main() -> None:
   args = p.parse_args()
   import jax
   import PIL.Image
+
   on_gpu = jax.default_backend() == "gpu"
   device = jax.devices()[0].device_kind if on_gpu else f"cpu ({os.cpu_count()} cores)"
   batches = [int(b) for b in args.batches.split(",")]
@@ -204,18 +241,22 @@ def main() -> None:
   results = {}
   for batch in batches:
     for system, runner in (("vlm-jax", our_runner), ("transformers", their_runner)):
-      r = measure(system, runner(batch), batch, args.new_tokens, args.repeats,
-                  "gpu" if on_gpu else "cpu")
+      r = measure(system, runner(batch), batch, args.new_tokens, args.repeats, "gpu" if on_gpu else "cpu")
       r.update(shape=args.shape, device_name=device, prompt_tokens=len(ids))
       results[system, batch] = r
       print(json.dumps(r), flush=True)
-  summary = {f"ratio_batch{b}": round(results["vlm-jax", b]["tokens_per_s"] / results["transformers", b]["tokens_per_s"], 2)
-             for b in batches}
+  summary = {
+    f"ratio_batch{b}": round(results["vlm-jax", b]["tokens_per_s"] / results["transformers", b]["tokens_per_s"], 2)
+    for b in batches
+  }
   if 1 in batches:
     weight_bytes = llm_weight_bytes(model)
     bandwidth = matvec_bandwidth()
-    summary.update(weight_bytes_per_token=weight_bytes, matvec_bandwidth_gb_s=round(bandwidth / 1e9, 1),
-                   bandwidth_fraction_batch1=round(results["vlm-jax", 1]["tokens_per_s"] * weight_bytes / bandwidth, 3))
+    summary.update(
+      weight_bytes_per_token=weight_bytes,
+      matvec_bandwidth_gb_s=round(bandwidth / 1e9, 1),
+      bandwidth_fraction_batch1=round(results["vlm-jax", 1]["tokens_per_s"] * weight_bytes / bandwidth, 3),
+    )
   print(json.dumps(summary), flush=True)
 
 

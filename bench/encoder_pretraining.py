@@ -27,6 +27,7 @@ TARGET = 0.9
 
 def train(config, workdir: str) -> float:
   from vlm_jax import api
+
   t0 = time.time()
   api.train(config, workdir)
   return time.time() - t0
@@ -39,6 +40,7 @@ def evals(workdir: str) -> list[dict]:
 
 def main() -> int:
   from vlm_jax import cli
+
   argv, overrides = cli.split_overrides(sys.argv[1:])
   here = os.path.join(os.path.dirname(__file__), "..", "configs")
   p = argparse.ArgumentParser()
@@ -66,8 +68,14 @@ def main() -> int:
       encoder = os.path.join(tmp, "encoder")
       seconds = train(config_lib.load_file(args.encoder_config), encoder)
       final = evals(encoder)[-1]
-      report({"run": "encoder", "config": args.encoder_config, "seconds": round(seconds),
-              **{k.split("/", 2)[-1]: v for k, v in final.items() if k.endswith("accuracy")}})
+      report(
+        {
+          "run": "encoder",
+          "config": args.encoder_config,
+          "seconds": round(seconds),
+          **{k.split("/", 2)[-1]: v for k, v in final.items() if k.endswith("accuracy")},
+        }
+      )
     for name, init_from in (("random ViT", ""), ("pretrained ViT", encoder)):
       config = config_lib.load_file(args.config)
       config_lib.apply_overrides(config, overrides)

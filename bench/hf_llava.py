@@ -5,10 +5,19 @@ import json
 import os
 
 # CLIP-style ViT 6 x 384 at 224 px / patch 16, Llama 6 x 768 (GQA 12/4), vocab 32000: the CPU shape
-CPU_SHAPE = dict(vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-                             image_size=224, patch_size=16),
-                 text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
-                           num_key_value_heads=4, vocab_size=32000))
+CPU_SHAPE = dict(
+  vision=dict(
+    hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, image_size=224, patch_size=16
+  ),
+  text=dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    vocab_size=32000,
+  ),
+)
 
 
 def write_llava(directory: str, shape: dict, words: tuple[str, ...] = ()) -> None:
@@ -28,11 +37,20 @@ def write_llava(directory: str, shape: dict, words: tuple[str, ...] = ()) -> Non
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
   tok.save(os.path.join(directory, "tokenizer.json"))
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-               "pad_token": "<pad>", "unk_token": "<unk>"}, f)
+    json.dump(
+      {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+      },
+      f,
+    )
   torch.manual_seed(0)
   config = transformers.LlavaConfig(
-      vision_config=transformers.CLIPVisionConfig(**shape["vision"]),
-      text_config=transformers.LlamaConfig(**shape["text"], bos_token_id=1, eos_token_id=2, pad_token_id=3),
-      image_token_id=vocab - 1)
+    vision_config=transformers.CLIPVisionConfig(**shape["vision"]),
+    text_config=transformers.LlamaConfig(**shape["text"], bos_token_id=1, eos_token_id=2, pad_token_id=3),
+    image_token_id=vocab - 1,
+  )
   transformers.LlavaForConditionalGeneration(config).save_pretrained(directory)

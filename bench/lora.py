@@ -49,10 +49,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1 << 30
 CHIP_GB = (16, 24, 80)
 LORA = {"lora.rank": "16", "lora.alpha": "32", "lora.targets": "llm/layers/(q|k|v|o|gate|up|down)"}
-METHODS = {"full": {}, "lora": LORA, "lora-bf16": {**LORA, "lora.base_dtype": "bfloat16"},
-           "qlora-int8": {**LORA, "lora.base_dtype": "int8"}, "qlora-nf4": {**LORA, "lora.base_dtype": "nf4"}}
-CONFIGS = {"ref": ("configs/bench_ref.py:stage2", {}),
-           "7b": ("configs/llava15_ref.py:stage2", {"train.batch_size": "1"})}
+METHODS = {
+  "full": {},
+  "lora": LORA,
+  "lora-bf16": {**LORA, "lora.base_dtype": "bfloat16"},
+  "qlora-int8": {**LORA, "lora.base_dtype": "int8"},
+  "qlora-nf4": {**LORA, "lora.base_dtype": "nf4"},
+}
+CONFIGS = {
+  "ref": ("configs/bench_ref.py:stage2", {}),
+  "7b": ("configs/llava15_ref.py:stage2", {"train.batch_size": "1"}),
+}
 
 
 def file_config(shape: str, overrides: dict[str, str]):
@@ -65,6 +72,7 @@ def file_config(shape: str, overrides: dict[str, str]):
 def cpu_config(directory: str, shape: dict, overrides: dict[str, str]):
   """bench/train_step.py's config at its cpu shape (our_step's), and the <image> id."""
   from vlm_jax.convert import hf_import
+
   config, tokenizer, _ = hf_import.llava_config(directory, "bfloat16" if jax.default_backend() == "gpu" else "float32")
   config.stage, config.data.seq_len, config.train.batch_size = "stage2", shape["seq"], shape["batch"]
   config_lib.apply_overrides(config, overrides)
@@ -74,15 +82,21 @@ def cpu_config(directory: str, shape: dict, overrides: dict[str, str]):
 def cpu_batch(config, mesh, shape: dict) -> dict:
   """bench/train_step.py's batch (make_batch: answers supervised) as its our_step puts it on the device."""
   import train_step
+
   b = train_step.make_batch(shape, "answer")
   ids, labels = b["ids"], b["labels"]
   images = images_lib.Preprocessing.from_config(config).normalize(b["rgb"])[:, None]  # one slot a row
-  return jax.device_put({
-      "tokens": ids.astype(np.int32), "images": images,
+  return jax.device_put(
+    {
+      "tokens": ids.astype(np.int32),
+      "images": images,
       "positions": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy(),
-      "segment_ids": np.ones(ids.shape, np.int32), "targets": np.roll(ids, -1, axis=1).astype(np.int32),
-      "loss_mask": np.concatenate([labels[:, 1:] != -100, np.zeros((len(ids), 1), bool)], axis=1)},
-      parallel.batch_sharding(mesh))
+      "segment_ids": np.ones(ids.shape, np.int32),
+      "targets": np.roll(ids, -1, axis=1).astype(np.int32),
+      "loss_mask": np.concatenate([labels[:, 1:] != -100, np.zeros((len(ids), 1), bool)], axis=1),
+    },
+    parallel.batch_sharding(mesh),
+  )
 
 
 def nbytes(leaves, packed: bool = False) -> int:
@@ -93,30 +107,50 @@ def nbytes(leaves, packed: bool = False) -> int:
 def adapted_base(params: dict) -> dict:
   """The kernels LORA targets (adapted or not), as stored: param count, bytes, bytes per param."""
   pattern = LORA["lora.targets"]
-  leaves = {p: x for p, x in params.items() if "/kernel" in p and not lora.is_adapter(p)
-            and re.fullmatch(pattern, p.split("/kernel")[0])}
+  leaves = {
+    p: x
+    for p, x in params.items()
+    if "/kernel" in p and not lora.is_adapter(p) and re.fullmatch(pattern, p.split("/kernel")[0])
+  }
   count = sum(x.size for p, x in leaves.items() if not p.endswith("scale"))  # kernels, or their codes
   stored, packed = nbytes(leaves.values()), nbytes(leaves.values(), packed=True)
-  return {"params": count, "bytes": stored, "bytes_packed": packed, "bytes_per_param": round(stored / count, 4),
-          "bytes_per_param_packed": round(packed / count, 4), "dtypes": sorted({str(x.dtype) for x in leaves.values()})}
+  return {
+    "params": count,
+    "bytes": stored,
+    "bytes_packed": packed,
+    "bytes_per_param": round(stored / count, 4),
+    "bytes_per_param_packed": round(packed / count, 4),
+    "dtypes": sorted({str(x.dtype) for x in leaves.values()}),
+  }
 
 
 def sizes(trainer, state: dict) -> dict:
   params = build_lib.flat_params(state["params"])
   labels = build_lib.flat_params(trainer.labels)
-  return {"params_bytes": nbytes(params.values()), "params_bytes_packed": nbytes(params.values(), packed=True),
-          "trainable_params": sum(params[p].size for p, label in labels.items() if label != FROZEN),
-          "optimizer_bytes": nbytes(jax.tree.leaves(state["opt_state"])),
-          "adapter_dtypes": sorted({str(x.dtype) for p, x in params.items() if lora.is_adapter(p)}),
-          "adapted_base": adapted_base(params)}
+  return {
+    "params_bytes": nbytes(params.values()),
+    "params_bytes_packed": nbytes(params.values(), packed=True),
+    "trainable_params": sum(params[p].size for p, label in labels.items() if label != FROZEN),
+    "optimizer_bytes": nbytes(jax.tree.leaves(state["opt_state"])),
+    "adapter_dtypes": sorted({str(x.dtype) for p, x in params.items() if lora.is_adapter(p)}),
+    "adapted_base": adapted_base(params),
+  }
 
 
 def memory(m: aot.Memory) -> dict:
   """XLA's memory analysis (GiB) and the chip sizes the step fits."""
   gib = lambda n: round(n / GIB, 3)
-  return {"memory_gib": {"arguments": gib(m.arguments_bytes), "outputs": gib(m.output_bytes),
-                         "aliased": gib(m.alias_bytes), "temp": gib(m.temp_bytes), "peak": gib(m.total_bytes)},
-          "arguments_bytes": m.arguments_bytes, "fits_gb": [gb for gb in CHIP_GB if m.total_bytes <= gb * 10**9]}
+  return {
+    "memory_gib": {
+      "arguments": gib(m.arguments_bytes),
+      "outputs": gib(m.output_bytes),
+      "aliased": gib(m.alias_bytes),
+      "temp": gib(m.temp_bytes),
+      "peak": gib(m.total_bytes),
+    },
+    "arguments_bytes": m.arguments_bytes,
+    "fits_gb": [gb for gb in CHIP_GB if m.total_bytes <= gb * 10**9],
+  }
 
 
 def analyse(config) -> dict:
@@ -130,11 +164,13 @@ def run_cpu(directory: str, config, image_id: int, shape: dict, steps: int) -> d
   """From the imported weights (as init_from): sizes, memory, the warm-up step's loss, the
   median of `steps` steps."""
   from vlm_jax.convert import hf_import
+
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   trainer = trainer_lib.build(config, mesh, image_id)
   plain = trainer.run.plain
-  state = trainer.start(hf_import.read_llava_params(directory, config.model, plain.abstract_params,
-                                                    plain.param_shardings))
+  state = trainer.start(
+    hf_import.read_llava_params(directory, config.model, plain.abstract_params, plain.param_shardings)
+  )
   batch = cpu_batch(config, mesh, shape)
   compiled = trainer.train_step.lower(state, batch).compile()
   out = {**sizes(trainer, state), **memory(aot.Memory.of(compiled))}
@@ -144,6 +180,7 @@ def run_cpu(directory: str, config, image_id: int, shape: dict, steps: int) -> d
     start = time.perf_counter()
     state, metrics = jax.block_until_ready(trainer.train_step(state, batch))
     return time.perf_counter() - start, metrics
+
   # The jitted step, as training calls it: `compiled` refuses nf4's codes, which jax holds a
   # byte each on CPU while the program takes them packed (a layout mismatch).
   _, metrics = step()  # warm-up
@@ -153,8 +190,15 @@ def run_cpu(directory: str, config, image_id: int, shape: dict, steps: int) -> d
 
 def describe(shape: str, method: str, config) -> dict:
   m = config.model
-  return {"shape": shape, "method": method, "batch": config.train.batch_size, "seq": config.data.seq_len,
-          "remat": m.remat, "dtype": m.dtype, "frozen_dtype": config.train.frozen_dtype}
+  return {
+    "shape": shape,
+    "method": method,
+    "batch": config.train.batch_size,
+    "seq": config.data.seq_len,
+    "remat": m.remat,
+    "dtype": m.dtype,
+    "frozen_dtype": config.train.frozen_dtype,
+  }
 
 
 def guarded(fn, *args) -> dict:
@@ -184,6 +228,7 @@ def main() -> None:
     return
   from hf_llava import write_llava
   from train_step import SHAPES
+
   shape, full_step = SHAPES["cpu"], None
   with tempfile.TemporaryDirectory() as directory:
     write_llava(directory, shape)

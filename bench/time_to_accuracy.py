@@ -23,6 +23,7 @@ import time
 
 def main() -> int:
   from vlm_jax import cli
+
   argv, overrides = cli.split_overrides(sys.argv[1:])
   p = argparse.ArgumentParser()
   p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_tiny.py"))
@@ -54,10 +55,12 @@ def main() -> int:
       jax.block_until_ready(params)  # the step before this eval is training time
       t0 = time.perf_counter()
       metrics = evaluate(params)
-      point = {"step": min((len(curve) + 1) * args.eval_every, config.train.steps),
-               "accuracy": round(metrics["accuracy"], 4),
-               **{k.split("/")[1]: round(v, 3) for k, v in metrics.items() if k.startswith("accuracy/")},
-               "seconds": round(t0 - start - in_evals[0], 1)}
+      point = {
+        "step": min((len(curve) + 1) * args.eval_every, config.train.steps),
+        "accuracy": round(metrics["accuracy"], 4),
+        **{k.split("/")[1]: round(v, 3) for k, v in metrics.items() if k.startswith("accuracy/")},
+        "seconds": round(t0 - start - in_evals[0], 1),
+      }
       in_evals[0] += time.perf_counter() - t0
       point["seconds_with_evals"] = round(time.perf_counter() - start, 1)
       curve.append(point)
@@ -66,15 +69,22 @@ def main() -> int:
         reached[0] = point
         os.kill(os.getpid(), signal.SIGTERM)  # the loop's clean stop: it checkpoints and returns
       return metrics
+
     return [dataclasses.replace(periodic, evaluate=timed)]
 
   with tempfile.TemporaryDirectory() as workdir:
     loop.train(config, workdir, evals=evals, load_params=hf_import.load_params)
-  result = {"config": args.config, "overrides": overrides, "target": args.target, "metric": metric,
-            "reached": reached[0] is not None,
-            "seconds": reached[0]["seconds"] if reached[0] else None,
-            "seconds_with_evals": reached[0]["seconds_with_evals"] if reached[0] else None,
-            "evals": len(curve), "eval_every": args.eval_every}
+  result = {
+    "config": args.config,
+    "overrides": overrides,
+    "target": args.target,
+    "metric": metric,
+    "reached": reached[0] is not None,
+    "seconds": reached[0]["seconds"] if reached[0] else None,
+    "seconds_with_evals": reached[0]["seconds_with_evals"] if reached[0] else None,
+    "evals": len(curve),
+    "eval_every": args.eval_every,
+  }
   print(json.dumps(result), flush=True)
   return 0 if reached[0] else 1
 

@@ -34,14 +34,30 @@ import numpy as np
 from hf_llava import CPU_SHAPE, write_llava
 
 SHAPES = {
-    "cpu": dict(CPU_SHAPE, batch=4, seq=1024),
-    # The reference workload: LLaVA-1.5 recipe on a 1.1B LLM (TinyLlama shape), CLIP ViT-L/14-336
-    "ref": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                            image_size=336, patch_size=14),
-                text=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
-                          rms_norm_eps=1e-5),
-                batch=8, seq=2048),
+  "cpu": dict(CPU_SHAPE, batch=4, seq=1024),
+  # The reference workload: LLaVA-1.5 recipe on a 1.1B LLM (TinyLlama shape), CLIP ViT-L/14-336
+  "ref": dict(
+    vision=dict(
+      hidden_size=1024,
+      intermediate_size=4096,
+      num_hidden_layers=24,
+      num_attention_heads=16,
+      image_size=336,
+      patch_size=14,
+    ),
+    text=dict(
+      hidden_size=2048,
+      intermediate_size=5632,
+      num_hidden_layers=22,
+      num_attention_heads=32,
+      num_key_value_heads=4,
+      vocab_size=32000,
+      max_position_embeddings=4096,
+      rms_norm_eps=1e-5,
+    ),
+    batch=8,
+    seq=2048,
+  ),
 }
 GPU_PEAK_FLOPS = 989e12  # H100/H200 dense bf16, as the reference baseline
 
@@ -62,7 +78,7 @@ def make_batch(shape: dict, supervise: str, seed: int = 0) -> dict[str, np.ndarr
   b, s, n_img = shape["batch"], shape["seq"], image_tokens(shape)
   vocab = shape["text"]["vocab_size"]
   ids = rng.integers(4, vocab - 1, (b, s))
-  ids[:, 0], ids[:, 1:1 + n_img] = 1, vocab - 1
+  ids[:, 0], ids[:, 1 : 1 + n_img] = 1, vocab - 1
   labels = np.full((b, s), -100)
   text = s - 1 - n_img
   for row in range(b):
@@ -149,24 +165,30 @@ def our_step(directory: str, shape: dict, stage: str, batch: dict, overrides: di
   # data.images_uint8 decides what crosses to the device, as in training
   images = images_lib.Preprocessing.from_config(config).normalize(batch["rgb"])
   images = our_images(images, image_tokens(shape), slots, config.data.image_pool, parallel.batch_divisor(mesh))
-  arrays = {"tokens": ids.astype(np.int32), "images": images,
-            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy(),
-            "segment_ids": np.ones(ids.shape, np.int32),
-            # position t predicts token t + 1: transformers' shifted labels
-            "targets": np.concatenate([ids[:, 1:], ids[:, :1]], axis=1).astype(np.int32),
-            "loss_mask": np.concatenate([labels[:, 1:] != -100, np.zeros((len(ids), 1), bool)], axis=1)}
+  arrays = {
+    "tokens": ids.astype(np.int32),
+    "images": images,
+    "positions": np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy(),
+    "segment_ids": np.ones(ids.shape, np.int32),
+    # position t predicts token t + 1: transformers' shifted labels
+    "targets": np.concatenate([ids[:, 1:], ids[:, :1]], axis=1).astype(np.int32),
+    "loss_mask": np.concatenate([labels[:, 1:] != -100, np.zeros((len(ids), 1), bool)], axis=1),
+  }
   arrays = jax.device_put(arrays, parallel.batch_sharding(mesh))
 
   def step():
     nonlocal state
     state, metrics = trainer.train_step(state, arrays)
     return jax.block_until_ready(metrics)
+
   return step
 
 
-def ours(directory: str, shape: dict, stage: str, batch: dict, steps: int, overrides: dict[str, str],
-         slots: int = 1) -> dict:
+def ours(
+  directory: str, shape: dict, stage: str, batch: dict, steps: int, overrides: dict[str, str], slots: int = 1
+) -> dict:
   import jax
+
   on_gpu = jax.default_backend() == "gpu"
   step = our_step(directory, shape, stage, batch, overrides, slots)
   t0 = time.perf_counter()
@@ -174,9 +196,14 @@ def ours(directory: str, shape: dict, stage: str, batch: dict, steps: int, overr
   first_s = time.perf_counter() - t0
   times = [timed(step) for _ in range(steps)]
   peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0) if on_gpu else None
-  return {"loss": float(first["train/loss"]), "times": times, "first_s": first_s, "peak_device_bytes": peak,
-          "device": jax.devices()[0].device_kind if on_gpu else f"cpu ({os.cpu_count()} cores)",
-          "matmul_flops": matmul_rate("jax", on_gpu)}
+  return {
+    "loss": float(first["train/loss"]),
+    "times": times,
+    "first_s": first_s,
+    "peak_device_bytes": peak,
+    "device": jax.devices()[0].device_kind if on_gpu else f"cpu ({os.cpu_count()} cores)",
+    "matmul_flops": matmul_rate("jax", on_gpu),
+  }
 
 
 def theirs(directory: str, shape: dict, stage: str, batch: dict, steps: int, compile_: bool) -> dict:
@@ -185,8 +212,13 @@ def theirs(directory: str, shape: dict, stage: str, batch: dict, steps: int, com
 
   on_gpu = torch.cuda.is_available()
   device = "cuda" if on_gpu else "cpu"
-  model = transformers.LlavaForConditionalGeneration.from_pretrained(
-      directory, dtype=torch.float32, attn_implementation="sdpa").to(device).train()
+  model = (
+    transformers.LlavaForConditionalGeneration.from_pretrained(
+      directory, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    .to(device)
+    .train()
+  )
   for p in model.model.vision_tower.parameters():
     p.requires_grad_(False)
   if stage == "stage1":
@@ -217,10 +249,14 @@ def theirs(directory: str, shape: dict, stage: str, batch: dict, steps: int, com
   loss = float(step())
   first_s = time.perf_counter() - t0
   times = [timed(step) for _ in range(steps)]
-  return {"loss": loss, "times": times, "first_s": first_s,
-          "peak_device_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
-          "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)",
-          "matmul_flops": matmul_rate("torch", on_gpu)}
+  return {
+    "loss": loss,
+    "times": times,
+    "first_s": first_s,
+    "peak_device_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+    "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)",
+    "matmul_flops": matmul_rate("torch", on_gpu),
+  }
 
 
 def timed(fn) -> float:
@@ -236,6 +272,7 @@ def matmul_rate(framework: str, on_gpu: bool, repeats: int = 20) -> float:
   if framework == "jax":
     import jax
     import jax.numpy as jnp
+
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
     f = jax.jit(jnp.matmul)
@@ -243,6 +280,7 @@ def matmul_rate(framework: str, on_gpu: bool, repeats: int = 20) -> float:
     best = min(timed(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
   else:
     import torch
+
     dtype = torch.bfloat16 if on_gpu else torch.float32
     device = "cuda" if on_gpu else "cpu"
     a, b = torch.ones((m, k), dtype=dtype, device=device), torch.ones((k, n), dtype=dtype, device=device)
@@ -257,8 +295,15 @@ def worker(args) -> None:
   shape = SHAPES[args.shape]
   batch = dict(np.load(os.path.join(args.dir, "batch.npz")))
   if args.worker == "vlm-jax":
-    out = ours(args.dir, shape, args.stage, batch, args.steps, config_levers(args.lever),
-               int(levers(args.lever).get("image_slots", 1)))
+    out = ours(
+      args.dir,
+      shape,
+      args.stage,
+      batch,
+      args.steps,
+      config_levers(args.lever),
+      int(levers(args.lever).get("image_slots", 1)),
+    )
   else:
     out = theirs(args.dir, shape, args.stage, batch, args.steps, args.compile)
   out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -283,8 +328,20 @@ def config_levers(pairs: list[str]) -> dict[str, str]:
 
 
 def run_worker(system: str, args, directory: str) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", system, "--dir", directory, "--shape", args.shape,
-         "--stage", args.stage, "--steps", str(args.steps)] + [f"--lever={p}" for p in args.lever]
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "--worker",
+    system,
+    "--dir",
+    directory,
+    "--shape",
+    args.shape,
+    "--stage",
+    args.stage,
+    "--steps",
+    str(args.steps),
+  ] + [f"--lever={p}" for p in args.lever]
   cmd += ["--compile"] if args.compile else []
   env = dict(os.environ)
   xla_flags = levers(args.lever).get("xla_flags")
@@ -332,17 +389,30 @@ def main() -> None:
     step_s = statistics.median(r["times"])
     steps[system] = step_s
     tokens = shape["batch"] * shape["seq"]
-    print(json.dumps({
-        "system": system, "stage": args.stage, "shape": args.shape, "device": r["device"],
-        "supervise": supervise, "image_slots": int(slots) if system == "vlm-jax" else 1,
-        "levers": config_levers(args.lever) if system == "vlm-jax" else {},
-        "step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 1),
-        "tflops": round(flops / step_s / 1e12, 4), "mfu": round(flops / step_s / GPU_PEAK_FLOPS, 3) if on_gpu else None,
-        "ceiling_fraction": round(flops / step_s / r["matmul_flops"], 3),
-        "matmul_tflops": round(r["matmul_flops"] / 1e12, 4),
-        "peak_mem_bytes": r["peak_device_bytes"] if on_gpu else r["peak_rss_bytes"],
-        "compile_s": round(r["first_s"] - step_s, 2), "loss": round(r["loss"], 6),
-        "compiled": args.compile if system == "transformers" else True}), flush=True)
+    print(
+      json.dumps(
+        {
+          "system": system,
+          "stage": args.stage,
+          "shape": args.shape,
+          "device": r["device"],
+          "supervise": supervise,
+          "image_slots": int(slots) if system == "vlm-jax" else 1,
+          "levers": config_levers(args.lever) if system == "vlm-jax" else {},
+          "step_s": round(step_s, 3),
+          "tokens_per_s": round(tokens / step_s, 1),
+          "tflops": round(flops / step_s / 1e12, 4),
+          "mfu": round(flops / step_s / GPU_PEAK_FLOPS, 3) if on_gpu else None,
+          "ceiling_fraction": round(flops / step_s / r["matmul_flops"], 3),
+          "matmul_tflops": round(r["matmul_flops"] / 1e12, 4),
+          "peak_mem_bytes": r["peak_device_bytes"] if on_gpu else r["peak_rss_bytes"],
+          "compile_s": round(r["first_s"] - step_s, 2),
+          "loss": round(r["loss"], 6),
+          "compiled": args.compile if system == "transformers" else True,
+        }
+      ),
+      flush=True,
+    )
   print(json.dumps({"ratio": round(steps["transformers"] / steps["vlm-jax"], 3)}), flush=True)
 
 

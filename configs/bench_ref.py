@@ -12,8 +12,9 @@ import llava15_ref  # beside this file
 
 def get_config(arg=None):
   config = llava15_ref.get_config(arg or "stage2")
-  config.model.llm.update(dict(vocab_size=32000, width=2048, depth=22, heads=32, kv_heads=4, head_dim=64,
-                               mlp_dim=5632, max_len=4096))
+  config.model.llm.update(
+    dict(vocab_size=32000, width=2048, depth=22, heads=32, kv_heads=4, head_dim=64, mlp_dim=5632, max_len=4096)
+  )
   config.model.remat = "none"
   config.data.seq_len = 2048
   config.train.batch_size = 8

@@ -31,11 +31,24 @@ def get_config(arg=None):
   config.stage = stage
   m = config.model
   # hidden_states[-2] of the 24-block tower: we run 23 blocks.
-  m.vision.update(dict(flavour="clip", image_size=336, patch_size=14, width=1024, depth=23, heads=16,
-                       mlp_dim=4096, norm_eps=1e-5, keep_cls=False, final_norm=False))
+  m.vision.update(
+    dict(
+      flavour="clip",
+      image_size=336,
+      patch_size=14,
+      width=1024,
+      depth=23,
+      heads=16,
+      mlp_dim=4096,
+      norm_eps=1e-5,
+      keep_cls=False,
+      final_norm=False,
+    )
+  )
   m.bridge.kind = "mlp2x_gelu"
-  m.llm.update(dict(vocab_size=32064, width=4096, depth=32, heads=32, kv_heads=32, head_dim=128,
-                    mlp_dim=11008, norm_eps=1e-5))
+  m.llm.update(
+    dict(vocab_size=32064, width=4096, depth=32, heads=32, kv_heads=32, head_dim=128, mlp_dim=11008, norm_eps=1e-5)
+  )
   m.remat = "full"
   d = config.data
   d.image_mean, d.image_std = CLIP_MEAN, CLIP_STD

@@ -15,9 +15,15 @@ import llava15_ref  # beside this file
 
 def get_config(arg=None):
   config = llava15_ref.get_config(arg)
-  config.model.anyres.update(dict(
-      enabled=True, grid_pinpoints="[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]",
-      base_view=True, max_n=0, max_tiles=0))
+  config.model.anyres.update(
+    dict(
+      enabled=True,
+      grid_pinpoints="[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]",
+      base_view=True,
+      max_n=0,
+      max_tiles=0,
+    )
+  )
   config.data.image_resize = "squash"  # AnyRes tiles the image itself; its base view is squashed
   config.data.seq_len = 4096
   config.model.llm.max_len = 4096

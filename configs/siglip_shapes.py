@@ -18,13 +18,13 @@ def get_config(arg=None):
   config = shapes_tiny.get_config()
   config.task = "contrastive"
   config.model.contrastive.family = family
-  config.model.vision.final_norm = True   # both families norm the tokens before pooling
+  config.model.vision.final_norm = True  # both families norm the tokens before pooling
   if family == "clip":
     config.model.vision.update(flavour="clip", keep_cls=True)
   config.model.text.update(width=128, depth=2, heads=4, mlp_dim=512, max_len=32)
-  config.data.seq_len = 24                # the longest caption is 17 tokens with BOS and EOS
+  config.data.seq_len = 24  # the longest caption is 17 tokens with BOS and EOS
   config.train.steps = 1200
-  config.train.batch_size = 64            # in-batch negatives: more of them than a VLM batch needs
+  config.train.batch_size = 64  # in-batch negatives: more of them than a VLM batch needs
   config.train.lr = 1e-3
   config.train.weight_decay = 1e-4
   config.train.eval_every = 300

@@ -46,10 +46,15 @@ def random_batch(seed: int, cfg: ml_collections.ConfigDict, image_id: int) -> di
   rng = np.random.default_rng(seed)
   b, length = cfg.train.batch_size, cfg.data.seq_len
   n_image, size, vocab = image_tokens(cfg.model), cfg.model.vision.image_size, cfg.model.llm.vocab_size
-  out = {"tokens": np.zeros((b, length), np.int32), "targets": np.zeros((b, length), np.int32),
-         "loss_mask": np.zeros((b, length), np.float32), "segment_ids": np.zeros((b, length), np.int32),
-         "positions": np.zeros((b, length), np.int32),
-         "images": np.zeros((b, 1, size, size, 3), np.float32), "image_mask": np.zeros((b, 1), np.float32)}
+  out = {
+    "tokens": np.zeros((b, length), np.int32),
+    "targets": np.zeros((b, length), np.int32),
+    "loss_mask": np.zeros((b, length), np.float32),
+    "segment_ids": np.zeros((b, length), np.int32),
+    "positions": np.zeros((b, length), np.int32),
+    "images": np.zeros((b, 1, size, size, 3), np.float32),
+    "image_mask": np.zeros((b, 1), np.float32),
+  }
   for r in range(b):
     has_image = r % 4 != 3
     n_segments = 2 if r % 4 == 2 else 1
@@ -62,14 +67,14 @@ def random_batch(seed: int, cfg: ml_collections.ConfigDict, image_id: int) -> di
       seg[seg == image_id] = (image_id + 1) % vocab
       if has_image and s == 0:
         start = int(rng.integers(1, hi - lo - n_image))
-        seg[start:start + n_image] = image_id
+        seg[start : start + n_image] = image_id
       out["tokens"][r, lo:hi] = seg
       out["segment_ids"][r, lo:hi] = s + 1
       out["positions"][r, lo:hi] = np.arange(hi - lo)
-      out["targets"][r, lo:hi - 1] = seg[1:]
+      out["targets"][r, lo : hi - 1] = seg[1:]
       supervised = (rng.random(hi - lo - 1) < density) & (seg[1:] != image_id) & (seg[:-1] != image_id)
       supervised[-1] = True  # every segment has at least one supervised target
-      out["loss_mask"][r, lo:hi - 1] = supervised
+      out["loss_mask"][r, lo : hi - 1] = supervised
     if has_image:
       out["images"][r, 0] = rng.normal(size=(size, size, 3))
       out["image_mask"][r, 0] = 1
@@ -101,8 +106,7 @@ def moment_paths(opt_state, with_none: bool = False) -> list:
 
 def per_sample_loss(model, params, batch) -> dict[str, float]:
   """Mean loss of each sample (by key) in a batch with pipeline keys, packed or not."""
-  logits = model.apply({"params": params}, batch["tokens"], batch["images"], batch["positions"],
-                       batch["segment_ids"])
+  logits = model.apply({"params": params}, batch["tokens"], batch["images"], batch["positions"], batch["segment_ids"])
   logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
   nll = -np.take_along_axis(np.asarray(logp), batch["targets"][..., None], axis=-1)[..., 0]
   out = {}
@@ -115,8 +119,7 @@ def per_sample_loss(model, params, batch) -> dict[str, float]:
 
 def workdir_files(workdir) -> dict[str, bytes]:
   """{relative path: bytes} of every file under `workdir`: what a failed start must leave as it was."""
-  return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(pathlib.Path(workdir).rglob("*"))
-          if p.is_file()}
+  return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(pathlib.Path(workdir).rglob("*")) if p.is_file()}
 
 
 def fake_gcs(monkeypatch) -> None:

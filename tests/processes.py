@@ -14,13 +14,26 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_tiny.py")
 # A model that compiles in seconds; fp32 so that runs can be compared tightly.
-TINY = ["--config.model.dtype=float32", "--config.model.vision.image_size=32",
-        "--config.model.vision.patch_size=8", "--config.model.vision.width=32",
-        "--config.model.vision.depth=1", "--config.model.vision.mlp_dim=64",
-        "--config.model.llm.width=32", "--config.model.llm.mlp_dim=64", "--config.model.llm.head_dim=8",
-        "--config.train.batch_size=8", "--config.train.steps=4", "--config.train.warmup_steps=0", "--config.train.log_every=1",
-        "--config.train.eval_every=4", "--config.train.checkpoint_every=2",
-        "--config.train.eval_examples=8", "--config.train.eval_batch_size=8", "--config.mesh.data=-1"]
+TINY = [
+  "--config.model.dtype=float32",
+  "--config.model.vision.image_size=32",
+  "--config.model.vision.patch_size=8",
+  "--config.model.vision.width=32",
+  "--config.model.vision.depth=1",
+  "--config.model.vision.mlp_dim=64",
+  "--config.model.llm.width=32",
+  "--config.model.llm.mlp_dim=64",
+  "--config.model.llm.head_dim=8",
+  "--config.train.batch_size=8",
+  "--config.train.steps=4",
+  "--config.train.warmup_steps=0",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=4",
+  "--config.train.checkpoint_every=2",
+  "--config.train.eval_examples=8",
+  "--config.train.eval_batch_size=8",
+  "--config.mesh.data=-1",
+]
 
 
 # Tests compare results, never speed, and both sides of every equivalence run under the same
@@ -45,19 +58,22 @@ def xla_flags(devices: int) -> str:
 def cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
   """`vlm-jax ARGS` in this process (its 8 CPU devices): exit status and what it printed."""
   from vlm_jax import cli  # not at import: conftest imports this module before jax may be
+
   capsys.readouterr()  # what came before is not this command's
   code = cli.main(list(args))
   out = capsys.readouterr()
   return subprocess.CompletedProcess(["vlm-jax", *args], code, out.out, out.err)
 
 
-def cli_process(*args: str, xla_flags: str = "", platforms: str = "cpu", timeout: int = 1800,
-                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def cli_process(
+  *args: str, xla_flags: str = "", platforms: str = "cpu", timeout: int = 1800, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
   """`vlm-jax ARGS` from a shell, in a process of its own. XLA_FLAGS `xla_flags` ("": one CPU
   device at XLA's default optimization, as a user runs it); JAX_PLATFORMS `platforms`; `env` added."""
   env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS=platforms, **(env or {}))
-  return subprocess.run([sys.executable, "-m", "vlm_jax.cli", *args], capture_output=True, text=True,
-                        env=env, cwd=ROOT, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "vlm_jax.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
+  )
 
 
 def vlm_jax_cli(*args: str) -> subprocess.CompletedProcess:
@@ -83,19 +99,31 @@ class Train:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices // processes))
     if processes > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
-    self.procs = [subprocess.Popen(argv, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)), stderr=subprocess.PIPE,
-                                   stdout=subprocess.DEVNULL, text=True) for i in range(processes)]
+    self.procs = [
+      subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=dict(env, JAX_PROCESS_ID=str(i)),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+      )
+      for i in range(processes)
+    ]
     self.lines: list[list[str]] = [[] for _ in self.procs]
-    self._readers = [threading.Thread(target=lambda p=p, out=out: out.extend(p.stderr), daemon=True)
-                     for p, out in zip(self.procs, self.lines)]
+    self._readers = [
+      threading.Thread(target=lambda p=p, out=out: out.extend(p.stderr), daemon=True)
+      for p, out in zip(self.procs, self.lines)
+    ]
     for r in self._readers:
       r.start()
 
   def wait_for_step(self, step: int, process: int = 0, timeout: float = 300) -> None:
     """Until process `process` has logged step >= `step`."""
     pattern = re.compile(r"step (\d+)/")
-    self._wait(lambda line: (m := pattern.search(line)) is not None and int(m.group(1)) >= step, f"step {step}",
-               process, timeout)
+    self._wait(
+      lambda line: (m := pattern.search(line)) is not None and int(m.group(1)) >= step, f"step {step}", process, timeout
+    )
 
   def wait_for_line(self, text: str, process: int = 0, timeout: float = 60) -> None:
     """Until process `process` has logged a line holding `text`."""
@@ -152,6 +180,7 @@ def metrics(workdir: str) -> dict[int, dict]:
 def config(args=()):
   """The config `train(..., args)` runs, for the same run in this process (api.train)."""
   from vlm_jax import cli, config as config_lib
+
   _, overrides = cli.split_overrides([*TINY, *args])
   cfg = config_lib.load_file(CONFIG)
   config_lib.apply_overrides(cfg, overrides)

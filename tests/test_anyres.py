@@ -13,8 +13,7 @@ import pytest
 import torch
 import transformers
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-    LlavaOnevisionImageProcessorPil)
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 import helpers
 import hf_models
@@ -43,13 +42,51 @@ ONEVISION = anyres.Spec(tile=384, side=27, pinpoints=anyres.parse_pinpoints("(1x
 
 # (H, W): every pinpoint exactly, a tile, ties (squares, tiny), extreme aspect ratios, tiny
 # images, odd and large sizes, and the worked examples of the reference notes.
-SIZES = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008), (336, 336), (672, 1344),
-         (2, 2), (3, 5), (7, 3), (10, 10), (16, 40), (100, 100), (224, 224),
-         (40, 2000), (2000, 40), (60, 4000), (4000, 60), (300, 3000), (3000, 300),
-         (600, 1000), (1000, 600), (480, 640), (640, 480), (1000, 1000), (2000, 500), (500, 2000),
-         (1080, 1920), (1920, 1080), (599, 1001), (337, 673), (335, 671), (768, 1024), (3000, 4000),
-         # too elongated for any grid: no feature row (or column) survives unpadding
-         (20, 2000), (2000, 20), (2, 5000), (5000, 2), (1, 500), (500, 1), (1, 1), (9, 3000)]
+SIZES = [
+  (336, 672),
+  (672, 336),
+  (672, 672),
+  (1008, 336),
+  (336, 1008),
+  (336, 336),
+  (672, 1344),
+  (2, 2),
+  (3, 5),
+  (7, 3),
+  (10, 10),
+  (16, 40),
+  (100, 100),
+  (224, 224),
+  (40, 2000),
+  (2000, 40),
+  (60, 4000),
+  (4000, 60),
+  (300, 3000),
+  (3000, 300),
+  (600, 1000),
+  (1000, 600),
+  (480, 640),
+  (640, 480),
+  (1000, 1000),
+  (2000, 500),
+  (500, 2000),
+  (1080, 1920),
+  (1920, 1080),
+  (599, 1001),
+  (337, 673),
+  (335, 671),
+  (768, 1024),
+  (3000, 4000),
+  # too elongated for any grid: no feature row (or column) survives unpadding
+  (20, 2000),
+  (2000, 20),
+  (2, 5000),
+  (5000, 2),
+  (1, 500),
+  (500, 1),
+  (1, 1),
+  (9, 3000),
+]
 
 
 def _tokenizer():
@@ -60,11 +97,21 @@ def _tokenizer():
 
 @pytest.fixture(scope="module")
 def next_processor():
-  ip = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                  image_grid_pinpoints=NEXT_PINPOINTS, image_mean=CLIP_MEAN, image_std=CLIP_STD)
-  return transformers.LlavaNextProcessor(image_processor=ip, tokenizer=_tokenizer(), patch_size=14,
-                                         vision_feature_select_strategy="default",
-                                         num_additional_image_tokens=1, image_token="<image>")
+  ip = LlavaNextImageProcessorPil(
+    size={"shortest_edge": 336},
+    crop_size={"height": 336, "width": 336},
+    image_grid_pinpoints=NEXT_PINPOINTS,
+    image_mean=CLIP_MEAN,
+    image_std=CLIP_STD,
+  )
+  return transformers.LlavaNextProcessor(
+    image_processor=ip,
+    tokenizer=_tokenizer(),
+    patch_size=14,
+    vision_feature_select_strategy="default",
+    num_additional_image_tokens=1,
+    image_token="<image>",
+  )
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +148,31 @@ def test_next_matches_transformers(size, next_processor):
   np.testing.assert_allclose(ours, pixels, atol=1e-5)
 
 
-@pytest.mark.parametrize("size", [(600, 1000), (1080, 1920), (3000, 4000), (384, 384), (20, 2000),
-                                  (2000, 20), (777, 777), (400, 3000), (1536, 768)])
+@pytest.mark.parametrize(
+  "size",
+  [(600, 1000), (1080, 1920), (3000, 4000), (384, 384), (20, 2000), (2000, 20), (777, 777), (400, 3000), (1536, 768)],
+)
 def test_onevision_matches_transformers(size, onevision_processor):
   image = _image(size)
   plan = anyres.plan(size, ONEVISION)
   assert plan.tokens == onevision_processor._get_number_of_features(*size, 384, 384)
-  pixels = onevision_processor.image_processor(
-      [image], return_tensors="np", input_data_format="channels_last")["pixel_values"][0].transpose(0, 2, 3, 1)
+  pixels = onevision_processor.image_processor([image], return_tensors="np", input_data_format="channels_last")[
+    "pixel_values"
+  ][0].transpose(0, 2, 3, 1)
   np.testing.assert_allclose(anyres.tiles(image, plan, ONEVISION, Preprocessing(384)), pixels, atol=1e-5)
 
 
-@pytest.mark.parametrize("size,tokens", [((600, 1000), 1948), ((1000, 600), 1968), ((480, 640), 2340),
-                                         ((1000, 1000), 2928), ((2000, 500), 1944), ((336, 336), 1176)])
+@pytest.mark.parametrize(
+  "size,tokens",
+  [
+    ((600, 1000), 1948),
+    ((1000, 600), 1968),
+    ((480, 640), 2340),
+    ((1000, 1000), 2928),
+    ((2000, 500), 1944),
+    ((336, 336), 1176),
+  ],
+)
 def test_next_worked_examples(size, tokens):
   assert anyres.plan(size, NEXT).tokens == tokens
 
@@ -164,8 +223,19 @@ def test_bad_grids_are_errors(text):
 
 # --- The model side: merged visual sequence and logits against LlavaNextForConditionalGeneration ---
 TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # LLaVA-NeXT's, at a 32-px tile
-TINY_SIZES = [(20, 50), (50, 20), (32, 32), (100, 30), (9, 90), (64, 64), (45, 77), (2, 2), (70, 10),
-              (3, 300), (300, 3)]  # the last two: no feature row / zero-width rows after unpadding
+TINY_SIZES = [
+  (20, 50),
+  (50, 20),
+  (32, 32),
+  (100, 30),
+  (9, 90),
+  (64, 64),
+  (45, 77),
+  (2, 2),
+  (70, 10),
+  (3, 300),
+  (300, 3),
+]  # the last two: no feature row / zero-width rows after unpadding
 
 
 @pytest.fixture(scope="module")
@@ -175,25 +245,36 @@ def tiny_next(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("llava_next"))
   tok = hf_models.save_tokenizer(d)
   config = transformers.LlavaNextConfig(
-      vision_config=transformers.CLIPVisionConfig(**{**hf_models.VISION_KW, "image_size": 32}),
-      text_config=hf_models.text_config("llama", 64), image_token_id=tok.token_to_id("<image>"),
-      image_grid_pinpoints=TINY_PINPOINTS)
+    vision_config=transformers.CLIPVisionConfig(**{**hf_models.VISION_KW, "image_size": 32}),
+    text_config=hf_models.text_config("llama", 64),
+    image_token_id=tok.token_to_id("<image>"),
+    image_grid_pinpoints=TINY_PINPOINTS,
+  )
   model = hf_models.randomize(transformers.LlavaNextForConditionalGeneration(config), seed=3)
   model.config._attn_implementation = "eager"
   model.save_pretrained(d)
-  LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                             image_grid_pinpoints=TINY_PINPOINTS, image_mean=CLIP_MEAN,
-                             image_std=CLIP_STD).save_pretrained(d)
+  LlavaNextImageProcessorPil(
+    size={"shortest_edge": 32},
+    crop_size={"height": 32, "width": 32},
+    image_grid_pinpoints=TINY_PINPOINTS,
+    image_mean=CLIP_MEAN,
+    image_std=CLIP_STD,
+  ).save_pretrained(d)
   processor = transformers.LlavaNextProcessor(
-      image_processor=transformers.AutoImageProcessor.from_pretrained(d, backend="pil"),
-      tokenizer=transformers.PreTrainedTokenizerFast.from_pretrained(d), patch_size=8,
-      vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>")
+    image_processor=transformers.AutoImageProcessor.from_pretrained(d, backend="pil"),
+    tokenizer=transformers.PreTrainedTokenizerFast.from_pretrained(d),
+    patch_size=8,
+    vision_feature_select_strategy="default",
+    num_additional_image_tokens=1,
+    image_token="<image>",
+  )
   return {"dir": d, "hf": model, "processor": processor}
 
 
 def _hf_inputs(processor, image):
-  return processor(images=[image], text=["USER: <image> what color"], return_tensors="pt",
-                   input_data_format="channels_last")
+  return processor(
+    images=[image], text=["USER: <image> what color"], return_tensors="pt", input_data_format="channels_last"
+  )
 
 
 def _vit_input(ours, tiles: np.ndarray) -> np.ndarray:
@@ -208,22 +289,35 @@ def test_merged_visual_sequence_and_logits_match_transformers(tiny_next):
   images = [_image(s, seed=5) for s in TINY_SIZES]
   tiled = [ours.anyres.prepare(im) for im in images]
   # All images in one tile pool (one group), as a training batch packs them.
-  batch = ours.anyres.collate([[t] for t in tiled], groups=1, tiles_per_group=sum(t.plan.tiles for t in tiled),
-                              visual_len=max(t.plan.tokens for t in tiled))
+  batch = ours.anyres.collate(
+    [[t] for t in tiled],
+    groups=1,
+    tiles_per_group=sum(t.plan.tiles for t in tiled),
+    visual_len=max(t.plan.tokens for t in tiled),
+  )
   encode = jax.jit(lambda p, im: ours.run.model.apply({"params": p}, im, method=VLM.encode_images))
   visual = np.asarray(encode(ours.params, batch))
   errors = []
   for r, (image, t) in enumerate(zip(images, tiled)):
     inputs = _hf_inputs(tiny_next["processor"], image)
     with torch.no_grad():
-      hf = tiny_next["hf"].model.get_image_features(
-          inputs["pixel_values"], inputs["image_sizes"], vision_feature_layer=-2,
-          vision_feature_select_strategy="default").pooler_output[0].numpy()
+      hf = (
+        tiny_next["hf"]
+        .model.get_image_features(
+          inputs["pixel_values"],
+          inputs["image_sizes"],
+          vision_feature_layer=-2,
+          vision_feature_select_strategy="default",
+        )
+        .pooler_output[0]
+        .numpy()
+      )
       logits = tiny_next["hf"](**inputs).logits.numpy()
     assert hf.shape[0] == t.plan.tokens
-    np.testing.assert_allclose(_vit_input(ours, t.tiles), inputs["pixel_values"][0].numpy().transpose(0, 2, 3, 1),
-                               atol=1e-5)
-    errors.append(float(np.abs(visual[r, :t.plan.tokens] - hf).max()))
+    np.testing.assert_allclose(
+      _vit_input(ours, t.tiles), inputs["pixel_values"][0].numpy().transpose(0, 2, 3, 1), atol=1e-5
+    )
+    errors.append(float(np.abs(visual[r, : t.plan.tokens] - hf).max()))
     # Whole model: our logits from the same ids (the processor's expansion) and our own tiles.
     ids = inputs["input_ids"].numpy().astype(np.int32)
     assert (ids == ours.tokenizer.image_id).sum() == t.plan.tokens
@@ -256,10 +350,18 @@ def test_llava_next_round_trip_is_bit_identical_and_loads_in_transformers(tiny_n
 # --- Training: static shapes over a mix of image sizes -----------------------------------------
 def _anyres_config(tok, overrides=None):
   # 32-px tiles of 2x2 patches; shapes:wide images are 32 x 128..192: grids 1x4..1x6.
-  cfg = helpers.tiny_config({"model.vision.image_size": 32, "model.vision.patch_size": 16,
-                             "model.anyres.enabled": True, "model.anyres.grid_pinpoints": "(1x1),...,(1x6)",
-                             "data.sources": "shapes:wide", "evals.shapes_test.data": "shapes:wide_test",
-                             "data.seq_len": 96, **(overrides or {})})
+  cfg = helpers.tiny_config(
+    {
+      "model.vision.image_size": 32,
+      "model.vision.patch_size": 16,
+      "model.anyres.enabled": True,
+      "model.anyres.grid_pinpoints": "(1x1),...,(1x6)",
+      "data.sources": "shapes:wide",
+      "evals.shapes_test.data": "shapes:wide_test",
+      "data.seq_len": 96,
+      **(overrides or {}),
+    }
+  )
   build_lib.resolve_model_config(cfg, tok.vocab_size)
   return cfg
 
@@ -274,23 +376,42 @@ def tok():
 
 
 # Grid bridges that shrink the grid: 32-px tiles of 4x4 8-px patches, pixel shuffled or pooled to 2x2.
-SHRINKING = {"pixel_shuffle": {"model.vision.patch_size": 8, "model.bridge.kind": "pixel_shuffle"},
-             "cabstractor": {"model.vision.patch_size": 8, "model.bridge.kind": "cabstractor",
-                             "model.bridge.num_tokens": 4, "model.bridge.depth": 1}}
+SHRINKING = {
+  "pixel_shuffle": {"model.vision.patch_size": 8, "model.bridge.kind": "pixel_shuffle"},
+  "cabstractor": {
+    "model.vision.patch_size": 8,
+    "model.bridge.kind": "cabstractor",
+    "model.bridge.num_tokens": 4,
+    "model.bridge.depth": 1,
+  },
+}
 
 
-@pytest.mark.parametrize("mesh,accum,max_tiles,bridge", [((8, 1, 1), 1, 0, None), ((2, 2, 2), 2, 96, "pixel_shuffle"),
-                                                         ((8, 1, 1), 1, 0, "cabstractor")])
+@pytest.mark.parametrize(
+  "mesh,accum,max_tiles,bridge",
+  [((8, 1, 1), 1, 0, None), ((2, 2, 2), 2, 96, "pixel_shuffle"), ((8, 1, 1), 1, 0, "cabstractor")],
+)
 def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles, bridge):
-  cfg = _anyres_config(tok, {"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
-                             "train.grad_accum": accum, "model.anyres.max_tiles": max_tiles,
-                             "train.batch_size": 16, **SHRINKING.get(bridge, {})})
+  cfg = _anyres_config(
+    tok,
+    {
+      "mesh.data": mesh[0],
+      "mesh.fsdp": mesh[1],
+      "mesh.tensor": mesh[2],
+      "train.grad_accum": accum,
+      "model.anyres.max_tiles": max_tiles,
+      "train.batch_size": 16,
+      **SHRINKING.get(bridge, {}),
+    },
+  )
   m = parallel.make_mesh(cfg.mesh)
   run = trainer_lib.build(cfg, m, tok.image_id)
   data = _batches(cfg, tok, parallel.batch_divisor(m) * accum)
   # A compile is XLA's, or an executable read from the suite's compilation cache in its place.
   compiles = []
-  listener = lambda event, *_, **__: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+  listener = lambda event, *_, **__: (
+    compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+  )
   cache_hit = lambda event, **__: compiles.append(event) if event == "/jax/compilation_cache/cache_hits" else None
   jax.monitoring.register_event_duration_secs_listener(listener)
   jax.monitoring.register_event_listener(cache_hit)
@@ -314,8 +435,10 @@ def test_training_on_mixed_image_sizes_compiles_once(tok, mesh, accum, max_tiles
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
     jax.monitoring.unregister_event_listener(cache_hit)
-  print(f"image token counts {sorted(counts)}; compiles: {first} in step 1, {len(compiles) - first} after; "
-        f"train_step cache entries {run.train_step.__wrapped__._cache_size()}")
+  print(
+    f"image token counts {sorted(counts)}; compiles: {first} in step 1, {len(compiles) - first} after; "
+    f"train_step cache entries {run.train_step.__wrapped__._cache_size()}"
+  )
   assert len(counts) >= 3 and len(shapes) == 1  # many image sizes, one batch shape
   assert first >= 1 and len(compiles) == first  # nothing compiles after the first step
   assert run.train_step.__wrapped__._cache_size() == 1
@@ -336,14 +459,23 @@ def test_a_tight_tile_budget_leaves_rows_empty_and_drops_nothing(tok):
   # Every sample was used once, none skipped: the same samples as the stream's start with room to spare.
   roomy = _batches(_anyres_config(tok, {"train.batch_size": 8}), tok, tile_groups=2)
   stream = [key for _ in range(4) for row in next(roomy)["keys"] for key in row]
-  assert len(seen) == len(set(seen)) and set(seen) == set(stream[:len(seen)])
+  assert len(seen) == len(set(seen)) and set(seen) == set(stream[: len(seen)])
   assert not data.skipped
 
 
 def test_packed_anyres_rows_give_each_sample_its_unpacked_loss(tok):
   # 2 rows of 96 tokens share one pool of 28 tiles: room for two 22-30-token images a row.
-  cfg = _anyres_config(tok, {"data.pack": True, "data.max_images": 3, "train.batch_size": 2,
-                             "model.anyres.max_tiles": 28, "data.threads": 0, "data.prefetch": 0})
+  cfg = _anyres_config(
+    tok,
+    {
+      "data.pack": True,
+      "data.max_images": 3,
+      "train.batch_size": 2,
+      "model.anyres.max_tiles": 28,
+      "data.threads": 0,
+      "data.prefetch": 0,
+    },
+  )
   data = _batches(cfg, tok, tile_groups=1)
   packed = next(data)
   assert max(len(row) for row in packed["keys"]) >= 2
@@ -360,8 +492,9 @@ def test_packed_anyres_rows_give_each_sample_its_unpacked_loss(tok):
 
 def test_anyres_resume_sees_the_batches_of_an_unbroken_run(tok):
   # A tight budget: samples often open the next batch, whose state must replay them.
-  cfg = _anyres_config(tok, {"model.anyres.max_tiles": 16, "train.batch_size": 8, "data.pack": True,
-                             "data.max_images": 2})
+  cfg = _anyres_config(
+    tok, {"model.anyres.max_tiles": 16, "train.batch_size": 8, "data.pack": True, "data.max_images": 2}
+  )
   k = 3
   data = _batches(cfg, tok, tile_groups=2)
   unbroken = [next(data) for _ in range(2 * k)]
@@ -372,8 +505,9 @@ def test_anyres_resume_sees_the_batches_of_an_unbroken_run(tok):
   resumed.set_state(json.loads(json.dumps(first.get_state())))
   for a, b in zip([next(resumed) for _ in range(k)], unbroken[k:]):
     assert a["keys"] == b["keys"]
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(device_batch(a)),
-                            jax.tree_util.tree_leaves(device_batch(b))):
+    for (path, x), y in zip(
+      jax.tree_util.tree_leaves_with_path(device_batch(a)), jax.tree_util.tree_leaves(device_batch(b))
+    ):
       np.testing.assert_array_equal(x, y, err_msg=str(path))
 
 
@@ -389,19 +523,27 @@ def test_a_sample_with_more_tiles_than_a_group_holds_is_skipped(tok):
   assert e.value.reason == "too_many_tiles"
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     ({"model.anyres.max_tiles": 48}, "less than the 7 one image can need"),
-    ({"model.anyres.max_tiles": 15}, "multiple of the 8 tile groups")])
+    ({"model.anyres.max_tiles": 15}, "multiple of the 8 tile groups"),
+  ],
+)
 def test_a_tile_budget_below_one_sample_is_an_error(tok, overrides, match):
   cfg = _anyres_config(tok, overrides)
   with pytest.raises(UserError, match=match):
     _batches(cfg, tok, tile_groups=8)
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     ({"model.anyres.grid_pinpoints": "[[30, 64]]"}, "grid_pinpoints"),
     ({"model.bridge.kind": "perceiver"}, "perceiver"),
-    ({"model.vision.flavour": "clip", "model.vision.keep_cls": True}, "keep_cls")])
+    ({"model.vision.flavour": "clip", "model.vision.keep_cls": True}, "keep_cls"),
+  ],
+)
 def test_bad_anyres_configs_are_errors(tok, overrides, match):
   with pytest.raises(UserError, match=match):
     _anyres_config(tok, overrides)
@@ -411,26 +553,57 @@ def test_bad_anyres_configs_are_errors(tok, overrides, match):
 NEXT_REF = "configs/llava_next_ref.py"
 
 
-@pytest.mark.parametrize("args,expected", [
-    ((NEXT_REF, "600x1000"), {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 5, "image_tokens": 1948, "tile_tokens": 576}),
-    ((NEXT_REF, "336x336"), {"height": 336, "width": 336, "grid": [1, 2], "tiles": 3, "image_tokens": 1176, "tile_tokens": 576}),
-    ((NEXT_REF, "2000x500"), {"height": 2000, "width": 500, "grid": [3, 1], "tiles": 4, "image_tokens": 1944, "tile_tokens": 576}),
-    ((NEXT_REF, "600x1000", "--config.model.anyres.base_view=false"),
-     {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 4, "image_tokens": 1948 - 576, "tile_tokens": 576}),
-    (("configs/shapes_tiny.py", "600x1000"), {"height": 600, "width": 1000, "grid": [1, 1], "tiles": 1,
-                                             "image_tokens": 16, "tile_tokens": 16}),
-    (("configs/llava15_ref.py:stage1", "600x1000"), {"height": 600, "width": 1000, "grid": [1, 1], "tiles": 1,
-                                                    "image_tokens": 576, "tile_tokens": 576}),
-    (("configs/llava15_ref.py:stage2", "20x2000"), {"height": 20, "width": 2000, "grid": [1, 1], "tiles": 1,
-                                                   "image_tokens": 576, "tile_tokens": 576}),
+@pytest.mark.parametrize(
+  "args,expected",
+  [
+    (
+      (NEXT_REF, "600x1000"),
+      {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 5, "image_tokens": 1948, "tile_tokens": 576},
+    ),
+    (
+      (NEXT_REF, "336x336"),
+      {"height": 336, "width": 336, "grid": [1, 2], "tiles": 3, "image_tokens": 1176, "tile_tokens": 576},
+    ),
+    (
+      (NEXT_REF, "2000x500"),
+      {"height": 2000, "width": 500, "grid": [3, 1], "tiles": 4, "image_tokens": 1944, "tile_tokens": 576},
+    ),
+    (
+      (NEXT_REF, "600x1000", "--config.model.anyres.base_view=false"),
+      {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 4, "image_tokens": 1948 - 576, "tile_tokens": 576},
+    ),
+    (
+      ("configs/shapes_tiny.py", "600x1000"),
+      {"height": 600, "width": 1000, "grid": [1, 1], "tiles": 1, "image_tokens": 16, "tile_tokens": 16},
+    ),
+    (
+      ("configs/llava15_ref.py:stage1", "600x1000"),
+      {"height": 600, "width": 1000, "grid": [1, 1], "tiles": 1, "image_tokens": 576, "tile_tokens": 576},
+    ),
+    (
+      ("configs/llava15_ref.py:stage2", "20x2000"),
+      {"height": 20, "width": 2000, "grid": [1, 1], "tiles": 1, "image_tokens": 576, "tile_tokens": 576},
+    ),
     # Grid bridges that shrink the grid: AnyRes counts their tokens (24x24 patches -> 12x12 / 8x8).
-    ((NEXT_REF, "600x1000", "--config.model.bridge.kind=pixel_shuffle"),
-     {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 5, "image_tokens": 144 + 14 * 25, "tile_tokens": 144}),
-    ((NEXT_REF, "600x1000", "--config.model.bridge.kind=cabstractor", "--config.model.bridge.num_tokens=64"),
-     {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 5, "image_tokens": 64 + 10 * 17, "tile_tokens": 64}),
-    (("configs/shapes_tiny.py", "600x1000", "--config.model.bridge.kind=qformer", "--config.model.bridge.num_queries=7"),
-     {"height": 600, "width": 1000, "grid": [1, 1], "tiles": 1, "image_tokens": 7, "tile_tokens": 7}),
-])
+    (
+      (NEXT_REF, "600x1000", "--config.model.bridge.kind=pixel_shuffle"),
+      {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 5, "image_tokens": 144 + 14 * 25, "tile_tokens": 144},
+    ),
+    (
+      (NEXT_REF, "600x1000", "--config.model.bridge.kind=cabstractor", "--config.model.bridge.num_tokens=64"),
+      {"height": 600, "width": 1000, "grid": [2, 2], "tiles": 5, "image_tokens": 64 + 10 * 17, "tile_tokens": 64},
+    ),
+    (
+      (
+        "configs/shapes_tiny.py",
+        "600x1000",
+        "--config.model.bridge.kind=qformer",
+        "--config.model.bridge.num_queries=7",
+      ),
+      {"height": 600, "width": 1000, "grid": [1, 1], "tiles": 1, "image_tokens": 7, "tile_tokens": 7},
+    ),
+  ],
+)
 def test_tokens_command(args, expected, capsys, monkeypatch):
   monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   config, size, *flags = args
@@ -440,8 +613,9 @@ def test_tokens_command(args, expected, capsys, monkeypatch):
   assert f"{expected['image_tokens']} image tokens" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("size,needle", [("0x500", ">= 1"), ("0x0", ">= 1"), ("600", "HxW"), ("axb", "HxW"),
-                                         ("-3x5", "HxW")])
+@pytest.mark.parametrize(
+  "size,needle", [("0x500", ">= 1"), ("0x0", ">= 1"), ("600", "HxW"), ("axb", "HxW"), ("-3x5", "HxW")]
+)
 def test_tokens_command_bad_sizes(size, needle, capsys, monkeypatch):
   monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert cli.main(["tokens", "--config", NEXT_REF, f"--image-size={size}", "--json"]) == 2
@@ -461,16 +635,15 @@ def test_generate_tiles_each_prompt_image_as_transformers_does(tiny_next):
     assert ours.encode_prompt(prompt, raw_prompt=True, image=image).tolist() == inputs["input_ids"][0].tolist()
     with torch.no_grad():
       want = hf.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=hf_models.PAD)
-    assert ids == want[0, inputs["input_ids"].shape[1]:].tolist()
+    assert ids == want[0, inputs["input_ids"].shape[1] :].tolist()
   # Both images in one prompt, each tiled by its own plan.
   prompt = "USER: <image> <image> what color"
-  inputs = tiny_next["processor"](images=images, text=[prompt], return_tensors="pt",
-                                  input_data_format="channels_last")
+  inputs = tiny_next["processor"](images=images, text=[prompt], return_tensors="pt", input_data_format="channels_last")
   assert ours.encode_prompt(prompt, raw_prompt=True, image=images).tolist() == inputs["input_ids"][0].tolist()
   with torch.no_grad():
     want = hf.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=hf_models.PAD)
   got = ours.generate_ids([images], [prompt], max_new_tokens=8, raw_prompt=True)[0]
-  assert got == want[0, inputs["input_ids"].shape[1]:].tolist()
+  assert got == want[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("size", [(1080, 1920), (3000, 4000), (600, 1000), (2000, 400), (384, 384)])
@@ -484,11 +657,15 @@ def test_onevision_token_sources_match_its_packing(size):
   index, weight = anyres.token_sources(plan, ONEVISION)
   pool = np.concatenate([newline[None], feats.reshape(-1, 8)])
   ours = (pool[index] * weight[..., None]).sum(1)
-  fake = types.SimpleNamespace(config=types.SimpleNamespace(
+  fake = types.SimpleNamespace(
+    config=types.SimpleNamespace(
       vision_config=types.SimpleNamespace(image_size=384, patch_size=14),
-      image_grid_pinpoints=[list(p) for p in ONEVISION.pinpoints]))
+      image_grid_pinpoints=[list(p) for p in ONEVISION.pinpoints],
+    )
+  )
   packed, lens = transformers.LlavaOnevisionModel.pack_image_features(
-      fake, [torch.from_numpy(feats)], torch.tensor([size]), torch.from_numpy(newline))
+    fake, [torch.from_numpy(feats)], torch.tensor([size]), torch.from_numpy(newline)
+  )
   assert list(lens) == [plan.tokens]
   # torch's float32 source positions (ulp 4e-6 at 40) bound the agreement of the bilinear taps.
   np.testing.assert_allclose(ours, packed[0].numpy(), atol=1e-4)
@@ -499,8 +676,15 @@ def test_model_trained_here_exports_to_a_working_llava_next(flavour, tmp_path):
   """A from-scratch AnyRes model: the exported directory's own AutoProcessor and
   LlavaNextForConditionalGeneration give our token counts, tiles and logits."""
   tok = Tokenizer.load("shapes")
-  cfg = _anyres_config(tok, {"model.vision.flavour": flavour, "model.vision.patch_size": 8, "mesh.data": -1,
-                             "model.anyres.grid_pinpoints": str(TINY_PINPOINTS)})
+  cfg = _anyres_config(
+    tok,
+    {
+      "model.vision.flavour": flavour,
+      "model.vision.patch_size": 8,
+      "mesh.data": -1,
+      "model.anyres.grid_pinpoints": str(TINY_PINPOINTS),
+    },
+  )
   run = build_lib.build(cfg, parallel.make_mesh(cfg.mesh), tok.image_id)
   params = run.init_params(jax.random.key(4))
   out = str(tmp_path / "out")
@@ -510,13 +694,18 @@ def test_model_trained_here_exports_to_a_working_llava_next(flavour, tmp_path):
   ours = vlm_jax.load(out, dtype="float32")
   for size in [(45, 77), (90, 20)]:
     image = _image(size, seed=9)
-    inputs = processor(images=[image], text=["<image>\nWhat shape is in the image?"], return_tensors="pt",
-                       input_data_format="channels_last")
+    inputs = processor(
+      images=[image],
+      text=["<image>\nWhat shape is in the image?"],
+      return_tensors="pt",
+      input_data_format="channels_last",
+    )
     plan = ours.anyres.plan(image)
     assert int((inputs["input_ids"] == tok.image_id).sum()) == plan.tokens
     t = ours.anyres.prepare(image)
-    np.testing.assert_allclose(_vit_input(ours, t.tiles), inputs["pixel_values"][0].numpy().transpose(0, 2, 3, 1),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      _vit_input(ours, t.tiles), inputs["pixel_values"][0].numpy().transpose(0, 2, 3, 1), atol=1e-5
+    )
     with torch.no_grad():
       want = hf(**inputs).logits.numpy()
     got = _logits(ours, inputs["input_ids"].numpy().astype(np.int32), ours.anyres.collate_rows([[t]], plan.tokens))

@@ -24,8 +24,9 @@ def _qkv(batch=2, length=37, heads=6, kv_heads=2, dim=8, dtype=jnp.float32):
 def _outputs_and_grads(implementation, q, k, v, seg, causal, window, block=128):
   real = (seg != 0)[:, :, None, None] if seg is not None else jnp.ones((1, 1, 1, 1), bool)
   weight = jax.random.normal(jax.random.key(2), q.shape) * real  # padding queries' outputs are unread
-  f = lambda q, k, v: attention(q, k, v, q_segment_ids=seg, causal=causal, window=window,
-                                implementation=implementation, block=block)
+  f = lambda q, k, v: attention(
+    q, k, v, q_segment_ids=seg, causal=causal, window=window, implementation=implementation, block=block
+  )
   out = jax.jit(f)(q, k, v)
   grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * weight), argnums=(0, 1, 2)))(q, k, v)
   return out * real, grads
@@ -39,8 +40,9 @@ def test_every_implementation_equals_the_reference(implementation, causal, windo
   # rows with padding (segment 0) at the end.
   q, k, v = _qkv()
   seg = jnp.asarray([[1] * 12 + [2] * 20 + [0] * 5, [1] * 37]) if segments else None
-  (out_ref, grads_ref), (out, grads) = (_outputs_and_grads(i, q, k, v, seg, causal, window)
-                                        for i in ("xla", implementation))
+  (out_ref, grads_ref), (out, grads) = (
+    _outputs_and_grads(i, q, k, v, seg, causal, window) for i in ("xla", implementation)
+  )
   np.testing.assert_allclose(out, out_ref, atol=2e-6)
   for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, atol=1e-5)
@@ -52,14 +54,21 @@ def test_every_implementation_equals_the_reference(implementation, causal, windo
 def test_blockwise_blocks_equal_the_reference(causal, window, segments, block):
   q, k, v = _qkv()
   seg = jnp.asarray([[1] * 12 + [2] * 20 + [0] * 5, [1] * 37]) if segments else None
-  (out_ref, grads_ref), (out, grads) = (_outputs_and_grads(i, q, k, v, seg, causal, window, block)
-                                        for i in ("xla", "blockwise"))
+  (out_ref, grads_ref), (out, grads) = (
+    _outputs_and_grads(i, q, k, v, seg, causal, window, block) for i in ("xla", "blockwise")
+  )
   np.testing.assert_allclose(out, out_ref, atol=2e-6)
   for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, atol=1e-5)
   if segments:  # a padding query sees nothing: zeros
-    assert float(jnp.abs(attention(q, k, v, q_segment_ids=seg, causal=causal, implementation="blockwise",
-                                   block=block)[0, 32:]).max()) == 0
+    assert (
+      float(
+        jnp.abs(
+          attention(q, k, v, q_segment_ids=seg, causal=causal, implementation="blockwise", block=block)[0, 32:]
+        ).max()
+      )
+      == 0
+    )
 
 
 @pytest.fixture
@@ -69,14 +78,17 @@ def fresh_log(monkeypatch, caplog):
   return caplog
 
 
-@pytest.mark.parametrize("platform,dtype,window,expected", [
+@pytest.mark.parametrize(
+  "platform,dtype,window,expected",
+  [
     ("tpu", jnp.bfloat16, 0, "splash"),
     ("tpu", jnp.float32, 7, "splash"),
     ("gpu", jnp.bfloat16, 0, "cudnn"),
-    ("gpu", jnp.float32, 0, "pallas_gpu"),   # cuDNN takes half precision only
-    ("gpu", jnp.float32, 7, "xla"),          # ... and the Pallas GPU kernel has no window
+    ("gpu", jnp.float32, 0, "pallas_gpu"),  # cuDNN takes half precision only
+    ("gpu", jnp.float32, 7, "xla"),  # ... and the Pallas GPU kernel has no window
     ("cpu", jnp.float32, 0, "blockwise"),
-])
+  ],
+)
 def test_auto_picks_for_the_platform_and_logs_it(fresh_log, platform, dtype, window, expected):
   q, k, _ = _qkv(dtype=dtype)
   with attention_lib.on_platform(platform):
@@ -84,13 +96,17 @@ def test_auto_picks_for_the_platform_and_logs_it(fresh_log, platform, dtype, win
   assert f"attention auto: {expected if expected != 'xla' else 'pallas_gpu'} on {platform}" in fresh_log.text
 
 
-@pytest.mark.parametrize("implementation,platform,dtype,window,reason", [
+@pytest.mark.parametrize(
+  "implementation,platform,dtype,window,reason",
+  [
     ("cudnn", "cpu", jnp.bfloat16, 0, "needs a GPU"),
     ("cudnn", "gpu", jnp.float32, 0, "needs bfloat16 or float16"),
     ("pallas_gpu", "gpu", jnp.float32, 7, "no sliding window"),
-])
-def test_a_kernel_that_cannot_falls_back_to_xla_and_says_why(fresh_log, implementation, platform, dtype, window,
-                                                             reason):
+  ],
+)
+def test_a_kernel_that_cannot_falls_back_to_xla_and_says_why(
+  fresh_log, implementation, platform, dtype, window, reason
+):
   q, k, _ = _qkv(dtype=dtype)
   with attention_lib.on_platform(platform):
     assert attention_lib.choose(implementation, q, k, causal=True, window=window) == "xla"

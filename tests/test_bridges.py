@@ -25,11 +25,15 @@ from vlm_jax.train.optim import FROZEN
 # 32-px images of 8-px patches: a 4x4 grid; each kind's own token budget.
 GRID = {"model.vision.image_size": 32}
 KINDS = {
-    "qformer": {"model.bridge.num_queries": 5, "model.bridge.width": 24, "model.bridge.depth": 3,
-                "model.bridge.mlp_dim": 40},
-    "cabstractor": {"model.bridge.num_tokens": 9, "model.bridge.width": 24, "model.bridge.depth": 1},
-    "pixel_shuffle": {"model.bridge.factor": 2, "model.bridge.projection": "mlp"},
-    "perceiver": {"model.bridge.num_latents": 3},
+  "qformer": {
+    "model.bridge.num_queries": 5,
+    "model.bridge.width": 24,
+    "model.bridge.depth": 3,
+    "model.bridge.mlp_dim": 40,
+  },
+  "cabstractor": {"model.bridge.num_tokens": 9, "model.bridge.width": 24, "model.bridge.depth": 1},
+  "pixel_shuffle": {"model.bridge.factor": 2, "model.bridge.projection": "mlp"},
+  "perceiver": {"model.bridge.num_latents": 3},
 }
 TOKENS = {"qformer": 5, "cabstractor": 9, "pixel_shuffle": 4, "perceiver": 3}
 
@@ -51,13 +55,14 @@ def config(tok, kind: str, overrides: dict | None = None):
 def space_to_depth(x: np.ndarray, r: int) -> np.ndarray:
   """[B, S*S, D] -> [B, (S/r)^2, r*r*D], one output token at a time."""
   b, n, d = x.shape
-  s = int(round(n ** 0.5))
+  s = int(round(n**0.5))
   grid = x.reshape(b, s, s, d)
   out = np.zeros((b, (s // r) ** 2, r * r * d), x.dtype)
   for i in range(s // r):
     for j in range(s // r):
-      out[:, i * (s // r) + j] = np.concatenate([grid[:, r * i + dy, r * j + dx] for dy in range(r)
-                                                 for dx in range(r)], axis=-1)
+      out[:, i * (s // r) + j] = np.concatenate(
+        [grid[:, r * i + dy, r * j + dx] for dy in range(r) for dx in range(r)], axis=-1
+      )
   return out
 
 
@@ -79,8 +84,9 @@ def adaptive_pool_reference(x: np.ndarray, side: int) -> np.ndarray:
   return out
 
 
-@pytest.mark.parametrize("size,side", [((5, 5), 3), ((7, 7), 4), ((6, 6), 4), ((4, 4), 3), ((24, 24), 7),
-                                       ((8, 8), 4), ((5, 7), 2)])
+@pytest.mark.parametrize(
+  "size,side", [((5, 5), 3), ((7, 7), 4), ((6, 6), 4), ((4, 4), 3), ((24, 24), 7), ((8, 8), 4), ((5, 7), 2)]
+)
 def test_adaptive_pooling_matches_numpy_and_torch(size, side):
   x = np.random.default_rng(sum(size)).normal(size=(2, *size, 3)).astype(np.float32)
   ours = np.asarray(bridge_lib.adaptive_avg_pool(jnp.asarray(x), side))
@@ -127,8 +133,9 @@ def test_stage1_trains_only_the_bridge_and_shards_like_one_device(tok, kind):
   for path, x in flat_params(init_host["params"]).items():  # the sharded init is the same init
     np.testing.assert_array_equal(np.asarray(init_sharded[path]), x, err_msg=path)
   # The bridge's params follow the logical-axis table: some are split over the mesh.
-  bridge_split = [p for p, x in init_sharded.items() if p.startswith("bridge/")
-                  and any(s is not None for s in x.sharding.spec)]
+  bridge_split = [
+    p for p, x in init_sharded.items() if p.startswith("bridge/") and any(s is not None for s in x.sharding.spec)
+  ]
   assert bridge_split, "no bridge param is sharded"
   after_sharded, losses_sharded = train_steps(sharded, state, batches)
   np.testing.assert_allclose(losses_sharded, losses_one, rtol=1e-5)
@@ -152,7 +159,9 @@ def test_stage1_trains_only_the_bridge_and_shards_like_one_device(tok, kind):
 # --- Config errors ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides,needle", [
+@pytest.mark.parametrize(
+  "overrides,needle",
+  [
     ({"model.bridge.kind": "pixel_shuffle", "model.bridge.factor": 3}, "factor (3) does not divide the ViT's 4x4"),
     ({"model.bridge.kind": "pixel_shuffle", "model.bridge.projection": "conv"}, "projection: 'conv'"),
     ({"model.bridge.kind": "cabstractor", "model.bridge.num_tokens": 8}, "num_tokens (8) must be a square"),
@@ -160,11 +169,14 @@ def test_stage1_trains_only_the_bridge_and_shards_like_one_device(tok, kind):
     ({"model.bridge.kind": "qformer", "model.bridge.width": 30}, "bridge.width: 30 is not a multiple"),
     ({"model.bridge.kind": "qformer", "model.bridge.cross_attention_every": 0}, "cross_attention_every must be >= 1"),
     ({"model.bridge.kind": "perceiver", "model.bridge.heads": 5}, "llm.width (32) is not a multiple"),
-    ({"model.bridge.kind": "pixel_shuffle", "model.vision.flavour": "clip", "model.vision.keep_cls": True},
-     "keep_cls: the pixel_shuffle bridge reads the patch grid"),
+    (
+      {"model.bridge.kind": "pixel_shuffle", "model.vision.flavour": "clip", "model.vision.keep_cls": True},
+      "keep_cls: the pixel_shuffle bridge reads the patch grid",
+    ),
     ({"model.bridge.kind": "qformer", "model.anyres.enabled": True}, "needs a bridge that yields a grid"),
     ({"model.bridge.kind": "resampler"}, "'resampler' is not one of"),
-])
+  ],
+)
 def test_bad_bridge_fields_are_one_line_errors(overrides, needle):
   with pytest.raises(UserError) as e:
     helpers.tiny_config({**GRID, **overrides})

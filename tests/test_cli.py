@@ -26,7 +26,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     assert needle in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("args,needles", [
+@pytest.mark.parametrize(
+  "args,needles",
+  [
     (("--config.train.lrr=1",), ("train.lrr", "unknown config field")),
     (("--config.train.steps=abc",), ("train.steps",)),
     (("--config.stage=stage9",), ("config.stage",)),
@@ -34,7 +36,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     (("--config.mesh.data=3", "--config.mesh.fsdp=-1"), ("config.mesh", "do not divide")),
     (("--config.model.bridge.kind=qformerr",), ("config.model.bridge.kind", "qformerr", "mlp2x_gelu")),
     (("--config.train.trainable=bridge/.*,lm/.*",), ("config.train.trainable", "lm/.*", "matches no parameter")),
-])
+  ],
+)
 def test_train_config_errors(tmp_path, capsys, args, needles):
   """A failed start writes nothing: the workdir is not even created."""
   workdir = tmp_path / "w"
@@ -48,35 +51,54 @@ def test_train_missing_workdir_flag(capsys):
 
 def test_train_missing_config_file(tmp_path):
   """From a shell: `python -m vlm_jax.cli` prints the one line, no traceback, and exits 2."""
-  result = processes.cli_process("train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path),
-                                  xla_flags=ONE_DEVICE)
+  result = processes.cli_process(
+    "train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path), xla_flags=ONE_DEVICE
+  )
   assert_one_line_error(result, "nope.py")
-  assert result.stderr.strip().splitlines() == [l for l in result.stderr.splitlines() if l.startswith("vlm-jax: error:")]
+  assert result.stderr.strip().splitlines() == [
+    l for l in result.stderr.splitlines() if l.startswith("vlm-jax: error:")
+  ]
 
 
 def test_impossible_mesh_on_8_devices(tmp_path, capsys):
-  result = cli_here(capsys, "train", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
-                    "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=3")
+  result = cli_here(
+    capsys,
+    "train",
+    "--config",
+    CONFIG,
+    "--workdir",
+    str(tmp_path / "w"),
+    "--config.mesh.data=2",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=3",
+  )
   assert_one_line_error(result, "2x2x3", "8 are available")
 
 
 def test_generate_missing_checkpoint(tmp_path, capsys):
   image = tmp_path / "a.png"
   PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-  assert_one_line_error(cli_here(capsys, "generate", "--checkpoint", str(tmp_path / "missing"), "--image", str(image),
-                                 "--prompt", "hi"), "--checkpoint", "missing")
+  assert_one_line_error(
+    cli_here(capsys, "generate", "--checkpoint", str(tmp_path / "missing"), "--image", str(image), "--prompt", "hi"),
+    "--checkpoint",
+    "missing",
+  )
 
 
 def test_generate_missing_image(tmp_path, capsys):
-  assert_one_line_error(cli_here(capsys, "generate", "--checkpoint", str(tmp_path), "--image",
-                                 str(tmp_path / "x.png"), "--prompt", "hi"), "x.png")
+  assert_one_line_error(
+    cli_here(capsys, "generate", "--checkpoint", str(tmp_path), "--image", str(tmp_path / "x.png"), "--prompt", "hi"),
+    "x.png",
+  )
 
 
 def test_generate_not_a_workdir(tmp_path, capsys):
   image = tmp_path / "a.png"
   PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-  assert_one_line_error(cli_here(capsys, "generate", "--checkpoint", str(tmp_path), "--image", str(image),
-                                 "--prompt", "hi"), "neither a vlm-jax workdir")
+  assert_one_line_error(
+    cli_here(capsys, "generate", "--checkpoint", str(tmp_path), "--image", str(image), "--prompt", "hi"),
+    "neither a vlm-jax workdir",
+  )
 
 
 def test_unknown_command_and_flag(tmp_path, capsys):
@@ -144,8 +166,9 @@ def test_train_on_llava_data_skips_and_counts_bad_samples(llava_config, tmp_path
   assert train[-1]["data/skipped"] > 0
   assert train[-1]["data/skipped"] == sum(v for k, v in train[-1].items() if k.startswith("data/skipped/"))
   assert result.stderr.count("skipping") == len([k for k in train[-1] if k.startswith("data/skipped/")])
-  strict = processes.cli_process("train", "--config", config, "--workdir", str(tmp_path / "s"),
-                                 "--config.data.strict=true", xla_flags=ONE_DEVICE)
+  strict = processes.cli_process(
+    "train", "--config", config, "--workdir", str(tmp_path / "s"), "--config.data.strict=true", xla_flags=ONE_DEVICE
+  )
   assert_one_line_error(strict, "data.strict=True", "sample")
 
 

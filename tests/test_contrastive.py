@@ -26,9 +26,13 @@ from vlm_jax.train import loop
 from vlm_jax.train import trainer as trainer_lib
 
 FAMILIES = {
-    "siglip": {"model.vision.final_norm": True},
-    "clip": {"model.vision.flavour": "clip", "model.vision.keep_cls": True, "model.vision.final_norm": True,
-             "model.contrastive.embed_dim": 24},
+  "siglip": {"model.vision.final_norm": True},
+  "clip": {
+    "model.vision.flavour": "clip",
+    "model.vision.keep_cls": True,
+    "model.vision.final_norm": True,
+    "model.contrastive.embed_dim": 24,
+  },
 }
 
 
@@ -38,11 +42,24 @@ def tok():
 
 
 def config(tok, family: str = "siglip", overrides: dict | None = None):
-  cfg = helpers.tiny_config({"task": "contrastive", "model.contrastive.family": family, **FAMILIES[family],
-                             "model.vision.image_size": 32, "model.text.width": 32, "model.text.depth": 2,
-                             "model.text.heads": 2, "model.text.mlp_dim": 64, "model.text.max_len": 24,
-                             "data.seq_len": 20, "data.threads": 0, "data.prefetch": 0,
-                             "evals.shapes_test.metric": "zeroshot", **(overrides or {})})
+  cfg = helpers.tiny_config(
+    {
+      "task": "contrastive",
+      "model.contrastive.family": family,
+      **FAMILIES[family],
+      "model.vision.image_size": 32,
+      "model.text.width": 32,
+      "model.text.depth": 2,
+      "model.text.heads": 2,
+      "model.text.mlp_dim": 64,
+      "model.text.max_len": 24,
+      "data.seq_len": 20,
+      "data.threads": 0,
+      "data.prefetch": 0,
+      "evals.shapes_test.metric": "zeroshot",
+      **(overrides or {}),
+    }
+  )
   build_lib.resolve_model_config(cfg, tok.vocab_size, tok.eos_id)
   return cfg
 
@@ -77,11 +94,17 @@ def test_pairs_hold_each_samples_image_and_caption_tokens(tok):
 def test_pairs_read_llava_captions_skip_bad_samples_and_resume(tok, tmp_path):
   image = tmp_path / "a.png"
   import PIL.Image
+
   PIL.Image.fromarray(shapes.draw_shapes([], 32)).save(image)
-  records = [{"id": "cap", "image": "a.png", "caption": "a red circle", "conversations": []},
-             {"id": "conv", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
-                                                                {"from": "gpt", "value": "two shapes"}]},
-             {"id": "noimage", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]}]
+  records = [
+    {"id": "cap", "image": "a.png", "caption": "a red circle", "conversations": []},
+    {
+      "id": "conv",
+      "image": "a.png",
+      "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "two shapes"}],
+    },
+    {"id": "noimage", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]},
+  ]
   path = tmp_path / "pairs.json"
   path.write_text(json.dumps(records))
   cfg = config(tok, overrides={"data.sources": f"llava:{path}", "train.batch_size": 2})
@@ -109,8 +132,10 @@ def test_pairs_read_llava_captions_skip_bad_samples_and_resume(tok, tmp_path):
 def reference_loss(family: str, image: np.ndarray, text: np.ndarray, scale: float, bias: float) -> float:
   logits = np.exp(min(scale, np.log(100.0)) if family == "clip" else scale) * image @ text.T
   if family == "clip":
+
     def ce(x):
       return np.mean(np.log(np.exp(x).sum(1)) - np.diag(x))
+
     return (ce(logits) + ce(logits.T)) / 2
   labels = 2 * np.eye(len(image)) - 1
   return -np.sum(np.log(1 / (1 + np.exp(-labels * (logits + bias))))) / len(image)
@@ -122,12 +147,10 @@ def test_loss_is_the_familys_formula_on_the_embeddings(tok, family):
   run = build_lib.build(cfg, parallel.make_mesh(cfg.mesh, jax.devices()[:1]), tok.image_id)
   params = run.init_params(jax.random.key(0))
   batch = device_batch(batches(cfg, tok, 1)[0])
-  image, text = (np.asarray(x, np.float64) for x in run.model.apply({"params": params}, batch["images"],
-                                                                       batch["text"]))
+  image, text = (np.asarray(x, np.float64) for x in run.model.apply({"params": params}, batch["images"], batch["text"]))
   np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1, rtol=1e-5)
   loss_sum, count = run.model.apply({"params": params}, batch["images"], batch["text"], method="loss")
-  expected = reference_loss(family, image, text, float(params["logit_scale"]),
-                            float(params.get("logit_bias", 0.0)))
+  expected = reference_loss(family, image, text, float(params["logit_scale"]), float(params.get("logit_bias", 0.0)))
   assert float(count) == 8
   np.testing.assert_allclose(float(loss_sum) / 8, expected, rtol=1e-5)
   assert ("logit_bias" in params) == (family == "siglip")
@@ -210,30 +233,50 @@ def test_vlm_takes_its_vit_from_a_contrastive_run(tok, tmp_path, capsys):
 
   # The CLI scores a contrastive checkpoint zero-shot; it answers no prompts.
   capsys.readouterr()
-  assert cli.main(["eval", "--checkpoint", str(tmp_path / "clip"), "--data", "shapes:test", "--max-examples", "20",
-                   "--json"]) == 0
+  assert (
+    cli.main(
+      ["eval", "--checkpoint", str(tmp_path / "clip"), "--data", "shapes:test", "--max-examples", "20", "--json"]
+    )
+    == 0
+  )
   scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert scored["count/examples"] == 20 and 0 <= scored["count/accuracy"] <= 1
   with pytest.raises(UserError, match="a contrastive model answers no prompts"):
     vlm_jax.load(str(tmp_path / "clip")).generate([None], ["hi"])
 
   # One block of two (LLaVA's layer before the last), no final norm: the rest is taken as it is.
-  vlm_cfg = helpers.tiny_config({"model.vision.image_size": 32, "model.vision.init_from": str(tmp_path / "clip"),
-                                 "stage": "stage1", "train.steps": 1, "mesh.data": -1, "data.seq_len": 96})
+  vlm_cfg = helpers.tiny_config(
+    {
+      "model.vision.image_size": 32,
+      "model.vision.init_from": str(tmp_path / "clip"),
+      "stage": "stage1",
+      "train.steps": 1,
+      "mesh.data": -1,
+      "data.seq_len": 96,
+    }
+  )
   vlm_cfg.evals = {}
   build_lib.resolve_model_config(vlm_cfg, tok.vocab_size)
   loop.train(vlm_cfg, str(tmp_path / "vlm"))
   vlm_run = build_lib.build(vlm_cfg, parallel.make_mesh(vlm_cfg.mesh), tok.image_id)
   saved = checkpoint_lib.Checkpointer(tmp_path / "vlm" / "checkpoints", read_only=True)
-  ours = flat_params(helpers.to_host(saved.restore_params(1, vlm_run.abstract_params,
-                                                          vlm_run.param_shardings)["vision"]))
+  ours = flat_params(
+    helpers.to_host(saved.restore_params(1, vlm_run.abstract_params, vlm_run.param_shardings)["vision"])
+  )
   saved.close()
   assert set(theirs) - set(ours) == {"final_norm/bias", "final_norm/scale"}
   for path, x in ours.items():  # stage 1 freezes the ViT: what it holds after a step is what it took
     np.testing.assert_array_equal(x, theirs[path][:1] if path.startswith("layers/") else theirs[path], err_msg=path)
 
-  wider = helpers.tiny_config({"model.vision.image_size": 32, "model.vision.width": 48,
-                               "model.vision.init_from": str(tmp_path / "clip"), "train.steps": 1, "mesh.data": -1})
+  wider = helpers.tiny_config(
+    {
+      "model.vision.image_size": 32,
+      "model.vision.width": 48,
+      "model.vision.init_from": str(tmp_path / "clip"),
+      "train.steps": 1,
+      "mesh.data": -1,
+    }
+  )
   wider.evals = {}
   build_lib.resolve_model_config(wider, tok.vocab_size)
   with pytest.raises(UserError, match=r"config.model.vision.init_from: the ViT of .* does not fit .*width 32 vs 48"):
@@ -244,7 +287,9 @@ def test_vlm_takes_its_vit_from_a_contrastive_run(tok, tmp_path, capsys):
 # --- Config errors -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family,overrides,needle", [
+@pytest.mark.parametrize(
+  "family,overrides,needle",
+  [
     ("siglip", {"model.contrastive.family": "align"}, "contrastive.family: 'align' is not one of"),
     ("clip", {"model.vision.flavour": "siglip"}, "vision.flavour: the clip family's tower is 'clip'"),
     ("clip", {"model.vision.keep_cls": False}, "pools the CLS token"),
@@ -253,7 +298,8 @@ def test_vlm_takes_its_vit_from_a_contrastive_run(tok, tmp_path, capsys):
     ("siglip", {"data.seq_len": 40}, "seq_len (40): captions longer than"),
     ("siglip", {"model.text.pool": "mean"}, "text.pool: 'mean' is not one of"),
     ("siglip", {"model.contrastive.loss": "infonce"}, "contrastive.loss: 'infonce' is not one of"),
-])
+  ],
+)
 def test_bad_contrastive_fields_are_one_line_errors(tok, family, overrides, needle):
   with pytest.raises(UserError) as e:
     config(tok, family, overrides)
@@ -262,6 +308,7 @@ def test_bad_contrastive_fields_are_one_line_errors(tok, family, overrides, need
 
 def test_a_contrastive_eval_needs_zeroshot_prompts(tok, tmp_path):
   from vlm_jax.eval import runner
+
   cfg = config(tok, overrides={"evals.shapes_test.metric": "exact"})
   run = build_lib.build(cfg, parallel.make_mesh(cfg.mesh, jax.devices()[:1]), tok.image_id)
   with pytest.raises(UserError, match="config.evals.shapes_test: metric 'exact': a contrastive model is scored by"):

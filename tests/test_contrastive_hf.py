@@ -28,10 +28,17 @@ from vlm_jax.files import read_json
 
 TOL = 1e-5
 LENGTH = 16
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-              patch_size=8)
-TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=LENGTH, bos_token_id=hf_models.BOS)
+VISION = dict(
+  hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
+TEXT = dict(
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  max_position_embeddings=LENGTH,
+  bos_token_id=hf_models.BOS,
+)
 CLIP_EOS = hf_models.PAD  # CLIP's end-of-text pads too; 2 would be the legacy argmax pooling
 
 
@@ -40,8 +47,11 @@ def save_clip(directory: str) -> transformers.CLIPModel:
   has another activation than the family's."""
   hf_models.save_tokenizer(directory, image=False, template=None)
   hf_models.edit_json(os.path.join(directory, "tokenizer_config.json"), eos_token="<pad>")
-  config = transformers.CLIPConfig(vision_config=VISION, projection_dim=24, text_config=dict(
-      TEXT, vocab_size=100, eos_token_id=CLIP_EOS, pad_token_id=CLIP_EOS, hidden_act="gelu"))
+  config = transformers.CLIPConfig(
+    vision_config=VISION,
+    projection_dim=24,
+    text_config=dict(TEXT, vocab_size=100, eos_token_id=CLIP_EOS, pad_token_id=CLIP_EOS, hidden_act="gelu"),
+  )
   model = hf_models.randomize(transformers.CLIPModel(config), seed=1)
   model.save_pretrained(directory)
   return model
@@ -50,8 +60,10 @@ def save_clip(directory: str) -> transformers.CLIPModel:
 def save_siglip(directory: str) -> transformers.SiglipModel:
   """vocab == the tokenizer's: the embedding gains a row for <image>."""
   words = hf_models.save_tokenizer(directory, image=False, template=None).get_vocab_size()
-  config = transformers.SiglipConfig(vision_config=VISION, text_config=dict(
-      TEXT, vocab_size=words, eos_token_id=hf_models.EOS, pad_token_id=hf_models.PAD))
+  config = transformers.SiglipConfig(
+    vision_config=VISION,
+    text_config=dict(TEXT, vocab_size=words, eos_token_id=hf_models.EOS, pad_token_id=hf_models.PAD),
+  )
   model = hf_models.randomize(transformers.SiglipModel(config), seed=2)
   model.save_pretrained(directory)
   return model
@@ -148,7 +160,7 @@ def test_cli_round_trip_keeps_tensors_and_exports_load_in_transformers(hf, tmp_p
   assert sorted(original) == sorted(exported)
   grown = "text_model.embeddings.token_embedding.weight"
   for key, x in original.items():
-    y = exported[key][:hf["vocab"]] if key == grown else exported[key]  # siglip: + the <image> row
+    y = exported[key][: hf["vocab"]] if key == grown else exported[key]  # siglip: + the <image> row
     assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), key
   hc = read_json(out)
   assert hc["architectures"] == [hf["model"].__class__.__name__] and hc["model_type"] == hf["family"]
@@ -159,8 +171,9 @@ def test_cli_round_trip_keeps_tensors_and_exports_load_in_transformers(hf, tmp_p
   for a, b in zip(hf_features(cls.from_pretrained(out).eval(), pixels, ids), hf_features(hf["model"], pixels, ids)):
     np.testing.assert_allclose(a, b, atol=TOL)
   text = "a photo of a cat on the mat"
-  assert transformers.AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False).input_ids == \
-      Tokenizer.load(os.path.join(work, "hf")).encode(text)
+  assert transformers.AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False).input_ids == Tokenizer.load(
+    os.path.join(work, "hf")
+  ).encode(text)
 
   # Import again: the same params, bit for bit; init_from reads the HF dir and the workdir alike.
   _, _, run, first, _, _ = contrastive.open_hf(hf["dir"])
@@ -185,17 +198,23 @@ def edited_copy(hf: dict, tmp_path, *, drop: tuple[str, ...] = (), tokenizer: di
 
 
 BAD = {  # family -> (what is wrong, the words the line must hold)
-    "clip": [(dict(drop=("text_projection.weight",)), ("missing tensor text_projection.weight",)),
-             ({"text_config.hidden_act": "relu2"}, ("text_config.hidden_act", "relu2")),
-             (dict(tokenizer=dict(eos_token="</s>")), ("eos_token_id", f"{CLIP_EOS}", "id 2")),
-             ({"text_config.eos_token_id": [3, 4]}, ("text_config.eos_token_id",)),
-             ({"vision_config.image_size": [32, 48]}, ("vision_config.image_size",))],
-    "siglip": [({"vision_config.vision_use_head": False}, ("vision_config.vision_use_head",)),
-               ({"text_config.projection_size": 16}, ("text_config.projection_size", "16", "32")),
-               (dict(drop=("vision_model.head.attention.in_proj_weight",)),
-                ("missing tensor vision_model.head.attention.in_proj_weight",)),
-               ({"vision_config.intermediate_size": 48}, ("vision_model.", "fc1.weight", "[64, 32]", "[48, 32]")),
-               ({"model_type": "siglip2", "architectures": ["Siglip2Model"]}, ("Siglip2Model", "SiglipModel"))],
+  "clip": [
+    (dict(drop=("text_projection.weight",)), ("missing tensor text_projection.weight",)),
+    ({"text_config.hidden_act": "relu2"}, ("text_config.hidden_act", "relu2")),
+    (dict(tokenizer=dict(eos_token="</s>")), ("eos_token_id", f"{CLIP_EOS}", "id 2")),
+    ({"text_config.eos_token_id": [3, 4]}, ("text_config.eos_token_id",)),
+    ({"vision_config.image_size": [32, 48]}, ("vision_config.image_size",)),
+  ],
+  "siglip": [
+    ({"vision_config.vision_use_head": False}, ("vision_config.vision_use_head",)),
+    ({"text_config.projection_size": 16}, ("text_config.projection_size", "16", "32")),
+    (
+      dict(drop=("vision_model.head.attention.in_proj_weight",)),
+      ("missing tensor vision_model.head.attention.in_proj_weight",),
+    ),
+    ({"vision_config.intermediate_size": 48}, ("vision_model.", "fc1.weight", "[64, 32]", "[48, 32]")),
+    ({"model_type": "siglip2", "architectures": ["Siglip2Model"]}, ("Siglip2Model", "SiglipModel")),
+  ],
 }
 
 
@@ -231,13 +250,16 @@ def model_config(family: str, **changes) -> ml_collections.ConfigDict:
   return config.model
 
 
-@pytest.mark.parametrize("family,changes,words", [
+@pytest.mark.parametrize(
+  "family,changes,words",
+  [
     ("siglip", dict(vision__final_norm=False), ("config.model.vision.final_norm",)),
     ("clip", dict(contrastive__loss="siglip"), ("config.model.contrastive.loss", "'siglip'")),
     ("clip", dict(text__pool="last"), ("config.model.text.pool", "'last'")),
     ("siglip", dict(text__pool="eos"), ("config.model.text.pool", "'eos'")),
     ("clip", dict(text__eos_id=2), ("config.model.text.eos_id", "argmax")),
-])
+  ],
+)
 def test_configs_transformers_cannot_hold_are_refused_on_export(family, changes, words):
   model_cfg = model_config(family, **changes)
   with pytest.raises(UserError) as e:
@@ -251,8 +273,9 @@ def test_a_model_trained_here_exports_with_our_tokenizer(tmp_path):
   config = config_lib.base()
   config.task = "contrastive"
   config.model.dtype = "float32"
-  config.model.vision.update(flavour="clip", keep_cls=True, final_norm=True, image_size=16, patch_size=8, width=32,
-                             depth=1, heads=2, mlp_dim=64)
+  config.model.vision.update(
+    flavour="clip", keep_cls=True, final_norm=True, image_size=16, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64
+  )
   config.model.contrastive.update(family="clip", embed_dim=16)
   config.model.text.update(width=32, depth=1, heads=2, mlp_dim=64, max_len=LENGTH)
   config.data.seq_len = LENGTH
@@ -265,8 +288,9 @@ def test_a_model_trained_here_exports_with_our_tokenizer(tmp_path):
   model = transformers.CLIPModel.from_pretrained(out).eval()
   assert model.config.text_config.eos_token_id == tokenizer.eos_id
   pixels, ids = inputs(tokenizer.vocab_size, tokenizer.eos_id)
-  for a, b in zip(features(run.model, params, pixels[:, :, :16, :16], ids),
-                  hf_features(model, pixels[:, :, :16, :16], ids)):
+  for a, b in zip(
+    features(run.model, params, pixels[:, :, :16, :16], ids), hf_features(model, pixels[:, :, :16, :16], ids)
+  ):
     np.testing.assert_allclose(a, b, atol=TOL)
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   assert hf_tok("two shapes", add_special_tokens=False).input_ids == tokenizer.encode("two shapes")

@@ -52,9 +52,10 @@ def read_component(directory: str, config, run, component: str, slots: tuple[str
 def hf_greedy(model, ids: torch.Tensor, **inputs) -> list[int]:
   model.generation_config.eos_token_id = None  # all 20 tokens, on both sides
   with torch.no_grad():
-    out = model.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False,
-                         pad_token_id=hf_models.PAD, **inputs)
-  return out[0, ids.shape[1]:].tolist()
+    out = model.generate(
+      input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=hf_models.PAD, **inputs
+    )
+  return out[0, ids.shape[1] :].tolist()
 
 
 def our_logits(model, params, tokens: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -97,8 +98,10 @@ def test_llm_logits_and_greedy_match_transformers(tmp_path, family):
 
 
 # --- 2. Vision towers: the hidden state LLaVA reads ------------------------------------------
-@pytest.mark.parametrize("flavour,layer,strategy", [("clip", -2, "default"), ("clip", -1, "full"),
-                                                    ("siglip", -1, "full"), ("siglip", -2, "full")])
+@pytest.mark.parametrize(
+  "flavour,layer,strategy",
+  [("clip", -2, "default"), ("clip", -1, "full"), ("siglip", -1, "full"), ("siglip", -2, "full")],
+)
 def test_vision_hidden_state_matches_transformers(tmp_path, flavour, layer, strategy):
   hf = hf_models.save_vision(str(tmp_path), flavour, seed=3)
   config = config_lib.base()
@@ -147,8 +150,9 @@ def test_llava_logits_and_greedy_match_transformers(llava):
   err = float(np.abs(got - llava["logits"]).max())
   print(f"{llava['name']}: max abs logits error {err:.2e} (logits up to {np.abs(llava['logits']).max():.1f})")
   assert err < TOL
-  ours = model.generator(model.params, [llava["ids"][0].numpy()], nchw_to_ours(llava["pixels"]),
-                         max_new_tokens=NEW_TOKENS)[0]
+  ours = model.generator(
+    model.params, [llava["ids"][0].numpy()], nchw_to_ours(llava["pixels"]), max_new_tokens=NEW_TOKENS
+  )[0]
   assert ours == hf_greedy(llava["hf"], llava["ids"], pixel_values=llava["pixels"])
   # Each param sits in the sharding training would give it (embed split 8 ways over fsdp).
   shardings = flat_params(model.run.param_shardings)
@@ -176,7 +180,7 @@ def test_round_trip_is_bit_identical_and_export_loads_in_transformers(llava, tmp
   work, out = str(tmp_path / "work"), str(tmp_path / "out")
   assert cli.main(["convert", "--from-hf", llava["dir"], "--out", work]) == 0
   assert cli.main(["convert", "--checkpoint", work, "--to-hf", out]) == 0
-  assert_same_tensors(llava["dir"], out)   # same keys (layout), dtypes and bytes
+  assert_same_tensors(llava["dir"], out)  # same keys (layout), dtypes and bytes
   np.testing.assert_allclose(hf_logits(out, llava["ids"], llava["pixels"]), llava["logits"], atol=TOL)
   tok = transformers.AutoTokenizer.from_pretrained(out)
   ours = Tokenizer.load(os.path.join(work, "hf"))
@@ -199,8 +203,9 @@ def test_assembled_stage1_model_exports_to_a_matching_llava(tmp_path):
   words = hf_models.save_tokenizer(str(tmp_path / "llm"), image=False).get_vocab_size()
   hf_models.save_llm(str(tmp_path / "llm"), "llama", vocab=words, seed=9)  # no row to spare for <image>
   work, out = str(tmp_path / "work"), str(tmp_path / "out")
-  assert cli.main(["convert", "--from-hf", str(tmp_path / "llm"), "--vision", str(tmp_path / "clip"),
-                   "--out", work]) == 0
+  assert (
+    cli.main(["convert", "--from-hf", str(tmp_path / "llm"), "--vision", str(tmp_path / "clip"), "--out", work]) == 0
+  )
   model = vlm_jax.load(work, dtype="float32")
   assert model.tokenizer.image_id == words and model.config.model.llm.vocab_size == words + 1
   embedding = np.asarray(model.params["llm"]["embedder"]["embedding"])
@@ -211,8 +216,10 @@ def test_assembled_stage1_model_exports_to_a_matching_llava(tmp_path):
   assert hc["vision_config"]["num_hidden_layers"] == 3 and hc["vision_feature_layer"] == -2
   clip = read_all(str(tmp_path / "clip"))
   exported = read_all(out)
-  assert exported["vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight"].tobytes() == \
-      clip["vision_model.encoder.layers.2.mlp.fc1.weight"].tobytes()
+  assert (
+    exported["vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight"].tobytes()
+    == clip["vision_model.encoder.layers.2.mlp.fc1.weight"].tobytes()
+  )
   ids = torch.tensor([[hf_models.BOS] + [model.tokenizer.image_id] * 4 + model.tokenizer.encode("what color")])
   pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(10))
   ours = our_logits(model.run.model, model.params, ids.numpy(), nchw_to_ours(pixels))
@@ -234,8 +241,9 @@ def test_model_trained_here_exports_to_transformers(tmp_path):
   hf_export.export(config, tokenizer, params, None, out)
   prompt = templates.encode_prompt("What color is the circle?", tokenizer, 4, "simple")
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-  rendered = hf_tok.apply_chat_template([{"role": "user", "content": "<image>\nWhat color is the circle?"}],
-                                        tokenize=False, add_generation_prompt=True)
+  rendered = hf_tok.apply_chat_template(
+    [{"role": "user", "content": "<image>\nWhat color is the circle?"}], tokenize=False, add_generation_prompt=True
+  )
   hf_ids = hf_tok(rendered).input_ids  # BOS added by the tokenizer, as LLaVA processors do
   assert [i for i in prompt if i != tokenizer.image_id] == [i for i in hf_ids if i != tokenizer.image_id]
   ids = torch.tensor(prompt[None])
@@ -251,7 +259,12 @@ def test_hf_tokenizer_and_chat_template_match_transformers(llava):
   text = "USER: <image> what color is the circle ASSISTANT: red"
   assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids
   assert (ours.bos_id, ours.eos_id, ours.pad_id) == (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
-  turns = [("user", "<image>\nwhat color is the circle"), ("assistant", "red"), ("user", "a cat"), ("assistant", "blue")]
+  turns = [
+    ("user", "<image>\nwhat color is the circle"),
+    ("assistant", "red"),
+    ("user", "a cat"),
+    ("assistant", "blue"),
+  ]
   messages = [{"role": r, "content": t} for r, t in turns]
   encoded = templates.encode_conversation(turns, ours, image_tokens=3, template="hf")
   rendered = theirs.apply_chat_template(messages, tokenize=False)
@@ -268,12 +281,13 @@ def test_hf_tokenizer_and_chat_template_match_transformers(llava):
 
 # llava-hf/llava-1.5-7b-hf's processor template: typed content parts and {% generation %}.
 LLAVA15_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', "
-    "'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
-    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
-    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+  "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+  "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+  "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', "
+  "'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+  "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+  "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 def test_llava_processor_template_with_typed_parts(tmp_path):
@@ -281,8 +295,10 @@ def test_llava_processor_template_with_typed_parts(tmp_path):
   ours = Tokenizer.load(str(tmp_path))
   theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   rendered = theirs.apply_chat_template(
-      [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color"}]}],
-      tokenize=False, add_generation_prompt=True)
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color"}]}],
+    tokenize=False,
+    add_generation_prompt=True,
+  )
   expected = [i for t in theirs(rendered).input_ids for i in ([t] * 2 if t == ours.image_id else [t])]
   assert templates.encode_prompt("what color", ours, 2, "hf").tolist() == expected
   encoded = templates.encode_conversation([("user", "<image>\nwhat color"), ("assistant", "red")], ours, 2, "hf")
@@ -292,14 +308,30 @@ def test_llava_processor_template_with_typed_parts(tmp_path):
 def test_generate_cli_reads_an_hf_dir_and_its_conversion_alike(llava, tmp_path, capsys):
   image = tmp_path / "a.png"
   import PIL.Image
+
   PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), np.uint8)).save(image)
   work = str(tmp_path / "work")
   assert cli.main(["convert", "--from-hf", llava["dir"], "--out", work]) == 0
   outputs = []
   for path in (llava["dir"], work):
     capsys.readouterr()
-    assert cli.main(["generate", "--checkpoint", path, "--image", str(image), "--prompt", "what color",
-                     "--max-new-tokens", "5", "--json"]) == 0
+    assert (
+      cli.main(
+        [
+          "generate",
+          "--checkpoint",
+          path,
+          "--image",
+          str(image),
+          "--prompt",
+          "what color",
+          "--max-new-tokens",
+          "5",
+          "--json",
+        ]
+      )
+      == 0
+    )
     outputs.append(json.loads(capsys.readouterr().out))
   assert outputs[0]["token_ids"] == outputs[1]["token_ids"] and len(outputs[0]["token_ids"]) >= 1
 
@@ -335,15 +367,18 @@ def small_llava(tmp_path):
 
 
 def test_unsupported_architecture(small_llava, tmp_path, capsys):
-  hf_models.edit_json(os.path.join(small_llava, "config.json"), model_type="qwen2_vl",
-                      architectures=["Qwen2VLForConditionalGeneration"])
+  hf_models.edit_json(
+    os.path.join(small_llava, "config.json"), model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"]
+  )
   line = convert_error(capsys, "--from-hf", small_llava, "--out", str(tmp_path / "o"))
   assert "Qwen2VLForConditionalGeneration" in line and "config.json" in line
 
 
 def test_unsupported_llm_setting(small_llava, tmp_path, capsys):
-  hf_models.edit_json(os.path.join(small_llava, "config.json"),
-                      **{"text_config.rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}})
+  hf_models.edit_json(
+    os.path.join(small_llava, "config.json"),
+    **{"text_config.rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
+  )
   line = convert_error(capsys, "--from-hf", small_llava, "--out", str(tmp_path / "o"))
   assert "rope_type" in line and "yarn" in line
 
@@ -374,4 +409,6 @@ def test_bad_convert_flags(small_llava, tmp_path, capsys):
   assert "no such directory" in convert_error(capsys, "--from-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
   os.makedirs(tmp_path / "full")
   (tmp_path / "full" / "x").write_text("")
-  assert "not an empty directory" in convert_error(capsys, "--checkpoint", small_llava, "--to-hf", str(tmp_path / "full"))
+  assert "not an empty directory" in convert_error(
+    capsys, "--checkpoint", small_llava, "--to-hf", str(tmp_path / "full")
+  )

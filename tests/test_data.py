@@ -52,9 +52,8 @@ def test_held_out_split_depends_on_the_image_not_on_number_types():
   # Tests draw images from hand-written layouts with int coordinates; the split must agree.
   for i in range(50):
     ex = shapes.make_example(0, "test", i, 64)
-    background, = [k for k, v in shapes.BACKGROUNDS.items() if tuple(ex.image[0, 0]) == v]
-    as_ints = [dataclasses.replace(o, cx=int(o.cx), cy=int(o.cy), size=int(o.size))
-               for o in ex.objects]
+    (background,) = [k for k, v in shapes.BACKGROUNDS.items() if tuple(ex.image[0, 0]) == v]
+    as_ints = [dataclasses.replace(o, cx=int(o.cx), cy=int(o.cy), size=int(o.size)) for o in ex.objects]
     assert shapes._is_held_out(as_ints, background)
 
 
@@ -91,7 +90,7 @@ def test_examples_are_well_formed(examples):
     background = set(drawn) - {shapes.COLORS[o.color] for o in ex.objects}
     assert len(background) == 1 and background <= set(shapes.BACKGROUNDS.values())
     for o in ex.objects:
-      assert drawn[shapes.COLORS[o.color]] >= 0.4 * o.size ** 2
+      assert drawn[shapes.COLORS[o.color]] >= 0.4 * o.size**2
 
 
 def test_answers_agree_with_the_pixels(examples):
@@ -131,8 +130,11 @@ def test_all_kinds_and_answers_appear(examples):
 
 
 def test_draw_shapes():
-  objects = [Shape("circle", "red", 16, 16, 20), Shape("square", "blue", 48, 16, 16),
-             Shape("triangle", "green", 32, 48, 20)]
+  objects = [
+    Shape("circle", "red", 16, 16, 20),
+    Shape("square", "blue", 48, 16, 16),
+    Shape("triangle", "green", 32, 48, 20),
+  ]
   image = shapes.draw_shapes(objects, 64, "dark")
   assert tuple(image[16, 16]) == shapes.COLORS["red"]
   assert tuple(image[16, 48]) == shapes.COLORS["blue"]
@@ -164,12 +166,15 @@ def test_special_ids(tok):
   assert tok.decode([tok.bos_id] + tok.encode("a <image>\nb") + [tok.eos_id, tok.pad_id]) == "a \nb"
 
 
-@pytest.mark.parametrize("text", [
+@pytest.mark.parametrize(
+  "text",
+  [
     "What color is the circle?",
     "USER: <image>\nWhich side is the circle on? ASSISTANT: left",
     "  two  spaces,\ttabs\n\nand newlines  ",
     "Describe this photograph in detail, please.",
-])
+  ],
+)
 def test_round_trip(tok, text):
   assert tok.decode(tok.encode(text)) == text.replace("<image>", "")
   assert tok.encode(text).count(tok.image_id) == text.count("<image>")
@@ -204,8 +209,13 @@ def test_tokenizer_load_errors(tmp_path):
   assert "\n" not in str(e.value)
   # A valid sentencepiece model without the <image> symbol cannot place image tokens.
   sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(["a tiny corpus of words"] * 10), model_prefix=str(tmp_path / "plain"),
-      vocab_size=40, model_type="bpe", minloglevel=2, hard_vocab_limit=False)
+    sentence_iterator=iter(["a tiny corpus of words"] * 10),
+    model_prefix=str(tmp_path / "plain"),
+    vocab_size=40,
+    model_type="bpe",
+    minloglevel=2,
+    hard_vocab_limit=False,
+  )
   with pytest.raises(UserError, match="no <image> symbol"):
     tokenizer.Tokenizer.load(str(tmp_path / "plain.model"))
 
@@ -221,7 +231,7 @@ def test_conversation_layout(tok):
   # Pieces encoded one by one give exactly the tokens of the whole text.
   whole = tok.encode("USER: <image>\nWhat color is the circle? ASSISTANT: red")
   i = whole.index(tok.image_id)
-  whole[i:i + 1] = [tok.image_id] * 3
+  whole[i : i + 1] = [tok.image_id] * 3
   assert enc.tokens.tolist() == [tok.bos_id] + whole + [tok.eos_id]
   # Supervised: " red" (one token) and EOS, nothing else.
   assert enc.loss_mask.tolist() == [False] * (len(enc.tokens) - 2) + [True, True]
@@ -247,8 +257,8 @@ def test_prompt_is_a_prefix_of_the_conversation(tok):
   prompt = encode_prompt(TURNS[0][1], tok, image_tokens=5)
   enc = encode_conversation(TURNS, tok, image_tokens=5)
   assert prompt.dtype == np.int32
-  assert np.array_equal(enc.tokens[:len(prompt)], prompt)
-  assert not enc.loss_mask[:len(prompt)].any() and enc.loss_mask[len(prompt):].all()
+  assert np.array_equal(enc.tokens[: len(prompt)], prompt)
+  assert not enc.loss_mask[: len(prompt)].any() and enc.loss_mask[len(prompt) :].all()
   # Without <image>, "<image>\n" goes in front (LLaVA) when the model takes image tokens.
   assert np.array_equal(encode_prompt("What color is the circle?", tok, 5), prompt)
   text_only = encode_prompt("What color is the circle?", tok, 0)
@@ -270,7 +280,9 @@ def test_image_expansion(tok, image_tokens):
   assert len(where) == image_tokens and np.all(np.diff(where) == 1)
 
 
-@pytest.mark.parametrize("turns, kwargs, message", [
+@pytest.mark.parametrize(
+  "turns, kwargs, message",
+  [
     (TURNS, {"template": "chatml2"}, "unknown chat template 'chatml2'"),
     ([("user", "hi"), ("bot", "red")], {}, "turn 1: unknown role 'bot'"),
     ([("assistant", "red"), ("user", "hi")], {}, "turn 0: expected a 'user' turn"),
@@ -279,7 +291,8 @@ def test_image_expansion(tok, image_tokens):
     ([], {}, "empty conversation"),
     ([("user", "hi"), ("assistant", "<image>")], {}, "turn 1: <image> in an assistant turn"),
     (TURNS, {"image_tokens": 0}, "no image tokens"),
-])
+  ],
+)
 def test_template_user_errors(tok, turns, kwargs, message):
   kwargs = {"image_tokens": 4, **kwargs}
   with pytest.raises(UserError, match=re.escape(message)) as e:
@@ -320,7 +333,7 @@ def test_load_and_preprocess(tmp_path):
 
 def test_transparency_is_composited_onto_white(tmp_path):
   rgba = np.zeros((4, 6, 4), np.uint8)
-  rgba[:, :3] = (255, 0, 0, 255)          # opaque red on the left, fully transparent black on the right
+  rgba[:, :3] = (255, 0, 0, 255)  # opaque red on the left, fully transparent black on the right
   rgba[:, 3:] = (0, 0, 0, 0)
   PIL.Image.fromarray(rgba).save(tmp_path / "t.png")
   loaded = np.asarray(images.load_image(str(tmp_path / "t.png")))
@@ -332,7 +345,7 @@ def test_resize_modes_keep_the_middle_or_pad_around_it():
   # A 20 x 60 image (H x W): left third red, middle green, right third blue.
   rgb = np.zeros((20, 60, 3), np.uint8)
   for k, c in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
-    rgb[:, 20 * k:20 * (k + 1)] = c
+    rgb[:, 20 * k : 20 * (k + 1)] = c
   crop = images.Preprocessing(20, resize="shortest_edge_crop", resample="nearest").pixels(rgb)
   assert crop.shape == (20, 20, 3) and (crop == (0, 255, 0)).all()  # only the middle third survives
   pad = images.Preprocessing(60, resize="pad_square", resample="nearest", fill=(1, 2, 3)).pixels(rgb)
@@ -348,7 +361,9 @@ def test_resize_modes_keep_the_middle_or_pad_around_it():
   assert small.shape == (6, 6) and small.sum() == 15 and small[0].sum() == 0
 
 
-@pytest.mark.parametrize("field,value,needle", [
+@pytest.mark.parametrize(
+  "field,value,needle",
+  [
     ("image_resize", "crop", "config.data.image_resize: 'crop' is not one of"),
     ("image_resample", "cubic", "config.data.image_resample: 'cubic' is not one of"),
     ("image_fill", (1, 2), "config.data.image_fill"),
@@ -356,7 +371,8 @@ def test_resize_modes_keep_the_middle_or_pad_around_it():
     ("image_short_side", -1, "config.data.image_short_side must be >= 0"),
     ("image_std", (0.5, 0.0, 0.5), "config.data.image_std"),
     ("image_mean", (0.5, 0.5), "config.data.image_mean: expected 3 values"),
-])
+  ],
+)
 def test_bad_image_fields_are_one_line_errors(field, value, needle):
   c = config_lib.base()
   c.data[field] = value

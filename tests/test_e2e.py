@@ -49,8 +49,9 @@ def test_default_config_learns_from_the_image(trained, capsys):
   # Counting needs the image and no binding of words to objects: learned near-perfectly.
   assert final["eval/shapes_test/accuracy/count"] >= 0.9
   # Overall accuracy is far above what the same model scores with the images shuffled.
-  shuffled = vlm_jax_here(capsys, "eval", "--checkpoint", trained, "--data", "shapes:test", "--max-examples", "256",
-                          "--shuffle-images")
+  shuffled = vlm_jax_here(
+    capsys, "eval", "--checkpoint", trained, "--data", "shapes:test", "--max-examples", "256", "--shuffle-images"
+  )
   print("shuffled images:", shuffled)
   assert shuffled["examples"] == 256
   assert final["eval/shapes_test/accuracy"] >= 0.9  # the foundation issue's acceptance bar
@@ -61,11 +62,12 @@ def test_default_config_learns_from_the_image(trained, capsys):
 # Layouts of the held-out split (shapes._is_held_out): training never draws these images.
 TWO = [Shape("circle", "green", 8, 8, 12), Shape("triangle", "orange", 40, 24, 12)]
 ONE = [Shape("square", "purple", 24, 40, 12)]
-THREE = [Shape("circle", "yellow", 8, 8, 12), Shape("square", "red", 24, 8, 12),
-         Shape("triangle", "blue", 8, 24, 12)]
+THREE = [Shape("circle", "yellow", 8, 8, 12), Shape("square", "red", 24, 8, 12), Shape("triangle", "blue", 8, 24, 12)]
 
 
-@pytest.mark.parametrize("objects,prompt,answer", [
+@pytest.mark.parametrize(
+  "objects,prompt,answer",
+  [
     (THREE, "How many shapes are there?", "three"),
     (ONE, "How many shapes are there?", "one"),
     (TWO, "How many shapes are there?", "two"),
@@ -73,7 +75,8 @@ THREE = [Shape("circle", "yellow", 8, 8, 12), Shape("square", "red", 24, 8, 12),
     (THREE, "What color is the circle?", "yellow"),
     (TWO, "What color is the triangle?", "orange"),
     (ONE, "Which side is the square on?", "left"),
-])
+  ],
+)
 def test_generate_answers_about_a_new_image(model, tmp_path, objects, prompt, answer):
   assert shapes._is_held_out(objects, "dark")  # not an image the model was trained on
   path = str(tmp_path / "drawn.png")
@@ -88,8 +91,9 @@ def test_generate_cli_prints_the_answer_as_json(trained, tmp_path):
   objects, prompt, answer = THREE, "How many shapes are there?", "three"
   path = str(tmp_path / "drawn.png")
   PIL.Image.fromarray(draw_shapes(objects, 64, "dark")).save(path)
-  out = json.loads(vlm_jax_cli("generate", "--checkpoint", trained, "--image", path, "--prompt", prompt,
-                               "--json").stdout)
+  out = json.loads(
+    vlm_jax_cli("generate", "--checkpoint", trained, "--image", path, "--prompt", prompt, "--json").stdout
+  )
   assert out["text"] == answer, out
   assert out["image_tokens"] == 16 and out["prompt_tokens"] > 16
 
@@ -100,14 +104,23 @@ def test_eval_scores_a_vqa_file(trained, tmp_path, capsys):
   oracle that always gives the right answer."""
   path = write_eval_set(str(tmp_path), 30, varied=False)
   predictions = tmp_path / "predictions.jsonl"
-  out = vlm_jax_here(capsys, "eval", "--checkpoint", trained, "--data", f"llava:{path}", "--metric", "vqa",
-                     "--predictions", str(predictions))
+  out = vlm_jax_here(
+    capsys,
+    "eval",
+    "--checkpoint",
+    trained,
+    "--data",
+    f"llava:{path}",
+    "--metric",
+    "vqa",
+    "--predictions",
+    str(predictions),
+  )
   lines = [json.loads(l) for l in open(predictions)]
   scores = [metrics.vqa_accuracy(l["prediction"], l["answers"]) for l in lines]
   print("vqa:", out)
   assert out["examples"] == len(lines) == 30 and out["metric"] == "vqa"
   assert [l["score"] for l in lines] == scores
   assert out["accuracy"] == pytest.approx(sum(scores) / 30)
-  oracle = [metrics.vqa_accuracy(l["answers"][0], l["answers"]) if l["answers"][0] != WRONG else 0.0
-            for l in lines]
+  oracle = [metrics.vqa_accuracy(l["answers"][0], l["answers"]) if l["answers"][0] != WRONG else 0.0 for l in lines]
   assert out["accuracy"] >= 0.8 * sum(oracle) / 30

@@ -32,11 +32,25 @@ from vlm_jax.eval.runner import Evaluator
 # --- Metrics on hand-computed cases ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text,normalised", [
-    ("Two", "2"), ("two dogs!", "2 dogs"), ("the cat.", "cat"), ("A dog", "dog"), ("an apple", "apple"),
-    ("dont", "don't"), ("isnt it", "isn't it"), ("Yes.", "yes"), ("3.5", "3.5"), ("1,000", "1000"),
-    ("t-shirt", "t shirt"), ("red, blue", "red blue"), ("  none\n", "0"), ("(left)", "left"),
-])
+@pytest.mark.parametrize(
+  "text,normalised",
+  [
+    ("Two", "2"),
+    ("two dogs!", "2 dogs"),
+    ("the cat.", "cat"),
+    ("A dog", "dog"),
+    ("an apple", "apple"),
+    ("dont", "don't"),
+    ("isnt it", "isn't it"),
+    ("Yes.", "yes"),
+    ("3.5", "3.5"),
+    ("1,000", "1000"),
+    ("t-shirt", "t shirt"),
+    ("red, blue", "red blue"),
+    ("  none\n", "0"),
+    ("(left)", "left"),
+  ],
+)
 def test_vqa_normalisation(text, normalised):
   assert metrics.normalize_vqa(text) == normalised
 
@@ -55,11 +69,25 @@ def test_vqa_single_reference_and_exact_match():
   assert metrics.exact_match("two cats", ["2"]) == 0.0
 
 
-@pytest.mark.parametrize("text,letter", [
-    ("The answer is (B).", "B"), ("B", "B"), ("b) cat", "B"), ("(C)", "C"), ("C. bird", "C"),
-    ("Answer: A", "A"), ("cat", "B"), ("A cat.", "B"), ("I think it is C", "C"), ("the answer is a cat", "B"),
-    ("E", None), ("Either (A) or (B)", None), ("a fish", None), ("", None),
-])
+@pytest.mark.parametrize(
+  "text,letter",
+  [
+    ("The answer is (B).", "B"),
+    ("B", "B"),
+    ("b) cat", "B"),
+    ("(C)", "C"),
+    ("C. bird", "C"),
+    ("Answer: A", "A"),
+    ("cat", "B"),
+    ("A cat.", "B"),
+    ("I think it is C", "C"),
+    ("the answer is a cat", "B"),
+    ("E", None),
+    ("Either (A) or (B)", None),
+    ("a fish", None),
+    ("", None),
+  ],
+)
 def test_choice_letters(text, letter):
   assert metrics.choice_letter(text, ("dog", "cat", "bird")) == letter
 
@@ -76,8 +104,13 @@ def test_choice_accuracy_scores_invalid_as_wrong():
 def test_pope_confusion_matrix():
   """TP 3, FP 1, TN 4, FN 2 -> accuracy 0.7, precision 0.75, recall 0.6, F1 2/3, yes-ratio 0.4."""
   gold = ["yes"] * 5 + ["no"] * 5
-  preds = (["Yes, there is."] * 3 + ["No, there is not."] * 2 + ["Yes."] + ["There is no such thing."] * 2
-           + ["no", "It is not there."])
+  preds = (
+    ["Yes, there is."] * 3
+    + ["No, there is not."] * 2
+    + ["Yes."]
+    + ["There is no such thing."] * 2
+    + ["no", "It is not there."]
+  )
   refs = [Reference((g,)) for g in gold]
   m = metrics.METRICS["pope"]
   scores = [m.score(p, r) for p, r in zip(preds, refs)]
@@ -98,8 +131,7 @@ def test_auto_metric_follows_the_samples():
 
 
 def test_prompt_is_the_conversation_up_to_the_last_answer():
-  turns = [("user", "<image>\nWhat color?"), ("assistant", "red"), ("user", "And the shape?"),
-           ("assistant", "circle")]
+  turns = [("user", "<image>\nWhat color?"), ("assistant", "red"), ("user", "And the shape?"), ("assistant", "circle")]
   e = examples_lib.from_sample(sources.Sample("k", turns, ["im.png"], category="x"), 3)
   assert (e.index, e.key, e.prompt, e.history) == (3, "k", "And the shape?", (("<image>\nWhat color?", "red"),))
   assert e.reference.answers == ("circle",) and e.turns == tuple(turns) and e.category == "x"
@@ -120,16 +152,24 @@ def test_choices_are_listed_when_the_question_does_not():
 
 
 def test_llava_records_carry_answers_choices_and_category():
-  record = {"id": 5, "conversations": [{"from": "human", "value": "Q?"}],
-            "answers": [{"answer": "yes"}, "no"], "options": ["a", "b"], "category": "adversarial"}
+  record = {
+    "id": 5,
+    "conversations": [{"from": "human", "value": "Q?"}],
+    "answers": [{"answer": "yes"}, "no"],
+    "options": ["a", "b"],
+    "category": "adversarial",
+  }
   s = sources.llava_sample(record, 0, "")
   assert (s.answers, s.choices, s.category) == (["yes", "no"], ["a", "b"], "adversarial")
 
 
 # --- The runner on a model ----------------------------------------------------------------------
 
-LONGER = ("Look at the image and answer the question below. {} Answer the question using a single word or phrase.",
-          "{}", "Look at the image and answer the question below. {}")
+LONGER = (
+  "Look at the image and answer the question below. {} Answer the question using a single word or phrase.",
+  "{}",
+  "Look at the image and answer the question below. {}",
+)
 
 
 WRONG = "nothing"  # the other annotators' answer: never a shapes answer
@@ -150,8 +190,12 @@ def write_eval_set(directory: str, n: int, kind: str = "vqa", *, seed: int = 0, 
       question = ex.turns[0][1].replace("<image>\n", "")
       if varied:
         question = LONGER[i % 3].format(question)
-      record = {"id": f"q{i}", "image": name, "category": ex.kind,
-                "conversations": [{"from": "human", "value": "<image>\n" + question}]}
+      record = {
+        "id": f"q{i}",
+        "image": name,
+        "category": ex.kind,
+        "conversations": [{"from": "human", "value": "<image>\n" + question}],
+      }
       if kind == "vqa":
         right = int(rng.integers(0, 11))
         record["answers"] = [ex.answer] * right + [WRONG] * (10 - right)
@@ -168,9 +212,19 @@ def write_eval_set(directory: str, n: int, kind: str = "vqa", *, seed: int = 0, 
 def workdir(tmp_path_factory):
   """A shapes checkpoint trained for a few steps (its answers are not all the same)."""
   d = str(tmp_path_factory.mktemp("run"))
-  cfg = helpers.tiny_config({"mesh.data": -1, "train.steps": 30, "train.lr": 3e-3, "train.batch_size": 16,
-                             "data.seq_len": 64, "train.checkpoint_every": 30, "train.eval_every": 1000,
-                             "train.eval_examples": 8, "train.eval_batch_size": 8})
+  cfg = helpers.tiny_config(
+    {
+      "mesh.data": -1,
+      "train.steps": 30,
+      "train.lr": 3e-3,
+      "train.batch_size": 16,
+      "data.seq_len": 64,
+      "train.checkpoint_every": 30,
+      "train.eval_every": 1000,
+      "train.eval_examples": 8,
+      "train.eval_batch_size": 8,
+    }
+  )
   api.train(cfg, d)
   return d
 
@@ -222,9 +276,17 @@ def test_metric_errors_name_the_sample(model, tmp_path):
 
 def test_periodic_evals_from_config(tmp_path):
   path = write_eval_set(str(tmp_path / "data"), 8, "mc")
-  cfg = helpers.tiny_config({"mesh.data": -1, "data.seq_len": 64, "train.steps": 4, "train.eval_every": 2,
-                             "train.eval_examples": 8,
-                             "train.eval_batch_size": 8, "train.checkpoint_every": 4})
+  cfg = helpers.tiny_config(
+    {
+      "mesh.data": -1,
+      "data.seq_len": 64,
+      "train.steps": 4,
+      "train.eval_every": 2,
+      "train.eval_examples": 8,
+      "train.eval_batch_size": 8,
+      "train.checkpoint_every": 4,
+    }
+  )
   cfg.evals.mc = config_lib.eval_entry(f"llava:{path}", "mc", every=3)
   api.train(cfg, str(tmp_path / "run"))
   lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
@@ -260,11 +322,24 @@ def test_eval_config_fields():
 def test_cli_score_is_the_mean_of_the_predictions(workdir, tmp_path, capsys):
   path = write_eval_set(str(tmp_path), 10)
   predictions = tmp_path / "pred.jsonl"
-  r = cli_here(capsys, "eval", "--checkpoint", workdir, "--data", f"llava:{path}", "--predictions", str(predictions),
-               "--batch-size", "4", "--json")
+  r = cli_here(
+    capsys,
+    "eval",
+    "--checkpoint",
+    workdir,
+    "--data",
+    f"llava:{path}",
+    "--predictions",
+    str(predictions),
+    "--batch-size",
+    "4",
+    "--json",
+  )
   assert r.returncode == 0, r.stderr
   out = json.loads(r.stdout)
-  assert "metric: vqa (samples carry 'answers' lists)" in r.stderr and "examples/s" in r.stderr  # the auto choice and the progress bar
+  assert (
+    "metric: vqa (samples carry 'answers' lists)" in r.stderr and "examples/s" in r.stderr
+  )  # the auto choice and the progress bar
   lines = [json.loads(l) for l in open(predictions)]
   assert [l["index"] for l in lines] == list(range(10))
   assert set(lines[0]) == {"index", "id", "prompt", "prediction", "answers", "score"}
@@ -277,12 +352,15 @@ def test_cli_score_is_the_mean_of_the_predictions(workdir, tmp_path, capsys):
 def test_cli_eval_errors(workdir, tmp_path, capsys):
   no_refs = tmp_path / "norefs.jsonl"
   no_refs.write_text(json.dumps({"id": "a", "conversations": [{"from": "human", "value": "Hi?"}]}) + "\n")
-  assert_one_line_error(cli_here(capsys, "eval", "--checkpoint", workdir, "--data", f"llava:{no_refs}"),
-                        "sample 0", "no reference answer")
-  assert_one_line_error(cli_here(capsys, "eval", "--checkpoint", workdir, "--data", "shapes:test", "--metric", "bleu"),
-                        "--metric", "bleu")
-  assert_one_line_error(cli_here(capsys, "eval", "--checkpoint", workdir, "--data", "shapes:test", "--max-examples", "0"),
-                        "--max-examples")
+  assert_one_line_error(
+    cli_here(capsys, "eval", "--checkpoint", workdir, "--data", f"llava:{no_refs}"), "sample 0", "no reference answer"
+  )
+  assert_one_line_error(
+    cli_here(capsys, "eval", "--checkpoint", workdir, "--data", "shapes:test", "--metric", "bleu"), "--metric", "bleu"
+  )
+  assert_one_line_error(
+    cli_here(capsys, "eval", "--checkpoint", workdir, "--data", "shapes:test", "--max-examples", "0"), "--max-examples"
+  )
 
 
 # --- lmms-eval ----------------------------------------------------------------------------------
@@ -300,14 +378,18 @@ def test_lmms_eval_model_answers_requests_like_ours(workdir, model):
   visual = lambda doc: [doc["image"]]
   questions = ["What color is the circle?", "How many shapes are there?", "What shape is red?"]
   meta = lambda i: {"task": "t", "doc_id": i, "repeats": 1}
-  gen = [Instance("generate_until", (q, {"until": ["\n"], "max_new_tokens": 6}, visual, i, "t", "test"), i, meta(i))
-         for i, q in enumerate(questions)]
+  gen = [
+    Instance("generate_until", (q, {"until": ["\n"], "max_new_tokens": 6}, visual, i, "t", "test"), i, meta(i))
+    for i, q in enumerate(questions)
+  ]
   ours = model.generate([[docs[i]["image"]] for i in range(3)], questions, max_new_tokens=6)
   assert lm.generate_until(gen) == [o.split("\n")[0] for o in ours]
 
   continuations = [ours[0] or "red", "three", "blue"]
-  ll = [Instance("loglikelihood", (q, c, visual, i, "t", "test"), i, meta(i))
-        for i, (q, c) in enumerate(zip(questions, continuations))]
+  ll = [
+    Instance("loglikelihood", (q, c, visual, i, "t", "test"), i, meta(i))
+    for i, (q, c) in enumerate(zip(questions, continuations))
+  ]
   got = lm.loglikelihood(ll)
   expected = model.loglikelihood([[docs[i]["image"]] for i in range(3)], questions, continuations)
   assert got == expected
@@ -316,28 +398,38 @@ def test_lmms_eval_model_answers_requests_like_ours(workdir, model):
     enc = model.inputs.encode_answered(q, c, [docs[i]["image"]])
     rows = [[Prepared("x", enc.tokens, enc.loss_mask, np.zeros((0, 1, 1, 3)))]]
     rows += [[]] * (parallel.batch_divisor(model.run.mesh) - 1)
-    batch = dict(device_batch(collate_text(rows, len(enc.tokens), model.tokenizer.pad_id)),
-                 images=model.pixels([[docs[i]["image"]]] + [None] * (len(rows) - 1)))
+    batch = dict(
+      device_batch(collate_text(rows, len(enc.tokens), model.tokenizer.pad_id)),
+      images=model.pixels([[docs[i]["image"]]] + [None] * (len(rows) - 1)),
+    )
     out = jax.device_get(model.run.eval_step(model.params, batch))
     assert got[i][0] == pytest.approx(-float(out["loss_sum"]), rel=1e-4, abs=1e-4)
   # is_greedy: the model's own greedy answer (with its EOS) is, when its text encodes back to its ids.
   answers = model.generate_ids([[docs[i]["image"]] for i in range(3)], questions, 16)
   i = next(i for i, ids in enumerate(answers) if ids)
   ids, answer = answers[i], model.tokenizer.decode(answers[i]).strip()
-  (_, greedy), = model.loglikelihood([[docs[i]["image"]]], [questions[i]], [answer])
+  ((_, greedy),) = model.loglikelihood([[docs[i]["image"]]], [questions[i]], [answer])
   enc = model.inputs.encode_answered(questions[i], answer, [docs[i]["image"]])
   round_trip = enc.tokens[enc.loss_mask].tolist() == ids + [model.tokenizer.eos_id]
   assert greedy == (round_trip and len(ids) < 16)
-  (_, wrong), = model.loglikelihood([[docs[i]["image"]]], [questions[i]], [answer + " purple"])
+  ((_, wrong),) = model.loglikelihood([[docs[i]["image"]]], [questions[i]], [answer + " purple"])
   assert not wrong
 
 
 def test_anyres_eval_batched_equals_one_at_a_time():
   """AnyRes: each image its own tile plan; batched answers and loss == each example alone."""
   tok = Tokenizer.load("shapes")
-  cfg = helpers.tiny_config({"model.vision.image_size": 32, "model.vision.patch_size": 16, "mesh.data": -1,
-                             "model.anyres.enabled": True, "model.anyres.grid_pinpoints": "(1x1),...,(1x6)",
-                             "data.seq_len": 96, "train.eval_batch_size": 8})
+  cfg = helpers.tiny_config(
+    {
+      "model.vision.image_size": 32,
+      "model.vision.patch_size": 16,
+      "mesh.data": -1,
+      "model.anyres.enabled": True,
+      "model.anyres.grid_pinpoints": "(1x1),...,(1x6)",
+      "data.seq_len": 96,
+      "train.eval_batch_size": 8,
+    }
+  )
   build_lib.resolve_model_config(cfg, tok.vocab_size)
   run = build_lib.build(cfg, parallel.make_mesh(cfg.mesh), tok.image_id)
   params = run.init_params(jax.random.key(1))

@@ -28,8 +28,12 @@ from vlm_jax.train import trainer as trainer_lib
 from vlm_jax.train.optim import component
 
 VOCAB, IMAGE_ID, PAD = 64, 63, 0
-FUSION = {"model.fusion": "cross_attention", "model.bridge.kind": "perceiver", "model.bridge.num_latents": 4,
-          "model.llm.depth": 3}
+FUSION = {
+  "model.fusion": "cross_attention",
+  "model.bridge.kind": "perceiver",
+  "model.bridge.num_latents": 4,
+  "model.llm.depth": 3,
+}
 T = 24
 CONFIG = str(pathlib.Path(__file__).parent.parent / "configs" / "shapes_tiny.py")
 IMAGE_AT = (6, 11, 17)  # each row's three <image> markers
@@ -43,7 +47,8 @@ def _run(overrides=None):
 def _open_gates(params, value: float = 0.8):
   """Trained-looking gates: tanh(value) instead of the initial 0."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: x + value if "gate" in jax.tree_util.keystr(path) else x, params)
+    lambda path, x: x + value if "gate" in jax.tree_util.keystr(path) else x, params
+  )
 
 
 def _batch(rows: int = 2, seed: int = 0):
@@ -75,7 +80,7 @@ def test_zero_gates_are_the_llm_alone():
   np.testing.assert_allclose(fused, alone, rtol=1e-6, atol=1e-6)
   # The same model with its gates open reads the images.
   opened = np.asarray(run.model.apply({"params": _open_gates(params)}, tokens, images, positions, segments))
-  assert np.abs(opened - alone)[:, IMAGE_AT[0]:].min(axis=-1).max() > 1e-3
+  assert np.abs(opened - alone)[:, IMAGE_AT[0] :].min(axis=-1).max() > 1e-3
 
 
 def _perturbed(images, k):
@@ -96,7 +101,7 @@ def test_media_masking_in_the_logits():
   spans = list(zip(IMAGE_AT, IMAGE_AT[1:] + (T,)))
   for k in range(len(IMAGE_AT)):
     out = np.asarray(forward(_perturbed(images, k)))
-    np.testing.assert_array_equal(out[:, :IMAGE_AT[0]], base[:, :IMAGE_AT[0]], err_msg=f"image {k}")
+    np.testing.assert_array_equal(out[:, : IMAGE_AT[0]], base[:, : IMAGE_AT[0]], err_msg=f"image {k}")
     lo, hi = spans[k]
     np.testing.assert_array_equal(out[:, :lo], base[:, :lo], err_msg=f"image {k} reached earlier tokens")
     assert np.abs(out[:, lo:hi] - base[:, lo:hi]).min(axis=-1).min() > 0, f"image {k} unread after it"
@@ -127,7 +132,7 @@ def test_media_masking_in_a_block():
         assert np.abs(out[:, lo:hi] - base[:, lo:hi]).min(axis=-1).min() > 0
       else:
         np.testing.assert_array_equal(out[:, lo:hi], base[:, lo:hi], err_msg=f"span {j}, image {k}")
-    np.testing.assert_array_equal(out[:, :IMAGE_AT[0]], base[:, :IMAGE_AT[0]])
+    np.testing.assert_array_equal(out[:, : IMAGE_AT[0]], base[:, : IMAGE_AT[0]])
 
 
 # --- Training: stage 1 trains the blocks and the resampler only; sharded == one device ----------
@@ -202,13 +207,14 @@ def test_sharded_step_matches_single_device(tok):
 
 def _uncached(run, params, prompt, images, new):
   total = len(prompt) + new
-  forward = jax.jit(lambda p, t: run.model.apply({"params": p}, t, images[None], np.arange(total)[None],
-                                                 np.ones((1, total), np.int32)))
+  forward = jax.jit(
+    lambda p, t: run.model.apply({"params": p}, t, images[None], np.arange(total)[None], np.ones((1, total), np.int32))
+  )
   tokens = np.zeros((1, total), np.int32)
-  tokens[0, :len(prompt)] = prompt
+  tokens[0, : len(prompt)] = prompt
   for n in range(len(prompt), total):
     tokens[0, n] = int(np.argmax(np.asarray(forward(params, tokens))[0, n - 1]))
-  return tokens[0, len(prompt):].tolist()
+  return tokens[0, len(prompt) :].tolist()
 
 
 def test_cached_decoding_with_several_images_equals_uncached():
@@ -216,9 +222,11 @@ def test_cached_decoding_with_several_images_equals_uncached():
   params = jax.tree.map(lambda x: x * 3, _open_gates(run.init_params(jax.random.key(1))))
   rng = np.random.default_rng(0)
   # Rows with 0, 1 and 2 images, of different lengths (left padding differs per row).
-  prompts = [np.asarray([1] + rng.integers(3, IMAGE_ID, 5).tolist(), np.int32),
-             np.asarray([1, IMAGE_ID] + rng.integers(3, IMAGE_ID, 8).tolist(), np.int32),
-             np.asarray([1, IMAGE_ID, 7, 9, IMAGE_ID] + rng.integers(3, IMAGE_ID, 3).tolist(), np.int32)]
+  prompts = [
+    np.asarray([1] + rng.integers(3, IMAGE_ID, 5).tolist(), np.int32),
+    np.asarray([1, IMAGE_ID] + rng.integers(3, IMAGE_ID, 8).tolist(), np.int32),
+    np.asarray([1, IMAGE_ID, 7, 9, IMAGE_ID] + rng.integers(3, IMAGE_ID, 3).tolist(), np.int32),
+  ]
   images = rng.normal(size=(3, 2, 16, 16, 3)).astype(np.float32)
   gen = Generator(run.model, run.mesh, pad_id=PAD, context=config.model.llm.max_len)
   out = gen(params, prompts, images, max_new_tokens=8)
@@ -227,12 +235,15 @@ def test_cached_decoding_with_several_images_equals_uncached():
   assert len({tuple(row) for row in out}) > 1
 
 
-@pytest.mark.parametrize("overrides,message", [
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
     ({"model.fusion": "concat"}, "config.model.fusion"),
     ({"model.cross_attention.every": 9}, "config.model.cross_attention.every"),
     ({"model.cross_attention.heads": -1}, "config.model.cross_attention.heads"),
     ({"model.anyres.enabled": True, "model.bridge.kind": "mlp2x_gelu"}, "AnyRes"),
-])
+  ],
+)
 def test_bad_fusion_config_is_one_line(overrides, message):
   with pytest.raises(UserError, match=message) as e:
     config = helpers.tiny_config({"model.llm.vocab_size": VOCAB, **FUSION, **overrides})
@@ -249,24 +260,46 @@ def test_an_assembled_flamingo_starts_as_its_hf_llm(tmp_path):
   hf = hf_models.save_llm(str(tmp_path / "llm"), "llama", seed=9)
   work = str(tmp_path / "work")
   fused = [f"--config.{k}={v}" for k, v in FUSION.items() if k != "model.llm.depth"]
-  assert cli.main(["convert", "--from-hf", str(tmp_path / "llm"), "--vision", str(tmp_path / "clip"), "--out", work,
-                   "--config", CONFIG, *fused]) == 0
+  assert (
+    cli.main(
+      [
+        "convert",
+        "--from-hf",
+        str(tmp_path / "llm"),
+        "--vision",
+        str(tmp_path / "clip"),
+        "--out",
+        work,
+        "--config",
+        CONFIG,
+        *fused,
+      ]
+    )
+    == 0
+  )
   model = vlm_jax.load(work, dtype="float32")
   assert model.config.model.fusion == "cross_attention"
   assert {p.split("/")[0] for p in flat_params(model.params)} >= {"xattn_0", "bridge", "llm", "vision"}
   ids = np.asarray([[hf_models.BOS, model.tokenizer.image_id] + model.tokenizer.encode("what color is it")])
   images = np.random.default_rng(0).normal(size=(1, 1, 16, 16, 3)).astype(np.float32)
-  ours = model.run.model.apply({"params": model.params}, ids, images, np.arange(ids.shape[1])[None],
-                               np.ones(ids.shape, np.int32))
+  ours = model.run.model.apply(
+    {"params": model.params}, ids, images, np.arange(ids.shape[1])[None], np.ones(ids.shape, np.int32)
+  )
   with torch.no_grad():
     expected = hf(torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("overrides,field", [({"model.fusion": "cross_attention"}, "config.model.fusion"),
-                                             ({"model.vision.token_merging": 1}, "config.model.vision.token_merging")])
+@pytest.mark.parametrize(
+  "overrides,field",
+  [
+    ({"model.fusion": "cross_attention"}, "config.model.fusion"),
+    ({"model.vision.token_merging": 1}, "config.model.vision.token_merging"),
+  ],
+)
 def test_hf_llava_export_names_what_it_cannot_write(overrides, field):
   config = helpers.tiny_config({"model.llm.vocab_size": VOCAB, **overrides})
   with pytest.raises(UserError, match=field):
-    hf_config.llava_to_hf(config.model, image_token_id=IMAGE_ID, llm_family="llama", vision_layers=2,
-                          has_vision_head=False)
+    hf_config.llava_to_hf(
+      config.model, image_token_id=IMAGE_ID, llm_family="llama", vision_layers=2, has_vision_head=False
+    )

@@ -41,8 +41,9 @@ def _prompts(config, n: int = 8):
   """n prompts of different lengths, each [BOS] + an image's placeholders + words, with images."""
   rng = np.random.default_rng(0)
   n_image = image_tokens(config.model)
-  prompts = [np.asarray([1] + [IMAGE_ID] * n_image + rng.integers(3, IMAGE_ID, 1 + 2 * i).tolist(), np.int32)
-             for i in range(n)]
+  prompts = [
+    np.asarray([1] + [IMAGE_ID] * n_image + rng.integers(3, IMAGE_ID, 1 + 2 * i).tolist(), np.int32) for i in range(n)
+  ]
   size = config.model.vision.image_size
   images = rng.normal(size=(n, 1, size, size, 3)).astype(np.float32)
   return prompts, images
@@ -51,13 +52,14 @@ def _prompts(config, n: int = 8):
 def _uncached(run, params, prompt: np.ndarray, image: np.ndarray, new: int) -> list[int]:
   """Greedy by recomputing the whole sequence for every token (no cache), fp32."""
   total = len(prompt) + new
-  forward = jax.jit(lambda p, t, im: run.model.apply({"params": p}, t, im, np.arange(total)[None],
-                                                      np.ones((1, total), np.int32)))
+  forward = jax.jit(
+    lambda p, t, im: run.model.apply({"params": p}, t, im, np.arange(total)[None], np.ones((1, total), np.int32))
+  )
   tokens = np.zeros((1, total), np.int32)
-  tokens[0, :len(prompt)] = prompt
+  tokens[0, : len(prompt)] = prompt
   for n in range(len(prompt), total):
     tokens[0, n] = int(np.argmax(np.asarray(forward(params, tokens, image[None]))[0, n - 1]))
-  return tokens[0, len(prompt):].tolist()
+  return tokens[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -68,14 +70,14 @@ def test_cached_decoding_equals_uncached_and_rows_are_independent_of_their_batch
   batch = gen(params, prompts, images, max_new_tokens=NEW)
   for i, (prompt, image) in enumerate(zip(prompts, images)):
     assert batch[i] == _uncached(run, params, prompt, image, NEW), i
-    assert gen(params, [prompt], images[i:i + 1], max_new_tokens=NEW)[0] == batch[i], i
+    assert gen(params, [prompt], images[i : i + 1], max_new_tokens=NEW)[0] == batch[i], i
   assert len({tuple(row) for row in batch}) > 1 and any(len(set(row)) > 2 for row in batch)  # not degenerate
   assert len(gen._programs) == 1  # prompts of 6 to 20 tokens, alone or together: one bucket, one program
   # A stop token ends its row there (the token itself not given); other rows go on.
   stop = batch[0][4]
   cut = gen(params, prompts, images, max_new_tokens=NEW, stop_ids=[stop])
   for row, full in zip(cut, batch):
-    assert row == (full[:full.index(stop)] if stop in full else full)
+    assert row == (full[: full.index(stop)] if stop in full else full)
   # Temperature -> 0 is greedy.
   assert gen(params, prompts, images, max_new_tokens=NEW, sampling=Sampling(temperature=1e-6, seed=3)) == batch
 
@@ -103,8 +105,8 @@ def test_sampling_is_seeded_per_row():
   first = sampled(7, prompts, images)
   assert sampled(7, prompts, images) == first
   assert sampled(8, prompts, images) != first
-  assert sampled(7, prompts[3:4], images[3:4])[0] == first[3]       # alone as in the batch
-  assert first != gen(params, prompts, images, max_new_tokens=NEW)   # it did sample
+  assert sampled(7, prompts[3:4], images[3:4])[0] == first[3]  # alone as in the batch
+  assert first != gen(params, prompts, images, max_new_tokens=NEW)  # it did sample
 
 
 def _exact(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
@@ -112,7 +114,7 @@ def _exact(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min
   z = logits / temperature
   order = np.argsort(-z)
   keep = np.zeros(len(z), bool)
-  keep[order[:top_k or len(z)]] = True
+  keep[order[: top_k or len(z)]] = True
   p = np.exp(z - z.max()) * keep
   p /= p.sum()
   mass = 0.0
@@ -125,8 +127,10 @@ def _exact(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min
   return p / p.sum()
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
-    (0.7, 0, 1.0, 0.0), (1.0, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1), (0.9, 8, 0.9, 0.05)])
+@pytest.mark.parametrize(
+  "temperature,top_k,top_p,min_p",
+  [(0.7, 0, 1.0, 0.0), (1.0, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1), (0.9, 8, 0.9, 0.05)],
+)
 def test_sampling_draws_the_exact_truncated_distribution(temperature, top_k, top_p, min_p):
   logits = np.random.default_rng(0).normal(0, 2, 16).astype(np.float32)
   want = _exact(logits.astype(np.float64), temperature, top_k, top_p, min_p)
@@ -149,8 +153,8 @@ def test_sampling_draws_the_exact_truncated_distribution(temperature, top_k, top
 
 def test_greedy_picks_what_argmax_picks():
   logits = np.random.default_rng(0).normal(size=(6, 300)).astype(np.float32)
-  logits[0, [7, 5]] = 9.0          # a tie: the first
-  logits[1, [40, 3]] = np.nan      # NaN: the first NaN
+  logits[0, [7, 5]] = 9.0  # a tie: the first
+  logits[1, [40, 3]] = np.nan  # NaN: the first NaN
   logits[2] = -np.inf
   logits[3, 299] = np.inf
   logits[4, :] = 1.0
@@ -194,13 +198,38 @@ def test_stream_joins_to_generate_and_the_cli_prints_it(checkpoint, capsys):
   answer = model.generate([image], [QUESTION], max_new_tokens=8)[0]
   pieces = list(model.stream([image], [QUESTION], max_new_tokens=8))
   assert len(pieces) > 1 and "".join(pieces) == answer
-  assert cli.main(["generate", "--checkpoint", checkpoint["dir"], "--image", path, "--prompt", QUESTION,
-                   "--max-new-tokens", "8"]) == 0
+  assert (
+    cli.main(
+      ["generate", "--checkpoint", checkpoint["dir"], "--image", path, "--prompt", QUESTION, "--max-new-tokens", "8"]
+    )
+    == 0
+  )
   assert capsys.readouterr().out == answer + "\n"
   # Sampling flags reach the sampler: the same seed, the same text as the API.
   sampled = model.generate([image], [QUESTION], max_new_tokens=8, temperature=1.0, top_k=10, seed=4)[0]
-  assert cli.main(["generate", "--checkpoint", checkpoint["dir"], "--image", path, "--prompt", QUESTION,
-                   "--max-new-tokens", "8", "--temperature", "1", "--top-k", "10", "--seed", "4", "--json"]) == 0
+  assert (
+    cli.main(
+      [
+        "generate",
+        "--checkpoint",
+        checkpoint["dir"],
+        "--image",
+        path,
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1",
+        "--top-k",
+        "10",
+        "--seed",
+        "4",
+        "--json",
+      ]
+    )
+    == 0
+  )
   assert json.loads(capsys.readouterr().out)["text"] == sampled
 
 
@@ -216,14 +245,40 @@ def test_several_images_in_one_prompt(checkpoint, capsys):
   theirs_pixels = torch.from_numpy(normalised.transpose(0, 3, 1, 2).copy())
   with torch.no_grad():
     theirs = checkpoint["hf"](input_ids=torch.tensor(ids[None]), pixel_values=theirs_pixels).logits.numpy()
-    out = checkpoint["hf"].generate(input_ids=torch.tensor(ids[None]), pixel_values=theirs_pixels, max_new_tokens=6,
-                                    do_sample=False, pad_token_id=hf_models.PAD)[0, len(ids):].tolist()
+    out = (
+      checkpoint["hf"]
+      .generate(
+        input_ids=torch.tensor(ids[None]),
+        pixel_values=theirs_pixels,
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=hf_models.PAD,
+      )[0, len(ids) :]
+      .tolist()
+    )
   positions = np.arange(len(ids))[None]
   ours = model.run.model.apply({"params": model.params}, ids[None], pixels, positions, np.ones_like(positions))
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
-  assert expected == (out[:out.index(hf_models.EOS)] if hf_models.EOS in out else out)
-  assert cli.main(["generate", "--checkpoint", checkpoint["dir"], "--image", paths[0], "--image", paths[1],
-                   "--prompt", QUESTION, "--max-new-tokens", "6", "--json"]) == 0
+  assert expected == (out[: out.index(hf_models.EOS)] if hf_models.EOS in out else out)
+  assert (
+    cli.main(
+      [
+        "generate",
+        "--checkpoint",
+        checkpoint["dir"],
+        "--image",
+        paths[0],
+        "--image",
+        paths[1],
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        "6",
+        "--json",
+      ]
+    )
+    == 0
+  )
   out = json.loads(capsys.readouterr().out)
   assert out["token_ids"] == expected and out["image_tokens"] == 2 * model.image_tokens
 
@@ -244,7 +299,9 @@ def test_chat_keeps_the_conversation(checkpoint):
   assert session.history == [] and session.images == []
 
 
-@pytest.mark.parametrize("flags,message", [
+@pytest.mark.parametrize(
+  "flags,message",
+  [
     (["--temperature", "-1"], "--temperature: must be >= 0"),
     (["--top-p", "0"], "--top-p: must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p: must be in (0, 1]"),
@@ -252,7 +309,8 @@ def test_chat_keeps_the_conversation(checkpoint):
     (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
     (["--max-new-tokens", "32"], "exceed the model's context of 40"),
     (["--image", "BAD"], "cannot read image"),
-])
+  ],
+)
 def test_bad_generate_input_is_one_line(checkpoint, flags, message, capsys):
   bad = os.path.join(checkpoint["dir"], "config.json")  # a file that is not an image
   flags = [bad if f == "BAD" else f for f in flags]

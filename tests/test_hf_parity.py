@@ -75,8 +75,23 @@ def test_pixels_prompt_ids_and_greedy_tokens_equal_transformers(kind, checkpoint
     assert ours.generate_ids([image], [hf_models.QUESTION], max_new_tokens=NEW_TOKENS) == [expected], size
     path = str(tmp_path / f"{kind}_{i}.png")
     image.save(path)
-    assert cli.main(["generate", "--checkpoint", c["dir"], "--image", path, "--prompt", hf_models.QUESTION,
-                     "--max-new-tokens", str(NEW_TOKENS), "--json"]) == 0
+    assert (
+      cli.main(
+        [
+          "generate",
+          "--checkpoint",
+          c["dir"],
+          "--image",
+          path,
+          "--prompt",
+          hf_models.QUESTION,
+          "--max-new-tokens",
+          str(NEW_TOKENS),
+          "--json",
+        ]
+      )
+      == 0
+    )
     assert json.loads(capsys.readouterr().out)["token_ids"] == expected, size
   assert max(lengths) == NEW_TOKENS  # the comparison covers whole answers, not an early EOS
   # Logits at every position (greedy tokens alone can agree while logits do not).
@@ -90,8 +105,12 @@ def test_pixels_prompt_ids_and_greedy_tokens_equal_transformers(kind, checkpoint
   # Greedy with transformers' repetition penalty (over the prompt's ids and the answer's).
   image = hf_models.image(_sizes(kind)[0])
   expected = hf_models.hf_greedy(c["hf"], hf_models.hf_inputs(c["processor"], image), repetition_penalty=4.0)
-  assert expected != hf_models.hf_greedy(c["hf"], hf_models.hf_inputs(c["processor"], image))  # the penalty changes the answer
-  assert ours.generate_ids([image], [hf_models.QUESTION], max_new_tokens=NEW_TOKENS, repetition_penalty=4.0) == [expected]
+  assert expected != hf_models.hf_greedy(
+    c["hf"], hf_models.hf_inputs(c["processor"], image)
+  )  # the penalty changes the answer
+  assert ours.generate_ids([image], [hf_models.QUESTION], max_new_tokens=NEW_TOKENS, repetition_penalty=4.0) == [
+    expected
+  ]
 
 
 @pytest.mark.parametrize("bos", ["added", "not_added", "none", "template"])
@@ -124,16 +143,16 @@ def test_export_of_an_imported_checkpoint_gives_our_pixels(kind, checkpoints, tm
   processor = transformers.AutoProcessor.from_pretrained(out, backend="pil")
   for i, size in enumerate(_sizes(kind)):
     image = hf_models.image(size, seed=i)
-    np.testing.assert_allclose(_our_pixels(ours, image), _their_pixels(processor, image), atol=1e-5,
-                               err_msg=str(size))
+    np.testing.assert_allclose(_our_pixels(ours, image), _their_pixels(processor, image), atol=1e-5, err_msg=str(size))
 
 
 @pytest.mark.parametrize("resize,short_side", [("pad_square", 0), ("shortest_edge_crop", 20), ("squash", 0)])
 def test_export_writes_a_changed_resize_mode(resize, short_side, checkpoints, tmp_path):
   """A model imported with one processor and trained with another exports the one it used."""
   ours = vlm_jax.load(checkpoints["siglip"]["dir"])
-  ours.config.data.update(dict(image_resize=resize, image_short_side=short_side, image_mean=hf_models.CLIP_MEAN,
-                               image_std=hf_models.CLIP_STD))
+  ours.config.data.update(
+    dict(image_resize=resize, image_short_side=short_side, image_mean=hf_models.CLIP_MEAN, image_std=hf_models.CLIP_STD)
+  )
   out = str(tmp_path / "out")
   hf_export.export(ours.config, ours.tokenizer, ours.params, ours.origin, out)
   processor = transformers.AutoProcessor.from_pretrained(out, backend="pil")
@@ -157,8 +176,13 @@ def test_unsupported_processor_settings_are_said_in_one_line(checkpoints, tmp_pa
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warnings) == 1 and "Idefics3ImageProcessor is not an image processor vlm-jax reproduces" in warnings[0]
   assert "\n" not in warnings[0]
-  hf_models.edit_json(path, **{"image_processor.image_processor_type": "CLIPImageProcessor",
-                               "image_processor.do_center_crop": True,
-                               "image_processor.crop_size": {"height": 12, "width": 12}})
+  hf_models.edit_json(
+    path,
+    **{
+      "image_processor.image_processor_type": "CLIPImageProcessor",
+      "image_processor.do_center_crop": True,
+      "image_processor.crop_size": {"height": 12, "width": 12},
+    },
+  )
   with pytest.raises(UserError, match=r"processor_config.json: crop_size .* is not the vision tower's image_size 16"):
     vlm_jax.load(d)

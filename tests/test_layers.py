@@ -13,19 +13,26 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vlm_jax"
 
 LAYERS = {  # group prefix -> rank; a module imports only lower ranks or its own group
-    "vlm_jax.errors": 0, "vlm_jax.files": 0.5, "vlm_jax.xla_options": 0.75, "vlm_jax.config": 1,
-    "vlm_jax.models": 2, "vlm_jax.data": 2,  # independent of each other
-    "vlm_jax.losses": 1.5,  # jax only; below models, which use it (models.contrastive)
-    "vlm_jax.parallel": 3,
-    "vlm_jax.tasks": 4, "vlm_jax.build": 4.5,  # building a run from a config
-    "vlm_jax.train": 5, "vlm_jax.infer": 5,  # independent of each other
-    "vlm_jax.eval": 5.5,  # may use infer, never train
-    "vlm_jax.convert": 6,  # Hugging Face in and out
-    "vlm_jax.aot": 6.5,  # the train and generation programs compiled for a target (vlm-jax compile)
-    "vlm_jax.api": 7, "vlm_jax": 7.25,  # the package __init__ (vlm_jax.load) is the api's front door
-    "vlm_jax.chat": 7.4,  # the terminal conversation over a loaded model
-    "vlm_jax.lmms": 7.4,  # lmms-eval's model interface over a loaded model
-    "vlm_jax.cli": 7.5,
+  "vlm_jax.errors": 0,
+  "vlm_jax.files": 0.5,
+  "vlm_jax.xla_options": 0.75,
+  "vlm_jax.config": 1,
+  "vlm_jax.models": 2,
+  "vlm_jax.data": 2,  # independent of each other
+  "vlm_jax.losses": 1.5,  # jax only; below models, which use it (models.contrastive)
+  "vlm_jax.parallel": 3,
+  "vlm_jax.tasks": 4,
+  "vlm_jax.build": 4.5,  # building a run from a config
+  "vlm_jax.train": 5,
+  "vlm_jax.infer": 5,  # independent of each other
+  "vlm_jax.eval": 5.5,  # may use infer, never train
+  "vlm_jax.convert": 6,  # Hugging Face in and out
+  "vlm_jax.aot": 6.5,  # the train and generation programs compiled for a target (vlm-jax compile)
+  "vlm_jax.api": 7,
+  "vlm_jax": 7.25,  # the package __init__ (vlm_jax.load) is the api's front door
+  "vlm_jax.chat": 7.4,  # the terminal conversation over a loaded model
+  "vlm_jax.lmms": 7.4,  # lmms-eval's model interface over a loaded model
+  "vlm_jax.cli": 7.5,
 }
 NO_JAX = {"jax", "flax", "optax", "orbax"}  # data is host-side: numpy and PIL only
 
@@ -52,7 +59,7 @@ def imported_names(module: str, source: str, is_package: bool) -> set[str]:
       base = node.module or ""
       if node.level:  # relative: a package's own name is its anchor, a module's is its parent
         parts = module.split(".")
-        anchor = ".".join(parts[:len(parts) - node.level + is_package])
+        anchor = ".".join(parts[: len(parts) - node.level + is_package])
         base = ".".join(filter(None, (anchor, node.module)))
       names.update(f"{base}.{alias.name}" for alias in node.names)
   return names
@@ -118,10 +125,13 @@ def upward_imports(graph: Mapping[str, Set[str]]) -> list[str]:
 
 def jax_in_data(sources: Mapping[str, str], packages: Set[str]) -> list[str]:
   """Each import of jax, flax, optax or orbax by a module of vlm_jax.data."""
-  return sorted(f"{module} -> {name}" for module, source in sources.items()
-                if group(module) == "vlm_jax.data"
-                for name in imported_names(module, source, module in packages)
-                if name.split(".")[0] in NO_JAX)
+  return sorted(
+    f"{module} -> {name}"
+    for module, source in sources.items()
+    if group(module) == "vlm_jax.data"
+    for name in imported_names(module, source, module in packages)
+    if name.split(".")[0] in NO_JAX
+  )
 
 
 def _listing(title: str, lines: list[str]) -> str:
@@ -155,23 +165,24 @@ def test_data_imports_no_jax(package):
 
 def test_checker_catches_violations():
   sources = {
-      "vlm_jax": "def load():\n  from vlm_jax.api import load\n",
-      "vlm_jax.api": "import vlm_jax.models.x\n",
-      "vlm_jax.models": "",
-      "vlm_jax.models.x": "def f():\n  from vlm_jax.train import y\n",
-      "vlm_jax.train": "",
-      "vlm_jax.train.y": "from ..models import x\n",
-      "vlm_jax.data": "from . import pipeline\n",
-      "vlm_jax.data.pipeline":
-          "if TYPE_CHECKING:\n  import jax.numpy\n  from vlm_jax.models import VLM\n",
-      "vlm_jax.stray": "",
+    "vlm_jax": "def load():\n  from vlm_jax.api import load\n",
+    "vlm_jax.api": "import vlm_jax.models.x\n",
+    "vlm_jax.models": "",
+    "vlm_jax.models.x": "def f():\n  from vlm_jax.train import y\n",
+    "vlm_jax.train": "",
+    "vlm_jax.train.y": "from ..models import x\n",
+    "vlm_jax.data": "from . import pipeline\n",
+    "vlm_jax.data.pipeline": "if TYPE_CHECKING:\n  import jax.numpy\n  from vlm_jax.models import VLM\n",
+    "vlm_jax.stray": "",
   }
   packages = {"vlm_jax", "vlm_jax.models", "vlm_jax.train", "vlm_jax.data"}
   graph = dependencies(sources, packages)
   assert graph["vlm_jax.data"] == {"vlm_jax.data.pipeline"}
   assert cycles(graph) == [["vlm_jax.models.x", "vlm_jax.train.y"]]
   assert cycles({"a": {"a"}}) == [["a"]]
-  assert upward_imports(graph) == ["vlm_jax.data.pipeline -> vlm_jax.models (rank 2 -> 2)",
-                                   "vlm_jax.models.x -> vlm_jax.train.y (rank 2 -> 5)"]
+  assert upward_imports(graph) == [
+    "vlm_jax.data.pipeline -> vlm_jax.models (rank 2 -> 2)",
+    "vlm_jax.models.x -> vlm_jax.train.y (rank 2 -> 5)",
+  ]
   assert jax_in_data(sources, packages) == ["vlm_jax.data.pipeline -> jax.numpy"]
   assert [m for m in sources if group(m) is None] == ["vlm_jax.stray"]

@@ -27,8 +27,12 @@ from vlm_jax.models import lora
 from vlm_jax.train import optim, trainer as trainer_lib
 
 LLM_TARGETS = "llm/layers/(q|k|v|o|gate|up|down)"
-LORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.block_size": 8,
-        "lora.targets": f"{LLM_TARGETS},vision/layers/(q|v|fc1)"}
+LORA = {
+  "lora.rank": 4,
+  "lora.alpha": 8.0,
+  "lora.block_size": 8,
+  "lora.targets": f"{LLM_TARGETS},vision/layers/(q|v|fc1)",
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +65,13 @@ def with_random_adapters(params: dict, seed: int) -> dict:
   """Adapters with nonzero b (as after training), so that they change the model."""
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: jax.device_put(rng.normal(0, 0.2, x.shape).astype(np.float32), x.sharding)
-      if lora.is_adapter(build_lib.path_str(path)) else x, params)
+    lambda path, x: (
+      jax.device_put(rng.normal(0, 0.2, x.shape).astype(np.float32), x.sharding)
+      if lora.is_adapter(build_lib.path_str(path))
+      else x
+    ),
+    params,
+  )
 
 
 # --- an untrained adapter, and shardings ------------------------------------------------------
@@ -115,8 +124,17 @@ def test_only_adapters_and_the_bridge_train(tok, base_dtype):
   """stage2 with adapters on the LLM: the LLM trains only its adapters, the bridge trains fully,
   the (stage-frozen) vision adapters stay; frozen params are bit-identical and have no optimizer
   state. The (2,2,2) mesh gives the one-device run's losses and params."""
-  cfg = lora_config(tok, {"stage": "stage2", "lora.base_dtype": base_dtype, "lora.dropout": 0.1,
-                          "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  cfg = lora_config(
+    tok,
+    {
+      "stage": "stage2",
+      "lora.base_dtype": base_dtype,
+      "lora.dropout": 0.1,
+      "mesh.data": 2,
+      "mesh.fsdp": 2,
+      "mesh.tensor": 2,
+    },
+  )
   trainer, start, state, losses = train_steps(cfg, tok, 8)
   before, after = flat_params(start), flat_params(helpers.to_host(state["params"]))
   changed = {p for p in before if not np.array_equal(before[p], after[p])}
@@ -140,10 +158,20 @@ def test_only_adapters_and_the_bridge_train(tok, base_dtype):
 
 # The layers that run in slices of their stack (models/layers.py LayerStack): between the
 # cross-attention blocks of fusion, and one at a time under ToMe.
-SLICED = {"cross_attention": {"model.fusion": "cross_attention", "model.bridge.kind": "perceiver",
-                              "model.bridge.num_latents": 4, "model.llm.depth": 3},
-          "token_merging": {"model.vision.token_merging": 2, "model.vision.image_size": 32,
-                            "model.vision.depth": 2, "model.bridge.kind": "mlp2x_gelu"}}
+SLICED = {
+  "cross_attention": {
+    "model.fusion": "cross_attention",
+    "model.bridge.kind": "perceiver",
+    "model.bridge.num_latents": 4,
+    "model.llm.depth": 3,
+  },
+  "token_merging": {
+    "model.vision.token_merging": 2,
+    "model.vision.image_size": 32,
+    "model.vision.depth": 2,
+    "model.bridge.kind": "mlp2x_gelu",
+  },
+}
 
 
 @pytest.mark.parametrize("kind", sorted(SLICED))
@@ -179,14 +207,18 @@ def test_dropout_changes_the_step_and_not_eval(tok):
   assert losses[0.0][0] == losses[0.5][0]  # b = 0: dropout on the adapter input changes nothing yet
   assert losses[0.0][1] != losses[0.5][1]
   batch = batch_for(cfg, tok, trainer.run.mesh)
-  np.testing.assert_array_equal(logits(trainer.run, state["params"], batch),
-                                logits(trainer.run, state["params"], batch))
+  np.testing.assert_array_equal(
+    logits(trainer.run, state["params"], batch), logits(trainer.run, state["params"], batch)
+  )
 
 
 # --- QLoRA --------------------------------------------------------------------------------------
 def adapted_kernel_params(run: build_lib.Run) -> int:
-  return sum(x.size for p, x in flat_params(run.base.abstract_params).items()
-             if p.endswith("/kernel") and f"{p}_lora_a" in flat_params(run.abstract_params))
+  return sum(
+    x.size
+    for p, x in flat_params(run.base.abstract_params).items()
+    if p.endswith("/kernel") and f"{p}_lora_a" in flat_params(run.abstract_params)
+  )
 
 
 @functools.cache
@@ -204,8 +236,9 @@ def stored_base(base_dtype: str) -> tuple[build_lib.Run, int, np.ndarray]:
   return trainer.run, compiled.memory_analysis().argument_size_in_bytes, logits(trainer.run, params, batch)
 
 
-@pytest.mark.parametrize("base_dtype, bytes_per_param, tolerance",
-                         [("bfloat16", 2, 0.0), ("int8", 1, 0.02), ("nf4", 0.5, 0.25)])
+@pytest.mark.parametrize(
+  "base_dtype, bytes_per_param, tolerance", [("bfloat16", 2, 0.0), ("int8", 1, 0.02), ("nf4", 0.5, 0.25)]
+)
 def test_qlora_stores_the_base_quantized_and_stays_close(base_dtype, bytes_per_param, tolerance):
   """The compiled eval step's arguments shrink by exactly the adapted kernels' saving, less their
   fp32 scales; logits stay within `tolerance` (relative L2) of the bf16 base's."""
@@ -231,11 +264,12 @@ def test_qlora_takes_the_largest_block_that_divides_each_kernel(tok, caplog):
     run = build_lib.build(cfg, mesh_of(cfg, 1), tok.image_id)
   assert "llm/layers/o 8" in caplog.text and "llm/layers/q 16" not in caplog.text
   kernels, abstract = flat_params(run.base.abstract_params), flat_params(run.abstract_params)
-  scale = lambda module: next(x for p, x in abstract.items() if p.startswith(f"llm/layers/{module}/kernel/")
-                              and p.endswith(".scale")).shape
+  scale = lambda module: (
+    next(x for p, x in abstract.items() if p.startswith(f"llm/layers/{module}/kernel/") and p.endswith(".scale")).shape
+  )
   layers, width, heads, head_dim = kernels["llm/layers/q/kernel"].shape
   assert scale("q") == (layers, width // 16, heads, head_dim)  # [layers, in, *out]: blocks of 16 along in
-  assert scale("o") == (layers, 1, head_dim // 8, width)       # [layers, heads, head_dim, out]: of 8 along head_dim
+  assert scale("o") == (layers, 1, head_dim // 8, width)  # [layers, heads, head_dim, out]: of 8 along head_dim
 
 
 # --- export ---------------------------------------------------------------------------------------
@@ -271,8 +305,14 @@ def test_peft_and_merged_exports_give_our_logits(tok, tmp_path):
 
 
 # --- the CLI: a LoRA run, its resume, inference and export ----------------------------------------
-LORA_ARGS = ["--config.lora.rank=4", "--config.lora.alpha=8", f"--config.lora.targets={LLM_TARGETS}",
-             "--config.lora.base_dtype=nf4", "--config.lora.block_size=8", "--config.train.lr=5e-3"]
+LORA_ARGS = [
+  "--config.lora.rank=4",
+  "--config.lora.alpha=8",
+  f"--config.lora.targets={LLM_TARGETS}",
+  "--config.lora.base_dtype=nf4",
+  "--config.lora.block_size=8",
+  "--config.train.lr=5e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -318,8 +358,18 @@ def test_lora_checkpoint_generates_as_its_merged_export(lora_runs, tmp_path, cap
 
 def test_target_that_matches_nothing_is_one_line_and_exit_2(tmp_path, capsys):
   workdir = tmp_path / "w"
-  code = cli.main(["train", "--config", processes.CONFIG, "--workdir", str(workdir), *processes.TINY,
-                   *LORA_ARGS, "--config.lora.targets=llm/layers/q_proj"])
+  code = cli.main(
+    [
+      "train",
+      "--config",
+      processes.CONFIG,
+      "--workdir",
+      str(workdir),
+      *processes.TINY,
+      *LORA_ARGS,
+      "--config.lora.targets=llm/layers/q_proj",
+    ]
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2
   assert "config.lora.targets: pattern 'llm/layers/q_proj' matches no Dense module" in err[-1]
@@ -343,17 +393,29 @@ def test_lora_and_qlora_keep_lowering_the_held_out_loss(tmp_path):
   within 10% of LoRA."""
   base = str(tmp_path / "base")
   common = ["--config.train.eval_examples=64", "--config.train.log_every=30"]
-  shapes_tiny(base, ["--config.train.steps=150", "--config.train.eval_every=150",
-                      "--config.train.checkpoint_every=150", *common])
+  shapes_tiny(
+    base, ["--config.train.steps=150", "--config.train.eval_every=150", "--config.train.checkpoint_every=150", *common]
+  )
   start = eval_losses(base)[150]
   final = {}
   for kind in ("float32", "nf4"):
     workdir = str(tmp_path / kind)
-    shapes_tiny(workdir, [
-        f"--config.model.init_from={base}", "--config.stage=stage2", "--config.lora.rank=8",
-        "--config.lora.alpha=16", f"--config.lora.base_dtype={kind}",
-        "--config.train.steps=90", "--config.train.eval_every=30", "--config.train.checkpoint_every=90",
-        "--config.train.warmup_steps=10", "--config.train.lr=1e-3", *common])
+    shapes_tiny(
+      workdir,
+      [
+        f"--config.model.init_from={base}",
+        "--config.stage=stage2",
+        "--config.lora.rank=8",
+        "--config.lora.alpha=16",
+        f"--config.lora.base_dtype={kind}",
+        "--config.train.steps=90",
+        "--config.train.eval_every=30",
+        "--config.train.checkpoint_every=90",
+        "--config.train.warmup_steps=10",
+        "--config.train.lr=1e-3",
+        *common,
+      ],
+    )
     losses = eval_losses(workdir)
     print(f"{kind}: held-out loss {start:.4f} (base) -> {[round(losses[s], 4) for s in sorted(losses)]}")
     assert sorted(losses) == [30, 60, 90]

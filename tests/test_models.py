@@ -26,8 +26,7 @@ def tiny_model_config(**vision):
   return c
 
 
-@pytest.mark.parametrize("flavour,keep_cls,expected", [("siglip", False, 4), ("clip", False, 4),
-                                                       ("clip", True, 5)])
+@pytest.mark.parametrize("flavour,keep_cls,expected", [("siglip", False, 4), ("clip", False, 4), ("clip", True, 5)])
 def test_vit_token_count(flavour, keep_cls, expected):
   cfg = tiny_model_config(flavour=flavour, keep_cls=keep_cls).vision
   vit = ViT(cfg, jnp.float32)
@@ -77,8 +76,9 @@ def test_a_bridge_is_one_registry_entry(monkeypatch):
   assert image_tokens(cfg.model) == 2  # 4 patches, in pairs
   tokens = jnp.array([[5, 63, 63, 7]])  # two placeholders (id 63) for one image
   model = VLM(cfg.model, 63)
-  logits, params = model.init_with_output(jax.random.key(0), tokens, jnp.ones((1, 1, 16, 16, 3)),
-                                          jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32))
+  logits, params = model.init_with_output(
+    jax.random.key(0), tokens, jnp.ones((1, 1, 16, 16, 3)), jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32)
+  )
   assert logits.shape == (1, 4, 64) and set(params["params"]["bridge"]) == {"linear_1"}
   cfg.model.anyres.enabled = True  # AnyRes tiles a grid of tokens, which this bridge does not yield
   with pytest.raises(UserError, match="yields a grid of tokens .*not pair_pool"):
@@ -99,12 +99,18 @@ def _llm_and_params(length=8):
   tokens = jnp.arange(2 * length).reshape(2, length) % 64
   positions = jnp.broadcast_to(jnp.arange(length), (2, length))
   # Init through embed + __call__: with an untied head, __call__ alone never creates the embedding.
-  params = llm.init(jax.random.key(0), tokens, positions, jnp.ones((2, length), jnp.int32),
-                    method=lambda m, t, p, s: m(m.embed(t), p, s))
+  params = llm.init(
+    jax.random.key(0),
+    tokens,
+    positions,
+    jnp.ones((2, length), jnp.int32),
+    method=lambda m, t, p, s: m(m.embed(t), p, s),
+  )
 
   def logits(tokens, positions, segment_ids):
     embeds = llm.apply(params, tokens, method=LLM.embed)
     return llm.apply(params, embeds, positions, segment_ids)
+
   return logits, tokens, positions
 
 
@@ -112,8 +118,9 @@ def test_llm_is_causal():
   logits, tokens, positions = _llm_and_params()
   seg = jnp.ones_like(tokens)
   changed = tokens.at[:, 5:].set(7)
-  np.testing.assert_allclose(logits(tokens, positions, seg)[:, :5], logits(changed, positions, seg)[:, :5],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    logits(tokens, positions, seg)[:, :5], logits(changed, positions, seg)[:, :5], rtol=1e-5, atol=1e-6
+  )
   assert not np.allclose(logits(tokens, positions, seg)[:, 5:], logits(changed, positions, seg)[:, 5:])
 
 
@@ -148,12 +155,16 @@ def test_vlm_logits_depend_on_image_only_through_placeholders():
   np.testing.assert_allclose(out[:, 0], other[:, 0], rtol=1e-6)  # BOS precedes it (causal)
   text_only = jnp.array([[1, 8, 5, 6, 7]])
   pos5, seg5 = jnp.arange(5)[None], jnp.ones((1, 5), jnp.int32)
-  np.testing.assert_allclose(model.apply(params, text_only, images, pos5, seg5),
-                             model.apply(params, text_only, images * -1.0, pos5, seg5), rtol=1e-6)
+  np.testing.assert_allclose(
+    model.apply(params, text_only, images, pos5, seg5),
+    model.apply(params, text_only, images * -1.0, pos5, seg5),
+    rtol=1e-6,
+  )
 
 
 class _Scaled(nn.Module):
   """A block whose __call__ takes a broadcast input, and a field the one-by-one mode sets."""
+
   compute: object
   width: int
   shift: float = 0.0
@@ -163,8 +174,11 @@ class _Scaled(nn.Module):
     return x + scale * jnp.tanh(nn.Dense(self.width, name="q")(x)) + self.shift, None
 
 
-@pytest.mark.parametrize("call", [dict(inserts={1: lambda x: 2 * x, 3: jnp.sin}), dict(one_by_one={}),
-                                  dict(one_by_one={"shift": 0.5})], ids=["inserts", "one_by_one", "fields"])
+@pytest.mark.parametrize(
+  "call",
+  [dict(inserts={1: lambda x: 2 * x, 3: jnp.sin}), dict(one_by_one={}), dict(one_by_one={"shift": 0.5})],
+  ids=["inserts", "one_by_one", "fields"],
+)
 def test_layer_stack_runs_slices_of_one_stacked_tree(call):
   """Run in slices (between inserts, one layer at a time) the stack keeps one stacked params tree,
   the scanned one (same paths, shapes and init), and computes what a loop over its layers does."""
@@ -181,13 +195,17 @@ def test_layer_stack_runs_slices_of_one_stacked_tree(call):
   x = jax.random.normal(jax.random.key(1), (2, 8))
   scanned = Top({}).init(jax.random.key(0), x)["params"]
   sliced = Top(call).init(jax.random.key(0), x)["params"]
-  assert jax.tree.map(jnp.shape, sliced) == jax.tree.map(jnp.shape, scanned) == {
-      "layers": {"q": {"kernel": (4, 8, 8), "bias": (4, 8)}}}
+  assert (
+    jax.tree.map(jnp.shape, sliced)
+    == jax.tree.map(jnp.shape, scanned)
+    == {"layers": {"q": {"kernel": (4, 8, 8), "bias": (4, 8)}}}
+  )
   jax.tree.map(np.testing.assert_array_equal, sliced, scanned)
   q = scanned["layers"]["q"]
   expected = x
   for i in range(4):
     expected = call.get("inserts", {}).get(i, lambda v: v)(expected)
-    expected = expected + 0.5 * jnp.tanh(expected @ q["kernel"][i] + q["bias"][i]) + call.get("one_by_one", {}).get(
-        "shift", 0.0)
+    expected = (
+      expected + 0.5 * jnp.tanh(expected @ q["kernel"][i] + q["bias"][i]) + call.get("one_by_one", {}).get("shift", 0.0)
+    )
   np.testing.assert_allclose(Top(call).apply({"params": scanned}, x), expected, rtol=1e-5, atol=1e-6)

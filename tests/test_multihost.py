@@ -23,10 +23,15 @@ def test_two_processes_train_like_one(tmp_path):
   assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]
 
 
-ANYRES = ["--config.model.vision.patch_size=16", "--config.model.anyres.enabled=True",
-          "--config.model.anyres.grid_pinpoints=(1x1),...,(1x6)", "--config.data.sources=shapes:wide",
-          "--config.evals.shapes_test.data=shapes:wide_test", "--config.data.seq_len=96",
-          "--config.train.eval_every=100"]
+ANYRES = [
+  "--config.model.vision.patch_size=16",
+  "--config.model.anyres.enabled=True",
+  "--config.model.anyres.grid_pinpoints=(1x1),...,(1x6)",
+  "--config.data.sources=shapes:wide",
+  "--config.evals.shapes_test.data=shapes:wide_test",
+  "--config.data.seq_len=96",
+  "--config.train.eval_every=100",
+]
 
 
 def test_two_processes_train_anyres_like_one(tmp_path):

@@ -34,8 +34,14 @@ def llava(tmp_path_factory):
 
 def _batches(tok, spec, *, seq_len=128, batch=4, process_index=0, process_count=1, **data):
   config = data_config(spec, seq_len=seq_len, batch=batch, seed=SEED, **{"threads": 2, **data})
-  return Batches(config, tok, IMAGE_TOKENS, preprocessing=images.Preprocessing(SIZE), process_index=process_index,
-                 process_count=process_count)
+  return Batches(
+    config,
+    tok,
+    IMAGE_TOKENS,
+    preprocessing=images.Preprocessing(SIZE),
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 def _take(it, n):
@@ -51,8 +57,13 @@ def _keys(batches):
 def test_unpacked_rows_are_the_samples_encoded(tok):
   b = _take(_batches(tok, "shapes", batch=4), 1)[0]
   assert {k: v.shape for k, v in device_batch(b).items()} == {
-      "images": (4, 1, SIZE, SIZE, 3), "tokens": (4, 128), "targets": (4, 128),
-      "loss_mask": (4, 128), "segment_ids": (4, 128), "positions": (4, 128)}
+    "images": (4, 1, SIZE, SIZE, 3),
+    "tokens": (4, 128),
+    "targets": (4, 128),
+    "loss_mask": (4, 128),
+    "segment_ids": (4, 128),
+    "positions": (4, 128),
+  }
   assert b["image_mask"].shape == (4, 1)  # which slots hold an image: for the host, not sent
   for r, (key,) in enumerate(b["keys"]):
     ex = shapes.make_example(SEED, "train", int(key), SIZE)
@@ -60,11 +71,11 @@ def test_unpacked_rows_are_the_samples_encoded(tok):
     n = len(enc.tokens)
     np.testing.assert_array_equal(b["images"][r, 0], images.Preprocessing(SIZE)(ex.image))
     assert b["tokens"][r, :n].tolist() == enc.tokens.tolist() and np.all(b["tokens"][r, n:] == tok.pad_id)
-    assert b["targets"][r, :n - 1].tolist() == enc.tokens[1:].tolist()
+    assert b["targets"][r, : n - 1].tolist() == enc.tokens[1:].tolist()
     assert b["segment_ids"][r].tolist() == [1] * n + [0] * (128 - n)
     assert b["positions"][r].tolist() == list(range(n)) + [0] * (128 - n)
-    assert b["loss_mask"][r, :n - 1].tolist() == enc.loss_mask[1:].tolist()
-    assert b["loss_mask"][r, n - 1:].sum() == 0
+    assert b["loss_mask"][r, : n - 1].tolist() == enc.loss_mask[1:].tolist()
+    assert b["loss_mask"][r, n - 1 :].sum() == 0
 
 
 def test_packed_rows(tok, llava):
@@ -93,8 +104,9 @@ def test_packed_loss_equals_unpacked(tok):
   samples = [it.prepare((0, int(k))) for row in packed["keys"] for k in row]
   rows = [[s] for s in samples]
   unpacked = {**square_images(rows, 3, (SIZE, SIZE)), **collate_text(rows, 192, tok.pad_id)}
-  params = model.init(jax.random.key(0), *(unpacked[k][:1] for k in ("tokens", "images", "positions",
-                                                                    "segment_ids")))["params"]
+  params = model.init(jax.random.key(0), *(unpacked[k][:1] for k in ("tokens", "images", "positions", "segment_ids")))[
+    "params"
+  ]
   a, b = per_sample_loss(model, params, packed), per_sample_loss(model, params, unpacked)
   assert a.keys() == b.keys()
   np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5)
@@ -122,8 +134,10 @@ def test_resume_sees_the_samples_of_an_unbroken_run(tok, llava, workers):
 
 def _epoch(size: int, epoch: int, processes: int) -> list[tuple[int, int]]:
   """(process, sample index) of each global position of one epoch, read by `processes` processes."""
-  return [(g % processes, EpochOrder(0, size, SEED, g % processes, processes)[g // processes][1])
-          for g in range(epoch * size, (epoch + 1) * size)]
+  return [
+    (g % processes, EpochOrder(0, size, SEED, g % processes, processes)[g // processes][1])
+    for g in range(epoch * size, (epoch + 1) * size)
+  ]
 
 
 def test_processes_read_disjoint_shards_that_cover_the_set():
@@ -144,8 +158,10 @@ def test_the_global_stream_is_the_same_on_any_process_count(processes):
 def test_two_processes_read_one_epoch_between_them(tok, tmp_path):
   path = llava_fixture.write(str(tmp_path), 21, image_size=SIZE, broken=False)
   ids = [r["id"] for r in json.load(open(path))]
-  keys = [_keys(_take(_batches(tok, f"llava:{path}", batch=2, process_index=p, process_count=2),
-                      len(range(p, 21, 2)))) for p in range(2)]
+  keys = [
+    _keys(_take(_batches(tok, f"llava:{path}", batch=2, process_index=p, process_count=2), len(range(p, 21, 2))))
+    for p in range(2)
+  ]
   assert [len(k) for k in keys] == [11, 10]
   assert not set(keys[0]) & set(keys[1]) and sorted(keys[0] + keys[1]) == sorted(ids)
 
@@ -160,8 +176,11 @@ def _global_batches(tok, spec, processes: int, k: int, states=None):
     rows.append([next(it)["keys"] for _ in range(k)])
     new_states.append(it.get_state())
     it.close()
-  return [sorted(key for p in range(processes) for row in rows[p][i] for key in row) for i in range(k)], \
-      new_states, messages
+  return (
+    [sorted(key for p in range(processes) for row in rows[p][i] for key in row) for i in range(k)],
+    new_states,
+    messages,
+  )
 
 
 def test_a_stream_continues_on_another_process_count(tok, tmp_path):
@@ -174,9 +193,11 @@ def test_a_stream_continues_on_another_process_count(tok, tmp_path):
   for processes in (1, 2, 4):
     rest, _, messages = _global_batches(tok, spec, processes, 3, states)
     assert rest == unbroken[3:], processes
-    assert messages == ([None] * 2 if processes == 2 else
-                        ["data: 2 processes' positions continued on %d: from global sample 12 (exact)" % processes]
-                        * processes)
+    assert messages == (
+      [None] * 2
+      if processes == 2
+      else ["data: 2 processes' positions continued on %d: from global sample 12 (exact)" % processes] * processes
+    )
 
 
 def _without_positions(state):
@@ -259,10 +280,17 @@ def test_mixture_follows_the_weights(tok, llava):
   assert abs(from_shapes - 0.75) < 0.05
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("coco", "unknown source"), ("shapes:val", "unknown split"), ("llava:/nope.json", "file not found"),
-    ("shapes=x", "not a number"), ("shapes=0", "must be positive"), ("", "no source"),
-])
+@pytest.mark.parametrize(
+  "spec, message",
+  [
+    ("coco", "unknown source"),
+    ("shapes:val", "unknown split"),
+    ("llava:/nope.json", "file not found"),
+    ("shapes=x", "not a number"),
+    ("shapes=0", "must be positive"),
+    ("", "no source"),
+  ],
+)
 def test_spec_errors(spec, message):
   with pytest.raises(UserError, match=message):
     sources.open_mixture(spec, sources.Options())
@@ -277,9 +305,11 @@ def _two_image_set(tmp_path) -> tuple[str, list[np.ndarray]]:
   pixels = [np.full((SIZE, SIZE, 3), v, np.uint8) for v in (30, 220)]
   for i, p in enumerate(pixels):
     PIL.Image.fromarray(p).save(tmp_path / f"{i}.png")
-  record = {"id": "two", "image": ["0.png", "1.png"],
-            "conversations": [{"from": "human", "value": f"Left {IMAGE} right {IMAGE} same?"},
-                              {"from": "gpt", "value": "no"}]}
+  record = {
+    "id": "two",
+    "image": ["0.png", "1.png"],
+    "conversations": [{"from": "human", "value": f"Left {IMAGE} right {IMAGE} same?"}, {"from": "gpt", "value": "no"}],
+  }
   path = tmp_path / "two.json"
   path.write_text(json.dumps([record]))
   return str(path), pixels
@@ -302,17 +332,37 @@ def test_training_images_follow_the_configs_resize_mode(tok, tmp_path, resize):
   rng = np.random.default_rng(0)
   photo = rng.integers(0, 256, (18, 50, 3), dtype=np.uint8)
   PIL.Image.fromarray(photo).save(tmp_path / "wide.png")
-  (tmp_path / "one.json").write_text(json.dumps([{"id": "w", "image": "wide.png", "conversations": [
-      {"from": "human", "value": f"{IMAGE}\nWhat is it?"}, {"from": "gpt", "value": "red"}]}]))
-  cfg = tiny_config({"data.image_resize": resize, "data.image_short_side": 20, "data.image_fill": (9, 99, 199),
-                     "data.sources": f"llava:{tmp_path / 'one.json'}", "data.seq_len": 64, "train.batch_size": 1})
+  (tmp_path / "one.json").write_text(
+    json.dumps(
+      [
+        {
+          "id": "w",
+          "image": "wide.png",
+          "conversations": [{"from": "human", "value": f"{IMAGE}\nWhat is it?"}, {"from": "gpt", "value": "red"}],
+        }
+      ]
+    )
+  )
+  cfg = tiny_config(
+    {
+      "data.image_resize": resize,
+      "data.image_short_side": 20,
+      "data.image_fill": (9, 99, 199),
+      "data.sources": f"llava:{tmp_path / 'one.json'}",
+      "data.seq_len": 64,
+      "train.batch_size": 1,
+    }
+  )
   cfg.data.update(dict(threads=0, prefetch=0))
   b = next(Batches(cfg, tok, IMAGE_TOKENS))
   pre = images.Preprocessing(SIZE, resize=resize, short_side=20, fill=(9, 99, 199))
   np.testing.assert_array_equal(b["images"][0, 0], pre.pixels(photo))  # uint8: normalised on device
   # The modes differ on this photo: a test of one of them cannot pass for another.
-  others = [images.Preprocessing(SIZE, resize=r, short_side=20, fill=(9, 99, 199)).pixels(photo)
-            for r in ("squash", "shortest_edge_crop", "pad_square") if r != resize]
+  others = [
+    images.Preprocessing(SIZE, resize=r, short_side=20, fill=(9, 99, 199)).pixels(photo)
+    for r in ("squash", "shortest_edge_crop", "pad_square")
+    if r != resize
+  ]
   assert all(np.abs(o.astype(int) - b["images"][0, 0]).max() > 10 for o in others)
 
 
@@ -327,5 +377,5 @@ def test_model_writes_each_image_into_its_own_placeholders(tok, tmp_path):
   embeds = model.apply({"params": params}, b["tokens"], b["images"], method=VLM.embed)
   where = np.flatnonzero(b["tokens"][0] == tok.image_id)
   for i in range(2):
-    alone = model.apply({"params": params}, b["images"][:, i:i + 1], method=VLM.encode_images)
-    np.testing.assert_allclose(embeds[0, where[i * n_image:(i + 1) * n_image]], alone[0], rtol=1e-5, atol=1e-6)
+    alone = model.apply({"params": params}, b["images"][:, i : i + 1], method=VLM.encode_images)
+    np.testing.assert_allclose(embeds[0, where[i * n_image : (i + 1) * n_image]], alone[0], rtol=1e-5, atol=1e-6)

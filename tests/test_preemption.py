@@ -40,8 +40,16 @@ def tok():
 
 
 def _config(tok, overrides=None):
-  cfg = helpers.tiny_config({"mesh.data": -1, "data.seq_len": 64, "train.steps": STEPS,
-                             "train.checkpoint_every": EVERY, "train.log_every": 1, **(overrides or {})})
+  cfg = helpers.tiny_config(
+    {
+      "mesh.data": -1,
+      "data.seq_len": 64,
+      "train.steps": STEPS,
+      "train.checkpoint_every": EVERY,
+      "train.log_every": 1,
+      **(overrides or {}),
+    }
+  )
   resolve_model_config(cfg, tok.vocab_size)
   return cfg
 
@@ -49,6 +57,7 @@ def _config(tok, overrides=None):
 @dataclasses.dataclass
 class Probe:
   """A periodic eval that sends this process SIGTERM while it evaluates, when armed."""
+
   armed: bool = False
   name: str = "probe"
   every: int = 4
@@ -88,21 +97,21 @@ def _signal_on_call(monkeypatch, owner, name: str, call: int) -> None:
     if len(calls) == call:
       os.kill(os.getpid(), signal.SIGTERM)
     return out
+
   monkeypatch.setattr(owner, name, wrapped)
 
 
 # moment -> the step the run stops at. The loop reads the signal once per step, after dispatching it.
 MOMENTS = {
-    "right after a periodic save": 4,   # checkpoints.save's first call is step 3's
-    "mid-step": 5,                      # the 5th batch is fetched while step 4 computes
-    "during eval": 5,                   # the probe evaluates at step 4
-    "just before a periodic save": 6,   # signalled while step 5 computes: stops at periodic step 6
+  "right after a periodic save": 4,  # checkpoints.save's first call is step 3's
+  "mid-step": 5,  # the 5th batch is fetched while step 4 computes
+  "during eval": 5,  # the probe evaluates at step 4
+  "just before a periodic save": 6,  # signalled while step 5 computes: stops at periodic step 6
 }
 
 
 @pytest.mark.parametrize("moment", MOMENTS)
-def test_a_signal_stops_the_run_with_the_announced_step_on_disk(tok, unbroken, moment, tmp_path, monkeypatch,
-                                                                caplog):
+def test_a_signal_stops_the_run_with_the_announced_step_on_disk(tok, unbroken, moment, tmp_path, monkeypatch, caplog):
   workdir, expected = str(tmp_path / "run"), MOMENTS[moment]
   if moment == "right after a periodic save":
     _signal_on_call(monkeypatch, checkpoint_lib.Checkpointer, "save", 1)
@@ -153,8 +162,9 @@ def test_a_run_continues_on_another_mesh(elastic, tmp_path, caplog):
   workdir = str(tmp_path / "run")
   shutil.copytree(stopped, workdir)
   with caplog.at_level(logging.INFO, logger="vlm_jax"):
-    api.train(processes.config([*ELASTIC, "--config.mesh.data=2", "--config.mesh.fsdp=2",
-                                "--config.mesh.tensor=2"]), workdir)
+    api.train(
+      processes.config([*ELASTIC, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]), workdir
+    )
   assert "resumed from step 20" in caplog.text
   assert "runs through jit" not in caplog.text  # the step compiled before the loop is the one that runs
   for change in ("mesh.data: -1 -> 2", "mesh.fsdp: 1 -> 2", "mesh.tensor: 1 -> 2"):
@@ -222,13 +232,16 @@ def test_a_second_signal_exits_at_once_while_a_collective_waits(tmp_path):
 
 
 # --- Workdirs that cannot be written -------------------------------------------------------------
-@pytest.mark.parametrize("layout,where", [
-    ({"run": "a file"}, "run"),                                   # the workdir is a file
-    ({"parent": "a file"}, "parent"),                             # ... a file above it
-    ({"run/checkpoints": "a file"}, "run/checkpoints"),           # a file where a directory belongs
+@pytest.mark.parametrize(
+  "layout,where",
+  [
+    ({"run": "a file"}, "run"),  # the workdir is a file
+    ({"parent": "a file"}, "parent"),  # ... a file above it
+    ({"run/checkpoints": "a file"}, "run/checkpoints"),  # a file where a directory belongs
     ({"run/tensorboard": "a file"}, "run/tensorboard"),
-    ({"run/metrics.jsonl/x": "a file"}, "run/metrics.jsonl"),     # a directory where a file belongs
-])
+    ({"run/metrics.jsonl/x": "a file"}, "run/metrics.jsonl"),  # a directory where a file belongs
+  ],
+)
 def test_a_workdir_in_the_way_is_one_line_and_nothing_is_written(tok, tmp_path, layout, where):
   for name, text in layout.items():
     os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
@@ -255,8 +268,15 @@ def test_a_read_only_workdir_is_one_line_exit_2_and_left_as_it_was(tmp_path):
   try:
     with pytest.raises(OSError):
       (workdir / "probe").write_text("")  # the directory is read-only indeed
-    result = processes.cli_process("train", "--config", processes.CONFIG, "--workdir", str(workdir), *processes.TINY,
-                                   xla_flags=processes.xla_flags(8))
+    result = processes.cli_process(
+      "train",
+      "--config",
+      processes.CONFIG,
+      "--workdir",
+      str(workdir),
+      *processes.TINY,
+      xla_flags=processes.xla_flags(8),
+    )
   finally:
     subprocess.run(["chattr", "-i", str(workdir)], capture_output=True)
     os.chmod(workdir, 0o755)
@@ -272,6 +292,7 @@ def test_a_bucket_workdir_goes_through_the_same_path_layer(monkeypatch):
   metrics.jsonl appended across two writers (a resumed run), and TensorBoard event files."""
   from etils import epath
   from vlm_jax.train.metrics import MetricWriter
+
   helpers.fake_gcs(monkeypatch)
   root = "gs://bucket/run"
   loop.check_workdir(helpers.tiny_config(), root)  # nothing there yet: fine, writes nothing
@@ -298,4 +319,3 @@ def test_a_bucket_workdir_goes_through_the_same_path_layer(monkeypatch):
   assert checkpoint_lib.resolve(f"{root}/checkpoints/7") == (root, 7)
   with pytest.raises(UserError, match="no such file or directory: gs://bucket/nope"):
     checkpoint_lib.resolve("gs://bucket/nope")
-

@@ -44,7 +44,7 @@ def bridge_cfg(**fields):
 
 
 def ours(cfg, params: dict, features: torch.Tensor, out_width: int) -> np.ndarray:
-  tree = params_lib.unflatten({k[len("bridge/"):]: jnp.asarray(v) for k, v in params.items()})
+  tree = params_lib.unflatten({k[len("bridge/") :]: jnp.asarray(v) for k, v in params.items()})
   module = bridge_lib.make_bridge(cfg, out_width, jnp.float32)
   return np.asarray(module.apply({"params": tree}, jnp.asarray(features.numpy())))
 
@@ -52,17 +52,23 @@ def ours(cfg, params: dict, features: torch.Tensor, out_width: int) -> np.ndarra
 def blip2_tokens(query_tokens, qformer_model, projection, features: torch.Tensor) -> np.ndarray:
   """BLIP-2's visual tokens for the LLM (Blip2ForConditionalGeneration.get_image_features)."""
   with torch.no_grad():
-    q = qformer_model(query_embeds=query_tokens.expand(features.shape[0], -1, -1),
-                      encoder_hidden_states=features).last_hidden_state
+    q = qformer_model(
+      query_embeds=query_tokens.expand(features.shape[0], -1, -1), encoder_hidden_states=features
+    ).last_hidden_state
     return projection(q).numpy()
 
 
 # --- 1. The module against transformers' Blip2QFormerModel -----------------------------------------
 @pytest.mark.parametrize("layers,every", [(3, 2), (2, 1)])
 def test_qformer_matches_transformers(layers, every):
-  hc = transformers.Blip2QFormerConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=layers,
-                                       intermediate_size=48, cross_attention_frequency=every,
-                                       encoder_hidden_size=24)
+  hc = transformers.Blip2QFormerConfig(
+    hidden_size=32,
+    num_attention_heads=4,
+    num_hidden_layers=layers,
+    intermediate_size=48,
+    cross_attention_frequency=every,
+    encoder_hidden_size=24,
+  )
   hc._attn_implementation = "eager"
   torch.manual_seed(0)
   model = randomize(transformers.Blip2QFormerModel(hc), seed=1)
@@ -70,10 +76,23 @@ def test_qformer_matches_transformers(layers, every):
   query_tokens = torch.randn(1, QUERIES, 32, generator=torch.Generator().manual_seed(3))
   features = torch.randn(2, 9, 24, generator=torch.Generator().manual_seed(4))
   state = {"qformer." + k: v.numpy() for k, v in model.state_dict().items()}
-  state.update({"query_tokens": query_tokens.numpy(), "language_projection.weight": projection.weight.detach().numpy(),
-                "language_projection.bias": projection.bias.detach().numpy()})
-  cfg = bridge_cfg(kind="qformer", num_queries=QUERIES, depth=layers, heads=4, width=32, mlp_dim=48,
-                   cross_attention_every=every, norm_eps=1e-12)
+  state.update(
+    {
+      "query_tokens": query_tokens.numpy(),
+      "language_projection.weight": projection.weight.detach().numpy(),
+      "language_projection.bias": projection.bias.detach().numpy(),
+    }
+  )
+  cfg = bridge_cfg(
+    kind="qformer",
+    num_queries=QUERIES,
+    depth=layers,
+    heads=4,
+    width=32,
+    mlp_dim=48,
+    cross_attention_every=every,
+    norm_eps=1e-12,
+  )
   params = qformer.from_hf(state, cfg, vision_width=24, out_width=40)
   crosses = {k.split("/")[1] for k in params if "/cross_q/" in k}
   assert crosses == {f"layer_{i}" for i in range(0, layers, every)}
@@ -86,8 +105,9 @@ def test_qformer_matches_transformers(layers, every):
 
 # --- 2. A Blip2ForConditionalGeneration directory ---------------------------------------------------
 VISION_WIDTH, LLM_WIDTH = hf_models.VISION_KW["hidden_size"], hf_models.LLM_KW["hidden_size"]  # 32, 32
-EXPECTED = dict(kind="qformer", num_queries=QUERIES, depth=3, heads=4, width=24, mlp_dim=48,
-                cross_attention_every=2, norm_eps=1e-6)
+EXPECTED = dict(
+  kind="qformer", num_queries=QUERIES, depth=3, heads=4, width=24, mlp_dim=48, cross_attention_every=2, norm_eps=1e-6
+)
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +115,35 @@ def blip2(tmp_path_factory):
   """A tiny BLIP-2 whose ViT and OPT are as wide as hf_models' CLIP and Llama."""
   directory = str(tmp_path_factory.mktemp("blip2"))
   config = transformers.Blip2Config(
-      vision_config=dict(hidden_size=VISION_WIDTH, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         image_size=16, patch_size=8),
-      qformer_config=dict(hidden_size=24, num_attention_heads=4, num_hidden_layers=3, intermediate_size=48,
-                          cross_attention_frequency=2, encoder_hidden_size=VISION_WIDTH, layer_norm_eps=1e-6),
-      text_config=dict(model_type="opt", hidden_size=LLM_WIDTH, ffn_dim=32, num_hidden_layers=1,
-                       num_attention_heads=2, vocab_size=40, word_embed_proj_dim=LLM_WIDTH,
-                       max_position_embeddings=16),
-      num_query_tokens=QUERIES)
+    vision_config=dict(
+      hidden_size=VISION_WIDTH,
+      intermediate_size=32,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      image_size=16,
+      patch_size=8,
+    ),
+    qformer_config=dict(
+      hidden_size=24,
+      num_attention_heads=4,
+      num_hidden_layers=3,
+      intermediate_size=48,
+      cross_attention_frequency=2,
+      encoder_hidden_size=VISION_WIDTH,
+      layer_norm_eps=1e-6,
+    ),
+    text_config=dict(
+      model_type="opt",
+      hidden_size=LLM_WIDTH,
+      ffn_dim=32,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      vocab_size=40,
+      word_embed_proj_dim=LLM_WIDTH,
+      max_position_embeddings=16,
+    ),
+    num_query_tokens=QUERIES,
+  )
   torch.manual_seed(0)
   model = randomize(transformers.Blip2ForConditionalGeneration(config), seed=5)
   model.save_pretrained(directory)
@@ -161,8 +202,10 @@ def test_mismatched_widths(blip2, caplog):
 
 def test_bad_blip2_configs(blip2, tmp_path):
   config = json.load(open(os.path.join(blip2[0], "config.json")))
-  cases = ((dict(config, qformer_config=dict(config["qformer_config"], hidden_act="relu")), "hidden_act"),
-           ({k: v for k, v in config.items() if k != "qformer_config"}, "qformer_config"))
+  cases = (
+    (dict(config, qformer_config=dict(config["qformer_config"], hidden_act="relu")), "hidden_act"),
+    ({k: v for k, v in config.items() if k != "qformer_config"}, "qformer_config"),
+  )
   for i, (data, field) in enumerate(cases):
     os.makedirs(tmp_path / str(i))
     with open(tmp_path / str(i) / "config.json", "w") as f:

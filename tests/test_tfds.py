@@ -35,25 +35,45 @@ def _png(pixels: np.ndarray) -> bytes:
 
 class TinyVqa(tfds.core.GeneratorBasedBuilder):
   """Six samples: VQA-style question/answer with an image, LLaVA conversations, one broken."""
+
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "id": tfds.features.Text(), "image": tfds.features.Image(shape=(SIZE + 4, SIZE, 3)),
-        "question": tfds.features.Text(), "answer": tfds.features.Text(),
-        "conversations": tfds.features.Text()}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "image": tfds.features.Image(shape=(SIZE + 4, SIZE, 3)),
+          "question": tfds.features.Text(),
+          "answer": tfds.features.Text(),
+          "conversations": tfds.features.Text(),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples()}
 
   def _generate_examples(self):
     for i in range(6):
-      conversations = "" if i < 3 else json.dumps(
-          [{"from": "human", "value": f"{IMAGE}\nWhat is it?"}, {"from": "gpt", "value": f"thing {i}"}])
+      conversations = (
+        ""
+        if i < 3
+        else json.dumps([{"from": "human", "value": f"{IMAGE}\nWhat is it?"}, {"from": "gpt", "value": f"thing {i}"}])
+      )
       if i == 5:
         conversations = "{broken"
-      yield i, {"id": f"s{i}", "image": _png(_pixels(i)), "question": f"Colour {i}?", "answer": f"grey {i}",
-                "conversations": conversations}
+      yield (
+        i,
+        {
+          "id": f"s{i}",
+          "image": _png(_pixels(i)),
+          "question": f"Colour {i}?",
+          "answer": f"grey {i}",
+          "conversations": conversations,
+        },
+      )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +85,9 @@ def data_dir(tmp_path_factory):
 
 def test_tfds_source_through_the_pipeline(data_dir):
   tok = Tokenizer.load("shapes")
-  config = helpers.data_config("tfds:tiny_vqa:train", seq_len=64, batch=1, seed=0, tfds_dir=data_dir, threads=0,
-                               prefetch=0)
+  config = helpers.data_config(
+    "tfds:tiny_vqa:train", seq_len=64, batch=1, seed=0, tfds_dir=data_dir, threads=0, prefetch=0
+  )
   it = Batches(config, tok, 2, preprocessing=images.Preprocessing(SIZE))
   prepared = [it.prepare((0, i)) for i in range(6)]  # tfds orders records by a hash of their keys
   broken = [p for p in prepared if isinstance(p, Skipped)]
@@ -75,7 +96,7 @@ def test_tfds_source_through_the_pipeline(data_dir):
   seen = {}
   for _ in range(5):
     b = next(it)
-    (key,), = b["keys"]
+    ((key,),) = b["keys"]
     seen[key] = b
   assert sorted(seen) == [f"s{i}" for i in range(5)] and it.skipped == {"format": 1}
   for key, b in seen.items():
@@ -88,27 +109,48 @@ def test_tfds_source_through_the_pipeline(data_dir):
 
 def test_unknown_tfds_dataset(tmp_path):
   with pytest.raises(UserError, match="tfds:nope:train"):
-    Batches(helpers.data_config("tfds:nope", seq_len=64, batch=1, seed=0, tfds_dir=str(tmp_path)),
-            Tokenizer.load("shapes"), 2, preprocessing=images.Preprocessing(SIZE))
+    Batches(
+      helpers.data_config("tfds:nope", seq_len=64, batch=1, seed=0, tfds_dir=str(tmp_path)),
+      Tokenizer.load("shapes"),
+      2,
+      preprocessing=images.Preprocessing(SIZE),
+    )
 
 
 class TinyVqaAnswers(tfds.core.GeneratorBasedBuilder):
   """Three VQA-style eval samples: a question, the annotators' answers, a category; no answer turn."""
+
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "id": tfds.features.Text(), "image": tfds.features.Image(shape=(SIZE + 4, SIZE, 3)),
-        "question": tfds.features.Text(), "answers": tfds.features.Sequence(tfds.features.Text()),
-        "category": tfds.features.Text()}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "image": tfds.features.Image(shape=(SIZE + 4, SIZE, 3)),
+          "question": tfds.features.Text(),
+          "answers": tfds.features.Sequence(tfds.features.Text()),
+          "category": tfds.features.Text(),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"validation": self._generate_examples()}
 
   def _generate_examples(self):
     for i in range(3):
-      yield i, {"id": f"v{i}", "image": _png(_pixels(i)), "question": f"Colour {i}?",
-                "answers": [f"grey {i}"] * 9 + ["black"], "category": ["a", "b", "a"][i]}
+      yield (
+        i,
+        {
+          "id": f"v{i}",
+          "image": _png(_pixels(i)),
+          "question": f"Colour {i}?",
+          "answers": [f"grey {i}"] * 9 + ["black"],
+          "category": ["a", "b", "a"][i],
+        },
+      )
 
 
 def test_tfds_eval_samples_carry_answer_lists(tmp_path):

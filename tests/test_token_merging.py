@@ -59,8 +59,9 @@ def test_counts():
   assert tome.counts(7, 5, 2, 0) == [7, 4, 2]
 
 
-@pytest.mark.parametrize("flavour,keep_cls,r,expected", [("siglip", False, 3, 10), ("clip", True, 100, 5),
-                                                         ("clip", False, 2, 12)])
+@pytest.mark.parametrize(
+  "flavour,keep_cls,r,expected", [("siglip", False, 3, 10), ("clip", True, 100, 5), ("clip", False, 2, 12)]
+)
 def test_vit_outputs_num_output_tokens(flavour, keep_cls, r, expected):
   cfg = tiny_vision(flavour=flavour, keep_cls=keep_cls, token_merging=r)
   vit = ViT(cfg, jnp.float32, XLA)
@@ -134,11 +135,14 @@ def test_gradients_flow_through_merging_blocks_under_jit():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), remat, g)
 
 
-@pytest.mark.parametrize("overrides,message", [
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
     ({"model.vision.token_merging": -1}, "config.model.vision.token_merging must be >= 0"),
     ({"model.vision.token_merging": 2, "model.bridge.kind": "pixel_shuffle"}, "the pixel_shuffle bridge reads"),
     ({"model.vision.token_merging": 2, "model.anyres.enabled": True}, "AnyRes reads"),
-])
+  ],
+)
 def test_bad_token_merging_config_is_one_line(overrides, message):
   with pytest.raises(UserError, match=message) as e:
     config = helpers.tiny_config({"model.llm.vocab_size": 64, **overrides})
@@ -150,9 +154,16 @@ def test_bad_token_merging_config_is_one_line(overrides, message):
 def test_the_vlm_reads_the_merged_tokens(bridge):
   """4x4 patches merging 4 a block over 2 blocks: 16 -> 12 -> 8 tokens an image, the placeholders
   the data writes and the visual tokens the model scatters (a wrong count fails the scatter check)."""
-  config = helpers.tiny_config({"model.llm.vocab_size": 64, "model.vision.patch_size": 4, "model.vision.depth": 2,
-                                "model.vision.token_merging": 4, "model.bridge.kind": bridge,
-                                "model.bridge.num_latents": 4})
+  config = helpers.tiny_config(
+    {
+      "model.llm.vocab_size": 64,
+      "model.vision.patch_size": 4,
+      "model.vision.depth": 2,
+      "model.vision.token_merging": 4,
+      "model.bridge.kind": bridge,
+      "model.bridge.num_latents": 4,
+    }
+  )
   run = build_lib.build(config, parallel.inference_mesh(), 63)
   params = run.init_params(jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (2, 1, 16, 16, 3))
@@ -163,12 +174,23 @@ def test_the_vlm_reads_the_merged_tokens(bridge):
   assert vit_lib.num_output_tokens(ml_collections.ConfigDict(plain)) == 16
 
 
-@pytest.mark.parametrize("flags,sequence,visual", [
+@pytest.mark.parametrize(
+  "flags,sequence,visual",
+  [
     ([], 16, 16),
-    (["--config.model.vision.token_merging=4"], 8, 8),           # 16 -> 12 -> 8 over shapes_tiny's 2 blocks
-    (["--config.model.vision.token_merging=4", "--config.model.fusion=cross_attention",
-      "--config.model.bridge.kind=perceiver", "--config.model.bridge.num_latents=6"], 1, 6),
-])
+    (["--config.model.vision.token_merging=4"], 8, 8),  # 16 -> 12 -> 8 over shapes_tiny's 2 blocks
+    (
+      [
+        "--config.model.vision.token_merging=4",
+        "--config.model.fusion=cross_attention",
+        "--config.model.bridge.kind=perceiver",
+        "--config.model.bridge.num_latents=6",
+      ],
+      1,
+      6,
+    ),
+  ],
+)
 def test_tokens_command_reports_merged_and_cross_attention_counts(flags, sequence, visual, capsys):
   config = str(pathlib.Path(__file__).parent.parent / "configs" / "shapes_tiny.py")
   assert cli.main(["tokens", "--config", config, "--image-size", "300x500", "--json", *flags]) == 0

@@ -25,8 +25,8 @@ from vlm_jax.train import trainer as trainer_lib
 from vlm_jax.train.optim import FROZEN, component
 
 # Tolerances for fp32 runs that differ only in reduction order (sharding, micro-batching).
-LR = 1e-3                                  # base() train.lr, the size of one Adam step
-LOSS_TOL = dict(rtol=1e-6, atol=0)         # seen: <= 2e-7 relative
+LR = 1e-3  # base() train.lr, the size of one Adam step
+LOSS_TOL = dict(rtol=1e-6, atol=0)  # seen: <= 2e-7 relative
 # Params: Adam divides by sqrt(nu), so a coordinate whose gradient nearly cancels over the batch
 # (rounding-level relative to its terms) moves by a rounding-dependent fraction of lr. So: the
 # bulk to PARAM_TOL, and at most PARAM_OUTLIERS of all elements (seen: 1 in ~44k) up to
@@ -34,8 +34,8 @@ LOSS_TOL = dict(rtol=1e-6, atol=0)         # seen: <= 2e-7 relative
 PARAM_TOL = dict(rtol=1e-5, atol=1e-6)
 PARAM_OUTLIERS = 1e-3
 PARAM_MAX_DIFF = 0.05 * LR
-MOMENT_RTOL = 2e-5                         # Adam mu/nu, relative to the leaf's largest entry;
-                                           # seen: <= 6e-6
+MOMENT_RTOL = 2e-5  # Adam mu/nu, relative to the leaf's largest entry;
+# seen: <= 6e-6
 # Gradients that are zero in exact arithmetic (a key bias adds the same q.b to every logit of a
 # query; softmax ignores it): what is left is rounding noise that depends on the reduction order,
 # and Adam turns it into steps of up to ~lr. Only compared up to that size, and not required to train.
@@ -111,8 +111,8 @@ class Reference:
   cfg: ml_collections.ConfigDict
   run: trainer_lib.Trainer
   batches: list
-  init: dict                 # host copy of the initial state
-  after: list                # host copies of the state after step 1, 2, ...
+  init: dict  # host copy of the initial state
+  after: list  # host copies of the state after step 1, 2, ...
   metrics: list
 
 
@@ -135,10 +135,15 @@ def reference(tok):
 
 def compare_to_reference(reference, state, metrics, steps=STEPS):
   for i in range(steps):
-    np.testing.assert_allclose(metrics[i]["train/loss"], reference.metrics[i]["train/loss"],
-                               err_msg=f"loss of step {i + 1}", **LOSS_TOL)
-    np.testing.assert_allclose(metrics[i]["train/grad_norm"], reference.metrics[i]["train/grad_norm"],
-                               err_msg=f"grad norm of step {i + 1}", **LOSS_TOL)
+    np.testing.assert_allclose(
+      metrics[i]["train/loss"], reference.metrics[i]["train/loss"], err_msg=f"loss of step {i + 1}", **LOSS_TOL
+    )
+    np.testing.assert_allclose(
+      metrics[i]["train/grad_norm"],
+      reference.metrics[i]["train/grad_norm"],
+      err_msg=f"grad norm of step {i + 1}",
+      **LOSS_TOL,
+    )
     assert metrics[i]["train/supervised_tokens"] == reference.metrics[i]["train/supervised_tokens"]
   host = helpers.to_host(state)
   assert int(host["step"]) == steps
@@ -172,11 +177,11 @@ def test_sharded_step_matches_single_device(tok, reference, shape):
 
   params_fraction = per_device_fraction(state["params"])
   moments_fraction = per_device_fraction(state["opt_state"])
-  if shape == (8, 1, 1):   # plain data parallelism: every device holds everything
+  if shape == (8, 1, 1):  # plain data parallelism: every device holds everything
     assert params_fraction == 1.0 and moments_fraction == 1.0
   elif shape == (1, 8, 1):  # ZeRO-3: params and Adam moments split 8 ways (a few tiny leaves aside)
     assert params_fraction < 0.2 and moments_fraction < 0.2, (params_fraction, moments_fraction)
-  else:                     # fsdp x tensor = 4 ways
+  else:  # fsdp x tensor = 4 ways
     assert params_fraction < 0.35 and moments_fraction < 0.35, (params_fraction, moments_fraction)
     embedding = state["params"]["llm"]["embedder"]["embedding"].sharding
     assert set(jax.tree.leaves(tuple(embedding.spec))) == {"tensor", "fsdp"}
@@ -198,8 +203,7 @@ def test_grad_accumulation_matches_one_big_batch(tok, reference, shape):
   for batch in reference.batches[:STEPS]:  # else a mean of micro-batch means would pass too
     assert batch["loss_mask"][:half].sum() != batch["loss_mask"][half:].sum()
   data, fsdp, tensor = shape
-  cfg = make_config(tok, {"train.grad_accum": 2, "mesh.data": data, "mesh.fsdp": fsdp,
-                          "mesh.tensor": tensor})
+  cfg = make_config(tok, {"train.grad_accum": 2, "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
   mesh = single_device_mesh(cfg) if shape == (1, 1, 1) else parallel.make_mesh(cfg.mesh)
   run = trainer_lib.build(cfg, mesh, tok.image_id)
   state = jax.device_put(reference.init, run.state_shardings)
@@ -222,8 +226,9 @@ def check_optimizer_state(run, trains: set[str]):
   assert set(counts) == trained_paths, sorted(set(counts) ^ trained_paths)[:5]
   assert all(n == 2 for n in counts.values()), counts
   leaves = jax.tree.leaves(run.abstract_state["opt_state"])
-  moment_elements = sum(x.size for x, param in zip(leaves, helpers.moment_paths(run.abstract_state["opt_state"],
-                                                                                 with_none=True)) if param)
+  moment_elements = sum(
+    x.size for x, param in zip(leaves, helpers.moment_paths(run.abstract_state["opt_state"], with_none=True)) if param
+  )
   assert moment_elements == 2 * sum(sizes[p] for p in trained_paths)
 
 
@@ -244,15 +249,17 @@ def run_three_steps(tok, reference, overrides):
   cfg = make_config(tok, overrides)
   run = trainer_lib.build(cfg, single_device_mesh(cfg), tok.image_id)
   params = reference.init["params"]
-  state = jax.device_put({"step": np.zeros((), np.int32), "params": params,
-                          "opt_state": run.tx.init(params)}, run.state_shardings)
+  state = jax.device_put(
+    {"step": np.zeros((), np.int32), "params": params, "opt_state": run.tx.init(params)}, run.state_shardings
+  )
   state, metrics = train_steps(run, state, reference.batches)
   assert all(np.isfinite(m["train/loss"]) for m in metrics)
   return run, reference.init, helpers.to_host(state)
 
 
-@pytest.mark.parametrize("stage,trains", [("stage1", {"bridge"}), ("stage2", {"bridge", "llm"})],
-                         ids=["stage1", "stage2"])
+@pytest.mark.parametrize(
+  "stage,trains", [("stage1", {"bridge"}), ("stage2", {"bridge", "llm"})], ids=["stage1", "stage2"]
+)
 def test_stage_freezes_exactly(tok, reference, stage, trains):
   run, init, final = run_three_steps(tok, reference, {"stage": stage})
   assert {component(p) for p, t in trained_components(run).items() if t} == trains
@@ -270,7 +277,8 @@ def test_full_stage_trains_everything(reference):
 def test_trainable_regex_acts_like_stage1(tok, reference):
   run, init, final = run_three_steps(tok, reference, {"stage": "full", "train.trainable": "bridge/.*"})
   assert flat_params(run.labels) == flat_params(
-      trainer_lib.build(make_config(tok, {"stage": "stage1"}), run.run.mesh, tok.image_id).labels)
+    trainer_lib.build(make_config(tok, {"stage": "stage1"}), run.run.mesh, tok.image_id).labels
+  )
   check_frozen_and_trained(init["params"], final["params"], {"bridge"})
   check_optimizer_state(run, {"bridge"})
 
@@ -281,8 +289,9 @@ def test_zero_lr_mult_freezes_the_llm_in_stage2(tok, reference):
   check_optimizer_state(run, {"bridge"})
 
 
-@pytest.mark.parametrize("pattern,message", [("bridge/.*,llm/nothing/.*", "matches no parameter"),
-                                             ("bridge/(", "bad regex")])
+@pytest.mark.parametrize(
+  "pattern,message", [("bridge/.*,llm/nothing/.*", "matches no parameter"), ("bridge/(", "bad regex")]
+)
 def test_bad_trainable_regex_is_a_user_error(tok, pattern, message):
   cfg = make_config(tok, {"train.trainable": pattern})
   with pytest.raises(UserError, match=message):
@@ -296,9 +305,17 @@ K = 2  # checkpoint_every; runs go to 2K steps
 
 def loop_config(tok, overrides=None):
   """The loop on all 8 devices (data parallel), with real `shapes` batches."""
-  overrides = {"mesh.data": -1, "data.seq_len": 64, "train.steps": 2 * K, "train.checkpoint_every": K,
-               "train.log_every": 1, "train.eval_every": 1000, "train.eval_examples": 8,
-               "train.eval_batch_size": 8, **(overrides or {})}
+  overrides = {
+    "mesh.data": -1,
+    "data.seq_len": 64,
+    "train.steps": 2 * K,
+    "train.checkpoint_every": K,
+    "train.log_every": 1,
+    "train.eval_every": 1000,
+    "train.eval_examples": 8,
+    "train.eval_batch_size": 8,
+    **(overrides or {}),
+  }
   return make_config(tok, overrides)
 
 
@@ -327,9 +344,12 @@ def runs(tok, tmp_path_factory):
   """A: stopped at step K (as if preempted), then resumed to 2K. B: unbroken to 2K."""
   root = tmp_path_factory.mktemp("runs")
   a, b = str(root / "a"), str(root / "b")
-  for overrides, message in [({"train.trainable": "bridge/.*,lm/.*"}, "matches no parameter"),
-                             ({"mesh.data": 3}, "mesh"), ({"data.sources": "coco"}, "unknown source"),
-                             ({"evals.shapes_test.data": "llava:nope.json"}, "config.evals.shapes_test: data spec")]:
+  for overrides, message in [
+    ({"train.trainable": "bridge/.*,lm/.*"}, "matches no parameter"),
+    ({"mesh.data": 3}, "mesh"),
+    ({"data.sources": "coco"}, "unknown source"),
+    ({"evals.shapes_test.data": "llava:nope.json"}, "config.evals.shapes_test: data spec"),
+  ]:
     with pytest.raises(UserError, match=message):  # typos first: nothing is written ...
       api.train(loop_config(tok, overrides), a)
     assert not os.path.exists(a), overrides
@@ -338,8 +358,9 @@ def runs(tok, tmp_path_factory):
   a_metrics_at_stop = read_metrics(a)
   a_eval = api.train(loop_config(tok), a)
   b_eval = api.train(loop_config(tok), b)
-  return dict(a=a, b=b, a_steps_at_stop=a_steps_at_stop, a_metrics_at_stop=a_metrics_at_stop,
-              a_eval=a_eval, b_eval=b_eval)
+  return dict(
+    a=a, b=b, a_steps_at_stop=a_steps_at_stop, a_metrics_at_stop=a_metrics_at_stop, a_eval=a_eval, b_eval=b_eval
+  )
 
 
 def test_resumed_run_matches_unbroken_run(runs):
@@ -386,10 +407,12 @@ def assert_failed_starts_leave_the_run_as_it_was(tok, workdir):
   """Bad mesh, regex, data: refused, and every file of the run byte-identical (config.json too,
   even where the bad command also changed a field a resume may change)."""
   before = helpers.workdir_files(workdir)
-  for overrides, message in [({"mesh.data": 3}, "mesh"),
-                             ({"train.trainable": "lm/.*"}, "different config"),
-                             ({"train.steps": 3 * K, "data.threads": -1}, "data.threads"),
-                             ({"train.steps": 3 * K, "data.sources": "coco"}, "different config")]:
+  for overrides, message in [
+    ({"mesh.data": 3}, "mesh"),
+    ({"train.trainable": "lm/.*"}, "different config"),
+    ({"train.steps": 3 * K, "data.threads": -1}, "data.threads"),
+    ({"train.steps": 3 * K, "data.sources": "coco"}, "different config"),
+  ]:
     with pytest.raises(UserError, match=message):
       api.train(loop_config(tok, overrides), workdir)
     assert helpers.workdir_files(workdir) == before, overrides

@@ -16,8 +16,7 @@ from vlm_jax.errors import UserError
 
 def _xla(latency_hiding_scheduler=False, async_collectives=False, flags=""):
   c = config_lib.base().xla
-  c.update(dict(latency_hiding_scheduler=latency_hiding_scheduler, async_collectives=async_collectives,
-                flags=flags))
+  c.update(dict(latency_hiding_scheduler=latency_hiding_scheduler, async_collectives=async_collectives, flags=flags))
   return c
 
 
@@ -36,7 +35,9 @@ def test_tpu_options():
 
 def test_gpu_options():
   assert xla_options.compiler_options(_xla(True, True), "gpu") == {
-      "xla_gpu_enable_latency_hiding_scheduler": "True", "xla_gpu_enable_highest_priority_async_stream": "True"}
+    "xla_gpu_enable_latency_hiding_scheduler": "True",
+    "xla_gpu_enable_highest_priority_async_stream": "True",
+  }
 
 
 def test_cpu_gets_only_the_flags_and_says_why(caplog):
@@ -72,12 +73,12 @@ def test_bad_flags_name_the_field(flags):
 
 def test_libtpu_accepts_the_tpu_options(monkeypatch):
   from jax.experimental import topologies  # libtpu: the test extra's jax[tpu]
+
   # Only a description of the chips is used: another process holding libtpu must not fail this.
   monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
   mesh = Mesh(np.array(devices), ("x",))
-  x, w = (jax.ShapeDtypeStruct((256, 512), jnp.float32, sharding=NamedSharding(mesh, P("x")))
-          for _ in range(2))
+  x, w = (jax.ShapeDtypeStruct((256, 512), jnp.float32, sharding=NamedSharding(mesh, P("x"))) for _ in range(2))
   lowered = jax.jit(lambda x, w: jnp.tanh(x @ w.T) @ w, out_shardings=NamedSharding(mesh, P())).lower(x, w)
   options = xla_options.compiler_options(_xla(True, True), "tpu")
   assert "all-gather" in lowered.compile(compiler_options=options).as_text()

@@ -19,4 +19,5 @@ convert.hf_config.LLM_FAMILIES, data.templates.TEMPLATES.
 def load(path: str, dtype: str | None = None):
   """Loads a trained model or a Hugging Face LLaVA directory; see vlm_jax.api.load."""
   from vlm_jax.api import load as _load  # jax is imported only when a model is loaded
+
   return _load(path, dtype=dtype)

@@ -33,16 +33,20 @@ GIB = 1 << 30
 # the "available HBM" libtpu's compiler states when it refuses a program (16 and 32 GiB chips);
 # v4 and v5p: Cloud TPU's published HBM. Peaks: Cloud TPU's published specs.
 CHIPS = {
-    "TPU v4": (32 * GIB, 275e12),
-    "TPU v5 lite": (int(15.75 * GIB), 197e12),   # v5e
-    "TPU v5": (95 * GIB, 459e12),                # v5p
-    "TPU v6 lite": (int(31.25 * GIB), 918e12),   # v6e (Trillium)
+  "TPU v4": (32 * GIB, 275e12),
+  "TPU v5 lite": (int(15.75 * GIB), 197e12),  # v5e
+  "TPU v5": (95 * GIB, 459e12),  # v5p
+  "TPU v6 lite": (int(31.25 * GIB), 918e12),  # v6e (Trillium)
 }
 # Off a TPU VM, libtpu looks for the VM's metadata and prints errors when it finds none; the
 # slice described by the topology name does not need it.
 # ALLOW_MULTIPLE_LIBTPU_LOAD: compiling beside a process that holds the chips (a run on the VM).
-_NO_TPU_VM = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
-              "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+_NO_TPU_VM = {
+  "TPU_SKIP_MDS_QUERY": "1",
+  "TPU_WORKER_HOSTNAMES": "localhost",
+  "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+  "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+}
 GPU_PEAK_FLOPS = 989e12  # H100 dense bf16 (the LLaVA reference baseline's peak)
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_OP = re.compile(r"=\s*\S+\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
@@ -78,14 +82,14 @@ class Report:
   chips: int
   device_kind: str
   mesh: dict[str, int]
-  memory: "Memory"               # the train step's, per chip
+  memory: "Memory"  # the train step's, per chip
   hbm_bytes: int
-  flops_per_step: float          # per chip: the model's FLOPs (model_flops) / chips
-  compiler_flops: float          # per chip, the compiler's cost analysis: it counts a loop body
-                                 # (the scan over layers) once, so it undercounts a scanned model
-  peak_flops: float              # per chip, dense bf16
+  flops_per_step: float  # per chip: the model's FLOPs (model_flops) / chips
+  compiler_flops: float  # per chip, the compiler's cost analysis: it counts a loop body
+  # (the scan over layers) once, so it undercounts a scanned model
+  peak_flops: float  # per chip, dense bf16
   collectives: dict[str, int]
-  pallas_kernels: int            # custom calls into Pallas TPU kernels (splash attention)
+  pallas_kernels: int  # custom calls into Pallas TPU kernels (splash attention)
   compile_seconds: float
   generation: dict | None = None  # compile_generation's, where asked for
 
@@ -108,12 +112,21 @@ class Report:
     return self.flops_per_step / self.peak_flops
 
   def to_json(self) -> dict:
-    return {"topology": self.topology, "chips": self.chips, "device_kind": self.device_kind, "mesh": self.mesh,
-            "per_chip": {**self.memory.to_json(), "hbm_bytes": self.hbm_bytes},
-            "fits": self.fits, "flops_per_step": self.flops_per_step, "compiler_flops": self.compiler_flops,
-            "roofline_step_seconds": self.roofline_seconds, "collectives": self.collectives,
-            "pallas_kernels": self.pallas_kernels, "generation": self.generation,
-            "compile_seconds": round(self.compile_seconds, 1)}
+    return {
+      "topology": self.topology,
+      "chips": self.chips,
+      "device_kind": self.device_kind,
+      "mesh": self.mesh,
+      "per_chip": {**self.memory.to_json(), "hbm_bytes": self.hbm_bytes},
+      "fits": self.fits,
+      "flops_per_step": self.flops_per_step,
+      "compiler_flops": self.compiler_flops,
+      "roofline_step_seconds": self.roofline_seconds,
+      "collectives": self.collectives,
+      "pallas_kernels": self.pallas_kernels,
+      "generation": self.generation,
+      "compile_seconds": round(self.compile_seconds, 1),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,18 +145,21 @@ def target(name: str) -> Target:
     gib = name[4:]
     if not gib.isdigit() or int(gib) < 1:
       raise UserError(f"--topology {name}: expected gpu:GB, e.g. gpu:80")
-    return Target(jax.devices("cpu")[:1], f"GPU, {gib} GB (estimate from the CPU compiler)", int(gib) * 10**9,
-                  GPU_PEAK_FLOPS)
+    return Target(
+      jax.devices("cpu")[:1], f"GPU, {gib} GB (estimate from the CPU compiler)", int(gib) * 10**9, GPU_PEAK_FLOPS
+    )
   try:
     from jax.experimental import topologies
+
     with _off_tpu_vm():
       devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
   except ImportError as e:
     raise UserError(f"--topology {name}: needs libtpu (pip install 'jax[tpu]'): {e}") from None
   except Exception as e:  # libtpu's own message says what is wrong with the name
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f"--topology {name}: not a TPU topology libtpu knows (e.g. v5e:2x2, v5p:2x2x1, v6e:2x2) "
-                    f"nor gpu:GB: {first}") from None
+    raise UserError(
+      f"--topology {name}: not a TPU topology libtpu knows (e.g. v5e:2x2, v5p:2x2x1, v6e:2x2) nor gpu:GB: {first}"
+    ) from None
   kind = devices[0].device_kind
   if kind not in CHIPS:
     raise UserError(f"--topology {name}: no HBM figure for {kind!r} (known: {', '.join(CHIPS)})")
@@ -154,10 +170,23 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict:
   """The global batch's shapes and dtypes, in the batch sharding: those of one batch the data
   pipeline makes for this config from the built-in `shapes` set (shapes do not depend on the data)."""
   c = ml_collections.ConfigDict(config.to_dict())
-  c.data.update(dict(sources="shapes:wide" if c.model.anyres.enabled else "shapes", tokenizer="shapes",
-                     template="simple", workers=0, threads=0, prefetch=0, strict=False))  # any template fits shapes
-  batches = pipeline.Batches(c, Tokenizer.load("shapes"), vlm.image_tokens(c.model),
-                                         tile_groups=parallel.batch_divisor(mesh) * c.train.grad_accum)
+  c.data.update(
+    dict(
+      sources="shapes:wide" if c.model.anyres.enabled else "shapes",
+      tokenizer="shapes",
+      template="simple",
+      workers=0,
+      threads=0,
+      prefetch=0,
+      strict=False,
+    )
+  )  # any template fits shapes
+  batches = pipeline.Batches(
+    c,
+    Tokenizer.load("shapes"),
+    vlm.image_tokens(c.model),
+    tile_groups=parallel.batch_divisor(mesh) * c.train.grad_accum,
+  )
   try:
     batch = pipeline.device_batch(next(batches))
   finally:
@@ -169,6 +198,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict:
 @dataclasses.dataclass
 class Memory:
   """A compiled program's memory per chip (XLA's memory analysis)."""
+
   arguments_bytes: int
   temp_bytes: int
   output_bytes: int
@@ -177,8 +207,9 @@ class Memory:
   @classmethod
   def of(cls, compiled) -> "Memory":
     m = compiled.memory_analysis()
-    return cls(int(m.argument_size_in_bytes), int(m.temp_size_in_bytes), int(m.output_size_in_bytes),
-               int(m.alias_size_in_bytes))
+    return cls(
+      int(m.argument_size_in_bytes), int(m.temp_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes)
+    )
 
   @property
   def total_bytes(self) -> int:
@@ -213,15 +244,28 @@ def compile_generation(run: build_lib.Run, rows: int, prompt_len: int, new_token
   v, slots = run.config.model.vision, generate.bucket(prompt_len)
   image_dtype = np.uint8 if run.config.data.images_uint8 else np.float32
   knobs = jax.tree.map(lambda x: value((), x.dtype), generate.Sampling().knobs())
-  prefilled, state = _compile(prefill, layer_params, value((rows, slots), np.int32), value((rows,), np.int32),
-                              value((rows,), np.bool_), value((rows, 1, v.image_size, v.image_size, 3), image_dtype),
-                              value((rows,), np.uint32), knobs)
+  prefilled, state = _compile(
+    prefill,
+    layer_params,
+    value((rows, slots), np.int32),
+    value((rows,), np.int32),
+    value((rows,), np.bool_),
+    value((rows, 1, v.image_size, v.image_size, 3), image_dtype),
+    value((rows,), np.uint32),
+    knobs,
+  )
   decoded, _ = _compile(decode, layer_params, state, value((), np.int32), knobs)
   stacked = Memory.of(unstacked).arguments_bytes
   prefill_memory, decode_memory = Memory.of(prefilled), Memory.of(decoded)
-  return {"rows": rows, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "stacked_params_bytes": stacked,
-          "prefill": prefill_memory.to_json(), "decode": decode_memory.to_json(),
-          "total_bytes": stacked + max(prefill_memory.total_bytes, decode_memory.total_bytes)}
+  return {
+    "rows": rows,
+    "prompt_tokens": prompt_len,
+    "new_tokens": new_tokens,
+    "stacked_params_bytes": stacked,
+    "prefill": prefill_memory.to_json(),
+    "decode": decode_memory.to_json(),
+    "total_bytes": stacked + max(prefill_memory.total_bytes, decode_memory.total_bytes),
+  }
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
@@ -250,7 +294,9 @@ def model_flops(config: ml_collections.ConfigDict, params, labels, batch: dict) 
   per_image = (v.image_size // v.patch_size) ** 2 + int(v.keep_cls)
   rows, length = batch["tokens"].shape
   passes = lambda part, frozen_backward: 6 if part in trains else (4 if frozen_backward else 2)
-  vision = passes("vision", False) * (counts.get("vision", 0) * per_image + 2 * v.depth * v.width * per_image ** 2) * n_images
+  vision = (
+    passes("vision", False) * (counts.get("vision", 0) * per_image + 2 * v.depth * v.width * per_image**2) * n_images
+  )
   bridge = passes("bridge", "vision" in trains) * counts.get("bridge", 0) * n_images * vlm.image_tokens(config.model)
   attention_scores = m.depth * m.heads * m.head_dim * length * length  # multiply-adds of QK^T and PV, causal half
   llm = passes("llm", True) * (counts.get("llm", 0) * length + attention_scores) * rows
@@ -285,9 +331,21 @@ def compile_run(config: ml_collections.ConfigDict, topology: str, generation: tu
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = model_flops(config, trainer.run.abstract_params, trainer.labels, batch) / len(devices)
   hlo = compiled.as_text()
-  return Report(topology, len(devices), chips.device_kind, dict(mesh.shape), Memory.of(compiled), chips.hbm_bytes,
-                flops, float(cost.get("flops", 0.0)), chips.peak_flops, count_collectives(hlo),
-                hlo.count('custom_call_target="tpu_custom_call"'), seconds, generated)
+  return Report(
+    topology,
+    len(devices),
+    chips.device_kind,
+    dict(mesh.shape),
+    Memory.of(compiled),
+    chips.hbm_bytes,
+    flops,
+    float(cost.get("flops", 0.0)),
+    chips.peak_flops,
+    count_collectives(hlo),
+    hlo.count('custom_call_target="tpu_custom_call"'),
+    seconds,
+    generated,
+  )
 
 
 def levers_to_fit(config: ml_collections.ConfigDict, chips: int) -> list[str]:
@@ -310,21 +368,27 @@ def levers_to_fit(config: ml_collections.ConfigDict, chips: int) -> list[str]:
 def describe(report: Report) -> str:
   gib = lambda n: f"{n / GIB:.2f} GiB"
   m = report.memory
-  lines = [f"{report.topology}: {report.chips} x {report.device_kind}, mesh "
-           + " x ".join(f"{k}={v}" for k, v in report.mesh.items()) + f" (compiled in {report.compile_seconds:.0f} s)",
-           f"train step, per chip: arguments {gib(m.arguments_bytes)}, temporaries {gib(m.temp_bytes)}, "
-           f"outputs {gib(m.output_bytes)} ({gib(m.alias_bytes)} of them in donated inputs)",
-           f"          total {gib(m.total_bytes)} of {gib(report.hbm_bytes)} HBM",
-           f"FLOPs per step per chip: {report.flops_per_step:.3e} (model count; the compiler's, which counts a loop "
-           f"body once: {report.compiler_flops:.3e})",
-           f"roofline bound on the step time: "
-           f"{report.roofline_seconds * 1e3:.1f} ms at {report.peak_flops / 1e12:.0f} TFLOP/s (not a measurement)",
-           "collectives: " + ", ".join(f"{k} {v}" for k, v in report.collectives.items() if v)
-           + f"; Pallas kernel calls: {report.pallas_kernels}"]
+  lines = [
+    f"{report.topology}: {report.chips} x {report.device_kind}, mesh "
+    + " x ".join(f"{k}={v}" for k, v in report.mesh.items())
+    + f" (compiled in {report.compile_seconds:.0f} s)",
+    f"train step, per chip: arguments {gib(m.arguments_bytes)}, temporaries {gib(m.temp_bytes)}, "
+    f"outputs {gib(m.output_bytes)} ({gib(m.alias_bytes)} of them in donated inputs)",
+    f"          total {gib(m.total_bytes)} of {gib(report.hbm_bytes)} HBM",
+    f"FLOPs per step per chip: {report.flops_per_step:.3e} (model count; the compiler's, which counts a loop "
+    f"body once: {report.compiler_flops:.3e})",
+    f"roofline bound on the step time: "
+    f"{report.roofline_seconds * 1e3:.1f} ms at {report.peak_flops / 1e12:.0f} TFLOP/s (not a measurement)",
+    "collectives: "
+    + ", ".join(f"{k} {v}" for k, v in report.collectives.items() if v)
+    + f"; Pallas kernel calls: {report.pallas_kernels}",
+  ]
   if report.generation:
     g = report.generation
-    lines.append(f"generation ({g['rows']} prompts of {g['prompt_tokens']} tokens + {g['new_tokens']} new), per chip: "
-                 f"params {gib(g['stacked_params_bytes'])}, prefill {gib(g['prefill']['total_bytes'])}, "
-                 f"decode {gib(g['decode']['total_bytes'])}; total {gib(g['total_bytes'])}")
+    lines.append(
+      f"generation ({g['rows']} prompts of {g['prompt_tokens']} tokens + {g['new_tokens']} new), per chip: "
+      f"params {gib(g['stacked_params_bytes'])}, prefill {gib(g['prefill']['total_bytes'])}, "
+      f"decode {gib(g['decode']['total_bytes'])}; total {gib(g['total_bytes'])}"
+    )
   lines.append("fits" if report.fits else "DOES NOT FIT")
   return "\n".join(lines)

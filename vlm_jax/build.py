@@ -43,8 +43,9 @@ def resolve_model_config(config: ml_collections.ConfigDict, vocab_size: int, eos
     if tower.vocab_size == 0:
       tower.vocab_size = vocab_size
     elif tower.vocab_size < vocab_size:
-      raise UserError(f"config.model.{name}.vocab_size ({tower.vocab_size}) is smaller than the tokenizer's "
-                      f"vocabulary ({vocab_size})")
+      raise UserError(
+        f"config.model.{name}.vocab_size ({tower.vocab_size}) is smaller than the tokenizer's vocabulary ({vocab_size})"
+      )
   if config.task == "contrastive" and config.model.text.eos_id < 0:
     config.model.text.eos_id = eos_id
 
@@ -62,14 +63,15 @@ def flat_params(tree) -> dict:
 @dataclasses.dataclass
 class Run:
   """What training, eval, inference and conversion share, built once per (config, mesh)."""
+
   config: ml_collections.ConfigDict
   mesh: Mesh
   task: tasks.Task
   model: nn.Module
   param_shardings: object
   abstract_params: object
-  init_params: Callable          # rng -> params from the model's initialisers, in their shardings
-  eval_step: Callable            # (params, batch) -> {"loss_sum", "count"}
+  init_params: Callable  # rng -> params from the model's initialisers, in their shardings
+  eval_step: Callable  # (params, batch) -> {"loss_sum", "count"}
   # config.lora on: the plain model's Run (what init_from checkpoints and exports hold), and
   # plain params -> this model's (fresh adapters, base weights stored as lora.base_dtype says).
   base: "Run | None" = None
@@ -99,8 +101,12 @@ def _quantization_blocks(model: nn.Module, inputs: tuple, lora_cfg: ml_collectio
   blocks = lora.quantization_blocks(model, inputs, lora_cfg)
   smaller = {path: b for path, b in blocks.items() if b != lora_cfg.block_size}
   if smaller:
-    log.info("QLoRA blocks: %d input rows a scale; smaller where %d does not divide the input: %s",
-             lora_cfg.block_size, lora_cfg.block_size, ", ".join(f"{p} {b}" for p, b in smaller.items()))
+    log.info(
+      "QLoRA blocks: %d input rows a scale; smaller where %d does not divide the input: %s",
+      lora_cfg.block_size,
+      lora_cfg.block_size,
+      ", ".join(f"{p} {b}" for p, b in smaller.items()),
+    )
   return blocks
 
 
@@ -131,17 +137,32 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
 
   with tracing_context(mesh):
     init_params = jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=param_shardings)
-    eval_step = jax.jit(eval_step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
-                        out_shardings=parallel.replicated(mesh))
+    eval_step = jax.jit(
+      eval_step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)), out_shardings=parallel.replicated(mesh)
+    )
   # qwix creates adapters with their kernel's logical names, which it applies to the adapter's
   # shape while a mesh is set (a rank error): LoRA inits trace without one, their placement
   # coming from out_shardings alone.
   init_context = _without_mesh if base else in_mesh
-  run = Run(config, mesh, task, model, param_shardings, nn.meta.unbox(boxed), init_context(init_params, mesh),
-            in_mesh(eval_step, mesh))
+  run = Run(
+    config,
+    mesh,
+    task,
+    model,
+    param_shardings,
+    nn.meta.unbox(boxed),
+    init_context(init_params, mesh),
+    in_mesh(eval_step, mesh),
+  )
   if base:
-    attach = _without_mesh(jax.jit(lambda params, rng: lora.attach(params, nn.meta.unbox(boxed_init(rng))),
-                                   out_shardings=param_shardings, donate_argnums=0), mesh)
+    attach = _without_mesh(
+      jax.jit(
+        lambda params, rng: lora.attach(params, nn.meta.unbox(boxed_init(rng))),
+        out_shardings=param_shardings,
+        donate_argnums=0,
+      ),
+      mesh,
+    )
     run.base, run.adapt, run.train_model = base, lambda params: attach(params, jax.random.key(config.seed)), train_model
   return run
 
@@ -149,10 +170,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, image_token_id: int) ->
 def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
   """Calls (and so traces) a jitted `fn` with the mesh, the logical rules and the mesh's platform
   (attention.on_platform) in context."""
+
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     with tracing_context(mesh):
       return fn(*args, **kwargs)
+
   wrapped.lower = lambda *a, **k: _lower(fn, mesh, *a, **k)
   return wrapped
 
@@ -164,10 +187,12 @@ def _lower(fn, mesh, *args, **kwargs):
 
 def _without_mesh(fn: Callable, mesh: Mesh) -> Callable:
   """Like in_mesh, without setting the mesh (for the LoRA inits above)."""
+
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     with nn.logical_axis_rules(parallel.RULES), attention.on_platform(parallel.platform(mesh)):
       return fn(*args, **kwargs)
+
   return wrapped
 
 

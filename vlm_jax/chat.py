@@ -30,8 +30,9 @@ class Chat:
       text = place_image(text, self.model.config.data.image_position, len(self.pending))
     images = self.images + self.pending
     pieces = []
-    for piece in self.model.stream([images or None], [text], self.max_new_tokens, history=self.history,
-                                   **self.sampling):
+    for piece in self.model.stream(
+      [images or None], [text], self.max_new_tokens, history=self.history, **self.sampling
+    ):
       pieces.append(piece)
       yield piece
     self.history.append((text, "".join(pieces)))
@@ -56,7 +57,7 @@ class Chat:
           self.reset()
           print("(new conversation)", file=out)
         elif line.split()[0] == "/image":
-          path = line[len("/image"):].strip()
+          path = line[len("/image") :].strip()
           if not path:
             raise UserError("/image: give the image's path")
           self.pending.append(load_image(path))

@@ -39,8 +39,10 @@ def local_files(path: str) -> str:
   src = as_path(path)
   if not src.exists():
     raise UserError(f"{path}: no such file or directory")
-  cache = os.path.join(os.environ.get("VLM_JAX_CACHE", os.path.join(tempfile.gettempdir(), "vlm_jax")),
-                       hashlib.sha256(str(path).encode()).hexdigest()[:16])
+  cache = os.path.join(
+    os.environ.get("VLM_JAX_CACHE", os.path.join(tempfile.gettempdir(), "vlm_jax")),
+    hashlib.sha256(str(path).encode()).hexdigest()[:16],
+  )
   os.makedirs(cache, exist_ok=True)
   files = [f for f in src.iterdir() if f.is_file() and not f.name.endswith(".safetensors")] if src.is_dir() else [src]
   for f in files:

@@ -25,6 +25,7 @@ MODEL_ID = "vlm_jax"
 def manifest():
   """The entry point's payload: lmms-eval's registration of this class as `--model vlm_jax`."""
   from lmms_eval.models.registry_v2 import ModelManifest
+
   return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.VlmJax")
 
 
@@ -40,8 +41,14 @@ class VlmJax(lmms):
   """model_args: checkpoint (a workdir, step dir or Hugging Face LLaVA dir), batch_size,
   max_new_tokens (when a task does not say), dtype (e.g. float32)."""
 
-  def __init__(self, checkpoint: str, batch_size: int | str = 8, max_new_tokens: int | str = 128,
-               dtype: str | None = None, **unused):
+  def __init__(
+    self,
+    checkpoint: str,
+    batch_size: int | str = 8,
+    max_new_tokens: int | str = 128,
+    dtype: str | None = None,
+    **unused,
+  ):
     super().__init__()
     self.model = vlm_jax.load(checkpoint, dtype=dtype)
     self.batch_size = int(batch_size)
@@ -75,7 +82,7 @@ class VlmJax(lmms):
       max_new = int(kwargs.get("max_new_tokens") or self.max_new_tokens)
       indices = sorted(indices, key=lambda i: -len(requests[i].args[0]))  # similar lengths together
       for start in range(0, len(indices), self.batch_size):
-        chunk = indices[start:start + self.batch_size]
+        chunk = indices[start : start + self.batch_size]
         contexts = [requests[i].args[0] for i in chunk]
         images = [self._visuals(*requests[i].args[2:6]) for i in chunk]
         for i, text in zip(chunk, self.model.generate(images, contexts, max_new, **sampling)):
@@ -88,7 +95,7 @@ class VlmJax(lmms):
     out: list[tuple[float, bool]] = []
     progress = ProgressBar("lmms loglikelihood")
     for start in range(0, len(requests), self.batch_size):
-      chunk = [r.args for r in requests[start:start + self.batch_size]]
+      chunk = [r.args for r in requests[start : start + self.batch_size]]
       contexts = [a[0] for a in chunk]
       continuations = [a[1] if isinstance(a[1], str) else a[1](self.task_dict[a[4]][a[5]][a[3]]) for a in chunk]
       images = [self._visuals(*a[2:6]) for a in chunk]

@@ -17,20 +17,20 @@ DATA, FSDP = BATCH_AXES
 # Parameters: weights are split over fsdp (ZeRO-3) on their embed side and over tensor on their
 # heads/mlp/vocab side. Activations: batch over data x fsdp, heads/mlp over tensor.
 RULES = (
-    ("embed", FSDP),
-    ("mlp", TENSOR_AXIS),
-    ("heads", TENSOR_AXIS),
-    ("kv_heads", TENSOR_AXIS),
-    ("head_dim", None),
-    ("vocab", TENSOR_AXIS),
-    ("layers", None),
-    ("act_batch", BATCH_AXES),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", TENSOR_AXIS),
-    ("act_batch_kv_heads", (*BATCH_AXES, TENSOR_AXIS)),  # the KV cache's (row, kv head) dim
-    ("act_mlp", TENSOR_AXIS),
-    ("act_vocab", TENSOR_AXIS),
+  ("embed", FSDP),
+  ("mlp", TENSOR_AXIS),
+  ("heads", TENSOR_AXIS),
+  ("kv_heads", TENSOR_AXIS),
+  ("head_dim", None),
+  ("vocab", TENSOR_AXIS),
+  ("layers", None),
+  ("act_batch", BATCH_AXES),
+  ("act_length", None),
+  ("act_embed", None),
+  ("act_heads", TENSOR_AXIS),
+  ("act_batch_kv_heads", (*BATCH_AXES, TENSOR_AXIS)),  # the KV cache's (row, kv head) dim
+  ("act_mlp", TENSOR_AXIS),
+  ("act_vocab", TENSOR_AXIS),
 )
 BATCH = P(BATCH_AXES)
 
@@ -50,8 +50,10 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
       raise UserError(f"config.mesh: {len(devices)} devices do not divide by the fixed axes' product {known}")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise UserError(f"config.mesh: data x fsdp x tensor = {'x'.join(map(str, sizes))} = "
-                    f"{math.prod(sizes)} devices, but {len(devices)} are available")
+    raise UserError(
+      f"config.mesh: data x fsdp x tensor = {'x'.join(map(str, sizes))} = "
+      f"{math.prod(sizes)} devices, but {len(devices)} are available"
+    )
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
@@ -81,12 +83,15 @@ def param_shardings(abstract_boxed_params, mesh: Mesh):
   mesh_specs = nn.logical_to_mesh(logical_specs, RULES)
   shapes = nn.meta.unbox(abstract_boxed_params)
   return jax.tree_util.tree_map_with_path(
-      lambda path, spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh, jax.tree_util.keystr(path))),
-      mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+    lambda path, spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh, jax.tree_util.keystr(path))),
+    mesh_specs,
+    shapes,
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def platform(mesh: Mesh) -> str:
-  """"tpu", "gpu" or "cpu": the mesh's devices' (libtpu's topology devices when compiling for a
+  """ "tpu", "gpu" or "cpu": the mesh's devices' (libtpu's topology devices when compiling for a
   TPU from another machine)."""
   return mesh.devices.flat[0].platform
 
@@ -122,8 +127,9 @@ def shardings_by_param_path(tree, param_shardings, params_abstract, mesh: Mesh):
   sharding; anything else (step counts, schedules' state) is replicated.
   """
   by_path = {}
-  for (path, sharding), (_, x) in zip(jax.tree_util.tree_flatten_with_path(param_shardings)[0],
-                                      jax.tree_util.tree_flatten_with_path(params_abstract)[0]):
+  for (path, sharding), (_, x) in zip(
+    jax.tree_util.tree_flatten_with_path(param_shardings)[0], jax.tree_util.tree_flatten_with_path(params_abstract)[0]
+  ):
     by_path[tuple(path)] = (sharding, x.shape)
 
   def pick(path, leaf):
@@ -132,4 +138,5 @@ def shardings_by_param_path(tree, param_shardings, params_abstract, mesh: Mesh):
       if hit and hit[1] == leaf.shape:
         return hit[0]
     return replicated(mesh)
+
   return jax.tree_util.tree_map_with_path(pick, tree)

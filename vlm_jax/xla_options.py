@@ -14,25 +14,27 @@ import ml_collections
 from vlm_jax.errors import UserError
 
 LATENCY_HIDING = {
-    "tpu": {"xla_tpu_enable_latency_hiding_scheduler": "true"},
-    "gpu": {"xla_gpu_enable_latency_hiding_scheduler": "True"},
+  "tpu": {"xla_tpu_enable_latency_hiding_scheduler": "true"},
+  "gpu": {"xla_gpu_enable_latency_hiding_scheduler": "True"},
 }
 ASYNC_COLLECTIVES = {
-    # MaxText's continuation fusion (benchmarks/xla_flags_library.py CF_FOR_ALL_GATHER,
-    # CF_FOR_ALL_REDUCE), and its reduce-scatter pair (FSDP's gradients): collectives start early
-    # and overlap the compute.
-    "tpu": {"xla_tpu_enable_async_collective_fusion": "true",
-            "xla_tpu_enable_async_collective_fusion_fuse_all_gather": "true",
-            "xla_tpu_enable_async_collective_fusion_fuse_all_reduce": "true",
-            "xla_tpu_enable_async_collective_fusion_fuse_reduce_scatter": "true",
-            "xla_tpu_enable_async_collective_fusion_multiple_steps": "true",
-            "xla_tpu_overlap_compute_collective_tc": "true",
-            "xla_enable_async_all_gather": "true",
-            "xla_enable_async_all_reduce": "true",
-            "xla_enable_async_reduce_scatter_fusion": "true"},
-    # GPU collectives are async by default (xla_gpu_enable_async_collectives is gone); their
-    # stream is given priority over compute (NVIDIA JAX-Toolbox's GPU performance notes).
-    "gpu": {"xla_gpu_enable_highest_priority_async_stream": "True"},
+  # MaxText's continuation fusion (benchmarks/xla_flags_library.py CF_FOR_ALL_GATHER,
+  # CF_FOR_ALL_REDUCE), and its reduce-scatter pair (FSDP's gradients): collectives start early
+  # and overlap the compute.
+  "tpu": {
+    "xla_tpu_enable_async_collective_fusion": "true",
+    "xla_tpu_enable_async_collective_fusion_fuse_all_gather": "true",
+    "xla_tpu_enable_async_collective_fusion_fuse_all_reduce": "true",
+    "xla_tpu_enable_async_collective_fusion_fuse_reduce_scatter": "true",
+    "xla_tpu_enable_async_collective_fusion_multiple_steps": "true",
+    "xla_tpu_overlap_compute_collective_tc": "true",
+    "xla_enable_async_all_gather": "true",
+    "xla_enable_async_all_reduce": "true",
+    "xla_enable_async_reduce_scatter_fusion": "true",
+  },
+  # GPU collectives are async by default (xla_gpu_enable_async_collectives is gone); their
+  # stream is given priority over compute (NVIDIA JAX-Toolbox's GPU performance notes).
+  "gpu": {"xla_gpu_enable_highest_priority_async_stream": "True"},
 }
 # Entries split at a comma followed by the next `name=`, so a value may be a list (A,B).
 _ENTRY_SPLIT = re.compile(r",(?=\s*[A-Za-z_]\w*=)")
@@ -47,8 +49,10 @@ def parse_flags(text: str) -> dict[str, str]:
   for entry in _ENTRY_SPLIT.split(text):
     match = _ENTRY.fullmatch(entry)
     if not match:
-      raise UserError(f"config.xla.flags: {entry.strip()!r} is not name=value (expected "
-                      "'name=value,name=value' with XLA option names, no leading --)")
+      raise UserError(
+        f"config.xla.flags: {entry.strip()!r} is not name=value (expected "
+        "'name=value,name=value' with XLA option names, no leading --)"
+      )
     out[match.group(1)] = match.group(2).strip()
   return out
 
@@ -64,7 +68,8 @@ def compiler_options(xla_cfg: ml_collections.ConfigDict, platform: str) -> dict[
       if xla_cfg.async_collectives:
         options.update(ASYNC_COLLECTIVES[platform])
     else:
-      logging.info("config.xla.latency_hiding_scheduler and async_collectives are for TPU and GPU; "
-                   "nothing set on %s", platform)
+      logging.info(
+        "config.xla.latency_hiding_scheduler and async_collectives are for TPU and GPU; nothing set on %s", platform
+      )
   options.update(parse_flags(xla_cfg.flags))
   return options

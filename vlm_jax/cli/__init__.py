@@ -11,13 +11,25 @@ from vlm_jax.errors import UserError
 
 __all__ = ["COMMANDS", "main", "split_overrides"]  # split_overrides: bench/ scripts read --config.KEY=VALUE so
 
-COMMANDS = {"train": train, "eval": eval, "generate": generate, "chat": chat, "convert": convert, "tokens": tokens,
-            "data": data, "compile": compile}
+COMMANDS = {
+  "train": train,
+  "eval": eval,
+  "generate": generate,
+  "chat": chat,
+  "convert": convert,
+  "tokens": tokens,
+  "data": data,
+  "compile": compile,
+}
 
 
 def _setup_logging(verbose: bool) -> None:
-  logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                      format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  logging.basicConfig(
+    level=logging.INFO if verbose else logging.WARNING,
+    stream=sys.stderr,
+    format="%(asctime)s %(message)s",
+    datefmt="%H:%M:%S",
+  )
   logging.getLogger("vlm_jax").setLevel(logging.INFO)
   for noisy in ("absl", "orbax", "jax", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -14,8 +14,10 @@ def run(argv: list[str]) -> int:
   sampling = common.sampling(args)
   from vlm_jax import chat
   from vlm_jax.data.images import load_image
+
   images = [load_image(path) for path in args.image]
   import vlm_jax
+
   session = chat.Chat(vlm_jax.load(args.checkpoint), max_new_tokens=args.max_new_tokens or 256, **sampling)
   session.pending.extend(images)
   return session.run(input, sys.stdout)

@@ -24,7 +24,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
   while i < len(argv):
     arg = argv[i]
     if arg.startswith("--config."):
-      key, eq, value = arg[len("--config."):].partition("=")
+      key, eq, value = arg[len("--config.") :].partition("=")
       if not eq:
         if i + 1 >= len(argv):
           raise UserError(f"{arg}: missing value")
@@ -36,14 +36,21 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
   return rest, overrides
 
 
-def load_config(spec: str | None, overrides: dict[str, str], *, data: str | None = None,
-                eval_data: str | None = None, complete: bool = True) -> "ml_collections.ConfigDict | None":
+def load_config(
+  spec: str | None,
+  overrides: dict[str, str],
+  *,
+  data: str | None = None,
+  eval_data: str | None = None,
+  complete: bool = True,
+) -> "ml_collections.ConfigDict | None":
   """`--config CONFIG.py[:ARG]` with the --config.KEY=VALUE overrides; `data` replaces its
   data.sources, `eval_data` its evals (one eval, metric auto). complete: then what
   config.model.init_from's checkpoint defines is taken from it (vlm_jax/convert/init_from.py) and
   the config is validated; convert's is not (there the Hugging Face directory gives the model).
   No spec: None, and overrides are an error."""
   from vlm_jax import config as config_lib
+
   if not spec:
     if overrides:
       raise UserError("--config.KEY=VALUE needs --config")
@@ -57,6 +64,7 @@ def load_config(spec: str | None, overrides: dict[str, str], *, data: str | None
   if complete:
     from vlm_jax import build
     from vlm_jax.convert import init_from
+
     init_from.take_from_checkpoint(config, overrides)
     build.validate(config)
   return config
@@ -73,14 +81,16 @@ def maybe_distributed() -> None:
   if not address and os.environ.get("VLM_JAX_DISTRIBUTED") != "1":
     return
   import jax
+
   kwargs = {}
   if address:
     try:
-      kwargs = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                    process_id=int(os.environ["JAX_PROCESS_ID"]))
+      kwargs = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
     except (KeyError, ValueError) as e:
-      raise UserError(f"JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
-                      f"integers too ({type(e).__name__}: {e})") from None
+      raise UserError(
+        f"JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
+        f"integers too ({type(e).__name__}: {e})"
+      ) from None
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # no effect on GPU/TPU devices
   jax.distributed.initialize(address, **kwargs)
 
@@ -106,6 +116,7 @@ def sampling_flags(p: argparse.ArgumentParser) -> None:
 def sampling(args: argparse.Namespace) -> dict:
   """The sampling flags, checked before any model loads."""
   from vlm_jax.infer.generate import Sampling
+
   chosen = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
   chosen.check(flags=True)
   if args.max_new_tokens is not None and args.max_new_tokens < 1:

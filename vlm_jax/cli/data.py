@@ -18,9 +18,11 @@ def run(argv: list[str]) -> int:
   from vlm_jax.data import report
   from vlm_jax.data.tokenizer import Tokenizer
   from vlm_jax.models.vlm import image_tokens
+
   tokenizer = Tokenizer.load(config.data.tokenizer)
-  items = report.samples(config, tokenizer, image_tokens(config.model), config.data.sources,
-                         limit=args.limit if args.json else None)
+  items = report.samples(
+    config, tokenizer, image_tokens(config.model), config.data.sources, limit=args.limit if args.json else None
+  )
   if args.json:
     print(json.dumps(report.pass_totals(items, tokenizer.image_id).to_json()))
   else:

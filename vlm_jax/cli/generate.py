@@ -19,8 +19,10 @@ def run(argv: list[str]) -> int:
   sampling = common.sampling(args)
   max_new = args.max_new_tokens or 32
   from vlm_jax.data.images import load_image
+
   images = [load_image(path) for path in args.image]  # fail on a bad file before loading the model
   import vlm_jax
+
   model = vlm_jax.load(args.checkpoint)
   prompt_ids = model.encode_prompt(args.prompt, args.raw_prompt, images)
   if args.raw_prompt and model.image_tokens and model.tokenizer.image_id not in prompt_ids:
@@ -28,10 +30,17 @@ def run(argv: list[str]) -> int:
   t0 = time.time()
   if args.json:
     ids = model.generate_ids([images], [args.prompt], max_new, args.raw_prompt, **sampling)[0]
-    print(json.dumps({"text": model.tokenizer.decode(ids).strip(), "token_ids": ids,
-                      "prompt_tokens": int(len(prompt_ids)),
-                      "image_tokens": sum(model.image_tokens_for(im) for im in images),
-                      "seconds": round(time.time() - t0, 3)}))
+    print(
+      json.dumps(
+        {
+          "text": model.tokenizer.decode(ids).strip(),
+          "token_ids": ids,
+          "prompt_tokens": int(len(prompt_ids)),
+          "image_tokens": sum(model.image_tokens_for(im) for im in images),
+          "seconds": round(time.time() - t0, 3),
+        }
+      )
+    )
   else:
     for piece in model.stream([images], [args.prompt], max_new, args.raw_prompt, **sampling):
       print(piece, end="", flush=True)

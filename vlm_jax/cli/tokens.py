@@ -7,7 +7,7 @@ from vlm_jax.errors import UserError
 
 
 def _image_size(text: str) -> tuple[int, int]:
-  """"HxW" -> (H, W)."""
+  """ "HxW" -> (H, W)."""
   h, x, w = text.lower().partition("x")
   if not (x and h.strip().isdigit() and w.strip().isdigit()):
     raise UserError(f"--image-size {text!r}: expected HxW in pixels, e.g. 600x1000")
@@ -26,6 +26,7 @@ def run(argv: list[str]) -> int:
     raise UserError(f"--image-size {args.image_size!r}: both sides must be >= 1")
   config = common.load_config(args.config, overrides)
   from vlm_jax import api
+
   counts, line = api.image_token_report(config, size)
   print(json.dumps(counts) if args.json else line)
   return 0

@@ -14,5 +14,6 @@ def run(argv: list[str]) -> int:
   config = common.load_config(args.config, overrides, data=args.data, eval_data=args.eval_data)
   common.maybe_distributed()
   from vlm_jax import api
+
   api.train(config, args.workdir, explicit=overrides)
   return 0

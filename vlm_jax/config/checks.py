@@ -12,8 +12,7 @@ def check_one_of(field: str, value, choices) -> None:
     raise UserError(f"{field}: {value!r} is not one of {', '.join(choices)}")
 
 
-def check_fields(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
-                 prefix: str = "") -> None:
+def check_fields(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str = "") -> None:
   """Every field of `config` must exist in the base config (typos are errors, not silent no-ops)."""
   for key, value in config.items():
     where = f"{prefix}{key}"

@@ -5,8 +5,8 @@ import ml_collections
 
 from vlm_jax.errors import UserError
 
-VLM_COMPONENTS = ("vision", "bridge", "llm")   # the VLM params tree's top-level parts
-COMPONENTS = VLM_COMPONENTS + ("text",)      # what trains and its lr_mult; text: the contrastive task's tower
+VLM_COMPONENTS = ("vision", "bridge", "llm")  # the VLM params tree's top-level parts
+COMPONENTS = VLM_COMPONENTS + ("text",)  # what trains and its lr_mult; text: the contrastive task's tower
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -19,9 +19,9 @@ def defaults() -> ml_collections.ConfigDict:
   # xla (reference) | blockwise | cudnn (GPU) | splash (TPU) | pallas_gpu | auto (the platform's
   # best: splash on TPU, cuDNN or pallas_gpu on GPU, blockwise on CPU); vlm_jax/models/attention.py
   m.attention = "auto"
-  m.attention_block = 128    # blockwise: query positions per block
-  m.scan_unroll = 1          # layers per iteration of the loop over layers; 0: unrolled
-  m.loss_chunk = 256         # loss over supervised positions, this many per row at a time; 0: full logits
+  m.attention_block = 128  # blockwise: query positions per block
+  m.scan_unroll = 1  # layers per iteration of the loop over layers; 0: unrolled
+  m.loss_chunk = 256  # loss over supervised positions, this many per row at a time; 0: full logits
   # A checkpoint (workdir, step dir or Hugging Face LLaVA dir) whose params start a fresh run,
   # e.g. an LLM + vision tower assembled by `vlm-jax convert --vision` for stage 1. A resumed run
   # continues from its own checkpoint instead.
@@ -31,10 +31,14 @@ def defaults() -> ml_collections.ConfigDict:
   # one <image> marker an image; gated cross-attention blocks between the LLM's layers read the
   # bridge's tokens of the latest image before each text token; config.model.cross_attention).
   m.fusion = "tokens"
-  m.cross_attention = ml_collections.ConfigDict(dict(
-      every=1,                # a block before every k-th LLM layer (layers k-1, 2k-1, ...; Flamingo-9B: 4)
-      heads=0, head_dim=0,    # 0: the LLM's
-      mlp_dim=0))             # the gated dense block's hidden width (0: 4 x llm.width)
+  m.cross_attention = ml_collections.ConfigDict(
+    dict(
+      every=1,  # a block before every k-th LLM layer (layers k-1, 2k-1, ...; Flamingo-9B: 4)
+      heads=0,
+      head_dim=0,  # 0: the LLM's
+      mlp_dim=0,
+    )
+  )  # the gated dense block's hidden width (0: 4 x llm.width)
   return m
 
 

@@ -15,7 +15,7 @@ def base() -> ml_collections.ConfigDict:
   # What a batch holds and how the loss is made (vlm_jax/tasks.py): vlm (images + conversations,
   # next-token loss) | contrastive (image-caption pairs, CLIP / SigLIP loss; config.model.text)
   c.task = "vlm"
-  c.stage = "full"            # stage1: bridge; stage2: bridge + llm; full: everything
+  c.stage = "full"  # stage1: bridge; stage2: bridge + llm; full: everything
   c.model = model.defaults()
   c.model.vision = vision.defaults()
   c.model.contrastive = contrastive.defaults()

@@ -12,9 +12,9 @@ FROZEN_DTYPES = ("float32", "bfloat16")
 def defaults() -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
   t.steps = 1000
-  t.batch_size = 32     # global, summed over micro-batches
-  t.grad_accum = 1      # micro-batches per step
-  t.lr = 1e-3           # peak
+  t.batch_size = 32  # global, summed over micro-batches
+  t.grad_accum = 1  # micro-batches per step
+  t.lr = 1e-3  # peak
   t.warmup_steps = 50
   t.end_lr_ratio = 0.1  # cosine decays to lr * end_lr_ratio
   t.weight_decay = 0.0

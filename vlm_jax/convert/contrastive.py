@@ -30,7 +30,7 @@ from vlm_jax.train import checkpoint as checkpoint_lib
 
 log = logging.getLogger("vlm_jax")
 
-META = "contrastive.json"   # in the workdir's hf/: the tensors' dtypes
+META = "contrastive.json"  # in the workdir's hf/: the tensors' dtypes
 LEGACY_EOS = 2  # transformers' CLIP pools the highest id when eos_token_id is 2 (checkpoints before its PR #24773)
 
 
@@ -38,24 +38,50 @@ LEGACY_EOS = 2  # transformers' CLIP pools the highest id when eos_token_id is 2
 class HFFamily:
   architecture: str
   text_model_type: str
-  text_defaults: dict       # the HF text config class's defaults of the fields read here
-  pools: tuple[str, ...]    # the text pools (model_lib.TEXT_POOLS) transformers' model reads
+  text_defaults: dict  # the HF text config class's defaults of the fields read here
+  pools: tuple[str, ...]  # the text pools (model_lib.TEXT_POOLS) transformers' model reads
 
 
-_TEXT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-             max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act="quick_gelu", vocab_size=49408,
-             eos_token_id=49407)
+_TEXT = dict(
+  hidden_size=512,
+  intermediate_size=2048,
+  num_hidden_layers=12,
+  num_attention_heads=8,
+  max_position_embeddings=77,
+  layer_norm_eps=1e-5,
+  hidden_act="quick_gelu",
+  vocab_size=49408,
+  eos_token_id=49407,
+)
 FAMILIES = {  # HF model_type == our config.model.contrastive.family
-    "clip": HFFamily("CLIPModel", "clip_text_model", _TEXT, ("eos", "argmax")),
-    "siglip": HFFamily("SiglipModel", "siglip_text_model",
-                       {**_TEXT, "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
-                        "max_position_embeddings": 64, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh",
-                        "vocab_size": 32000}, ("last",)),
+  "clip": HFFamily("CLIPModel", "clip_text_model", _TEXT, ("eos", "argmax")),
+  "siglip": HFFamily(
+    "SiglipModel",
+    "siglip_text_model",
+    {
+      **_TEXT,
+      "hidden_size": 768,
+      "intermediate_size": 3072,
+      "num_attention_heads": 12,
+      "max_position_embeddings": 64,
+      "layer_norm_eps": 1e-6,
+      "hidden_act": "gelu_pytorch_tanh",
+      "vocab_size": 32000,
+    },
+    ("last",),
+  ),
 }
 CLIP_PROJECTION_DIM = 512  # CLIPConfig's default
 # The key prefix of each component (and of CLIP's text_projection, the "root" slot).
-LAYOUT = {"vision": "vision_model.", "image_head": "vision_model.head.", "image_projection": "",
-          "text": "text_model.", "root": "", "logit_scale": "", "logit_bias": ""}
+LAYOUT = {
+  "vision": "vision_model.",
+  "image_head": "vision_model.head.",
+  "image_projection": "",
+  "text": "text_model.",
+  "root": "",
+  "logit_scale": "",
+  "logit_bias": "",
+}
 # torch.nn.MultiheadAttention's fused q, k, v (SigLIP's head); the tables name each part KEY[q].
 FUSED = ("in_proj_weight", "in_proj_bias")
 PARTS = "qkv"
@@ -75,12 +101,18 @@ def _text_from_hf(tc: dict, family: str, where: str) -> dict:
   if family == "clip" and not isinstance(eos, int):
     raise UserError(f"{where}.eos_token_id: {eos!r} is not supported (one id: CLIP pools its first occurrence)")
   default_act = hf_config.FLAVOUR_ACT[model_lib.FAMILIES[family].vision_flavour]
-  return dict(vocab_size=get("vocab_size"), width=get("hidden_size"), depth=get("num_hidden_layers"),
-              heads=get("num_attention_heads"), mlp_dim=get("intermediate_size"),
-              norm_eps=float(get("layer_norm_eps")), max_len=get("max_position_embeddings"),
-              act="" if hf_config.ACT_FROM_HF[act] == default_act else hf_config.ACT_FROM_HF[act],
-              pool="argmax" if family == "clip" and eos == LEGACY_EOS else "",
-              eos_id=eos if isinstance(eos, int) else -1)
+  return dict(
+    vocab_size=get("vocab_size"),
+    width=get("hidden_size"),
+    depth=get("num_hidden_layers"),
+    heads=get("num_attention_heads"),
+    mlp_dim=get("intermediate_size"),
+    norm_eps=float(get("layer_norm_eps")),
+    max_len=get("max_position_embeddings"),
+    act="" if hf_config.ACT_FROM_HF[act] == default_act else hf_config.ACT_FROM_HF[act],
+    pool="argmax" if family == "clip" and eos == LEGACY_EOS else "",
+    eos_id=eos if isinstance(eos, int) else -1,
+  )
 
 
 def model_from_hf(hc: dict, where: str) -> dict:
@@ -98,12 +130,16 @@ def model_from_hf(hc: dict, where: str) -> dict:
     embed_dim = hc.get("projection_dim") or CLIP_PROJECTION_DIM
   else:
     if not vc.get("vision_use_head", True):
-      raise UserError(f"{where}.vision_config.vision_use_head: false is not supported (SiglipModel pools "
-                      "the image with its attention head)")
+      raise UserError(
+        f"{where}.vision_config.vision_use_head: false is not supported (SiglipModel pools "
+        "the image with its attention head)"
+      )
     projection = tc.get("projection_size") or text["width"]
     if projection != vision["width"]:
-      raise UserError(f"{where}.text_config.projection_size: {projection}, but SigLIP's image embedding is "
-                      f"the vision hidden_size ({vision['width']}); both must be one width")
+      raise UserError(
+        f"{where}.text_config.projection_size: {projection}, but SigLIP's image embedding is "
+        f"the vision hidden_size ({vision['width']}); both must be one width"
+      )
   return dict(contrastive=dict(family=family, loss="", embed_dim=embed_dim), vision=vision, text=text)
 
 
@@ -111,13 +147,17 @@ def _eos_to_hf(m: ml_collections.ConfigDict, hf: HFFamily) -> int | None:
   """text_config.eos_token_id for our text pool (None: leave the base's)."""
   pool = model_lib.text_pool(m)
   if pool not in hf.pools:
-    raise UserError(f"config.model.text.pool: {pool!r} cannot be written as a HF {hf.architecture} "
-                    f"(which reads {' or '.join(hf.pools)})")
+    raise UserError(
+      f"config.model.text.pool: {pool!r} cannot be written as a HF {hf.architecture} "
+      f"(which reads {' or '.join(hf.pools)})"
+    )
   if pool == "argmax":
     return LEGACY_EOS
   if pool == "eos" and m.text.eos_id == LEGACY_EOS:
-    raise UserError(f"config.model.text.eos_id: {LEGACY_EOS} makes transformers' CLIP pool the highest id "
-                    "instead (its legacy checkpoints); set config.model.text.pool 'argmax', or another id")
+    raise UserError(
+      f"config.model.text.eos_id: {LEGACY_EOS} makes transformers' CLIP pool the highest id "
+      "instead (its legacy checkpoints); set config.model.text.pool 'argmax', or another id"
+    )
   return m.text.eos_id if m.text.eos_id >= 0 else None
 
 
@@ -127,18 +167,29 @@ def model_to_hf(m: ml_collections.ConfigDict, base: dict | None = None) -> dict:
   family = m.contrastive.family
   hf, ours = FAMILIES[family], model_lib.family(m)
   if model_lib.loss_kind(m) != ours.loss:
-    raise UserError(f"config.model.contrastive.loss: {model_lib.loss_kind(m)!r} cannot be written as a HF "
-                    f"{hf.architecture} (whose loss is {ours.loss!r})")
+    raise UserError(
+      f"config.model.contrastive.loss: {model_lib.loss_kind(m)!r} cannot be written as a HF "
+      f"{hf.architecture} (whose loss is {ours.loss!r})"
+    )
   if not m.vision.final_norm:
-    raise UserError(f"config.model.vision.final_norm: a HF {hf.architecture} pools after post_layernorm, so a "
-                    "tower without it cannot be written as one")
+    raise UserError(
+      f"config.model.vision.final_norm: a HF {hf.architecture} pools after post_layernorm, so a "
+      "tower without it cannot be written as one"
+    )
   out = dict(base or {})
   t = m.text
   text = dict(out.get("text_config") or {})
-  text.update(model_type=hf.text_model_type, vocab_size=t.vocab_size, hidden_size=t.width,
-              intermediate_size=t.mlp_dim, num_hidden_layers=t.depth, num_attention_heads=t.heads,
-              max_position_embeddings=t.max_len, layer_norm_eps=t.norm_eps,
-              hidden_act=hf_config.ACT_TO_HF[t.act or hf_config.FLAVOUR_ACT[ours.vision_flavour]])
+  text.update(
+    model_type=hf.text_model_type,
+    vocab_size=t.vocab_size,
+    hidden_size=t.width,
+    intermediate_size=t.mlp_dim,
+    num_hidden_layers=t.depth,
+    num_attention_heads=t.heads,
+    max_position_embeddings=t.max_len,
+    layer_norm_eps=t.norm_eps,
+    hidden_act=hf_config.ACT_TO_HF[t.act or hf_config.FLAVOUR_ACT[ours.vision_flavour]],
+  )
   eos = _eos_to_hf(m, hf)
   if eos is not None:
     text["eos_token_id"] = eos
@@ -155,14 +206,20 @@ def _tokenizer(directory: str, config: ml_collections.ConfigDict) -> hf_tokenize
   """The directory's tokenizer with <image>, the text vocabulary grown to hold it; None (a warning)
   when it has none."""
   if not any(os.path.isfile(os.path.join(directory, n)) for n in ("tokenizer.json", "tokenizer.model")):
-    log.warning("%s: no tokenizer (tokenizer.json or tokenizer.model); config.data.tokenizer stays %r: set it "
-                "(convert --config) to the one the model was trained with", directory, config.data.tokenizer)
+    log.warning(
+      "%s: no tokenizer (tokenizer.json or tokenizer.model); config.data.tokenizer stays %r: set it "
+      "(convert --config) to the one the model was trained with",
+      directory,
+      config.data.tokenizer,
+    )
     return None
   tokenizer = hf_tokenizer.load(directory, add_image=True)
   model_cfg, text = config.model, config.model.text
   if model_lib.text_pool(model_cfg) == "eos" and tokenizer.eos_id != text.eos_id:
-    raise UserError(f"{directory}/config.json.text_config.eos_token_id: {text.eos_id}, but the tokenizer's EOS "
-                    f"is id {tokenizer.eos_id} (the text embedding is read at the first EOS)")
+    raise UserError(
+      f"{directory}/config.json.text_config.eos_token_id: {text.eos_id}, but the tokenizer's EOS "
+      f"is id {tokenizer.eos_id} (the text embedding is read at the first EOS)"
+    )
   text.vocab_size = max(text.vocab_size, tokenizer.vocab_size)
   return tokenizer
 
@@ -193,7 +250,7 @@ def read_config(directory: str, base: ml_collections.ConfigDict | None = None):
 
 # --- Tensors -----------------------------------------------------------------------------------
 def _part(key: str) -> tuple[str, int] | None:
-  """"...in_proj_weight[k]" -> ("...in_proj_weight", 1); None for a key of the file."""
+  """ "...in_proj_weight[k]" -> ("...in_proj_weight", 1); None for a key of the file."""
   if len(key) > 3 and key[-3] == "[" and key[-1] == "]" and key[-2] in PARTS:
     return key[:-3], PARTS.index(key[-2])
   return None
@@ -242,8 +299,11 @@ def fuse(tensors: dict[str, Tensor], dtype_of) -> dict[str, Tensor]:
       groups.setdefault(part[0], [None] * len(PARTS))[part[1]] = tensor
   for key, parts in groups.items():
     (rows, *rest), _, _ = parts[0]
-    out[key] = ((rows * len(parts), *rest), dtype_of(key),
-                lambda parts=parts: np.concatenate([produce() for _, _, produce in parts]))
+    out[key] = (
+      (rows * len(parts), *rest),
+      dtype_of(key),
+      lambda parts=parts: np.concatenate([produce() for _, _, produce in parts]),
+    )
   return out
 
 
@@ -259,8 +319,13 @@ def open_hf(directory: str, base: ml_collections.ConfigDict | None = None):
     used = params_lib.consumed(items)
     unused = [k for k in view.keys() if k not in used and not k.endswith("position_ids")]
   if unused:  # (position_ids: a buffer older checkpoints saved, derived again on load)
-    log.warning("%s: %d tensors are not part of a %s and are left out: %s", directory, len(unused),
-                FAMILIES[config.model.contrastive.family].architecture, ", ".join(unused[:8]))
+    log.warning(
+      "%s: %d tensors are not part of a %s and are left out: %s",
+      directory,
+      len(unused),
+      FAMILIES[config.model.contrastive.family].architecture,
+      ", ".join(unused[:8]),
+    )
   return config, tokenizer, run, params_lib.unflatten(flat), hc, dtypes
 
 
@@ -284,13 +349,22 @@ def load_params(path: str, run: build_lib.Run) -> dict:
 
 def _read_params(view: Unfused, run: build_lib.Run, where: str):
   """({path: array}, items) of the run's model from the file view, in the run's shardings."""
-  return hf_import.read_components(view, run.config.model, run.abstract_params, run.param_shardings, LAYOUT,
-                                   components(run.config.model), where, grow_vocab=True)
+  return hf_import.read_components(
+    view,
+    run.config.model,
+    run.abstract_params,
+    run.param_shardings,
+    LAYOUT,
+    components(run.config.model),
+    where,
+    grow_vocab=True,
+  )
 
 
 # --- Export ------------------------------------------------------------------------------------
-def export(config, tokenizer, params, sidecar: str | None, out: str, dtype: str | None = None,
-           max_shard_bytes: int = 4 << 30) -> str:
+def export(
+  config, tokenizer, params, sidecar: str | None, out: str, dtype: str | None = None, max_shard_bytes: int = 4 << 30
+) -> str:
   """Writes the model as a HF CLIPModel / SiglipModel directory: on top of the HF config, files
   and dtypes of a converted workdir's sidecar (hf/), else from our config, the tokenizer's files
   and float32; dtype: float32 | bfloat16 | float16 for every tensor."""
@@ -302,8 +376,11 @@ def export(config, tokenizer, params, sidecar: str | None, out: str, dtype: str 
   hc = model_to_hf(model, base)
   hc.pop("torch_dtype", None)
   hc["dtype"] = hf_export.HF_DTYPE[default]
-  for key, value in (("bos_token_id", tokenizer.bos_id), ("pad_token_id", tokenizer.pad_id),
-                     ("eos_token_id", tokenizer.eos_id)):
+  for key, value in (
+    ("bos_token_id", tokenizer.bos_id),
+    ("pad_token_id", tokenizer.pad_id),
+    ("eos_token_id", tokenizer.eos_id),
+  ):
     hc["text_config"].setdefault(key, value)
 
   shapes = {k: v.shape for k, v in flat_params(params).items()}
@@ -319,8 +396,15 @@ def export(config, tokenizer, params, sidecar: str | None, out: str, dtype: str 
   return out
 
 
-def export_checkpoint(path: str, out: str, *, dtype: str | None = None, max_shard_bytes: int = 4 << 30,
-                      merge_lora: bool = False, peft: bool = False) -> str:
+def export_checkpoint(
+  path: str,
+  out: str,
+  *,
+  dtype: str | None = None,
+  max_shard_bytes: int = 4 << 30,
+  merge_lora: bool = False,
+  peft: bool = False,
+) -> str:
   """`vlm-jax convert --checkpoint WORKDIR --to-hf OUT` of a contrastive workdir (or step directory)."""
   hf_export.check_out(out, dtype)
   _, tokenizer, run, params, _, workdir = workdir_lib.open_workdir(path)

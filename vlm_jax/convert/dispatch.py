@@ -28,8 +28,15 @@ def convert(directory: str, out: str, base: ml_collections.ConfigDict | None = N
   return IMPORTERS.get(model_type, hf_import.convert_llava)(directory, out, base=base)
 
 
-def import_hf(directory: str, out: str, *, vision: str | None = None, qformer: str | None = None,
-              feature_layer: int = -2, base: ml_collections.ConfigDict | None = None) -> str:
+def import_hf(
+  directory: str,
+  out: str,
+  *,
+  vision: str | None = None,
+  qformer: str | None = None,
+  feature_layer: int = -2,
+  base: ml_collections.ConfigDict | None = None,
+) -> str:
   """`vlm-jax convert --from-hf DIR --out OUT`: a LLaVA, CLIP or SigLIP directory converted (by its
   model_type); with `vision`, DIR an LLM's, a fresh VLM assembled from the two (hf_import.assemble,
   its bridge `qformer`'s Q-Former or random). base: the config whose non-model fields OUT gets."""
@@ -43,8 +50,15 @@ def import_hf(directory: str, out: str, *, vision: str | None = None, qformer: s
   return convert(directory, out, base=base)
 
 
-def export(path: str, out: str, *, dtype: str | None = None, max_shard_bytes: int = 4 << 30,
-           merge_lora: bool = False, peft: bool = False) -> str:
+def export(
+  path: str,
+  out: str,
+  *,
+  dtype: str | None = None,
+  max_shard_bytes: int = 4 << 30,
+  merge_lora: bool = False,
+  peft: bool = False,
+) -> str:
   """`vlm-jax convert --checkpoint PATH --to-hf OUT` of any checkpoint, by its task; the output
   is checked before anything loads."""
   hf_export.check_out(out, dtype)
@@ -52,8 +66,15 @@ def export(path: str, out: str, *, dtype: str | None = None, max_shard_bytes: in
   return exporter(path, out, dtype=dtype, max_shard_bytes=max_shard_bytes, merge_lora=merge_lora, peft=peft)
 
 
-def _export_vlm(path: str, out: str, *, dtype: str | None = None, max_shard_bytes: int = 4 << 30,
-                merge_lora: bool = False, peft: bool = False) -> str:
+def _export_vlm(
+  path: str,
+  out: str,
+  *,
+  dtype: str | None = None,
+  max_shard_bytes: int = 4 << 30,
+  merge_lora: bool = False,
+  peft: bool = False,
+) -> str:
   """A VLM checkpoint (or LLaVA directory) as a HF LLaVA directory; a LoRA run that started from
   a Hugging Face directory, with peft: a PEFT adapter for that directory."""
   config, tokenizer, run, params, _, origin = open_checkpoint(path)
@@ -61,8 +82,9 @@ def _export_vlm(path: str, out: str, *, dtype: str | None = None, max_shard_byte
   source = config.model.init_from
   if adapters and hf_import.is_hf_dir(source):  # an adapter for the checkpoint the run started from
     return hf_export.export_adapter(plain, params, adapters, source, out, hf_export.trained_whole(run))
-  return hf_export.export(plain, tokenizer, params, origin, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                          peft=adapters)
+  return hf_export.export(
+    plain, tokenizer, params, origin, out, dtype=dtype, max_shard_bytes=max_shard_bytes, peft=adapters
+  )
 
 
 def open_checkpoint(path: str, dtype: str | None = None) -> tuple:

@@ -33,14 +33,22 @@ DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 HF_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 # Our "simple" template as Jinja (matches templates.TEMPLATES["simple"]): the processor adds BOS.
-SIMPLE_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ASSISTANT:' }}"
-                   "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+SIMPLE_TEMPLATE = (
+  "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ASSISTANT:' }}"
+  "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
 
 
 def scratch_origin(config, tokenizer) -> Origin:
   """For a model trained here: the hub's layout, the tower exactly as deep as we run it."""
-  return Origin(None, None, dict(layout_lib.LLAVA), hf_config.infer_llm_family(config.model.llm),
-                config.model.vision.depth, tokenizer.image_id)
+  return Origin(
+    None,
+    None,
+    dict(layout_lib.LLAVA),
+    hf_config.infer_llm_family(config.model.llm),
+    config.model.vision.depth,
+    tokenizer.image_id,
+  )
 
 
 def _vision_layers(origin: Origin, depth: int) -> int:
@@ -78,13 +86,25 @@ def write_tokenizer(tokenizer, config, out: str) -> None:
     return
   # Our sentencepiece tokenizer: transformers' LlamaTokenizer reads the .model as it is.
   from vlm_jax.data.tokenizer import BUILTIN
+
   shutil.copyfile(BUILTIN.get(config.data.tokenizer, config.data.tokenizer), os.path.join(out, "tokenizer.model"))
   piece = tokenizer.id_to_piece
   with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tokenizer.bos_id),
-               "eos_token": piece(tokenizer.eos_id), "pad_token": piece(tokenizer.pad_id),
-               "add_bos_token": True, "add_eos_token": False, "legacy": True, "add_prefix_space": False,
-               "extra_special_tokens": {"image_token": IMAGE}}, f, indent=2)
+    json.dump(
+      {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": piece(tokenizer.bos_id),
+        "eos_token": piece(tokenizer.eos_id),
+        "pad_token": piece(tokenizer.pad_id),
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+        "add_prefix_space": False,
+        "extra_special_tokens": {"image_token": IMAGE},
+      },
+      f,
+      indent=2,
+    )
   if config.data.template == "simple":
     with open(os.path.join(out, "chat_template.jinja"), "w") as f:
       f.write(SIMPLE_TEMPLATE)
@@ -99,10 +119,13 @@ def plain_model(run: Run, params, merge_lora: bool, peft: bool) -> tuple:
       raise UserError(f"{'--merge-lora' if merge_lora else '--peft'}: the checkpoint has no LoRA adapters")
     return run.config, params, None
   if not (merge_lora or peft):
-    raise UserError("--checkpoint: its model has LoRA adapters (config.lora); give --merge-lora (one merged "
-                    "model) or --peft (the base model and a PEFT adapter)")
-  merge = jax.jit(functools.partial(lora.merge, lora_cfg=lora_cfg, with_adapters=merge_lora),
-                  out_shardings=run.plain.param_shardings)
+    raise UserError(
+      "--checkpoint: its model has LoRA adapters (config.lora); give --merge-lora (one merged "
+      "model) or --peft (the base model and a PEFT adapter)"
+    )
+  merge = jax.jit(
+    functools.partial(lora.merge, lora_cfg=lora_cfg, with_adapters=merge_lora), out_shardings=run.plain.param_shardings
+  )
   return run.plain.config, merge(params), (lora_cfg, params) if peft else None
 
 
@@ -113,8 +136,16 @@ def check_out(out: str, dtype: str | None = None) -> None:
     raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
 
 
-def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: str | None = None,
-           max_shard_bytes: int = 4 << 30, peft: tuple | None = None) -> str:
+def export(
+  config,
+  tokenizer,
+  params,
+  origin: Origin | None,
+  out: str,
+  dtype: str | None = None,
+  max_shard_bytes: int = 4 << 30,
+  peft: tuple | None = None,
+) -> str:
   """Writes the model as a HF LLaVA directory; dtype: float32 | bfloat16 | float16, or None for
   each tensor's dtype at import (float32 for tensors that had none). params: the plain model's
   (lora.merge); peft: (config.lora, the LoRA model's params) adds their adapters as a PEFT
@@ -125,13 +156,21 @@ def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: st
 
   model = config.model
   vision_layers = _vision_layers(origin, model.vision.depth)
-  hc = hf_config.llava_to_hf(model, image_token_id=tokenizer.image_id, llm_family=origin.llm_family,
-                             vision_layers=vision_layers, has_vision_head=origin.has_vision_head,
-                             base=origin.hf_config)
+  hc = hf_config.llava_to_hf(
+    model,
+    image_token_id=tokenizer.image_id,
+    llm_family=origin.llm_family,
+    vision_layers=vision_layers,
+    has_vision_head=origin.has_vision_head,
+    base=origin.hf_config,
+  )
   hc.pop("torch_dtype", None)
   hc["dtype"] = HF_DTYPE[default]
-  for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
-                     ("pad_token_id", tokenizer.pad_id)):
+  for key, value in (
+    ("bos_token_id", tokenizer.bos_id),
+    ("eos_token_id", tokenizer.eos_id),
+    ("pad_token_id", tokenizer.pad_id),
+  ):
     hc["text_config"].setdefault(key, value)  # an HF config's own (e.g. several EOS ids) win
 
   shapes = {k: v.shape for k, v in flat_params(params).items()}
@@ -154,8 +193,11 @@ def export(config, tokenizer, params, origin: Origin | None, out: str, dtype: st
   else:
     write_tokenizer(tokenizer, config, out)
   if not os.path.isfile(os.path.join(out, "generation_config.json")):
-    write_json(out, "generation_config.json", {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-                                                "pad_token_id": tokenizer.pad_id})
+    write_json(
+      out,
+      "generation_config.json",
+      {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id},
+    )
   write_processor(config, out)
   if peft:
     peft_export.write(*peft, items, os.path.join(out, peft_export.ADAPTER_DIR), out)
@@ -219,9 +261,13 @@ def _next_processor(config) -> dict:
   "default" strategy drops it again)."""
   v = config.model.vision
   clip = v.flavour == "clip"
-  return {"processor_class": "LlavaNextProcessor", "image_token": IMAGE, "patch_size": v.patch_size,
-          "vision_feature_select_strategy": "default" if clip else "full",
-          "num_additional_image_tokens": int(clip)}
+  return {
+    "processor_class": "LlavaNextProcessor",
+    "image_token": IMAGE,
+    "patch_size": v.patch_size,
+    "vision_feature_select_strategy": "default" if clip else "full",
+    "num_additional_image_tokens": int(clip),
+  }
 
 
 def _dominant(dtypes: dict[str, str]) -> str:

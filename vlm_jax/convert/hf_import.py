@@ -33,7 +33,7 @@ from vlm_jax.train import checkpoint as checkpoint_lib
 
 log = logging.getLogger("vlm_jax")
 
-SIDECAR = "hf"                 # inside a converted workdir
+SIDECAR = "hf"  # inside a converted workdir
 META = "convert.json"
 EXTRAS = "extras.safetensors"
 CHECKPOINT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}  # config.json's "dtype"
@@ -46,6 +46,8 @@ def components(model_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def slots(model_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
   return components(model_cfg) + ("llm_head",)
+
+
 # Copied beside the weights so that the tokenizer, processor and generation settings travel.
 AUX_FILES = hf_tokenizer.FILES + ("preprocessor_config.json", "processor_config.json", "generation_config.json")
 
@@ -53,34 +55,53 @@ AUX_FILES = hf_tokenizer.FILES + ("preprocessor_config.json", "processor_config.
 def is_hf_dir(path: str) -> bool:
   """A Hugging Face model directory (local or gs://): config.json and safetensors weights."""
   root = as_path(path) if path else None
-  return bool(root and root.is_dir() and (root / "config.json").is_file() and not (root / "checkpoints").is_dir()
-              and ((root / INDEX).is_file() or any(f.name.endswith(".safetensors") for f in root.iterdir())))
+  return bool(
+    root
+    and root.is_dir()
+    and (root / "config.json").is_file()
+    and not (root / "checkpoints").is_dir()
+    and ((root / INDEX).is_file() or any(f.name.endswith(".safetensors") for f in root.iterdir()))
+  )
 
 
 @dataclasses.dataclass
 class Origin:
   """How the model looked in HF, for export: config, key layout, dtypes, unused tensors."""
-  files_dir: str | None               # tokenizer / processor files
+
+  files_dir: str | None  # tokenizer / processor files
   hf_config: dict | None
   layout: dict
   llm_family: str
-  vision_layers: int                  # the HF tower's blocks (we run config.model.vision.depth)
+  vision_layers: int  # the HF tower's blocks (we run config.model.vision.depth)
   image_token_id: int
-  dtypes: dict[str, str] = dataclasses.field(default_factory=dict)   # HF key -> F32 / BF16 / ...
-  extras_dir: str | None = None       # a directory whose *.safetensors hold extra_keys
-  extra_keys: tuple[str, ...] = ()    # full HF keys of the tensors we keep but do not run
+  dtypes: dict[str, str] = dataclasses.field(default_factory=dict)  # HF key -> F32 / BF16 / ...
+  extras_dir: str | None = None  # a directory whose *.safetensors hold extra_keys
+  extra_keys: tuple[str, ...] = ()  # full HF keys of the tensors we keep but do not run
 
   @property
   def has_vision_head(self) -> bool:  # SigLIP's attention-pooling head
     return any(k.startswith(self.layout["vision"] + "head.") for k in self.extra_keys)
 
   def meta(self) -> dict:
-    return dict(layout=self.layout, llm_family=self.llm_family, vision_layers=self.vision_layers,
-                image_token_id=self.image_token_id, dtypes=self.dtypes, extra_keys=list(self.extra_keys))
+    return dict(
+      layout=self.layout,
+      llm_family=self.llm_family,
+      vision_layers=self.vision_layers,
+      image_token_id=self.image_token_id,
+      dtypes=self.dtypes,
+      extra_keys=list(self.extra_keys),
+    )
 
 
-def _fill_config(base: ml_collections.ConfigDict | None, vision: dict, llm: dict, tokenizer,
-                 processor_dir: str, llava: bool, anyres: dict | None = None) -> ml_collections.ConfigDict:
+def _fill_config(
+  base: ml_collections.ConfigDict | None,
+  vision: dict,
+  llm: dict,
+  tokenizer,
+  processor_dir: str,
+  llava: bool,
+  anyres: dict | None = None,
+) -> ml_collections.ConfigDict:
   """base (or base()) with the model read from HF and the image processor of processor_dir; an
   assembled model keeps base's bridge kind."""
   config = config_lib.base() if base is None else base
@@ -93,20 +114,23 @@ def _fill_config(base: ml_collections.ConfigDict | None, vision: dict, llm: dict
   if llava:
     config.model.bridge.kind = "mlp2x_gelu"
   config.data.template = "hf" if tokenizer.chat_template else "simple"
-  config.data.update(image_processor.read(processor_dir, vision["flavour"], vision["image_size"],
-                                          config.model.anyres.enabled))
+  config.data.update(
+    image_processor.read(processor_dir, vision["flavour"], vision["image_size"], config.model.anyres.enabled)
+  )
   build_lib.validate(config)
   return config
 
 
 def _read_into(reader: Reader, config, run, layout, components, where: str, grow_vocab: bool = False):
   """Checks, then reads the components' params into the run's shardings: ({path: array}, items)."""
-  return read_components(reader, config.model, run.abstract_params, run.param_shardings, layout, components,
-                         where, grow_vocab)
+  return read_components(
+    reader, config.model, run.abstract_params, run.param_shardings, layout, components, where, grow_vocab
+  )
 
 
-def read_components(reader: Reader, model_cfg, abstract_params, shardings, layout, components, where: str,
-                    grow_vocab: bool = False):
+def read_components(
+  reader: Reader, model_cfg, abstract_params, shardings, layout, components, where: str, grow_vocab: bool = False
+):
   """Checks, then reads the components' params in their shardings: ({path: array}, items)."""
   shapes = {k: v.shape for k, v in flat_params(abstract_params).items()}
   items = params_lib.plan(model_cfg, layout, shapes, components)
@@ -137,8 +161,11 @@ def load_params(path: str, run: build_lib.Run) -> dict:
 def _unused(reader: Reader, items, layout, slots: tuple[str, ...] | None, skip: str | None = None) -> list[str]:
   """Keys of the given slots (all if None) that no param consumed."""
   used = params_lib.consumed(items)
-  return [k for k in reader.keys() if k not in used and k != skip
-          and (slots is None or layout_lib.component_of(k, layout)[0] in slots)]
+  return [
+    k
+    for k in reader.keys()
+    if k not in used and k != skip and (slots is None or layout_lib.component_of(k, layout)[0] in slots)
+  ]
 
 
 # --- LLaVA directories -----------------------------------------------------------------------
@@ -150,10 +177,11 @@ def llava_config(directory: str, dtype: str | None = None, base: ml_collections.
   info = hf_config.llava_from_hf(hc, f"{directory}/config.json")
   tokenizer = hf_tokenizer.load(files)
   if tokenizer.image_id != info["image_token_id"]:
-    raise UserError(f"{directory}: the tokenizer's <image> is id {tokenizer.image_id}, config.json's "
-                    f"image_token_id is {info['image_token_id']}")
-  config = _fill_config(base, info["vision"], info["llm"], tokenizer, files, llava=True,
-                        anyres=info["anyres"])
+    raise UserError(
+      f"{directory}: the tokenizer's <image> is id {tokenizer.image_id}, config.json's "
+      f"image_token_id is {info['image_token_id']}"
+    )
+  config = _fill_config(base, info["vision"], info["llm"], tokenizer, files, llava=True, anyres=info["anyres"])
   config.data.tokenizer = directory
   if dtype is None and base is None:
     # Computing in the checkpoint's dtype, as transformers loads it (dtype "auto"): an fp32
@@ -176,9 +204,17 @@ def open_llava(directory: str, dtype: str | None = None, base: ml_collections.Co
     flat_params, items = _read_into(reader, config, run, layout, components(config.model), directory)
     # A tied head stored anyway is the embedding again: never keep a copy that training leaves stale.
     tied = layout["llm_head"] + "lm_head.weight" if config.model.llm.tie_embeddings else None
-    origin = Origin(directory, hc, layout, info["llm_family"], info["vision_layers"], info["image_token_id"],
-                    {k: reader.dtype(k) for k in reader.keys()}, directory,
-                    tuple(_unused(reader, items, layout, None, tied)))
+    origin = Origin(
+      directory,
+      hc,
+      layout,
+      info["llm_family"],
+      info["vision_layers"],
+      info["image_token_id"],
+      {k: reader.dtype(k) for k in reader.keys()},
+      directory,
+      tuple(_unused(reader, items, layout, None, tied)),
+    )
   return config, tokenizer, run, params_lib.unflatten(flat_params), origin
 
 
@@ -198,16 +234,18 @@ def _save_extras(origin: Origin, sidecar: str, renames: dict[str, str]) -> None:
   os.rmdir(tmp)
 
 
-def write_workdir(out: str, config: ml_collections.ConfigDict, params, origin: Origin, tokenizer,
-                  renames: dict[str, str] | None = None) -> str:
+def write_workdir(
+  out: str, config: ml_collections.ConfigDict, params, origin: Origin, tokenizer, renames: dict[str, str] | None = None
+) -> str:
   """config.json + checkpoints/0 (params only) + hf/ (files, HF config, meta, extras)."""
   sidecar = write_sidecar(out, origin.files_dir, origin.hf_config, tokenizer, META, origin.meta())
   _save_extras(origin, sidecar, renames or {})
   return save_converted(out, config, params)
 
 
-def write_sidecar(out: str, files_dir: str | None, hf_config: dict | None, tokenizer, meta_name: str,
-                  meta: dict) -> str:
+def write_sidecar(
+  out: str, files_dir: str | None, hf_config: dict | None, tokenizer, meta_name: str, meta: dict
+) -> str:
   """out/hf/: the tokenizer and processor files of files_dir, the HF config and the meta file."""
   sidecar = os.path.join(out, SIDECAR)
   os.makedirs(sidecar, exist_ok=True)
@@ -256,14 +294,29 @@ def load_origin(workdir: str) -> Origin | None:
   meta = read_json(sidecar, META, required=False) if os.path.isdir(sidecar) else None
   if meta is None:
     return None
-  return Origin(sidecar, read_json(sidecar, "config.json"), meta["layout"], meta["llm_family"],
-                meta["vision_layers"], meta["image_token_id"], meta["dtypes"],
-                sidecar if meta["extra_keys"] else None, tuple(meta["extra_keys"]))
+  return Origin(
+    sidecar,
+    read_json(sidecar, "config.json"),
+    meta["layout"],
+    meta["llm_family"],
+    meta["vision_layers"],
+    meta["image_token_id"],
+    meta["dtypes"],
+    sidecar if meta["extra_keys"] else None,
+    tuple(meta["extra_keys"]),
+  )
 
 
 # --- Stage-1 assembly: an LLM directory + a vision-tower directory --------------------------
-def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2,
-             base: ml_collections.ConfigDict | None = None, qformer_dir: str | None = None) -> str:
+def assemble(
+  llm_dir: str,
+  vision_dir: str,
+  out: str,
+  *,
+  feature_layer: int = -2,
+  base: ml_collections.ConfigDict | None = None,
+  qformer_dir: str | None = None,
+) -> str:
   """`vlm-jax convert --from-hf LLM_DIR --vision VISION_DIR --out OUT`: the LLM and the vision
   tower (CLIP/SigLIP, alone or inside a CLIPModel/SiglipModel) from HF, and a bridge of
   config.model.bridge.kind (mlp2x_gelu unless base says otherwise) initialised from config.seed.
@@ -277,20 +330,28 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
   vc, tc = read_json(vision_dir), read_json(llm_dir)
   vc = vc["vision_config"] if isinstance(vc.get("vision_config"), dict) else vc
   flavour = hf_config.VISION_FAMILIES.get(vc.get("model_type"), ("clip",))[0]
-  vision, n_layers = hf_config.vision_from_hf(vc, feature_layer, "default" if flavour == "clip" else "full",
-                                              f"{vision_dir}/config.json")
+  vision, n_layers = hf_config.vision_from_hf(
+    vc, feature_layer, "default" if flavour == "clip" else "full", f"{vision_dir}/config.json"
+  )
   llm, family = hf_config.llm_from_hf(tc, f"{llm_dir}/config.json")
   tokenizer = hf_tokenizer.load(local_files(llm_dir), add_image=True)
   llm["vocab_size"] = max(llm["vocab_size"], tokenizer.vocab_size)
   config = _fill_config(base, vision, llm, tokenizer, vision_dir, llava=False)
-  qformer = {} if qformer_dir is None else qformer_lib.read_bridge(  # its errors before the long reads
-      qformer_dir, config.model.bridge, config.model.vision.width, config.model.llm.width)
+  qformer = (
+    {}
+    if qformer_dir is None
+    else qformer_lib.read_bridge(  # its errors before the long reads
+      qformer_dir, config.model.bridge, config.model.vision.width, config.model.llm.width
+    )
+  )
   run = build_lib.build(config, parallel.inference_mesh(), tokenizer.image_id)
   layout = dict(layout_lib.LLAVA)  # export writes the hub's LLaVA layout
   dtypes, renames = {}, {}
   params = {}
-  for directory, slots, components in ((vision_dir, ("vision",), ("vision",)),
-                                       (llm_dir, ("llm", "llm_head"), ("llm",))):
+  for directory, slots, components in (
+    (vision_dir, ("vision",), ("vision",)),
+    (llm_dir, ("llm", "llm_head"), ("llm",)),
+  ):
     with Reader(directory) as reader:
       src_layout = layout_lib.detect(reader.keys(), slots, directory)
       got, items = _read_into(reader, config, run, src_layout, components, directory, grow_vocab=True)
@@ -300,16 +361,26 @@ def assemble(llm_dir: str, vision_dir: str, out: str, *, feature_layer: int = -2
         if slot in slots:
           dtypes[layout[slot] + rel] = reader.dtype(key)
       if components == ("vision",):
-        renames = {layout["vision"] + k[len(src_layout["vision"]):]: k
-                   for k in _unused(reader, items, src_layout, slots)}
+        renames = {
+          layout["vision"] + k[len(src_layout["vision"]) :]: k for k in _unused(reader, items, src_layout, slots)
+        }
   if tokenizer.vocab_size > tc.get("vocab_size", 0):  # grown: no longer the file's tensors
     dtypes = {k: v for k, v in dtypes.items() if not k.endswith(("embed_tokens.weight", "lm_head.weight"))}
   params.update(_fresh_parts(run, config.seed))
   shardings = flat_params(run.param_shardings)
   for path, host in qformer.items():  # fresh params stay for what BLIP-2 cannot give (its projection)
     params[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda idx, h=host: h[idx])
-  origin = Origin(llm_dir, {"text_config": tc, "vision_config": vc}, layout, family, n_layers,
-                  tokenizer.image_id, dtypes, vision_dir, tuple(renames))
+  origin = Origin(
+    llm_dir,
+    {"text_config": tc, "vision_config": vc},
+    layout,
+    family,
+    n_layers,
+    tokenizer.image_id,
+    dtypes,
+    vision_dir,
+    tuple(renames),
+  )
   write_workdir(out, config, params_lib.unflatten(params), origin, tokenizer, renames)
   copy_aux_files(vision_dir, os.path.join(out, SIDECAR), ("preprocessor_config.json",))  # the image side is the tower's
   return out
@@ -322,7 +393,11 @@ def _fresh_parts(run, seed: int) -> dict:
   plain = run.plain
   shardings = {k: s for k, s in flat_params(plain.param_shardings).items() if k.split("/")[0] not in ("vision", "llm")}
   inputs = plain.task.dummy_inputs(plain.config, 1)
-  init = jax.jit(lambda key: {k: x for k, x in flat_params(nn.meta.unbox(plain.model.init(key, *inputs)["params"])).items()
-                              if k in shardings}, out_shardings=shardings)
+  init = jax.jit(
+    lambda key: {
+      k: x for k, x in flat_params(nn.meta.unbox(plain.model.init(key, *inputs)["params"])).items() if k in shardings
+    },
+    out_shardings=shardings,
+  )
   with build_lib.tracing_context(plain.mesh):
     return init(jax.random.key(seed))

@@ -26,15 +26,35 @@ from vlm_jax.train import checkpoint as checkpoint_lib
 log = logging.getLogger("vlm_jax")
 
 # What the weights compute with: taken from the checkpoint; a different explicit value is refused.
-WEIGHT_FIELDS = ("model.vision.", "model.bridge.", "model.llm.", "model.text.", "model.contrastive.",
-                 "model.cross_attention.", "model.fusion", "model.anyres.enabled", "data.tokenizer")
+WEIGHT_FIELDS = (
+  "model.vision.",
+  "model.bridge.",
+  "model.llm.",
+  "model.text.",
+  "model.contrastive.",
+  "model.cross_attention.",
+  "model.fusion",
+  "model.anyres.enabled",
+  "data.tokenizer",
+)
 # Inside those groups, choices of the run (the checkpoint does not define them).
 RUN_CHOICES = ("model.vision.token_merging", "model.vision.init_from")
 # The checkpoint's, unless set on purpose: how it was prompted and fed, the compute dtype, and
 # llm.max_len (a longer context over the checkpoint's RoPE is a training choice).
-DEFAULT_FIELDS = ("data.template", "data.image_resize", "data.image_short_side", "data.image_fill",
-                  "data.image_resample", "data.image_mean", "data.image_std", "model.dtype", "model.llm.max_len",
-                  "model.anyres.grid_pinpoints", "model.anyres.base_view", "model.anyres.max_n")
+DEFAULT_FIELDS = (
+  "data.template",
+  "data.image_resize",
+  "data.image_short_side",
+  "data.image_fill",
+  "data.image_resample",
+  "data.image_mean",
+  "data.image_std",
+  "model.dtype",
+  "model.llm.max_len",
+  "model.anyres.grid_pinpoints",
+  "model.anyres.base_view",
+  "model.anyres.max_n",
+)
 
 # config.task -> Hugging Face directory -> (config, tokenizer, config.json): the config it describes.
 HF_CONFIGS: dict[str, Callable] = {"vlm": hf_import.llava_config, "contrastive": contrastive.read_config}
@@ -103,8 +123,10 @@ def take_from_checkpoint(config: ml_collections.ConfigDict, explicit: Iterable[s
       continue
     if key in explicit:
       if weight_field(key):
-        raise UserError(f"--config.{key}={mine.get(key)!r}: config.model.init_from {path} defines it as {value!r} "
-                        "(its weights were trained so); leave the field out")
+        raise UserError(
+          f"--config.{key}={mine.get(key)!r}: config.model.init_from {path} defines it as {value!r} "
+          "(its weights were trained so); leave the field out"
+        )
       continue
     _set(config, key, tuple(value) if isinstance(value, list) else value)
     taken.append(f"{key}: {mine.get(key)!r} -> {value!r}")

@@ -28,10 +28,11 @@ VOCAB_AXIS = {"llm/embedder/embedding": 0, "llm/lm_head": 1, "text/embed/embeddi
 @dataclasses.dataclass(frozen=True)
 class Item:
   """One of our params and the HF tensors it is made of (one per layer when stacked)."""
+
   path: str
   keys: tuple[str, ...]
   transform: tables.Transform
-  shape: tuple[int, ...]      # ours, full (leading layers axis when stacked)
+  shape: tuple[int, ...]  # ours, full (leading layers axis when stacked)
   stacked: bool
 
   @property
@@ -39,8 +40,9 @@ class Item:
     return self.shape[1:] if self.stacked else self.shape
 
 
-def plan(model_cfg: ml_collections.ConfigDict, layout: Layout, shapes: dict[str, tuple[int, ...]],
-         components: tuple[str, ...]) -> list[Item]:
+def plan(
+  model_cfg: ml_collections.ConfigDict, layout: Layout, shapes: dict[str, tuple[int, ...]], components: tuple[str, ...]
+) -> list[Item]:
   """Items for every param of the given components; shapes: {our path: shape}."""
   items = []
   for comp, entries in tables.entries(model_cfg, components).items():
@@ -55,8 +57,10 @@ def plan(model_cfg: ml_collections.ConfigDict, layout: Layout, shapes: dict[str,
   covered = {it.path for it in items}
   for path in shapes:
     if path.split("/", 1)[0] in components and path not in covered:
-      raise UserError(f"param {path} has no Hugging Face counterpart (config.model: bridge kind "
-                      f"{model_cfg.bridge.kind!r}, vision flavour {model_cfg.vision.flavour!r})")
+      raise UserError(
+        f"param {path} has no Hugging Face counterpart (config.model: bridge kind "
+        f"{model_cfg.bridge.kind!r}, vision flavour {model_cfg.vision.flavour!r})"
+      )
   return items
 
 
@@ -65,7 +69,7 @@ def _expected_hf_shape(item: Item, grow_vocab: bool, got: tuple[int, ...]) -> tu
   if grow_vocab and item.path in VOCAB_AXIS:
     hf_axis = 0  # both embed_tokens and lm_head have vocab first in HF
     if len(got) == len(expected) and got[hf_axis] <= expected[hf_axis]:
-      expected = expected[:hf_axis] + (got[hf_axis],) + expected[hf_axis + 1:]
+      expected = expected[:hf_axis] + (got[hf_axis],) + expected[hf_axis + 1 :]
   return expected
 
 
@@ -78,8 +82,9 @@ def check(reader: Reader, items: list[Item], where: str, grow_vocab: bool = Fals
       got = reader.shape(key)
       expected = _expected_hf_shape(it, grow_vocab, got)
       if got != expected:
-        raise UserError(f"{where}/{reader.file_of(key)}: tensor {key} has shape {list(got)}, "
-                        f"but config.json implies {list(expected)}")
+        raise UserError(
+          f"{where}/{reader.file_of(key)}: tensor {key} has shape {list(got)}, but config.json implies {list(expected)}"
+        )
 
 
 def _host(reader: Reader, it: Item) -> np.ndarray:
@@ -126,9 +131,11 @@ def hf_tensors(items: list[Item], params: dict[str, object], dtype_of) -> dict[s
   for it in items:
     hf_shape = it.transform.hf_shape(it.layer_shape)
     for layer, key in enumerate(it.keys):
+
       def produce(it=it, layer=layer):
         x = params[it.path][layer] if it.stacked else params[it.path]
         return it.transform.to_hf(np.asarray(x, np.float32))
+
       out[key] = (hf_shape, dtype_of(key), produce)
   return out
 
@@ -142,4 +149,3 @@ def unflatten(flat: dict[str, object]) -> dict:
       node = node.setdefault(p, {})
     node[leaf] = value
   return tree
-

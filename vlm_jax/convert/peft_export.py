@@ -21,10 +21,14 @@ from vlm_jax.models import lora
 ADAPTER_DIR = "adapter"  # inside the --to-hf directory, beside the base model
 # Checkpoint key prefixes (the hub's LLaVA layout, or transformers 5's) -> transformers 5's module
 # names, which PEFT's adapter keys name (its vision towers no longer nest a `vision_model`).
-MODULE_PREFIXES = (("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
-                   ("vision_tower.vision_model.", "model.vision_tower."),
-                   ("model.vision_tower.vision_model.", "model.vision_tower."),
-                   ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+MODULE_PREFIXES = (
+  ("language_model.model.", "model.language_model."),
+  ("language_model.lm_head", "lm_head"),
+  ("vision_tower.vision_model.", "model.vision_tower."),
+  ("model.vision_tower.vision_model.", "model.vision_tower."),
+  ("vision_tower.", "model.vision_tower."),
+  ("multi_modal_projector.", "model.multi_modal_projector."),
+)
 
 
 def module_name(key: str) -> str:
@@ -34,12 +38,18 @@ def module_name(key: str) -> str:
   name = key.rsplit(".", 1)[0] if key.endswith((".weight", ".bias")) else key
   for old, new in MODULE_PREFIXES:
     if name.startswith(old):
-      return new + name[len(old):]
+      return new + name[len(old) :]
   return name
 
 
-def write(lora_cfg: ml_collections.ConfigDict, params: dict, items: list[params_lib.Item], directory: str,
-          base_model: str, saved: dict[str, safetensors_io.Tensor] | None = None) -> str:
+def write(
+  lora_cfg: ml_collections.ConfigDict,
+  params: dict,
+  items: list[params_lib.Item],
+  directory: str,
+  base_model: str,
+  saved: dict[str, safetensors_io.Tensor] | None = None,
+) -> str:
   """Writes a PEFT adapter into `directory` (new) for the adapters in params (the LoRA model's,
   host or device arrays) on the model at `base_model`; items: the plain model's export plan (which
   HF tensor each kernel becomes). saved: {checkpoint key: tensor} of modules the run trained whole
@@ -49,8 +59,10 @@ def write(lora_cfg: ml_collections.ConfigDict, params: dict, items: list[params_
   for module, (a, b) in sorted(lora.adapters(params).items()):
     it = by_path.get(f"{module}/kernel")
     if it is None or not it.transform.name.startswith("linear"):
-      raise UserError(f"--peft: {module} is not a Linear layer in transformers' LLaVA, so PEFT cannot adapt it; "
-                      "export with --merge-lora")
+      raise UserError(
+        f"--peft: {module} is not a Linear layer in transformers' LLaVA, so PEFT cannot adapt it; "
+        "export with --merge-lora"
+      )
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     for layer, key in enumerate(it.keys):
       name = module_name(key)
@@ -61,19 +73,30 @@ def write(lora_cfg: ml_collections.ConfigDict, params: dict, items: list[params_
   modules_to_save = []
   for key, tensor in sorted((saved or {}).items()):
     if not key.endswith((".weight", ".bias")):
-      raise UserError(f"--peft: {key} was trained and is a bare parameter, not a module PEFT can save "
-                      "(modules_to_save); export with --merge-lora")
+      raise UserError(
+        f"--peft: {key} was trained and is a bare parameter, not a module PEFT can save "
+        "(modules_to_save); export with --merge-lora"
+      )
     name = module_name(key)
     tensors[f"base_model.model.{name}.{key.rsplit('.', 1)[1]}"] = tensor
     modules_to_save += [name] if name not in modules_to_save else []
   os.makedirs(directory, exist_ok=True)
   [written] = safetensors_io.write_sharded(directory, tensors, max_shard_bytes=1 << 62)
   os.replace(os.path.join(directory, written), os.path.join(directory, "adapter_model.safetensors"))
-  config = {"peft_type": "LORA", "task_type": None,
-            "base_model_name_or_path": base_model if is_remote(base_model) else os.path.abspath(base_model),
-            "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout,
-            "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-            "inference_mode": True, "modules_to_save": modules_to_save or None}
+  config = {
+    "peft_type": "LORA",
+    "task_type": None,
+    "base_model_name_or_path": base_model if is_remote(base_model) else os.path.abspath(base_model),
+    "r": lora_cfg.rank,
+    "lora_alpha": lora_cfg.alpha,
+    "lora_dropout": lora_cfg.dropout,
+    "target_modules": targets,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "use_rslora": False,
+    "inference_mode": True,
+    "modules_to_save": modules_to_save or None,
+  }
   with open(os.path.join(directory, "adapter_config.json"), "w") as f:
     json.dump(config, f, indent=2)
   return directory

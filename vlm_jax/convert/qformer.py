@@ -24,8 +24,16 @@ from vlm_jax.models.bridge import make_bridge
 log = logging.getLogger("vlm_jax")
 
 # Blip2QFormerConfig's class defaults of the fields read here (config.json may omit them).
-DEFAULTS = dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=12, intermediate_size=3072,
-                cross_attention_frequency=2, encoder_hidden_size=1408, layer_norm_eps=1e-12, hidden_act="gelu")
+DEFAULTS = dict(
+  hidden_size=768,
+  num_attention_heads=12,
+  num_hidden_layers=12,
+  intermediate_size=3072,
+  cross_attention_frequency=2,
+  encoder_hidden_size=1408,
+  layer_norm_eps=1e-12,
+  hidden_act="gelu",
+)
 NUM_QUERY_TOKENS = 32  # Blip2Config's default
 
 
@@ -47,19 +55,27 @@ def bridge_config(directory: str) -> dict:
   get = lambda key: _get(qc, key)
   if get("hidden_act") != "gelu":  # our QFormerLayer's MLP is the exact (erf) GELU
     raise UserError(f"{where}.qformer_config.hidden_act: {get('hidden_act')!r} is not supported (gelu)")
-  return dict(kind="qformer", num_queries=int(hc.get("num_query_tokens") or NUM_QUERY_TOKENS),
-              depth=int(get("num_hidden_layers")), heads=int(get("num_attention_heads")),
-              width=int(get("hidden_size")), mlp_dim=int(get("intermediate_size")),
-              cross_attention_every=int(get("cross_attention_frequency")), norm_eps=float(get("layer_norm_eps")))
+  return dict(
+    kind="qformer",
+    num_queries=int(hc.get("num_query_tokens") or NUM_QUERY_TOKENS),
+    depth=int(get("num_hidden_layers")),
+    heads=int(get("num_attention_heads")),
+    width=int(get("hidden_size")),
+    mlp_dim=int(get("intermediate_size")),
+    cross_attention_every=int(get("cross_attention_frequency")),
+    norm_eps=float(get("layer_norm_eps")),
+  )
 
 
 def key_table(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, tuple[str, Transform]]:
   """{our path ("bridge/..."): (HF key, transform)} of a qformer bridge config."""
-  table = {"query_tokens": (prefix + "query_tokens", LEADING_ONE),  # [1, Q, W] <-> ours [Q, W]
-           "query_norm/scale": (prefix + "qformer.layernorm.weight", COPY),
-           "query_norm/bias": (prefix + "qformer.layernorm.bias", COPY),
-           "out_proj/kernel": (prefix + "language_projection.weight", LINEAR),
-           "out_proj/bias": (prefix + "language_projection.bias", COPY)}
+  table = {
+    "query_tokens": (prefix + "query_tokens", LEADING_ONE),  # [1, Q, W] <-> ours [Q, W]
+    "query_norm/scale": (prefix + "qformer.layernorm.weight", COPY),
+    "query_norm/bias": (prefix + "qformer.layernorm.bias", COPY),
+    "out_proj/kernel": (prefix + "language_projection.weight", LINEAR),
+    "out_proj/bias": (prefix + "language_projection.bias", COPY),
+  }
   for i in range(cfg.depth):
     layer = f"{prefix}qformer.encoder.layer.{i}."
     blocks = [("self", layer + "attention.")]
@@ -87,8 +103,14 @@ def _shapes(cfg: ml_collections.ConfigDict, vision_width: int, out_width: int) -
   return {f"bridge/{k}": x.shape for k, x in flat_params(jax.eval_shape(init)).items()}
 
 
-def from_hf(tensors: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDict, vision_width: int,
-            out_width: int, prefix: str = "", where: str = "BLIP-2") -> dict[str, np.ndarray]:
+def from_hf(
+  tensors: Mapping[str, np.ndarray],
+  cfg: ml_collections.ConfigDict,
+  vision_width: int,
+  out_width: int,
+  prefix: str = "",
+  where: str = "BLIP-2",
+) -> dict[str, np.ndarray]:
   """HF tensors (a state dict, numpy) -> our qformer bridge's flat fp32 params, projecting to
   out_width; a missing tensor or a shape the config does not imply is a UserError."""
   table = key_table(cfg, prefix)
@@ -99,30 +121,38 @@ def from_hf(tensors: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDict, v
       raise UserError(f"{where}: missing tensor {key} (for our {path})")
     x = np.asarray(tensors[key], np.float32)
     if x.shape != transform.hf_shape(shape):
-      raise UserError(f"{where}: tensor {key} has shape {list(x.shape)}, but config.json implies "
-                      f"{list(transform.hf_shape(shape))}")
+      raise UserError(
+        f"{where}: tensor {key} has shape {list(x.shape)}, but config.json implies {list(transform.hf_shape(shape))}"
+      )
     out[path] = transform.to_ours(x, shape)
   return out
 
 
-def read_bridge(directory: str, bridge_cfg: ml_collections.ConfigDict, vision_width: int,
-                llm_width: int) -> dict[str, np.ndarray]:
+def read_bridge(
+  directory: str, bridge_cfg: ml_collections.ConfigDict, vision_width: int, llm_width: int
+) -> dict[str, np.ndarray]:
   """A BLIP-2 directory's Q-Former as flat fp32 params {"bridge/...": array}. The projection
   is left out (for the caller to initialise) when BLIP-2's LLM is not this model's width."""
   hc, qc, where = _qformer_config(directory)
   encoder = int(_get(qc, "encoder_hidden_size"))
   if encoder != vision_width:
-    raise UserError(f"{where}.qformer_config.encoder_hidden_size: {encoder}, but the vision tower's width is "
-                    f"{vision_width} (the Q-Former cross-attends to the tower's features)")
+    raise UserError(
+      f"{where}.qformer_config.encoder_hidden_size: {encoder}, but the vision tower's width is "
+      f"{vision_width} (the Q-Former cross-attends to the tower's features)"
+    )
   with Reader(directory) as reader:
     tokens = [k for k in reader.keys() if k.endswith("query_tokens")]
-    prefix = tokens[0][:-len("query_tokens")] if tokens else ""  # e.g. "model." in another layout
+    prefix = tokens[0][: -len("query_tokens")] if tokens else ""  # e.g. "model." in another layout
     projection = prefix + "language_projection.weight"
     out_width = reader.shape(projection)[0] if projection in reader else llm_width
     keys = {k for k, _ in key_table(bridge_cfg, prefix).values() if k in reader}
     params = from_hf({k: reader.get(k) for k in keys}, bridge_cfg, vision_width, out_width, prefix, directory)
   if out_width != llm_width:
-    log.info("%s: language_projection maps to width %d, the LLM's is %d: the bridge's out_proj starts fresh",
-             directory, out_width, llm_width)
+    log.info(
+      "%s: language_projection maps to width %d, the LLM's is %d: the bridge's out_proj starts fresh",
+      directory,
+      out_width,
+      llm_width,
+    )
     params = {k: v for k, v in params.items() if not k.startswith("bridge/out_proj/")}
   return params

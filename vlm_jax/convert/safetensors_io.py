@@ -26,8 +26,9 @@ def _safetensors():
     import safetensors  # noqa: F401  (an optional dependency: the [convert] extra)
     import safetensors.numpy
   except ImportError:
-    raise UserError("reading Hugging Face checkpoints needs the safetensors package: "
-                    "pip install 'vlm-jax[convert]'") from None
+    raise UserError(
+      "reading Hugging Face checkpoints needs the safetensors package: pip install 'vlm-jax[convert]'"
+    ) from None
   return safetensors
 
 
@@ -35,11 +36,22 @@ class _RangedFile:
   """A safetensors file in a bucket, with the interface of safetensors' safe_open handle:
   its header read once, each tensor by one ranged read (8-byte header size, JSON header, data)."""
 
-  DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+  DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+  }
 
   def __init__(self, path):
     import ml_dtypes  # bfloat16 for numpy
+
     self._file = path.open("rb")
     size = int.from_bytes(self._file.read(8), "little")
     self._header = json.loads(self._file.read(size))
@@ -82,7 +94,7 @@ class Reader:
 
   def __init__(self, directory: str):
     self.directory = directory
-    self._files: dict[str, str] = {}   # key -> file name
+    self._files: dict[str, str] = {}  # key -> file name
     root = as_path(directory)
     index = root / INDEX
     if index.is_file():
@@ -103,8 +115,9 @@ class Reader:
       if not path.is_file():
         raise UserError(f"{index}: names {name}, which is missing")
       try:
-        handle = self._stack.enter_context(_RangedFile(path) if is_remote(directory)
-                                           else st.safe_open(os.fspath(path), framework="numpy"))
+        handle = self._stack.enter_context(
+          _RangedFile(path) if is_remote(directory) else st.safe_open(os.fspath(path), framework="numpy")
+        )
       except Exception as e:  # safetensors raises its own error types for a bad header
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
       self._handles[name] = handle
@@ -143,8 +156,9 @@ class Reader:
 Tensor = tuple[tuple[int, ...], np.dtype, Callable[[], np.ndarray]]  # shape, dtype, producer
 
 
-def write_sharded(directory: str, tensors: dict[str, Tensor], max_shard_bytes: int = 4 << 30,
-                  metadata: dict[str, str] | None = None) -> list[str]:
+def write_sharded(
+  directory: str, tensors: dict[str, Tensor], max_shard_bytes: int = 4 << 30, metadata: dict[str, str] | None = None
+) -> list[str]:
   """Writes tensors (produced one shard at a time) as model.safetensors or model-0000k-of-0000n
   shards plus an index. Returns the file names."""
   st = _safetensors()

@@ -35,16 +35,17 @@ NEWLINE = 0  # token source index of image_newline; feature f of a group's pool 
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """What tiling does, from config.model (vision tile size and patches, config.model.anyres)."""
-  tile: int                                 # pixels per tile side (the ViT's image_size)
-  side: int                                 # features per tile side, S
-  pinpoints: tuple[tuple[int, int], ...]    # candidate canvases, (H, W) pixels
+
+  tile: int  # pixels per tile side (the ViT's image_size)
+  side: int  # features per tile side, S
+  pinpoints: tuple[tuple[int, int], ...]  # candidate canvases, (H, W) pixels
   base_view: bool = True
-  max_n: int = 0                            # anyres_max_N: 0 = no cap
+  max_n: int = 0  # anyres_max_N: 0 = no cap
 
   @property
   def max_tiles(self) -> int:
     """Tiles of the largest plan: what one image may need at most."""
-    return max(h * w for h, w in self.pinpoints) // self.tile ** 2 + int(self.base_view)
+    return max(h * w for h, w in self.pinpoints) // self.tile**2 + int(self.base_view)
 
   @property
   def taps(self) -> int:
@@ -55,18 +56,19 @@ class Spec:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """How one image is tiled and how many tokens it yields; sizes (H, W)."""
-  image: tuple[int, int]        # original
-  canvas: tuple[int, int]       # the chosen pinpoint
-  grid: tuple[int, int]         # tile rows, cols
-  resized: tuple[int, int]      # the image inside the canvas (before padding)
-  unpadded: tuple[int, int]     # feature map after unpad
-  features: tuple[int, int]     # after the anyres_max_N cap
-  tiles: int                    # encoded tiles, base view included
+
+  image: tuple[int, int]  # original
+  canvas: tuple[int, int]  # the chosen pinpoint
+  grid: tuple[int, int]  # tile rows, cols
+  resized: tuple[int, int]  # the image inside the canvas (before padding)
+  unpadded: tuple[int, int]  # feature map after unpad
+  features: tuple[int, int]  # after the anyres_max_N cap
+  tiles: int  # encoded tiles, base view included
   tokens: int
 
 
 def parse_pinpoints(text: str, tile: int) -> tuple[tuple[int, int], ...]:
-  """"[[336, 672], ...]" (H, W pixels), "(1x1),...,(6x6)" (a range of rows x cols) or
+  """ "[[336, 672], ...]" (H, W pixels), "(1x1),...,(6x6)" (a range of rows x cols) or
   "(1x2),(2x1)" (a list of rows x cols) -> (H, W) pixel pairs, each a multiple of `tile`."""
   where = f"config.model.anyres.grid_pinpoints {text!r}"
   grids = re.findall(r"\((\d+)\s*x\s*(\d+)\)", text)
@@ -85,8 +87,7 @@ def parse_pinpoints(text: str, tile: int) -> tuple[tuple[int, int], ...]:
     raise UserError(f"{where}: no pinpoints")
   for pair in pairs:
     if len(pair) != 2 or min(pair) < tile or pair[0] % tile or pair[1] % tile:
-      raise UserError(f"{where}: {pair} is not an (H, W) pair of positive multiples of the tile "
-                      f"size {tile}")
+      raise UserError(f"{where}: {pair} is not an (H, W) pair of positive multiples of the tile size {tile}")
   return tuple(pairs)
 
 
@@ -129,7 +130,7 @@ def capped_size(size: tuple[int, int], spec: Spec) -> tuple[int, int]:
   h, w = size
   if not spec.max_n:
     return size
-  ratio = math.sqrt(h * w / (spec.max_n * spec.side ** 2))
+  ratio = math.sqrt(h * w / (spec.max_n * spec.side**2))
   return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else size
 
 
@@ -142,22 +143,31 @@ def plan(size: tuple[int, int], spec: Spec) -> Plan:
   grid = (canvas[0] // spec.tile, canvas[1] // spec.tile)
   unpadded = unpad_size(size, (grid[0] * spec.side, grid[1] * spec.side))
   features = capped_size(unpadded, spec)
-  tokens = (spec.side ** 2 if spec.base_view else 0) + features[0] * (features[1] + 1)
+  tokens = (spec.side**2 if spec.base_view else 0) + features[0] * (features[1] + 1)
   if not tokens:
-    raise UserError(f"image {h}x{w} (HxW): so elongated that no feature row survives unpadding on the "
-                    f"{grid[0]}x{grid[1]} grid, and base_view is off: it would have no tokens; crop or pad it")
-  return Plan(image=(h, w), canvas=canvas, grid=grid, resized=fit_size(size, canvas), unpadded=unpadded,
-              features=features, tiles=grid[0] * grid[1] + int(spec.base_view), tokens=tokens)
+    raise UserError(
+      f"image {h}x{w} (HxW): so elongated that no feature row survives unpadding on the "
+      f"{grid[0]}x{grid[1]} grid, and base_view is off: it would have no tokens; crop or pad it"
+    )
+  return Plan(
+    image=(h, w),
+    canvas=canvas,
+    grid=grid,
+    resized=fit_size(size, canvas),
+    unpadded=unpadded,
+    features=features,
+    tiles=grid[0] * grid[1] + int(spec.base_view),
+    tokens=tokens,
+  )
 
 
-def tiles(image: "PIL.Image.Image | np.ndarray", p: Plan, spec: Spec,
-          pre: images_lib.Preprocessing) -> np.ndarray:
+def tiles(image: "PIL.Image.Image | np.ndarray", p: Plan, spec: Spec, pre: images_lib.Preprocessing) -> np.ndarray:
   """[p.tiles, tile, tile, 3] as pre.normalize makes them: the base view, then the grid row-major."""
   rgb = images_lib.to_rgb(image)
   t = spec.tile
   canvas = np.zeros(p.canvas + (3,), np.uint8)  # black padding, as LLaVA-NeXT
   top, left = (p.canvas[0] - p.resized[0]) // 2, (p.canvas[1] - p.resized[1]) // 2
-  canvas[top:top + p.resized[0], left:left + p.resized[1]] = images_lib.resize(rgb, p.resized, pre.resample)
+  canvas[top : top + p.resized[0], left : left + p.resized[1]] = images_lib.resize(rgb, p.resized, pre.resample)
   grid = canvas.reshape(p.grid[0], t, p.grid[1], t, 3).transpose(0, 2, 1, 3, 4).reshape(-1, t, t, 3)
   if spec.base_view:
     grid = np.concatenate([images_lib.resize(rgb, (t, t), pre.resample)[None], grid])
@@ -203,7 +213,7 @@ def token_sources(p: Plan, spec: Spec, first_tile: int = 0) -> tuple[np.ndarray,
     yi, yw = _bilinear(uh, fh)
     xi, xw = _bilinear(uw, fw)
     yi, xi = ys[yi], xs[xi]
-  y, x = yi[:, None, :, None], xi[None, :, None, :]                    # [fh, fw, ty, tx]
+  y, x = yi[:, None, :, None], xi[None, :, None, :]  # [fh, fw, ty, tx]
   tile = first_tile + base_tiles + (y // s) * p.grid[1] + x // s
   index = 1 + tile * per_tile + (y % s) * s + x % s
   index = index.reshape(fh, fw, yi.shape[1] * xi.shape[1])  # fh or fw may be 0 (elongated images)
@@ -214,8 +224,10 @@ def token_sources(p: Plan, spec: Spec, first_tile: int = 0) -> tuple[np.ndarray,
   newline_w[..., 0] = 1
   parts_i.append(np.concatenate([index, newline_i], axis=1).reshape(-1, index.shape[-1]))
   parts_w.append(np.concatenate([weight, newline_w], axis=1).reshape(-1, index.shape[-1]))
-  return (np.concatenate([_pad_taps(i, k) for i in parts_i]).astype(np.int32),
-          np.concatenate([_pad_taps(w, k) for w in parts_w]).astype(np.float32))
+  return (
+    np.concatenate([_pad_taps(i, k) for i in parts_i]).astype(np.int32),
+    np.concatenate([_pad_taps(w, k) for w in parts_w]).astype(np.float32),
+  )
 
 
 def _pad_taps(x: np.ndarray, k: int) -> np.ndarray:

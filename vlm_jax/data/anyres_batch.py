@@ -27,8 +27,13 @@ def spec_from_config(model_cfg: ml_collections.ConfigDict, tile_tokens: int) -> 
   side = math.isqrt(tile_tokens)
   if side * side != tile_tokens:
     raise ValueError(f"AnyRes tiles need a square grid of tokens, not {tile_tokens}")
-  return anyres.Spec(tile=v.image_size, side=side, pinpoints=anyres.parse_pinpoints(a.grid_pinpoints, v.image_size),
-                     base_view=a.base_view, max_n=a.max_n)
+  return anyres.Spec(
+    tile=v.image_size,
+    side=side,
+    pinpoints=anyres.parse_pinpoints(a.grid_pinpoints, v.image_size),
+    base_view=a.base_view,
+    max_n=a.max_n,
+  )
 
 
 def for_config(config: ml_collections.ConfigDict, tile_tokens: int) -> "AnyRes | None":
@@ -41,6 +46,7 @@ def for_config(config: ml_collections.ConfigDict, tile_tokens: int) -> "AnyRes |
 @dataclasses.dataclass(frozen=True)
 class Tiled:
   """One image ready for the model: its plan and its normalised tiles [plan.tiles, t, t, 3]."""
+
   plan: anyres.Plan
   tiles: np.ndarray
 
@@ -66,17 +72,22 @@ class AnyRes:
   def tiles_per_group(self, max_tiles: int, groups: int, rows: int) -> int:
     """Tile slots per group from the per-batch budget (0: every row's largest plan)."""
     if max_tiles % groups:
-      raise UserError(f"config.model.anyres.max_tiles ({max_tiles}) must be a multiple of the {groups} tile "
-                      "groups (batch shards x grad_accum)")
+      raise UserError(
+        f"config.model.anyres.max_tiles ({max_tiles}) must be a multiple of the {groups} tile "
+        "groups (batch shards x grad_accum)"
+      )
     per_group = rows // groups * self.spec.max_tiles if max_tiles == 0 else max_tiles // groups
     if per_group < self.spec.max_tiles:
-      raise UserError(f"config.model.anyres.max_tiles ({max_tiles}) gives {per_group} tiles per group "
-                      f"({groups} groups: batch shards x grad_accum), less than the {self.spec.max_tiles} "
-                      f"one image can need; raise it to at least {self.spec.max_tiles * groups}")
+      raise UserError(
+        f"config.model.anyres.max_tiles ({max_tiles}) gives {per_group} tiles per group "
+        f"({groups} groups: batch shards x grad_accum), less than the {self.spec.max_tiles} "
+        f"one image can need; raise it to at least {self.spec.max_tiles * groups}"
+      )
     return per_group
 
-  def collate(self, rows: Sequence[Sequence[Tiled]], *, groups: int, tiles_per_group: int,
-              visual_len: int) -> dict[str, np.ndarray]:
+  def collate(
+    self, rows: Sequence[Sequence[Tiled]], *, groups: int, tiles_per_group: int, visual_len: int
+  ) -> dict[str, np.ndarray]:
     """Each row's images in placeholder order -> {"tiles", "index", "weight"}; a row's visual
     tokens follow one another. Each group's images must fit its pool (PackBatches sees to it)."""
     b, t, k = len(rows), self.spec.tile, self.spec.taps
@@ -95,9 +106,9 @@ class AnyRes:
           raise ValueError(f"group {g}: {used[g] + n} tiles > {tiles_per_group} slots")
         if v + im.plan.tokens > visual_len:
           raise ValueError(f"row {r}: {v + im.plan.tokens} visual tokens > {visual_len}")
-        tiles[g, used[g]:used[g] + n] = im.tiles
+        tiles[g, used[g] : used[g] + n] = im.tiles
         i, w = anyres.token_sources(im.plan, self.spec, first_tile=used[g])
-        index[r, v:v + len(i)], weight[r, v:v + len(w)] = i, w
+        index[r, v : v + len(i)], weight[r, v : v + len(w)] = i, w
         used[g] += n
         v += len(i)
     return {"tiles": tiles, "index": index, "weight": weight}
@@ -106,5 +117,4 @@ class AnyRes:
     """Inference and eval: each row's images, one group per row with room for the most images
     of a row at their largest plan."""
     most = max(1, max(len(r) for r in rows))
-    return self.collate(rows, groups=len(rows), tiles_per_group=most * self.spec.max_tiles,
-                        visual_len=visual_len)
+    return self.collate(rows, groups=len(rows), tiles_per_group=most * self.spec.max_tiles, visual_len=visual_len)

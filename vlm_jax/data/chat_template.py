@@ -37,6 +37,7 @@ def _compile(template: str):
 
   class Generation(jinja2.ext.Extension):
     """transformers' {% generation %} ... {% endgeneration %} (marks assistant text): rendered as is."""
+
     tags = {"generation"}
 
     def parse(self, parser):
@@ -48,11 +49,11 @@ def _compile(template: str):
       return caller()
 
   # The settings transformers' apply_chat_template uses, so the text is the same.
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                      extensions=[jinja2.ext.loopcontrols, Generation])
+  env = ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, Generation]
+  )
   env.filters["tojson"] = tojson
-  env.globals.update(raise_exception=raise_exception,
-                     strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+  env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
   try:
     return env.from_string(template)
   except jinja2.TemplateError as e:
@@ -82,9 +83,12 @@ def render(tokenizer, turns: Sequence[tuple[str, str]], add_generation_prompt: b
   for parts in (False, True):
     messages = [{"role": role, "content": _content(text, parts)} for role, text in turns]
     try:
-      text = template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                             bos_token=getattr(tokenizer, "bos_token", None) or "",
-                             eos_token=getattr(tokenizer, "eos_token", None) or "")
+      text = template.render(
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=getattr(tokenizer, "bos_token", None) or "",
+        eos_token=getattr(tokenizer, "eos_token", None) or "",
+      )
     except UserError:
       raise
     except Exception as e:  # a template written for the other content form
@@ -116,11 +120,13 @@ def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer, text_ids):
   """-> (tokens, loss_mask) with per-turn spans from prefix renders."""
   tokens, mask, done = [], [], ""
   for k, (role, _) in enumerate(turns):
-    upto = render(tokenizer, turns[:k + 1], add_generation_prompt=role == "user")
+    upto = render(tokenizer, turns[: k + 1], add_generation_prompt=role == "user")
     if not upto.startswith(done):
-      raise UserError(f"chat template of {tokenizer.name}: the render of turn {k} does not extend the "
-                      "render before it, so turns cannot be given their own loss mask")
-    ids = text_ids(upto[len(done):])
+      raise UserError(
+        f"chat template of {tokenizer.name}: the render of turn {k} does not extend the "
+        "render before it, so turns cannot be given their own loss mask"
+      )
+    ids = text_ids(upto[len(done) :])
     tokens += ids
     mask += [role == "assistant"] * len(ids)
     done = upto

@@ -15,8 +15,15 @@ from vlm_jax.data import IMAGE
 from vlm_jax.errors import UserError
 from vlm_jax.files import read_json
 
-FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-         "added_tokens.json", "chat_template.json", "chat_template.jinja")
+FILES = (
+  "tokenizer.json",
+  "tokenizer.model",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "added_tokens.json",
+  "chat_template.json",
+  "chat_template.jinja",
+)
 
 
 def _read(directory: str, name: str) -> dict | None:
@@ -61,6 +68,7 @@ class _TokenizersBackend:
 
   def add(self, token: str) -> int:
     import tokenizers
+
     self.tok.add_special_tokens([tokenizers.AddedToken(token, special=True, normalized=False)])
     return self.tok.token_to_id(token)
 
@@ -73,6 +81,7 @@ class _SentencePieceBackend:
 
   def __init__(self, path: str, added: dict[str, int]):
     import sentencepiece as spm
+
     try:
       self.sp = spm.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as e:
@@ -80,8 +89,11 @@ class _SentencePieceBackend:
       raise UserError(f"cannot read tokenizer {path}: {reason}") from None
     self.added = dict(added)  # matched in text even when sentencepiece knows the piece ("<s>")
     self._by_id = {i: t for t, i in self.added.items()}
-    self._split = re.compile("(" + "|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) + ")") \
-        if self.added else None
+    self._split = (
+      re.compile("(" + "|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) + ")")
+      if self.added
+      else None
+    )
 
   def encode(self, text: str) -> list[int]:
     if self._split is None:
@@ -138,15 +150,27 @@ class HFTokenizer:
   transformers' tokenizer puts BOS in front of text it encodes with special tokens (as LLaVA
   processors do with a rendered prompt that does not start with it)."""
 
-  def __init__(self, backend, name: str, *, bos: str | None, eos: str | None, pad: str | None,
-               chat_template: str | None, add_image: bool = False, tokenizer_config: dict | None = None):
+  def __init__(
+    self,
+    backend,
+    name: str,
+    *,
+    bos: str | None,
+    eos: str | None,
+    pad: str | None,
+    chat_template: str | None,
+    add_image: bool = False,
+    tokenizer_config: dict | None = None,
+  ):
     self._b, self.name, self.chat_template = backend, name, chat_template
     self.bos_token, self.eos_token = bos, eos
     image_id = backend.token_to_id(IMAGE)
     if image_id is None:
       if not add_image:
-        raise UserError(f"tokenizer {name}: no {IMAGE} token (a LLaVA tokenizer has one; an LLM's "
-                        "gets one when assembled with `vlm-jax convert --vision`)")
+        raise UserError(
+          f"tokenizer {name}: no {IMAGE} token (a LLaVA tokenizer has one; an LLM's "
+          "gets one when assembled with `vlm-jax convert --vision`)"
+        )
       image_id = backend.add(IMAGE)
     self._image_id = image_id
     self._bos_id = backend.token_to_id(bos) if bos else None
@@ -236,5 +260,11 @@ def load(path: str, add_image: bool = False) -> HFTokenizer:
   else:
     raise UserError(f"{directory}: no tokenizer.json or tokenizer.model")
   specials = {k: _special(directory, config, k, backend) for k in ("bos", "eos", "pad")}
-  return HFTokenizer(backend, path, chat_template=_chat_template(directory, config), add_image=add_image,
-                     tokenizer_config=config, **specials)
+  return HFTokenizer(
+    backend,
+    path,
+    chat_template=_chat_template(directory, config),
+    add_image=add_image,
+    tokenizer_config=config,
+    **specials,
+  )

@@ -85,13 +85,13 @@ def center_crop(x: np.ndarray, size: int) -> np.ndarray:
   h, w = x.shape[:2]
   top, left = (h - size) // 2, (w - size) // 2
   if top >= 0 and left >= 0:
-    return x[top:top + size, left:left + size]
+    return x[top : top + size, left : left + size]
   ph, pw = max(size, h), max(size, w)
   pad_top, pad_left = math.ceil((ph - h) / 2), math.ceil((pw - w) / 2)
   padded = np.zeros((ph, pw) + x.shape[2:], x.dtype)
-  padded[pad_top:pad_top + h, pad_left:pad_left + w] = x
+  padded[pad_top : pad_top + h, pad_left : pad_left + w] = x
   top, left = top + pad_top, left + pad_left
-  return padded[max(0, top):top + size, max(0, left):left + size]
+  return padded[max(0, top) : top + size, max(0, left) : left + size]
 
 
 def mean_fill(mean: Sequence[float]) -> tuple[int, ...]:
@@ -108,7 +108,7 @@ def pad_square(rgb: np.ndarray, fill: Sequence[int]) -> np.ndarray:
   out = np.empty((side, side, 3), np.uint8)
   out[:] = np.asarray(fill, np.uint8)
   top, left = (side - h) // 2, (side - w) // 2
-  out[top:top + h, left:left + w] = rgb
+  out[top : top + h, left : left + w] = rgb
   return out
 
 
@@ -116,21 +116,29 @@ def pad_square(rgb: np.ndarray, fill: Sequence[int]) -> np.ndarray:
 class Preprocessing:
   """An image -> the model's [size, size, 3] input: uint8 pixels when on_device (the model
   normalises them), else float32 normalised here. Picklable (loader worker processes)."""
-  size: int                                   # the ViT's input side: every crop ends at it
-  resize: str = "squash"                      # one of config.RESIZE_MODES
-  short_side: int = 0                         # shortest_edge_crop, pad_square: 0 = size
-  fill: tuple[int, ...] = ()                  # pad_square colour, RGB 0-255; () = the mean colour
-  resample: str = "bicubic"                   # a key of RESAMPLE
+
+  size: int  # the ViT's input side: every crop ends at it
+  resize: str = "squash"  # one of config.RESIZE_MODES
+  short_side: int = 0  # shortest_edge_crop, pad_square: 0 = size
+  fill: tuple[int, ...] = ()  # pad_square colour, RGB 0-255; () = the mean colour
+  resample: str = "bicubic"  # a key of RESAMPLE
   mean: tuple[float, ...] = (0.5, 0.5, 0.5)
   std: tuple[float, ...] = (0.5, 0.5, 0.5)
-  on_device: bool = False                     # normalise on device: the input stays uint8
+  on_device: bool = False  # normalise on device: the input stays uint8
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Preprocessing":
     d = config.data
-    return cls(size=config.model.vision.image_size, resize=d.image_resize, short_side=d.image_short_side,
-               fill=tuple(d.image_fill), resample=d.image_resample, mean=tuple(d.image_mean),
-               std=tuple(d.image_std), on_device=d.images_uint8)
+    return cls(
+      size=config.model.vision.image_size,
+      resize=d.image_resize,
+      short_side=d.image_short_side,
+      fill=tuple(d.image_fill),
+      resample=d.image_resample,
+      mean=tuple(d.image_mean),
+      std=tuple(d.image_std),
+      on_device=d.images_uint8,
+    )
 
   @property
   def dtype(self) -> type:

@@ -17,9 +17,13 @@ SPEAKERS = {"user": "human", "assistant": "gpt"}
 
 # One of each kind of bad sample, with the reason the pipeline gives it.
 BROKEN = {
-    "missing_image": "image", "corrupt_image": "image", "no_placeholder": "image_count",
-    "extra_placeholder": "image_count", "unknown_role": "role", "empty_turn": "empty",
-    "too_long": "too_long",
+  "missing_image": "image",
+  "corrupt_image": "image",
+  "no_placeholder": "image_count",
+  "extra_placeholder": "image_count",
+  "unknown_role": "role",
+  "empty_turn": "empty",
+  "too_long": "too_long",
 }
 
 
@@ -27,9 +31,17 @@ def _conversation(turns: list[tuple[str, str]]) -> list[dict]:
   return [{"from": SPEAKERS[role], "value": text} for role, text in turns]
 
 
-def write(directory: str, n: int, *, seed: int = 0, image_size: int = 64,
-          jpeg_size: tuple[int, int] | None = None, text_only_every: int = 5,
-          broken: bool = True, jsonl: bool = False) -> str:
+def write(
+  directory: str,
+  n: int,
+  *,
+  seed: int = 0,
+  image_size: int = 64,
+  jpeg_size: tuple[int, int] | None = None,
+  text_only_every: int = 5,
+  broken: bool = True,
+  jsonl: bool = False,
+) -> str:
   """Writes n good samples (every `text_only_every`-th without an image, multi-turn) and, with
   `broken`, one sample of each BROKEN kind (id = the kind); returns the JSON(L) path.
   `jpeg_size` (width, height) resizes the saved images (e.g. 640x480, for the benchmark)."""
@@ -52,15 +64,15 @@ def write(directory: str, n: int, *, seed: int = 0, image_size: int = 64,
       f.write(b"not a jpeg")
     qa = [("user", f"{IMAGE}\nWhat is it?"), ("assistant", "a square")]
     bad = {
-        "missing_image": dict(image="images/missing.jpg", conversations=_conversation(qa)),
-        "corrupt_image": dict(image="images/corrupt.jpg", conversations=_conversation(qa)),
-        "no_placeholder": dict(image="images/000000.jpg",
-                               conversations=_conversation([("user", "What is it?"), qa[1]])),
-        "extra_placeholder": dict(image="images/000000.jpg",
-                                  conversations=_conversation([("user", f"{IMAGE} {IMAGE} What?"), qa[1]])),
-        "unknown_role": dict(conversations=[{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]),
-        "empty_turn": dict(conversations=[{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]),
-        "too_long": dict(conversations=_conversation([("user", "tell me " * 400), ("assistant", "no")])),
+      "missing_image": dict(image="images/missing.jpg", conversations=_conversation(qa)),
+      "corrupt_image": dict(image="images/corrupt.jpg", conversations=_conversation(qa)),
+      "no_placeholder": dict(image="images/000000.jpg", conversations=_conversation([("user", "What is it?"), qa[1]])),
+      "extra_placeholder": dict(
+        image="images/000000.jpg", conversations=_conversation([("user", f"{IMAGE} {IMAGE} What?"), qa[1]])
+      ),
+      "unknown_role": dict(conversations=[{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]),
+      "empty_turn": dict(conversations=[{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]),
+      "too_long": dict(conversations=_conversation([("user", "tell me " * 400), ("assistant", "no")])),
     }
     step = max(n // len(bad), 1)
     for j, (key, record) in enumerate(bad.items()):

@@ -44,8 +44,7 @@ class Skips:
     self.messages.setdefault(element.reason, element.message)
     self._in_a_row += 1
     if self._in_a_row >= MAX_SKIPPED_IN_A_ROW:
-      raise UserError(f"{self._in_a_row} samples in a row skipped (last: {element.message}; "
-                      f"reasons {self.counts})")
+      raise UserError(f"{self._in_a_row} samples in a row skipped (last: {element.message}; reasons {self.counts})")
     return True
 
   def batch_fields(self) -> dict[str, Any]:
@@ -97,28 +96,40 @@ def collate_text(rows: Sequence[Sequence[Prepared]], seq_len: int, pad_id: int) 
       if end > seq_len:
         raise ValueError(f"row {r}: samples need {end} tokens, more than {seq_len}")
       tokens[r, start:end] = sample.tokens
-      targets[r, start:end - 1] = sample.tokens[1:]
-      loss_mask[r, start:end - 1] = sample.loss_mask[1:]
+      targets[r, start : end - 1] = sample.tokens[1:]
+      loss_mask[r, start : end - 1] = sample.loss_mask[1:]
       segment_ids[r, start:end] = j + 1
       positions[r, start:end] = np.arange(n)
       start = end
-  return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "segment_ids": segment_ids,
-          "positions": positions, "keys": [[s.key for s in row] for row in rows]}
+  return {
+    "tokens": tokens,
+    "targets": targets,
+    "loss_mask": loss_mask,
+    "segment_ids": segment_ids,
+    "positions": positions,
+    "keys": [[s.key for s in row] for row in rows],
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class TileGroups:
   """The local batch's rows in `groups` contiguous groups, each with a pool of `tiles_per_group`
   tile slots; PackBatches places a sample only in a row whose group has room for its tiles."""
+
   anyres: AnyRes
   groups: int
   tiles_per_group: int
   visual_len: int
 
   def collate(self, rows: Sequence[Sequence[Prepared]]) -> dict[str, dict[str, np.ndarray]]:
-    return {"images": self.anyres.collate([[im for s in row for im in _tiled(s)] for row in rows],
-                                          groups=self.groups, tiles_per_group=self.tiles_per_group,
-                                          visual_len=self.visual_len)}
+    return {
+      "images": self.anyres.collate(
+        [[im for s in row for im in _tiled(s)] for row in rows],
+        groups=self.groups,
+        tiles_per_group=self.tiles_per_group,
+        visual_len=self.visual_len,
+      )
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +139,7 @@ class ImagePool:
   ViT work. VLM.encode_pool reads {"pool" [G, P, H, W, 3], "index" [B, V]}: visual token v of a
   row is feature index[v] of its group's pool features [P * image_tokens] (V: max_images *
   image_tokens; entries past a row's images are never read)."""
+
   groups: int
   tiles_per_group: int
   image_shape: tuple[int, int]
@@ -148,8 +160,8 @@ class ImagePool:
         k = len(sample.images)
         if used[g] + k > self.tiles_per_group:
           raise ValueError(f"group {g}: {used[g] + k} images > {self.tiles_per_group} slots")
-        pool[g, used[g]:used[g] + k] = sample.images
-        index[r, v:v + k * n] = np.arange(used[g] * n, (used[g] + k) * n)
+        pool[g, used[g] : used[g] + k] = sample.images
+        index[r, v : v + k * n] = np.arange(used[g] * n, (used[g] + k) * n)
         used[g] += k
         v += k * n
     return {"images": {"pool": pool, "index": index}}
@@ -161,8 +173,9 @@ def _tiled(sample: Prepared) -> list[Tiled]:
   return [Tiled(p, sample.images[a:b]) for p, a, b in zip(sample.plans, starts, starts[1:])]
 
 
-def square_images(rows: Sequence[Sequence[Prepared]], max_images: int, image_shape: tuple[int, int],
-                  image_dtype: type = np.float32) -> dict[str, np.ndarray]:
+def square_images(
+  rows: Sequence[Sequence[Prepared]], max_images: int, image_shape: tuple[int, int], image_dtype: type = np.float32
+) -> dict[str, np.ndarray]:
   """images [b, max_images, H, W, 3] in the order of the row's placeholders (uint8 pixels or
   float32 normalised: Preprocessing.dtype), image_mask [b, max_images]."""
   images = np.zeros((len(rows), max_images, *image_shape, 3), image_dtype)
@@ -172,8 +185,8 @@ def square_images(rows: Sequence[Sequence[Prepared]], max_images: int, image_sha
     for sample in row:
       if n_images + len(sample.images) > max_images:
         raise ValueError(f"row {r}: samples need {n_images + len(sample.images)} images, more than {max_images}")
-      images[r, n_images:n_images + len(sample.images)] = sample.images
-      image_mask[r, n_images:n_images + len(sample.images)] = 1
+      images[r, n_images : n_images + len(sample.images)] = sample.images
+      image_mask[r, n_images : n_images + len(sample.images)] = 1
       n_images += len(sample.images)
   return {"images": images, "image_mask": image_mask}
 
@@ -182,9 +195,20 @@ class PackBatches(grain.IterDataset):
   """Prepared | Skipped elements -> batches with `skipped` {reason: count} and `skip_messages`
   {reason: first message} of the samples rejected since the previous batch."""
 
-  def __init__(self, parent: grain.IterDataset, *, rows: int, seq_len: int, max_images: int,
-               image_shape: tuple[int, int], pad_id: int, pack: bool,
-               tile_groups: "TileGroups | ImagePool | None" = None, image_dtype: type = np.float32, start: int = 0):
+  def __init__(
+    self,
+    parent: grain.IterDataset,
+    *,
+    rows: int,
+    seq_len: int,
+    max_images: int,
+    image_shape: tuple[int, int],
+    pad_id: int,
+    pack: bool,
+    tile_groups: "TileGroups | ImagePool | None" = None,
+    image_dtype: type = np.float32,
+    start: int = 0,
+  ):
     super().__init__(parent)
     self.start = start  # the parent's first element's position in this process's stream
     self.rows, self.seq_len, self.max_images = rows, seq_len, max_images
@@ -224,8 +248,17 @@ class _PackIterator(CountingIterator):
       if skips.take(element):
         continue
       need = (len(element.tokens), element.slots)
-      r = next((r for r in range(s.rows) if room[r][0] >= need[0] and room[r][1] >= need[1]
-                and tiles_left[r // rows_per_group] >= element.tiles and (s.pack or not rows[r])), None)
+      r = next(
+        (
+          r
+          for r in range(s.rows)
+          if room[r][0] >= need[0]
+          and room[r][1] >= need[1]
+          and tiles_left[r // rows_per_group] >= element.tiles
+          and (s.pack or not rows[r])
+        ),
+        None,
+      )
       if r is None:
         self._pending = (element, state)
         break
@@ -233,8 +266,9 @@ class _PackIterator(CountingIterator):
       room[r][0] -= need[0]
       room[r][1] -= need[1]
       tiles_left[r // rows_per_group] -= element.tiles
-    images = (s.tile_groups.collate(rows) if s.tile_groups
-              else square_images(rows, s.max_images, s.image_shape, s.image_dtype))
+    images = (
+      s.tile_groups.collate(rows) if s.tile_groups else square_images(rows, s.max_images, s.image_shape, s.image_dtype)
+    )
     batch = {**images, **collate_text(rows, s.seq_len, s.pad_id)}
     batch.update(skips.batch_fields(), stream_position=self._next_start())
     return batch

@@ -24,8 +24,8 @@ from vlm_jax.errors import BadSample
 @dataclasses.dataclass(frozen=True)
 class Pair:
   key: str
-  image: np.ndarray   # [H, W, 3], Preprocessing.dtype
-  text: np.ndarray    # int32 [seq_len]
+  image: np.ndarray  # [H, W, 3], Preprocessing.dtype
+  text: np.ndarray  # int32 [seq_len]
 
 
 def caption_of(sample: Sample) -> str:
@@ -36,15 +36,14 @@ def caption_of(sample: Sample) -> str:
 
 def caption_tokens(tokenizer: Tokenizer, caption: str, seq_len: int) -> np.ndarray:
   ids = bos_prefix(tokenizer) + tokenizer.encode(caption)
-  ids = ids[:seq_len - 1] + [tokenizer.eos_id]
+  ids = ids[: seq_len - 1] + [tokenizer.eos_id]
   return np.asarray(ids + [tokenizer.pad_id] * (seq_len - len(ids)), np.int32)
 
 
 class PreparePair:
   """(source number, index) -> Pair | Skipped. Picklable, for worker processes."""
 
-  def __init__(self, sources: Sequence[Source], tokenizer: Tokenizer, *, seq_len: int,
-               preprocessing: Preprocessing):
+  def __init__(self, sources: Sequence[Source], tokenizer: Tokenizer, *, seq_len: int, preprocessing: Preprocessing):
     self.sources, self.tokenizer, self.seq_len, self.preprocessing = list(sources), tokenizer, seq_len, preprocessing
 
   def __call__(self, item: tuple[int, int]) -> Pair | Skipped:
@@ -86,8 +85,13 @@ class _PairIterator(CountingIterator):
       element = self._read_one()
       if not skips.take(element):
         pairs.append(element)
-    return {"images": np.stack([p.image for p in pairs]), "text": np.stack([p.text for p in pairs]),
-            "keys": [[p.key] for p in pairs], **skips.batch_fields(), "stream_position": self._next_start()}
+    return {
+      "images": np.stack([p.image for p in pairs]),
+      "text": np.stack([p.text for p in pairs]),
+      "keys": [[p.key] for p in pairs],
+      **skips.batch_fields(),
+      "stream_position": self._next_start(),
+    }
 
   def get_state(self) -> dict[str, Any]:
     return self._state(self._parent.get_state())

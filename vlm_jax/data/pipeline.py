@@ -57,8 +57,9 @@ class EpochOrder:
     epoch, position = divmod(self.p + j * self.n, self.size)
     if self.size == 1:
       return self.k, 0
-    return self.k, int(grain.experimental.index_shuffle(
-        position, max_index=self.size - 1, seed=(self.seed + epoch) % 2**32, rounds=4))
+    return self.k, int(
+      grain.experimental.index_shuffle(position, max_index=self.size - 1, seed=(self.seed + epoch) % 2**32, rounds=4)
+    )
 
   def __repr__(self) -> str:  # grain checks repr() of sources on restore
     return f"EpochOrder({self.k}, {self.size}, {self.seed}, {self.p}, {self.n})"
@@ -67,6 +68,7 @@ class EpochOrder:
 def _absl_flags_parsed() -> None:
   """grain's worker processes read absl flags; the CLI does not use absl, so mark them parsed."""
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -80,9 +82,19 @@ class Batches:
   """Infinite iterator of this process's batches ({name: array} + host-only `keys`); resumable
   via get_state/set_state. `skipped` counts the rejected samples by reason."""
 
-  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, image_tokens: int, *,
-               spec: str | None = None, preprocessing: Preprocessing | None = None, process_index: int = 0,
-               process_count: int = 1, tile_groups: int = 1, layout: str = "conversations"):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    image_tokens: int,
+    *,
+    spec: str | None = None,
+    preprocessing: Preprocessing | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    tile_groups: int = 1,
+    layout: str = "conversations",
+  ):
     """What config.data, train.batch_size (global), seed and model.anyres say, read from `spec`
     (default: config.data.sources); preprocessing: default Preprocessing.from_config(config);
     tile_groups (AnyRes, image pools): batch shards x grad_accum, so that each group lives on one
@@ -95,12 +107,18 @@ class Batches:
     if layout == "conversations":
       check_tokenizer(d.template, tokenizer)  # fails now, not at the first batch
     if config.train.batch_size <= 0 or config.train.batch_size % process_count:
-      raise UserError(f"batch size {config.train.batch_size} is not a positive multiple of the "
-                      f"{process_count} processes")
+      raise UserError(
+        f"batch size {config.train.batch_size} is not a positive multiple of the {process_count} processes"
+      )
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    for name, value, low in (("seq_len", d.seq_len, 1), ("max_images", d.max_images, 1),
-                             ("workers", d.workers, 0), ("threads", d.threads, 0), ("prefetch", d.prefetch, 0)):
+    for name, value, low in (
+      ("seq_len", d.seq_len, 1),
+      ("max_images", d.max_images, 1),
+      ("workers", d.workers, 0),
+      ("threads", d.threads, 0),
+      ("prefetch", d.prefetch, 0),
+    ):
       if value < low:
         raise UserError(f"config.data.{name} must be >= {low}, got {value}")
     self.spec, self.strict, self.process_count = spec, d.strict, process_count
@@ -113,26 +131,44 @@ class Batches:
     # model.anyres.max_tiles (data.image_pool).
     groups = None
     if (anyres or d.image_pool) and tile_groups % process_count:
-      raise UserError(f"{tile_groups} tile groups (batch shards x grad_accum) do not split over "
-                      f"{process_count} processes")
+      raise UserError(
+        f"{tile_groups} tile groups (batch shards x grad_accum) do not split over {process_count} processes"
+      )
     if anyres:
       per_group = anyres.tiles_per_group(config.model.anyres.max_tiles, tile_groups, config.train.batch_size)
       groups = TileGroups(anyres, tile_groups // process_count, per_group, d.seq_len)
     elif d.image_pool:
       if d.image_pool % tile_groups:
-        raise UserError(f"config.data.image_pool ({d.image_pool}) must be a positive multiple of the {tile_groups} "
-                        "tile groups (batch shards x grad_accum)")
-      groups = ImagePool(tile_groups // process_count, d.image_pool // tile_groups, (image_size, image_size),
-                         preprocessing.dtype, image_tokens, d.max_images * image_tokens)
+        raise UserError(
+          f"config.data.image_pool ({d.image_pool}) must be a positive multiple of the {tile_groups} "
+          "tile groups (batch shards x grad_accum)"
+        )
+      groups = ImagePool(
+        tile_groups // process_count,
+        d.image_pool // tile_groups,
+        (image_size, image_size),
+        preprocessing.dtype,
+        image_tokens,
+        d.max_images * image_tokens,
+      )
     if layout == "pairs":
       self.prepare = PreparePair(sources, tokenizer, seq_len=d.seq_len, preprocessing=preprocessing)
     else:
-      self.prepare = Prepare(sources, tokenizer, template=d.template, image_tokens=image_tokens,
-                             seq_len=d.seq_len, max_images=d.max_images,
-                             preprocessing=preprocessing,
-                             anyres=anyres, max_tiles=groups.tiles_per_group if groups else sys.maxsize)
-    orders = [grain.MapDataset.source(EpochOrder(k, len(s), config.seed, process_index, process_count))
-              for k, s in enumerate(sources)]
+      self.prepare = Prepare(
+        sources,
+        tokenizer,
+        template=d.template,
+        image_tokens=image_tokens,
+        seq_len=d.seq_len,
+        max_images=d.max_images,
+        preprocessing=preprocessing,
+        anyres=anyres,
+        max_tiles=groups.tiles_per_group if groups else sys.maxsize,
+      )
+    orders = [
+      grain.MapDataset.source(EpochOrder(k, len(s), config.seed, process_index, process_count))
+      for k, s in enumerate(sources)
+    ]
     ordered = orders[0] if len(orders) == 1 else grain.MapDataset.mix(orders, weights)
 
     def iterate(start: int) -> grain.DatasetIterator:
@@ -140,18 +176,31 @@ class Batches:
       read a slice of it, so their batchers' counts are not positions in it (None)."""
       counted = start if d.workers <= 1 else None
       # Reader threads prepare samples in order (PIL releases the GIL while decoding/resizing).
-      it = ordered[start:].map(self.prepare).to_iter_dataset(
-          grain.ReadOptions(num_threads=d.threads, prefetch_buffer_size=max(2 * d.threads, 1)))
+      it = (
+        ordered[start:]
+        .map(self.prepare)
+        .to_iter_dataset(grain.ReadOptions(num_threads=d.threads, prefetch_buffer_size=max(2 * d.threads, 1)))
+      )
       if layout == "pairs":
         it = PairBatches(it, rows=self.local_batch_size, start=counted)
       else:
-        it = PackBatches(it, rows=self.local_batch_size, seq_len=d.seq_len, max_images=d.max_images,
-                         image_shape=(image_size, image_size), pad_id=tokenizer.pad_id, pack=d.pack,
-                         tile_groups=groups, image_dtype=preprocessing.dtype, start=counted)
+        it = PackBatches(
+          it,
+          rows=self.local_batch_size,
+          seq_len=d.seq_len,
+          max_images=d.max_images,
+          image_shape=(image_size, image_size),
+          pad_id=tokenizer.pad_id,
+          pack=d.pack,
+          tile_groups=groups,
+          image_dtype=preprocessing.dtype,
+          start=counted,
+        )
       if d.workers:
         _absl_flags_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers,
-                                                         per_worker_buffer_size=max(d.prefetch, 1)))
+        it = it.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=d.workers, per_worker_buffer_size=max(d.prefetch, 1))
+        )
       elif d.prefetch:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=d.prefetch)
       return iter(it)
@@ -174,8 +223,13 @@ class Batches:
       if self.strict:
         raise UserError(f"{messages[reason]} (data.strict=True; False skips and counts such samples)")
       if reason not in self.skipped:
-        log.warning("data: skipping %s (further %r skips are only counted in data/skipped/%s; "
-                    "data.strict=True makes them errors)", messages[reason], reason, reason)
+        log.warning(
+          "data: skipping %s (further %r skips are only counted in data/skipped/%s; "
+          "data.strict=True makes them errors)",
+          messages[reason],
+          reason,
+          reason,
+        )
       self.skipped[reason] = self.skipped.get(reason, 0) + count
     return batch
 
@@ -191,8 +245,10 @@ class Batches:
       self._it.set_state(loader)
       self.position = state.get("position")  # a state written before positions were kept has none
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-      raise UserError(f"data iterator state {state!r:.100}: malformed ({type(e).__name__}: {e}); "
-                      "was it written by another version of the pipeline?") from None
+      raise UserError(
+        f"data iterator state {state!r:.100}: malformed ({type(e).__name__}: {e}); "
+        "was it written by another version of the pipeline?"
+      ) from None
     self.skipped = skipped
 
   def continue_from(self, states: list[dict[str, Any]], process_index: int) -> str | None:
@@ -211,8 +267,10 @@ class Batches:
       return None
     positions = [s.get("position") for s in states]
     if None in positions:
-      raise UserError(f"data iterator state: no stream position to move from {n} to {m} processes (config.data."
-                      f"workers > 1 read the stream in slices, or an older vlm-jax wrote it); resume on {n} processes")
+      raise UserError(
+        f"data iterator state: no stream position to move from {n} to {m} processes (config.data."
+        f"workers > 1 read the stream in slices, or an older vlm-jax wrote it); resume on {n} processes"
+      )
     first_unread = min(p + j * n for p, j in enumerate(positions))
     mine = max(0, -(-(first_unread - process_index) // m))
     self.close()
@@ -222,13 +280,14 @@ class Batches:
       for reason, count in s.get("skipped", {}).items():
         self.skipped[reason] = self.skipped.get(reason, 0) + count
     again = max(p + j * n for p, j in enumerate(positions)) - first_unread
-    return (f"data: {n} processes' positions continued on {m}: from global sample {first_unread}"
-            + (f" (up to {again} samples past it are read again: packing or skips left the processes apart)"
-               if again > n - 1 else " (exact)"))
+    return f"data: {n} processes' positions continued on {m}: from global sample {first_unread}" + (
+      f" (up to {again} samples past it are read again: packing or skips left the processes apart)"
+      if again > n - 1
+      else " (exact)"
+    )
 
   def close(self) -> None:
     """Stops the worker processes, if any."""
     close = getattr(self._it, "close", None)
     if close:
       close()
-

@@ -27,6 +27,7 @@ class Prepared:
   """tokens int32 [n], loss_mask bool [n], images [tiles, H, W, 3] in placeholder order (uint8 or
   float32: Preprocessing.dtype);
   with AnyRes, plans: each image's plan (its plan.tiles tiles are consecutive in `images`)."""
+
   key: str
   tokens: np.ndarray
   loss_mask: np.ndarray
@@ -80,9 +81,19 @@ def read_sample(sources: Sequence[Source], item: tuple[int, int], prepare):
 class Prepare:
   """(source number, index) -> Prepared | Skipped. Picklable, for worker processes."""
 
-  def __init__(self, sources: Sequence[Source], tokenizer: Tokenizer, *, template: str,
-               image_tokens: int, seq_len: int, max_images: int, preprocessing: images_lib.Preprocessing,
-               anyres: AnyRes | None = None, max_tiles: int = sys.maxsize):
+  def __init__(
+    self,
+    sources: Sequence[Source],
+    tokenizer: Tokenizer,
+    *,
+    template: str,
+    image_tokens: int,
+    seq_len: int,
+    max_images: int,
+    preprocessing: images_lib.Preprocessing,
+    anyres: AnyRes | None = None,
+    max_tiles: int = sys.maxsize,
+  ):
     """Without AnyRes each image is one tile, `preprocessing(image)`, and takes one of the row's
     data.max_images image slots; with AnyRes, `anyres.prepare` tiles each image by its plan."""
     self.sources, self.tokenizer, self.template = list(sources), tokenizer, template
@@ -97,14 +108,16 @@ class Prepare:
     """Cheap checks first: a sample that is too long is rejected before its images are decoded."""
     placeholders = sum(text.count(IMAGE) for _, text in sample.turns)
     if placeholders != len(sample.images):
-      raise BadSample("image_count", f"id {sample.key}: {len(sample.images)} image(s) but "
-                      f"{placeholders} {IMAGE} placeholder(s)")
+      raise BadSample(
+        "image_count", f"id {sample.key}: {len(sample.images)} image(s) but {placeholders} {IMAGE} placeholder(s)"
+      )
     # AnyRes: an image's token count follows from its size, so images are decoded first.
     decoded = [decode_image(ref) for ref in sample.images] if self.anyres else None
     plans = tuple(self._plan(sample.key, image) for image in decoded) if self.anyres else ()
     try:
-      enc = encode_conversation(sample.turns, self.tokenizer,
-                                [p.tokens for p in plans] if self.anyres else self.image_tokens, self.template)
+      enc = encode_conversation(
+        sample.turns, self.tokenizer, [p.tokens for p in plans] if self.anyres else self.image_tokens, self.template
+      )
     except BadSample as e:
       raise BadSample(e.reason, f"id {sample.key}: {e}") from None
     if len(enc.tokens) > self.seq_len:
@@ -118,12 +131,17 @@ class Prepare:
     stacked = np.concatenate(tiles).astype(dtype) if tiles else np.zeros((0, 1, 1, 3), dtype)
     prepared = Prepared(sample.key, enc.tokens, enc.loss_mask, stacked, plans)
     if prepared.slots > self.max_images:
-      raise BadSample("too_many_images", f"id {sample.key}: {prepared.slots} "
-                      f"{'images' if self.anyres else 'image tiles'} > data.max_images {self.max_images}")
+      raise BadSample(
+        "too_many_images",
+        f"id {sample.key}: {prepared.slots} "
+        f"{'images' if self.anyres else 'image tiles'} > data.max_images {self.max_images}",
+      )
     if prepared.tiles > self.max_tiles:
       pool = "config.model.anyres.max_tiles" if self.anyres else "config.data.image_pool"
-      raise BadSample("too_many_tiles", f"id {sample.key}: {prepared.tiles} tiles > {self.max_tiles}, "
-                      f"the tile slots of a group ({pool} / tile groups)")
+      raise BadSample(
+        "too_many_tiles",
+        f"id {sample.key}: {prepared.tiles} tiles > {self.max_tiles}, the tile slots of a group ({pool} / tile groups)",
+      )
     return prepared
 
   def _plan(self, key: str, image) -> anyres.Plan:

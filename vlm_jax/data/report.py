@@ -35,21 +35,33 @@ class Totals:
     self.image_tokens += int((item.tokens == image_id).sum())
 
   def to_json(self) -> dict:
-    return {"examples": self.examples, "skipped": dict(sorted(self.skipped.items())), "tokens": self.tokens,
-            "supervised_tokens": self.supervised_tokens, "image_tokens": self.image_tokens}
+    return {
+      "examples": self.examples,
+      "skipped": dict(sorted(self.skipped.items())),
+      "tokens": self.tokens,
+      "supervised_tokens": self.supervised_tokens,
+      "image_tokens": self.image_tokens,
+    }
 
 
-def samples(config: ml_collections.ConfigDict, tokenizer: Tokenizer, image_tokens: int, spec: str,
-            limit: int | None = None) -> Iterator[Prepared | Skipped]:
+def samples(
+  config: ml_collections.ConfigDict, tokenizer: Tokenizer, image_tokens: int, spec: str, limit: int | None = None
+) -> Iterator[Prepared | Skipped]:
   """Each source's samples in file order (at most `limit` of each), prepared as training does."""
   d = config.data
   get_template(d.template)
   options = sources_lib.Options(config.seed, config.model.vision.image_size, d.image_position, d.tfds_dir)
   sources, _ = sources_lib.open_mixture(spec, options)
-  prepare = Prepare(sources, tokenizer, template=d.template, image_tokens=image_tokens, seq_len=d.seq_len,
-                    max_images=d.max_images,
-                    preprocessing=images_lib.Preprocessing.from_config(config),
-                    anyres=anyres_batch.for_config(config, image_tokens))  # tile pools depend on the mesh: not checked here
+  prepare = Prepare(
+    sources,
+    tokenizer,
+    template=d.template,
+    image_tokens=image_tokens,
+    seq_len=d.seq_len,
+    max_images=d.max_images,
+    preprocessing=images_lib.Preprocessing.from_config(config),
+    anyres=anyres_batch.for_config(config, image_tokens),
+  )  # tile pools depend on the mesh: not checked here
   for k, source in enumerate(sources):
     for index in range(len(source) if limit is None else min(limit, len(source))):
       yield prepare((k, index))
@@ -79,8 +91,7 @@ def _piece(tokenizer: Tokenizer, token: int) -> str:
   return names.get(token) or tokenizer.decode([token])
 
 
-def print_samples(items: Iterator[Prepared | Skipped], tokenizer: Tokenizer, n: int,
-                  out: TextIO | None = None) -> None:
+def print_samples(items: Iterator[Prepared | Skipped], tokenizer: Tokenizer, n: int, out: TextIO | None = None) -> None:
   out = out or sys.stdout  # sys.stdout when called, not when imported
   color = out.isatty()
   shown = 0
@@ -90,8 +101,11 @@ def print_samples(items: Iterator[Prepared | Skipped], tokenizer: Tokenizer, n: 
       continue
     supervised = int(item.loss_mask.sum())
     n_image = int((item.tokens == tokenizer.image_id).sum())
-    print(f"--- {item.key}: {len(item.tokens)} tokens, {n_image} image tokens ({len(item.images)} images), "
-          f"{supervised} supervised ({supervised / len(item.tokens):.1%})", file=out)
+    print(
+      f"--- {item.key}: {len(item.tokens)} tokens, {n_image} image tokens ({len(item.images)} images), "
+      f"{supervised} supervised ({supervised / len(item.tokens):.1%})",
+      file=out,
+    )
     print(marked_text(item, tokenizer, color) + "\n", file=out)
     shown += 1
     if shown >= n:
@@ -105,4 +119,3 @@ def pass_totals(items: Iterator[Prepared | Skipped], image_id: int) -> Totals:
   for item in items:
     totals.add(item, image_id)
   return totals
-

@@ -16,12 +16,12 @@ from vlm_jax.errors import UserError
 SHAPES = ("circle", "square", "triangle")
 # Far apart in RGB and from both backgrounds, so a tiny model (and a pixel test) can tell them.
 COLORS = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (30, 70, 230),
-    "yellow": (240, 220, 20),
-    "purple": (140, 40, 190),
-    "orange": (250, 140, 0),
+  "red": (220, 30, 30),
+  "green": (30, 170, 50),
+  "blue": (30, 70, 230),
+  "yellow": (240, 220, 20),
+  "purple": (140, 40, 190),
+  "orange": (250, 140, 0),
 }
 BACKGROUNDS = {"light": (235, 235, 235), "dark": (25, 25, 25)}
 NUMBERS = ("one", "two", "three")
@@ -30,16 +30,17 @@ KINDS = ("color", "shape", "count", "side")
 SPLITS = {"train": 0, "test": 1, "wide": 2, "wide_test": 3}  # Part of the rng seed: the splits never share a stream.
 
 QUESTIONS = {
-    "color": "What color is the {shape}?",
-    "shape": "What shape is {color}?",
-    "count": "How many shapes are there?",
-    "side": "Which side is the {shape} on?",
+  "color": "What color is the {shape}?",
+  "shape": "What shape is {color}?",
+  "count": "How many shapes are there?",
+  "side": "Which side is the {shape} on?",
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
   """One drawn object: a shape type, a colour name, its centre and size in pixels."""
+
   shape: str
   color: str
   cx: float
@@ -50,6 +51,7 @@ class Shape:
 @dataclasses.dataclass
 class Example:
   """An image, a conversation about it, and the expected one-word answer."""
+
   image: np.ndarray  # uint8 [S, S, 3]
   turns: list[tuple[str, str]]  # (role, text), role in {"user", "assistant"}
   answer: str
@@ -57,8 +59,11 @@ class Example:
   objects: tuple[Shape, ...] = ()
 
 
-def draw_shapes(objects: list[Shape] | tuple[Shape, ...], image_size: int | tuple[int, int],
-                background: str | tuple[int, int, int] = "light") -> np.ndarray:
+def draw_shapes(
+  objects: list[Shape] | tuple[Shape, ...],
+  image_size: int | tuple[int, int],
+  background: str | tuple[int, int, int] = "light",
+) -> np.ndarray:
   """Draws filled shapes on a plain background; returns uint8 [H, W, 3] (image_size: a square's
   side or (H, W))."""
   if isinstance(background, str):
@@ -74,7 +79,7 @@ def draw_shapes(objects: list[Shape] | tuple[Shape, ...], image_size: int | tupl
     # Pixel centres, so a shape covers the pixels whose centre lies inside it.
     y, x = np.arange(y0, y1)[:, None] + 0.5, np.arange(x0, x1)[None, :] + 0.5
     if o.shape == "circle":
-      inside = (x - o.cx) ** 2 + (y - o.cy) ** 2 <= half ** 2
+      inside = (x - o.cx) ** 2 + (y - o.cy) ** 2 <= half**2
     elif o.shape == "square":
       inside = (np.abs(x - o.cx) <= half) & (np.abs(y - o.cy) <= half)
     elif o.shape == "triangle":
@@ -103,8 +108,10 @@ def _layout(rng: np.random.Generator, image_size: int) -> list[Shape]:
   cells = rng.permutation(GRID * GRID)[:n]
   names = list(COLORS)
   cell = image_size / GRID
-  return [Shape(SHAPES[t], names[c], (k % GRID + 0.5) * cell, (k // GRID + 0.5) * cell, 0.75 * cell)
-          for t, c, k in zip(types, colors, cells)]
+  return [
+    Shape(SHAPES[t], names[c], (k % GRID + 0.5) * cell, (k // GRID + 0.5) * cell, 0.75 * cell)
+    for t, c, k in zip(types, colors, cells)
+  ]
 
 
 HELD_OUT = 8  # 1 in HELD_OUT possible images belongs to the test split; training never draws them.
@@ -115,13 +122,11 @@ def _is_held_out(objects: list[Shape], background: str) -> bool:
 
   Coordinates go in as floats: Shape(.., 8, ..) and Shape(.., 8.0, ..) draw the same image.
   """
-  key = repr((background, sorted((o.shape, o.color, float(o.cx), float(o.cy), float(o.size))
-                                 for o in objects)))
+  key = repr((background, sorted((o.shape, o.color, float(o.cx), float(o.cy), float(o.size)) for o in objects)))
   return zlib.crc32(key.encode()) % HELD_OUT == 0
 
 
-def _question(rng: np.random.Generator, kind: str, objects: list[Shape],
-              image_size: int) -> tuple[str, str]:
+def _question(rng: np.random.Generator, kind: str, objects: list[Shape], image_size: int) -> tuple[str, str]:
   """Returns (question, answer) of the given kind about the objects."""
   o = objects[int(rng.integers(len(objects)))]
   if kind == "color":
@@ -134,8 +139,7 @@ def _question(rng: np.random.Generator, kind: str, objects: list[Shape],
   return QUESTIONS[kind].format(shape=o.shape), SIDES[int(o.cx >= image_size / 2)]
 
 
-def make_example(seed: int, split: str, index: int, image_size: int = 64,
-                 image_position: str = "before") -> Example:
+def make_example(seed: int, split: str, index: int, image_size: int = 64, image_position: str = "before") -> Example:
   """The example `index` of `split`, a pure function of its arguments.
 
   A training example asks every question kind, in random order (a multi-turn conversation:
@@ -157,10 +161,8 @@ def make_example(seed: int, split: str, index: int, image_size: int = 64,
   rounds = [_question(rng, kind, objects, image_size) for kind in (kinds if split == "train" else kinds[:1])]
   turns = []
   for i, (question, answer) in enumerate(rounds):
-    turns += [("user", place_image(question, image_position) if i == 0 else question),
-              ("assistant", answer)]
-  return Example(draw_shapes(objects, image_size, background), turns, rounds[0][1], kinds[0],
-                 tuple(objects))
+    turns += [("user", place_image(question, image_position) if i == 0 else question), ("assistant", answer)]
+  return Example(draw_shapes(objects, image_size, background), turns, rounds[0][1], kinds[0], tuple(objects))
 
 
 # --- wide / wide_test: fine detail in wide images (the AnyRes demonstration) -----------------
@@ -179,8 +181,13 @@ def _wide_example(seed: int, split: str, index: int, image_position: str) -> Exa
     background = ("light", "dark")[int(rng.integers(2))]
     cols = WIDE_COLS[int(rng.integers(len(WIDE_COLS)))]
     cell = int(rng.integers(WIDE_ROWS * cols))
-    o = Shape(SHAPES[int(rng.integers(len(SHAPES)))], list(COLORS)[int(rng.integers(len(COLORS)))],
-              (cell % cols + 0.5) * WIDE_CELL, (cell // cols + 0.5) * WIDE_CELL, 0.75 * WIDE_CELL)
+    o = Shape(
+      SHAPES[int(rng.integers(len(SHAPES)))],
+      list(COLORS)[int(rng.integers(len(COLORS)))],
+      (cell % cols + 0.5) * WIDE_CELL,
+      (cell // cols + 0.5) * WIDE_CELL,
+      0.75 * WIDE_CELL,
+    )
     if _is_held_out([o], background) == (WIDE[split] == "test"):
       break
   image = draw_shapes([o], (WIDE_ROWS * WIDE_CELL, cols * WIDE_CELL), background)
@@ -205,9 +212,9 @@ def _one(shape: str, color: str) -> str:
 # prompts, whose mean text embedding stands for the class (prompt ensembling, as CLIP's); the
 # colour of "one shape: a red circle", "... square", "... triangle".
 ZEROSHOT = {
-    "color": (tuple(COLORS), tuple(tuple(_one(s, c) for s in SHAPES) for c in COLORS)),
-    "shape": (SHAPES, tuple(tuple(_one(s, c) for c in COLORS) for s in SHAPES)),
-    "count": (NUMBERS, tuple((f"{n} shape{'s' if i else ''}",) for i, n in enumerate(NUMBERS))),
+  "color": (tuple(COLORS), tuple(tuple(_one(s, c) for s in SHAPES) for c in COLORS)),
+  "shape": (SHAPES, tuple(tuple(_one(s, c) for c in COLORS) for s in SHAPES)),
+  "count": (NUMBERS, tuple((f"{n} shape{'s' if i else ''}",) for i, n in enumerate(NUMBERS))),
 }
 
 

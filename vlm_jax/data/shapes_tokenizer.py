@@ -69,13 +69,26 @@ def train_shapes_tokenizer(out_prefix: str, vocab_size: int = 512) -> str:
   corpus = _shapes_corpus() * 8 + _ENGLISH.splitlines()
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus), model_writer=model, model_type="bpe",
-      vocab_size=vocab_size, byte_fallback=True, character_coverage=1.0,
-      pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=[IMAGE],
-      # Identity normalisation and kept whitespace: decode(encode(text)) == text, and no dummy
-      # prefix, so template pieces encoded one by one equal the whole text's encoding.
-      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-      split_digits=True, num_threads=1, minloglevel=2)
+    sentence_iterator=iter(corpus),
+    model_writer=model,
+    model_type="bpe",
+    vocab_size=vocab_size,
+    byte_fallback=True,
+    character_coverage=1.0,
+    pad_id=0,
+    unk_id=1,
+    bos_id=2,
+    eos_id=3,
+    user_defined_symbols=[IMAGE],
+    # Identity normalisation and kept whitespace: decode(encode(text)) == text, and no dummy
+    # prefix, so template pieces encoded one by one equal the whole text's encoding.
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    split_digits=True,
+    num_threads=1,
+    minloglevel=2,
+  )
   path = out_prefix + ".model"
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(path).write_bytes(model.getvalue())

@@ -29,6 +29,7 @@ class Sample:
   last assistant turn is the reference), `choices` (multiple choice, in letter order) and
   `category` (scores are also reported per category); contrastive training reads `caption`
   (data/pairs.py)."""
+
   key: str
   turns: list[tuple[str, str]]
   images: list[ImageRef]
@@ -51,19 +52,24 @@ class ShapesSource:
 
   def __init__(self, split: str, *, seed: int, image_size: int, image_position: str):
     if split not in shapes.SPLITS:
-      raise UserError(f"data spec 'shapes:{split}': unknown split {split!r} "
-                      f"(shapes has {', '.join(shapes.SPLITS)})")
+      raise UserError(f"data spec 'shapes:{split}': unknown split {split!r} (shapes has {', '.join(shapes.SPLITS)})")
     self.name = f"shapes:{split}"
-    self._make = functools.partial(shapes.make_example, seed, split, image_size=image_size,
-                                   image_position=image_position)
+    self._make = functools.partial(
+      shapes.make_example, seed, split, image_size=image_size, image_position=image_position
+    )
 
   def __len__(self) -> int:
     return SHAPES_EPOCH
 
   def __getitem__(self, index: int) -> Sample:
     ex = self._make(index)
-    return Sample(str(index), list(ex.turns), [] if ex.image is None else [ex.image], category=ex.kind,
-                  caption=shapes.caption(ex.objects))
+    return Sample(
+      str(index),
+      list(ex.turns),
+      [] if ex.image is None else [ex.image],
+      category=ex.kind,
+      caption=shapes.caption(ex.objects),
+    )
 
 
 def _strings(entry: dict, field: str) -> list[str]:
@@ -105,9 +111,15 @@ def llava_sample(entry: Any, index: int, image_root: str) -> Sample:
   category, caption = entry.get("category", ""), entry.get("caption", "")
   if not isinstance(caption, str):
     raise BadSample("format", f"'caption' must be a string, got {caption!r:.60}")
-  return Sample(str(entry.get("id", index)), turns, [os.path.join(image_root, p) for p in paths],
-                _strings(entry, "answers"), _strings(entry, "choices" if "choices" in entry else "options"),
-                category if isinstance(category, str) else str(category), caption)
+  return Sample(
+    str(entry.get("id", index)),
+    turns,
+    [os.path.join(image_root, p) for p in paths],
+    _strings(entry, "answers"),
+    _strings(entry, "choices" if "choices" in entry else "options"),
+    category if isinstance(category, str) else str(category),
+    caption,
+  )
 
 
 class LlavaSource:
@@ -176,8 +188,11 @@ class TfdsSource:
     else:
       images = [record["image"]] if "image" in record else []
     key = text(record["id"]) if "id" in record else str(index)
-    extra = dict(answers=[text(a) for a in record.get("answers", [])],
-                 choices=[text(c) for c in record.get("choices", [])], category=text(record.get("category", "")))
+    extra = dict(
+      answers=[text(a) for a in record.get("answers", [])],
+      choices=[text(c) for c in record.get("choices", [])],
+      category=text(record.get("category", "")),
+    )
     if text(record.get("conversations", "")):  # an empty text: this sample is question + answer
       try:
         conversations = json.loads(text(record["conversations"]))
@@ -197,6 +212,7 @@ class TfdsSource:
 @dataclasses.dataclass(frozen=True)
 class Options:
   """What sources need besides their spec."""
+
   seed: int = 0
   image_size: int = 64
   image_position: str = "before"
@@ -228,16 +244,19 @@ def open_source(spec: str, options: Options) -> Source:
   """One source from its spec."""
   kind, _, rest = spec.partition(":")
   if kind == "shapes":
-    return ShapesSource(rest or "train", seed=options.seed, image_size=options.image_size,
-                        image_position=options.image_position)
+    return ShapesSource(
+      rest or "train", seed=options.seed, image_size=options.image_size, image_position=options.image_position
+    )
   if kind == "llava" and rest:
     path, _, root = rest.partition(":")
     return LlavaSource(path, root)
   if kind == "tfds" and rest:
     name, _, split = rest.partition(":")
     return TfdsSource(name, split or "train", options.tfds_dir)
-  raise UserError(f"data spec {spec!r}: unknown source (expected shapes[:SPLIT], "
-                  "llava:JSON_OR_JSONL[:IMAGE_ROOT], tfds:NAME[/CONFIG][:SPLIT], or SPEC=W,SPEC=W)")
+  raise UserError(
+    f"data spec {spec!r}: unknown source (expected shapes[:SPLIT], "
+    "llava:JSON_OR_JSONL[:IMAGE_ROOT], tfds:NAME[/CONFIG][:SPLIT], or SPEC=W,SPEC=W)"
+  )
 
 
 def open_mixture(spec: str, options: Options) -> tuple[list[Source], list[float]]:

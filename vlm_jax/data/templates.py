@@ -28,38 +28,53 @@ TEXT = "{}"  # where a turn's text goes in a template string (not str.format: te
 class Template:
   """[BOS] system, then per round `user` (unsupervised, ends with the assistant header), `answer`
   (supervised) [+ EOS id, supervised] and `after_answer` (unsupervised)."""
+
   user: str
   answer: str
-  eos: bool = False         # the tokenizer's EOS id ends each answer
+  eos: bool = False  # the tokenizer's EOS id ends each answer
   # BOS: "tokenizer" if the tokenizer adds one (tokenizer.bos_prefix, as LLaVA tokenizes), "template"
   # if the model's own Jinja template writes {{ bos_token }} (Llama 3, Gemma), "none".
   bos: str = "tokenizer"
   system: str = ""
   after_answer: str = ""
-  trim: bool = False        # strip each turn's text (Jinja's `| trim` in Llama 3 and Gemma)
-  captions: bool = False    # stage-1 captions: one round, the user text is reduced to its images
+  trim: bool = False  # strip each turn's text (Jinja's `| trim` in Llama 3 and Gemma)
+  captions: bool = False  # stage-1 captions: one round, the user text is reduced to its images
 
 
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions. ")
+VICUNA_SYSTEM = (
+  "A chat between a curious user and an artificial intelligence assistant. "
+  "The assistant gives helpful, detailed, and polite answers to the user's questions. "
+)
 
 TEMPLATES = {
-    # Vicuna-like without a system prompt: "USER: <q> ASSISTANT: <a></s>USER: ..."
-    "simple": Template(user="USER: {} ASSISTANT:", answer=" {}", eos=True),
-    # LLaVA stage 1: "<image>caption\n"; only the caption and its newline are supervised.
-    "plain": Template(user=TEXT, answer="{}\n", captions=True),
-    # LLaVA-1.5: "SYS USER: <image>\nQ ASSISTANT: A</s>USER: ..."
-    "vicuna_v1": Template(system=VICUNA_SYSTEM, user="USER: {} ASSISTANT:", answer=" {}", eos=True),
-    # Meta Llama 3 Instruct; the header is not supervised, the answer and <|eot_id|> are.
-    "llama3": Template(user="<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
-                            "<|start_header_id|>assistant<|end_header_id|>\n\n",
-                       answer="{}<|eot_id|>", trim=True, bos="template"),
-    # Qwen2 (ChatML) with its default system message; no BOS.
-    "chatml": Template(system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
-                       user="<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
-                       answer="{}<|im_end|>", after_answer="\n", bos="none"),
-    "gemma": Template(user="<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n",
-                      answer="{}<end_of_turn>", after_answer="\n", trim=True, bos="template"),
+  # Vicuna-like without a system prompt: "USER: <q> ASSISTANT: <a></s>USER: ..."
+  "simple": Template(user="USER: {} ASSISTANT:", answer=" {}", eos=True),
+  # LLaVA stage 1: "<image>caption\n"; only the caption and its newline are supervised.
+  "plain": Template(user=TEXT, answer="{}\n", captions=True),
+  # LLaVA-1.5: "SYS USER: <image>\nQ ASSISTANT: A</s>USER: ..."
+  "vicuna_v1": Template(system=VICUNA_SYSTEM, user="USER: {} ASSISTANT:", answer=" {}", eos=True),
+  # Meta Llama 3 Instruct; the header is not supervised, the answer and <|eot_id|> are.
+  "llama3": Template(
+    user="<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    answer="{}<|eot_id|>",
+    trim=True,
+    bos="template",
+  ),
+  # Qwen2 (ChatML) with its default system message; no BOS.
+  "chatml": Template(
+    system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+    user="<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+    answer="{}<|im_end|>",
+    after_answer="\n",
+    bos="none",
+  ),
+  "gemma": Template(
+    user="<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n",
+    answer="{}<end_of_turn>",
+    after_answer="\n",
+    trim=True,
+    bos="template",
+  ),
 }
 
 
@@ -73,19 +88,24 @@ def check_tokenizer(name: str, tokenizer: Tokenizer) -> None:
   tpl = get_template(name)
   if tpl is None:
     if not getattr(tokenizer, "chat_template", None):
-      raise UserError(f"config.data.template: 'hf' needs the tokenizer's own chat template, and "
-                      f"{tokenizer.name} has none; name a built-in one ({', '.join(TEMPLATES)})")
+      raise UserError(
+        f"config.data.template: 'hf' needs the tokenizer's own chat template, and "
+        f"{tokenizer.name} has none; name a built-in one ({', '.join(TEMPLATES)})"
+      )
     return
   texts = (tpl.user, tpl.answer, tpl.system, tpl.after_answer)
   for token in sorted({t for text in texts for t in _SPECIAL.findall(text)}):
     if len(tokenizer.encode(token)) != 1:
-      raise UserError(f"config.data.template: {name!r} writes {token}, which is not a token of "
-                      f"{tokenizer.name}; use its model's template ('hf' or another)")
+      raise UserError(
+        f"config.data.template: {name!r} writes {token}, which is not a token of "
+        f"{tokenizer.name}; use its model's template ('hf' or another)"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
   """tokens int32 [n]; loss_mask bool [n], True where the token is a supervised target."""
+
   tokens: np.ndarray
   loss_mask: np.ndarray
 
@@ -146,15 +166,19 @@ def _check_turns(turns: Sequence[tuple[str, str]], open_end: bool = False) -> No
     if role not in ROLES:
       raise BadSample("role", f"turn {i}: unknown role {role!r} (expected 'user' or 'assistant')")
     if role != ROLES[i % 2]:
-      raise BadSample("role", f"turn {i}: expected a {ROLES[i % 2]!r} turn, got {role!r} "
-                      "(turns alternate, starting with 'user')")
+      raise BadSample(
+        "role", f"turn {i}: expected a {ROLES[i % 2]!r} turn, got {role!r} (turns alternate, starting with 'user')"
+      )
     if not text.strip():
       raise BadSample("empty", f"turn {i}: empty {role} text")
     if role == "assistant" and IMAGE in text:
       raise BadSample("image_count", f"turn {i}: {IMAGE} in an assistant turn")
   if len(turns) % 2 != open_end:
-    raise BadSample("role", f"turn {len(turns) - 1}: conversation ends with "
-                    + ("an assistant turn (nothing to answer)" if open_end else "a user turn (nothing to learn)"))
+    raise BadSample(
+      "role",
+      f"turn {len(turns) - 1}: conversation ends with "
+      + ("an assistant turn (nothing to answer)" if open_end else "a user turn (nothing to learn)"),
+    )
 
 
 def _caption_turns(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -171,8 +195,9 @@ def _fill(fmt: str, text: str, tpl: Template) -> str:
   return fmt.replace(TEXT, text.strip() if tpl.trim else text)
 
 
-def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer: Tokenizer,
-                        image_tokens: int | Sequence[int], template: str = "simple") -> Encoded:
+def encode_conversation(
+  turns: Sequence[tuple[str, str]], tokenizer: Tokenizer, image_tokens: int | Sequence[int], template: str = "simple"
+) -> Encoded:
   """[BOS] + rounds; the answers and their end-of-turn markers are supervised, nothing else is.
 
   image_tokens: placeholders per <image>, or a count for each image in order (AnyRes).
@@ -184,15 +209,17 @@ def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer: Tokenizer,
   _check_images([text for _, text in turns], image_tokens)
   next_count = _per_image(image_tokens)
   if tpl is None:
-    return Encoded(*chat_template.encode_conversation(
-        turns, tokenizer, lambda text: _text_ids(text, tokenizer, next_count)))
+    return Encoded(
+      *chat_template.encode_conversation(turns, tokenizer, lambda text: _text_ids(text, tokenizer, next_count))
+    )
   if tpl.captions:
     turns = _caption_turns(turns)
   return _encode_rounds(turns, tpl, tokenizer, next_count)
 
 
-def _encode_rounds(turns: Sequence[tuple[str, str]], tpl: Template, tokenizer: Tokenizer,
-                   next_count: Callable[[], int]) -> Encoded:
+def _encode_rounds(
+  turns: Sequence[tuple[str, str]], tpl: Template, tokenizer: Tokenizer, next_count: Callable[[], int]
+) -> Encoded:
   """A built-in template's runs; a conversation ending with a user turn ends with the assistant
   header (a generation prompt)."""
   tokens = _bos(tokenizer, tpl)
@@ -225,9 +252,15 @@ def place_image(text: str, position: str = "before", count: int = 1) -> str:
   return f"{markers}\n{text}" if position == "before" else f"{text}\n{markers}"
 
 
-def encode_prompt(prompt: str, tokenizer: Tokenizer, image_tokens: int | Sequence[int],
-                  template: str = "simple", raw: bool = False, image_position: str = "before",
-                  history: Sequence[tuple[str, str]] = ()) -> np.ndarray:
+def encode_prompt(
+  prompt: str,
+  tokenizer: Tokenizer,
+  image_tokens: int | Sequence[int],
+  template: str = "simple",
+  raw: bool = False,
+  image_position: str = "before",
+  history: Sequence[tuple[str, str]] = (),
+) -> np.ndarray:
   """Generation input: [BOS] + earlier rounds (history: (user, answer) pairs, encoded as in
   training) + the user turn `prompt`, ending with the assistant header.
 

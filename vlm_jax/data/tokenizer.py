@@ -33,7 +33,7 @@ class Tokenizer:
     self._drop = {self._pad_id, self.bos_id, self.eos_id, self._image_id}
 
   chat_template = None  # the "simple" template is ours; HF tokenizers bring their own
-  adds_bos = True       # BOS starts every sequence (export writes add_bos_token: true to match)
+  adds_bos = True  # BOS starts every sequence (export writes add_bos_token: true to match)
 
   @classmethod
   def load(cls, spec: str) -> "Tokenizer":
@@ -42,6 +42,7 @@ class Tokenizer:
     spec = local_files(spec)  # a tokenizer in a bucket: its files copied here
     if os.path.isdir(spec) or spec.endswith(".json"):
       from vlm_jax.data import hf_tokenizer
+
       if not os.path.exists(spec):
         raise UserError(f"tokenizer file not found: {spec}")
       return hf_tokenizer.load(spec)

@@ -18,10 +18,10 @@ CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices dir
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  index: int                               # the sample's index in the data
-  key: str                                 # its id
-  history: tuple[tuple[str, str], ...]     # earlier (user, answer) rounds
-  prompt: str                              # the user turn to answer
+  index: int  # the sample's index in the data
+  key: str  # its id
+  history: tuple[tuple[str, str], ...]  # earlier (user, answer) rounds
+  prompt: str  # the user turn to answer
   images: tuple[ImageRef, ...]
   reference: Reference
   category: str = ""
@@ -42,8 +42,10 @@ def from_sample(sample: sources_lib.Sample, index: int) -> Example:
   answer = turns.pop()[1] if turns and turns[-1][0] == "assistant" else None
   answers = tuple(sample.answers) or ((answer,) if answer is not None else ())
   if not answers:
-    raise UserError(f"sample {index} (id {sample.key}): no reference answer: end the conversation with an "
-                    "assistant turn or give \"answers\"")
+    raise UserError(
+      f"sample {index} (id {sample.key}): no reference answer: end the conversation with an "
+      'assistant turn or give "answers"'
+    )
   if not turns or len(turns) % 2 == 0 or turns[-1][0] != "user":
     raise BadSample("format", f"id {sample.key}: the conversation before the answer must end with a user turn")
   prompt = turns[-1][1]
@@ -52,12 +54,14 @@ def from_sample(sample: sources_lib.Sample, index: int) -> Example:
     prompt = with_choices(prompt, choices)
   history = tuple((turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2))
   full = tuple(sample.turns) if answer is not None else ()
-  return Example(index, sample.key, history, prompt, tuple(sample.images), Reference(answers, choices),
-                 sample.category, full)
+  return Example(
+    index, sample.key, history, prompt, tuple(sample.images), Reference(answers, choices), sample.category, full
+  )
 
 
-def read(spec: str, options: sources_lib.Options, max_examples: int | None = None
-         ) -> tuple[list[Example], collections.Counter]:
+def read(
+  spec: str, options: sources_lib.Options, max_examples: int | None = None
+) -> tuple[list[Example], collections.Counter]:
   """The first max_examples usable samples of the one source `spec` names (default: all of it,
   or SHAPES_EXAMPLES of shapes), and the count of samples skipped, by reason."""
   if "," in spec or "=" in spec.rpartition(":")[2]:
@@ -70,10 +74,13 @@ def read(spec: str, options: sources_lib.Options, max_examples: int | None = Non
       break
     try:
       sample = source[index]
-      if sum(text.count(IMAGE) for _, text in sample.turns) != len(sample.images) and \
-          any(IMAGE in text for _, text in sample.turns):
-        raise BadSample("image_count", f"id {sample.key}: {len(sample.images)} image(s) but a different "
-                        f"number of {IMAGE} placeholders")
+      if sum(text.count(IMAGE) for _, text in sample.turns) != len(sample.images) and any(
+        IMAGE in text for _, text in sample.turns
+      ):
+        raise BadSample(
+          "image_count",
+          f"id {sample.key}: {len(sample.images)} image(s) but a different number of {IMAGE} placeholders",
+        )
       examples.append(from_sample(sample, index))
     except BadSample as e:
       skipped[e.reason] += 1

@@ -28,46 +28,150 @@ from vlm_jax.errors import UserError
 class Reference:
   """What an answer is scored against: the accepted answers (VQA: one per annotator) and, for
   multiple choice, the choices in letter order (A, B, ...)."""
+
   answers: tuple[str, ...]
   choices: tuple[str, ...] = ()
 
 
 # --- VQAv2 normalisation (github.com/GT-Vision-Lab/VQA, vqaEval.py) ------------------------------
 CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
-    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
-    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
-    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
-    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
-    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
-    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
-    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
-    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
-    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
-    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
-    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
-    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
-    "youve": "you've",
+  "aint": "ain't",
+  "arent": "aren't",
+  "cant": "can't",
+  "couldve": "could've",
+  "couldnt": "couldn't",
+  "couldn'tve": "couldn't've",
+  "couldnt've": "couldn't've",
+  "didnt": "didn't",
+  "doesnt": "doesn't",
+  "dont": "don't",
+  "hadnt": "hadn't",
+  "hadnt've": "hadn't've",
+  "hadn'tve": "hadn't've",
+  "hasnt": "hasn't",
+  "havent": "haven't",
+  "hed": "he'd",
+  "hed've": "he'd've",
+  "he'dve": "he'd've",
+  "hes": "he's",
+  "howd": "how'd",
+  "howll": "how'll",
+  "hows": "how's",
+  "Id've": "I'd've",
+  "I'dve": "I'd've",
+  "Im": "I'm",
+  "Ive": "I've",
+  "isnt": "isn't",
+  "itd": "it'd",
+  "itd've": "it'd've",
+  "it'dve": "it'd've",
+  "itll": "it'll",
+  "let's": "let's",
+  "maam": "ma'am",
+  "mightnt": "mightn't",
+  "mightnt've": "mightn't've",
+  "mightn'tve": "mightn't've",
+  "mightve": "might've",
+  "mustnt": "mustn't",
+  "mustve": "must've",
+  "neednt": "needn't",
+  "notve": "not've",
+  "oclock": "o'clock",
+  "oughtnt": "oughtn't",
+  "ow's'at": "'ow's'at",
+  "'ows'at": "'ow's'at",
+  "'ow'sat": "'ow's'at",
+  "shant": "shan't",
+  "shed've": "she'd've",
+  "she'dve": "she'd've",
+  "she's": "she's",
+  "shouldve": "should've",
+  "shouldnt": "shouldn't",
+  "shouldnt've": "shouldn't've",
+  "shouldn'tve": "shouldn't've",
+  "somebody'd": "somebodyd",
+  "somebodyd've": "somebody'd've",
+  "somebody'dve": "somebody'd've",
+  "somebodyll": "somebody'll",
+  "somebodys": "somebody's",
+  "someoned": "someone'd",
+  "someoned've": "someone'd've",
+  "someone'dve": "someone'd've",
+  "someonell": "someone'll",
+  "someones": "someone's",
+  "somethingd": "something'd",
+  "somethingd've": "something'd've",
+  "something'dve": "something'd've",
+  "somethingll": "something'll",
+  "thats": "that's",
+  "thered": "there'd",
+  "thered've": "there'd've",
+  "there'dve": "there'd've",
+  "therere": "there're",
+  "theres": "there's",
+  "theyd": "they'd",
+  "theyd've": "they'd've",
+  "they'dve": "they'd've",
+  "theyll": "they'll",
+  "theyre": "they're",
+  "theyve": "they've",
+  "twas": "'twas",
+  "wasnt": "wasn't",
+  "wed've": "we'd've",
+  "we'dve": "we'd've",
+  "weve": "we've",
+  "werent": "weren't",
+  "whatll": "what'll",
+  "whatre": "what're",
+  "whats": "what's",
+  "whatve": "what've",
+  "whens": "when's",
+  "whered": "where'd",
+  "wheres": "where's",
+  "whereve": "where've",
+  "whod": "who'd",
+  "whod've": "who'd've",
+  "who'dve": "who'd've",
+  "wholl": "who'll",
+  "whos": "who's",
+  "whove": "who've",
+  "whyll": "why'll",
+  "whyre": "why're",
+  "whys": "why's",
+  "wont": "won't",
+  "wouldve": "would've",
+  "wouldnt": "wouldn't",
+  "wouldnt've": "wouldn't've",
+  "wouldn'tve": "wouldn't've",
+  "yall": "y'all",
+  "yall'll": "y'all'll",
+  "y'allll": "y'all'll",
+  "yall'd've": "y'all'd've",
+  "y'alld've": "y'all'd've",
+  "y'all'dve": "y'all'd've",
+  "youd": "you'd",
+  "youd've": "you'd've",
+  "you'dve": "you'd've",
+  "youll": "you'll",
+  "youre": "you're",
+  "youve": "you've",
 }
-NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-           "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+NUMBERS = {
+  "none": "0",
+  "zero": "0",
+  "one": "1",
+  "two": "2",
+  "three": "3",
+  "four": "4",
+  "five": "5",
+  "six": "6",
+  "seven": "7",
+  "eight": "8",
+  "nine": "9",
+  "ten": "10",
+}
 ARTICLES = ("a", "an", "the")
-PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
-               "?", "!")
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 # Verbatim, typo included: "(?!<=\d)" is a lookahead, so a period is kept only before a digit.
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
@@ -122,7 +226,7 @@ def choice_letter(text: str, choices: Sequence[str]) -> str | None:
   ("B", "(B)", "b) cat", "B. cat"), one after "answer is"/"option", one letter in parentheses,
   the whole text of a choice, one standalone capital, the text of exactly one choice inside the
   answer. Only the choices' letters count; two candidates of one kind name none."""
-  valid = LETTERS[:len(choices)]
+  valid = LETTERS[: len(choices)]
   text = text.strip()
   found = _LEADING.match(text)
   if found and found.group(1).upper() in valid:
@@ -139,12 +243,18 @@ def choice_letter(text: str, choices: Sequence[str]) -> str | None:
   if len(named) == 1:
     return named[0]
   # Standalone capitals; "A" and "I" before a lowercase word are an article and a pronoun.
-  letters = {m.group(1) for m in re.finditer(r"\b([A-Z])\b", text)
-             if not (m.group(1) in "AI" and re.match(r"\s+[a-z]", text[m.end():]))} & set(valid)
+  letters = {
+    m.group(1)
+    for m in re.finditer(r"\b([A-Z])\b", text)
+    if not (m.group(1) in "AI" and re.match(r"\s+[a-z]", text[m.end() :]))
+  } & set(valid)
   if len(letters) == 1:
     return letters.pop()
-  named = [LETTERS[i] for i, c in enumerate(choices)
-           if normalize_vqa(c) and re.search(rf"\b{re.escape(normalize_vqa(c))}\b", norm)]
+  named = [
+    LETTERS[i]
+    for i, c in enumerate(choices)
+    if normalize_vqa(c) and re.search(rf"\b{re.escape(normalize_vqa(c))}\b", norm)
+  ]
   return named[0] if len(named) == 1 else None
 
 
@@ -177,9 +287,13 @@ def _pope_summary(predictions: Sequence[str], refs: Sequence[Reference], scores:
   fp = sum(p and not g for p, g in zip(pred, gold))
   fn = sum(g and not p for p, g in zip(pred, gold))
   precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-  return {"accuracy": _mean(scores), "precision": precision, "recall": recall,
-          "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-          "yes_ratio": sum(pred) / max(len(pred), 1)}
+  return {
+    "accuracy": _mean(scores),
+    "precision": precision,
+    "recall": recall,
+    "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+    "yes_ratio": sum(pred) / max(len(pred), 1),
+  }
 
 
 # --- The registry ---------------------------------------------------------------------------------
@@ -193,7 +307,7 @@ def _accuracy(predictions, refs, scores) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Metric:
-  score: Callable[[str, Reference], float]   # one answer -> its score in [0, 1]
+  score: Callable[[str, Reference], float]  # one answer -> its score in [0, 1]
   summary: Callable[[Sequence[str], Sequence[Reference], Sequence[float]], dict] = _accuracy
   # Why a reference cannot be scored by this metric (None: it can).
   unfit: Callable[[Reference], str | None] = lambda ref: None
@@ -216,12 +330,11 @@ def _needs_yes_no(ref: Reference) -> str | None:
 
 
 METRICS: dict[str, Metric] = {
-    "vqa": Metric(lambda p, r: vqa_accuracy(p, r.answers)),
-    "exact": Metric(lambda p, r: exact_match(p, r.answers)),
-    "mc": Metric(lambda p, r: choice_accuracy(p, r), _choice_summary, _needs_choices, max_new_tokens=16),
-    "pope": Metric(lambda p, r: float(pope_answer(p) == _pope_label(r)), _pope_summary, _needs_yes_no,
-                   max_new_tokens=16),
-    "shapes": Metric(lambda p, r: float(any(answer_matches(p, a) for a in r.answers)), max_new_tokens=8),
+  "vqa": Metric(lambda p, r: vqa_accuracy(p, r.answers)),
+  "exact": Metric(lambda p, r: exact_match(p, r.answers)),
+  "mc": Metric(lambda p, r: choice_accuracy(p, r), _choice_summary, _needs_choices, max_new_tokens=16),
+  "pope": Metric(lambda p, r: float(pope_answer(p) == _pope_label(r)), _pope_summary, _needs_yes_no, max_new_tokens=16),
+  "shapes": Metric(lambda p, r: float(any(answer_matches(p, a) for a in r.answers)), max_new_tokens=8),
 }
 AUTO = "auto"
 

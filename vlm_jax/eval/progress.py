@@ -21,8 +21,10 @@ class ProgressBar:
     rate = done / max(now - self.start, 1e-9)
     eta = (total - done) / rate if rate else 0.0
     filled = self.width * done // max(total, 1)
-    line = (f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total}  "
-            f"{rate:.1f} examples/s  ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+    line = (
+      f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total}  "
+      f"{rate:.1f} examples/s  ETA {int(eta) // 60}m{int(eta) % 60:02d}s"
+    )
     end = "\n" if done >= total or not self.tty else ""
     self.stream.write(("\r" if self.tty else "") + line + end)
     self.stream.flush()

@@ -29,12 +29,12 @@ from vlm_jax.infer.inputs import Inputs
 
 log = logging.getLogger("vlm_jax")
 NO_IMAGES = np.zeros((0, 1, 1, 3), np.float32)  # images go in separately (pixels)
-Progress = Callable[[int, int], None]           # (examples done, total)
+Progress = Callable[[int, int], None]  # (examples done, total)
 
 
 @dataclasses.dataclass
 class Result:
-  metrics: dict       # {"examples", "metric", "accuracy", ...}
+  metrics: dict  # {"examples", "metric", "accuracy", ...}
   records: list[dict]  # one per example, in input order: index, id, prompt, prediction, answers, score
 
 
@@ -56,8 +56,17 @@ class Evaluator:
   """One data spec scored with one metric for params of one Run; compiled programs are reused
   from call to call."""
 
-  def __init__(self, run: Run, tokenizer: Tokenizer, spec: str, *, metric: str = metrics_lib.AUTO,
-               max_examples: int | None = None, batch_size: int = 0, max_new_tokens: int = 0):
+  def __init__(
+    self,
+    run: Run,
+    tokenizer: Tokenizer,
+    spec: str,
+    *,
+    metric: str = metrics_lib.AUTO,
+    max_examples: int | None = None,
+    batch_size: int = 0,
+    max_new_tokens: int = 0,
+  ):
     cfg = run.config
     options = sources.Options(cfg.seed, cfg.model.vision.image_size, cfg.data.image_position, cfg.data.tfds_dir)
     self.run, self.tokenizer = run, tokenizer
@@ -72,8 +81,15 @@ class Evaluator:
 
   def _length(self, e: examples_lib.Example) -> int:
     try:
-      return len(templates.encode_prompt(e.prompt, self.tokenizer, [self.inputs.image_tokens] * len(e.images),
-                                         self.run.config.data.template, history=e.history))
+      return len(
+        templates.encode_prompt(
+          e.prompt,
+          self.tokenizer,
+          [self.inputs.image_tokens] * len(e.images),
+          self.run.config.data.template,
+          history=e.history,
+        )
+      )
     except BadSample:  # counted when its batch is prepared
       return 0
 
@@ -89,10 +105,15 @@ class Evaluator:
     skipped = collections.Counter(self.skipped)
     loss_sum = count = 0.0
     for start in range(0, len(self.order), self.batch_size):
-      batch = self._prepare([(i, images[i]) for i in self.order[start:start + self.batch_size]], skipped)
+      batch = self._prepare([(i, images[i]) for i in self.order[start : start + self.batch_size]], skipped)
       if batch:
-        ids = self.generator(params, batch["prompts"], batch["pixels"], max_new_tokens=self.max_new_tokens,
-                             stop_ids=(self.tokenizer.eos_id,))
+        ids = self.generator(
+          params,
+          batch["prompts"],
+          batch["pixels"],
+          max_new_tokens=self.max_new_tokens,
+          stop_ids=(self.tokenizer.eos_id,),
+        )
         for i, new in zip(batch["rows"], ids):
           predictions[i] = self.tokenizer.decode(new).strip()
         if batch["loss"] is not None:
@@ -159,15 +180,24 @@ class Evaluator:
     if skipped:
       out["skipped"] = sum(skipped.values())
       out.update({f"skipped/{reason}": n for reason, n in sorted(skipped.items())})
-    records = [{"index": self.examples[i].index, "id": self.examples[i].key, "prompt": self.examples[i].prompt,
-                "prediction": p, "answers": list(r.answers), "score": s}
-               for i, p, r, s in zip(scored, preds, refs, scores)]
+    records = [
+      {
+        "index": self.examples[i].index,
+        "id": self.examples[i].key,
+        "prompt": self.examples[i].prompt,
+        "prediction": p,
+        "answers": list(r.answers),
+        "score": s,
+      }
+      for i, p, r, s in zip(scored, preds, refs, scores)
+    ]
     return Result(out, records)
 
 
 @dataclasses.dataclass(frozen=True)
 class PeriodicEval:
   """One entry of config.evals, ready for the training loop."""
+
   name: str
   every: int
   evaluate: Callable[[dict], dict]  # params -> metrics (numbers only)

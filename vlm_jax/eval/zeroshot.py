@@ -25,7 +25,9 @@ METRIC = "zeroshot"
 
 @dataclasses.dataclass(frozen=True)
 class ZeroShotSet:
-  classes: Callable[[], dict[str, tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]]]  # kind -> (names, prompts per class)
+  classes: Callable[
+    [], dict[str, tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]]
+  ]  # kind -> (names, prompts per class)
   examples: Callable[[str, int, int, int], list[tuple[np.ndarray, dict[str, int | None]]]]  # (split, seed, size, n)
 
 
@@ -46,8 +48,10 @@ class ZeroShot:
   def __init__(self, run: Run, tokenizer: Tokenizer, spec: str, *, max_examples: int, batch_size: int = 0):
     name, _, split = spec.partition(":")
     if name not in ZEROSHOT_SETS:
-      raise UserError(f"data spec {spec!r}: zero-shot classification needs a set with classes and prompts "
-                      f"({', '.join(ZEROSHOT_SETS)})")
+      raise UserError(
+        f"data spec {spec!r}: zero-shot classification needs a set with classes and prompts "
+        f"({', '.join(ZEROSHOT_SETS)})"
+      )
     cfg = run.config
     if name == "shapes" and split not in shapes.SPLITS:
       raise UserError(f"data spec {spec!r}: unknown split {split!r} (shapes has {', '.join(shapes.SPLITS)})")
@@ -58,24 +62,28 @@ class ZeroShot:
     preprocess = Preprocessing.from_config(cfg)
     self.images = np.stack([preprocess(image).astype(preprocess.dtype) for image, _ in examples])
     self.labels = {kind: [labels[kind] for _, labels in examples] for kind in zs.classes()}
-    self.prompts = {kind: [np.stack([pairs.caption_tokens(tokenizer, p, cfg.data.seq_len) for p in prompts])
-                           for prompts in per_class] for kind, (_, per_class) in zs.classes().items()}
+    self.prompts = {
+      kind: [np.stack([pairs.caption_tokens(tokenizer, p, cfg.data.seq_len) for p in prompts]) for prompts in per_class]
+      for kind, (_, per_class) in zs.classes().items()
+    }
     self._embed = {method: self._embedder(method) for method in ("image_features", "text_features")}
 
   def _embedder(self, method: str) -> Callable:
     run = self.run
-    fn = jax.jit(lambda params, x: normalize(run.model.apply({"params": params}, x, method=method)),
-                 in_shardings=(run.param_shardings, parallel.batch_sharding(run.mesh)),
-                 out_shardings=parallel.replicated(run.mesh))
+    fn = jax.jit(
+      lambda params, x: normalize(run.model.apply({"params": params}, x, method=method)),
+      in_shardings=(run.param_shardings, parallel.batch_sharding(run.mesh)),
+      out_shardings=parallel.replicated(run.mesh),
+    )
     return in_mesh(fn, run.mesh)
 
   def embed(self, params, method: str, rows: np.ndarray) -> np.ndarray:
     """Normalised embeddings of `rows` (images or tokens), batch_size at a time (the last padded)."""
     out = []
     for start in range(0, len(rows), self.batch_size):
-      chunk = rows[start:start + self.batch_size]
+      chunk = rows[start : start + self.batch_size]
       padded = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - len(chunk), axis=0)])
-      out.append(np.asarray(self._embed[method](params, parallel.global_batch(padded, self.run.mesh)))[:len(chunk)])
+      out.append(np.asarray(self._embed[method](params, parallel.global_batch(padded, self.run.mesh)))[: len(chunk)])
     return np.concatenate(out)
 
   def __call__(self, params) -> dict[str, float]:

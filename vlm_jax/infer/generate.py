@@ -41,12 +41,13 @@ def pad_rows(images, extra: int):
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """How the next token is chosen (Hugging Face's order: penalty, temperature, top-k, top-p, min-p)."""
-  temperature: float = 0.0          # 0: greedy (argmax)
-  top_k: int = 0                    # 0: no limit
-  top_p: float = 1.0                # nucleus: the smallest set of tokens with this much mass
-  min_p: float = 0.0                # drop tokens below min_p x the most likely one's probability
-  repetition_penalty: float = 1.0   # CTRL's: logits of tokens already in the sequence / penalty
-  seed: int = 0                     # same seed, same text (per row, whatever the batch)
+
+  temperature: float = 0.0  # 0: greedy (argmax)
+  top_k: int = 0  # 0: no limit
+  top_p: float = 1.0  # nucleus: the smallest set of tokens with this much mass
+  min_p: float = 0.0  # drop tokens below min_p x the most likely one's probability
+  repetition_penalty: float = 1.0  # CTRL's: logits of tokens already in the sequence / penalty
+  seed: int = 0  # same seed, same text (per row, whatever the batch)
 
   def check(self, flags: bool = False) -> None:
     """Raises UserError on a bad value, named as a field (top_p) or a CLI flag (--top-p)."""
@@ -64,9 +65,13 @@ class Sampling:
 
   def knobs(self) -> dict:
     """The per-call values (not compiled in)."""
-    return {"temperature": np.float32(self.temperature or 1.0), "top_k": np.int32(self.top_k),
-            "top_p": np.float32(self.top_p), "min_p": np.float32(self.min_p),
-            "penalty": np.float32(self.repetition_penalty)}
+    return {
+      "temperature": np.float32(self.temperature or 1.0),
+      "top_k": np.int32(self.top_k),
+      "top_p": np.float32(self.top_p),
+      "min_p": np.float32(self.min_p),
+      "penalty": np.float32(self.repetition_penalty),
+    }
 
 
 def filter_logits(logits: jax.Array, knobs: dict) -> jax.Array:
@@ -86,21 +91,22 @@ def filter_logits(logits: jax.Array, knobs: dict) -> jax.Array:
 
 class State(NamedTuple):
   cache: dict
-  tokens: jax.Array             # [B, N] int32: the new tokens (anything after a row's end)
-  count: jax.Array              # [] int32: tokens generated so far
-  done: jax.Array               # [B] bool: the row produced a stop token
-  seen: jax.Array | None        # [B, V] bool: tokens in the row (repetition penalty)
-  keys: jax.Array               # [B] PRNG keys, one per row
+  tokens: jax.Array  # [B, N] int32: the new tokens (anything after a row's end)
+  count: jax.Array  # [] int32: tokens generated so far
+  done: jax.Array  # [B] bool: the row produced a stop token
+  seen: jax.Array | None  # [B, V] bool: tokens in the row (repetition penalty)
+  keys: jax.Array  # [B] PRNG keys, one per row
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Static:
   """What a compiled program is specialised on."""
+
   rows: int
   prompt_slots: int
   max_new_tokens: int
-  sample: bool = False       # greedy otherwise
-  penalize: bool = False     # a repetition penalty
+  sample: bool = False  # greedy otherwise
+  penalize: bool = False  # a repetition penalty
   stop_ids: tuple[int, ...] = ()
 
   @property
@@ -114,8 +120,9 @@ def _choose(logits: jax.Array, state: State, knobs: dict, st: _Static) -> jax.Ar
     logits = jnp.where(state.seen, penalized, logits)
   if not st.sample:
     return greedy(logits)
-  return sample(logits, jax.vmap(jax.random.fold_in)(state.keys, jnp.broadcast_to(state.count, state.keys.shape)),
-                knobs)
+  return sample(
+    logits, jax.vmap(jax.random.fold_in)(state.keys, jnp.broadcast_to(state.count, state.keys.shape)), knobs
+  )
 
 
 def greedy(logits: jax.Array) -> jax.Array:
@@ -150,18 +157,27 @@ def _replicated(state: State, mesh: Mesh) -> State:
 
 def _prefill(params, prompt, start, live, images, seeds, knobs, *, model: VLM, mesh: Mesh, st: _Static) -> State:
   cache = init_cache(model.cfg.llm, start, st.cache_slots, jnp.dtype(model.cfg.dtype))
-  logits, cache = model.apply({"params": params}, prompt, images, cache, method="prefill")  # by name: the model may be a subclass (LoRA)
+  logits, cache = model.apply(
+    {"params": params}, prompt, images, cache, method="prefill"
+  )  # by name: the model may be a subclass (LoRA)
   seen = None
   if st.penalize:
     real = jnp.arange(st.prompt_slots)[None, :] >= start[:, None]
     seen = jnp.zeros((st.rows, logits.shape[-1]), bool).at[jnp.arange(st.rows)[:, None], prompt].max(real)
-  state = State(cache, jnp.zeros((st.rows, st.max_new_tokens), jnp.int32), jnp.zeros((), jnp.int32),
-                ~live, seen, jax.vmap(jax.random.key)(seeds))
+  state = State(
+    cache,
+    jnp.zeros((st.rows, st.max_new_tokens), jnp.int32),
+    jnp.zeros((), jnp.int32),
+    ~live,
+    seen,
+    jax.vmap(jax.random.key)(seeds),
+  )
   return _replicated(_advance(logits, state, knobs, st), mesh)
 
 
 def _decode(params, state: State, until, knobs, *, model: VLM, mesh: Mesh, st: _Static) -> State:
   """Decodes while count < until (<= max_new_tokens) and some row is not done."""
+
   def running(s: State):
     return (s.count < until) & ~jnp.all(s.done)
 
@@ -194,8 +210,10 @@ class Generator:
   def _compiled(self, st: _Static):
     if st not in self._programs:
       kw = dict(model=self.model, mesh=self.mesh, st=st)
-      self._programs[st] = (in_mesh(jax.jit(functools.partial(_prefill, **kw)), self.mesh),
-                            in_mesh(jax.jit(functools.partial(_decode, **kw), donate_argnums=1), self.mesh))
+      self._programs[st] = (
+        in_mesh(jax.jit(functools.partial(_prefill, **kw)), self.mesh),
+        in_mesh(jax.jit(functools.partial(_decode, **kw), donate_argnums=1), self.mesh),
+      )
     return self._programs[st]
 
   def programs(self, rows: int, prompt_len: int, max_new_tokens: int) -> tuple:
@@ -208,9 +226,17 @@ class Generator:
     st = _Static(rows=rows, prompt_slots=slots, max_new_tokens=max_new_tokens)
     return (self._unstack,) + self._compiled(st)
 
-  def stream(self, params, prompts: Sequence[np.ndarray], images, *, max_new_tokens: int,
-             sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (), every: int = 1
-             ) -> Iterator[list[list[int]]]:
+  def stream(
+    self,
+    params,
+    prompts: Sequence[np.ndarray],
+    images,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    stop_ids: Sequence[int] = (),
+    every: int = 1,
+  ) -> Iterator[list[list[int]]]:
     """Yields, every `every` tokens, each row's new ids since the last yield (none once a row has
     stopped; its stop token is not given). prompts: ids with their image placeholders; images:
     [B, N, H, W, 3] or AnyRes's {"tiles", "index", "weight"} (data/anyres_batch.py), B = len(prompts)."""
@@ -223,16 +249,24 @@ class Generator:
     longest = max(len(p) for p in prompts)
     for i, p in enumerate(prompts):
       if len(p) + max_new_tokens > self.context:
-        raise UserError(f"prompt {i}: {len(p)} prompt tokens + {max_new_tokens} new tokens (max_new_tokens) "
-                        f"exceed the model's context of {self.context} (config.model.llm.max_len)")
+        raise UserError(
+          f"prompt {i}: {len(p)} prompt tokens + {max_new_tokens} new tokens (max_new_tokens) "
+          f"exceed the model's context of {self.context} (config.model.llm.max_len)"
+        )
     rows = -(-n // self.batch_multiple) * self.batch_multiple
     prompt_slots = bucket(longest)
-    st = _Static(rows=rows, prompt_slots=prompt_slots, max_new_tokens=max_new_tokens, sample=sampling.temperature > 0,
-                 penalize=sampling.repetition_penalty != 1.0, stop_ids=tuple(sorted(set(stop_ids))))
+    st = _Static(
+      rows=rows,
+      prompt_slots=prompt_slots,
+      max_new_tokens=max_new_tokens,
+      sample=sampling.temperature > 0,
+      penalize=sampling.repetition_penalty != 1.0,
+      stop_ids=tuple(sorted(set(stop_ids))),
+    )
     tokens = np.full((rows, prompt_slots), self.pad_id, np.int32)
     start = np.full((rows,), prompt_slots - 1, np.int32)  # padding rows: a one-token prompt
     for i, p in enumerate(prompts):
-      tokens[i, prompt_slots - len(p):] = p
+      tokens[i, prompt_slots - len(p) :] = p
       start[i] = prompt_slots - len(p)
     padded_images = pad_rows(images, rows - n)
     seeds = np.full((rows,), sampling.seed % 2**32, np.uint32)
@@ -255,12 +289,21 @@ class Generator:
         return
       state = decode(params, state, np.int32(min(count + every, max_new_tokens)), knobs)
 
-  def __call__(self, params, prompts: Sequence[np.ndarray], images, *, max_new_tokens: int,
-               sampling: Sampling = Sampling(), stop_ids: Sequence[int] = ()) -> list[list[int]]:
+  def __call__(
+    self,
+    params,
+    prompts: Sequence[np.ndarray],
+    images,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    stop_ids: Sequence[int] = (),
+  ) -> list[list[int]]:
     """Each prompt's new ids, up to (without) its first stop token."""
     out = [[] for _ in prompts]
-    for pieces in self.stream(params, prompts, images, max_new_tokens=max_new_tokens, sampling=sampling,
-                              stop_ids=stop_ids, every=max_new_tokens):
+    for pieces in self.stream(
+      params, prompts, images, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids, every=max_new_tokens
+    ):
       for row, piece in zip(out, pieces):
         row.extend(piece)
     return out

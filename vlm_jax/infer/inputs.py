@@ -34,20 +34,29 @@ class Inputs:
     """Tokens the image takes in the prompt: its AnyRes plan's, or the fixed count."""
     return self.anyres.tokens(image) if self.anyres else self.image_tokens
 
-  def encode_prompt(self, prompt: str, raw_prompt: bool = False, image=None,
-                    history: Sequence[tuple[str, str]] = ()) -> np.ndarray:
+  def encode_prompt(
+    self, prompt: str, raw_prompt: bool = False, image=None, history: Sequence[tuple[str, str]] = ()
+  ) -> np.ndarray:
     """Prompt ids (after `history`, earlier (user, answer) rounds); image: one image, a list of
     them (several <image> markers, or that many put in front), or None (the model's one-image
     count). With AnyRes each image decides how many placeholders its <image> becomes."""
-    return templates.encode_prompt(prompt, self.tokenizer, self._counts(image), self.config.data.template,
-                                   raw=raw_prompt, image_position=self.config.data.image_position, history=history)
+    return templates.encode_prompt(
+      prompt,
+      self.tokenizer,
+      self._counts(image),
+      self.config.data.template,
+      raw=raw_prompt,
+      image_position=self.config.data.image_position,
+      history=history,
+    )
 
   def _counts(self, image) -> "int | list[int]":
     """Placeholders per <image>: each image's count, or without images the model's one count."""
     if image is None:
       if self.anyres:
-        raise UserError("encode_prompt: an AnyRes model's <image> takes as many tokens as the image's tile "
-                        "plan; pass the image")
+        raise UserError(
+          "encode_prompt: an AnyRes model's <image> takes as many tokens as the image's tile plan; pass the image"
+        )
       return self.image_tokens
     return [self.image_tokens_for(im) for im in image_list(image)]
 
@@ -57,8 +66,9 @@ class Inputs:
     images = image_list(image)
     if images and IMAGE not in prompt:
       prompt = templates.place_image(prompt, self.config.data.image_position, len(images))
-    return templates.encode_conversation([("user", prompt), ("assistant", answer.strip())], self.tokenizer,
-                                         self._counts(image), self.config.data.template)
+    return templates.encode_conversation(
+      [("user", prompt), ("assistant", answer.strip())], self.tokenizer, self._counts(image), self.config.data.template
+    )
 
   def pixels(self, images: Sequence) -> "np.ndarray | dict":
     """Each prompt's images (one, a list, or None) -> the model's image input: [B, N, H, W, 3]

@@ -38,8 +38,9 @@ class Scorer:
     self.batch_multiple = parallel.batch_divisor(mesh)
     self._score = in_mesh(jax.jit(functools.partial(_score, model=model)), mesh)
 
-  def __call__(self, params, sequences: Sequence[np.ndarray], scored: Sequence[np.ndarray], images
-               ) -> list[tuple[float, bool]]:
+  def __call__(
+    self, params, sequences: Sequence[np.ndarray], scored: Sequence[np.ndarray], images
+  ) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) of each sequence's scored tokens (bool mask, same length);
     images: the rows' image input ([B, N, H, W, 3] or AnyRes's dict), B = len(sequences)."""
     n = len(sequences)
@@ -48,6 +49,6 @@ class Scorer:
     tokens = np.full((rows, length), self.pad_id, np.int32)
     mask = np.zeros((rows, length), bool)
     for i, (s, m) in enumerate(zip(sequences, scored)):
-      tokens[i, :len(s)], mask[i, :len(m)] = s, m
+      tokens[i, : len(s)], mask[i, : len(m)] = s, m
     logp, greedy = jax.device_get(self._score(params, tokens, pad_rows(images, rows - n), mask))
     return [(float(logp[i]), bool(greedy[i])) for i in range(n)]

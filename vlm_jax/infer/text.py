@@ -19,5 +19,5 @@ class TextStream:
     text = self.tokenizer.decode(self.ids).strip()
     if text.endswith("\ufffd"):
       return ""
-    piece, self.sent = text[self.sent:], len(text)
+    piece, self.sent = text[self.sent :], len(text)
     return piece

@@ -18,8 +18,9 @@ from vlm_jax.config import BATCH_AXES
 MAX_LOG_SCALE = math.log(100.0)  # CLIP clips its temperature at 100
 
 
-def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, *,
-              batch_axes: tuple[str, ...] = BATCH_AXES) -> jax.Array:
+def clip_loss(
+  image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, *, batch_axes: tuple[str, ...] = BATCH_AXES
+) -> jax.Array:
   """CLIP's symmetric softmax cross-entropy, a scalar fp32 mean over the global batch.
 
   image_emb, text_emb: [B, D], L2-normalised by the caller; row i of each is a pair.
@@ -32,8 +33,7 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
   b = image_emb.shape[0]
   if n == 1:
     labels = jnp.arange(b)
-    return (_ce_sum(scale * image_emb @ text_emb.T, labels)
-            + _ce_sum(scale * text_emb @ image_emb.T, labels)) / (2 * b)
+    return (_ce_sum(scale * image_emb @ text_emb.T, labels) + _ce_sum(scale * text_emb @ image_emb.T, labels)) / (2 * b)
 
   def shard(image, text, scale):
     # A softmax row needs every column: gather the other tower, keep this shard's rows.
@@ -47,8 +47,14 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
   return _shard_map(shard, axes, image_emb, text_emb, scale)
 
 
-def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, t_prime: jax.Array, bias: jax.Array, *,
-                batch_axes: tuple[str, ...] = BATCH_AXES) -> jax.Array:
+def siglip_loss(
+  image_emb: jax.Array,
+  text_emb: jax.Array,
+  t_prime: jax.Array,
+  bias: jax.Array,
+  *,
+  batch_axes: tuple[str, ...] = BATCH_AXES,
+) -> jax.Array:
   """SigLIP's pairwise sigmoid loss, a scalar fp32: -sum_ij log_sigmoid(label_ij * z_ij) / B.
 
   image_emb, text_emb: [B, D], L2-normalised by the caller; t_prime (log temperature) and bias
@@ -84,20 +90,21 @@ def _fp32(*xs: jax.Array) -> tuple[jax.Array, ...]:
   return tuple(jnp.asarray(x, jnp.float32) for x in xs)
 
 
-def _batch_shards(image_emb: jax.Array, text_emb: jax.Array,
-                  batch_axes: tuple[str, ...]) -> tuple[tuple[str, ...], int]:
+def _batch_shards(
+  image_emb: jax.Array, text_emb: jax.Array, batch_axes: tuple[str, ...]
+) -> tuple[tuple[str, ...], int]:
   """The batch axes of the current mesh and how many shards they make (1: compute directly)."""
   if image_emb.ndim != 2 or image_emb.shape != text_emb.shape:
-    raise ValueError(f"image and text embeddings must both be [B, D], got {image_emb.shape} and "
-                     f"{text_emb.shape}")
+    raise ValueError(f"image and text embeddings must both be [B, D], got {image_emb.shape} and {text_emb.shape}")
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return (), 1
   axes = tuple(a for a in batch_axes if a in mesh.axis_names)
   n = math.prod(mesh.shape[a] for a in axes)
   if image_emb.shape[0] % n:
-    raise ValueError(f"contrastive loss: batch {image_emb.shape[0]} does not divide over the {n} shards "
-                     f"of mesh axes {axes}")
+    raise ValueError(
+      f"contrastive loss: batch {image_emb.shape[0]} does not divide over the {n} shards of mesh axes {axes}"
+    )
   return axes, n
 
 
@@ -113,8 +120,9 @@ def _ce_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.sum(jax.nn.logsumexp(logits, axis=1) - picked)
 
 
-def _sigmoid_sum(image: jax.Array, text: jax.Array, temperature: jax.Array, bias: jax.Array,
-                 positives: bool) -> jax.Array:
+def _sigmoid_sum(
+  image: jax.Array, text: jax.Array, temperature: jax.Array, bias: jax.Array, positives: bool
+) -> jax.Array:
   """sum_ij log_sigmoid(label_ij * z_ij) of one block; labels +1 on its diagonal if `positives`."""
   z = temperature * image @ text.T + bias
   labels = 2 * jnp.eye(*z.shape, dtype=z.dtype) - 1 if positives else -1.0

@@ -15,8 +15,9 @@ def token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> t
   return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def chunked_token_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                       chunk: int) -> tuple[jax.Array, jax.Array]:
+def chunked_token_loss(
+  hidden: jax.Array, head: jax.Array, targets: jax.Array, loss_mask: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
   """token_loss(hidden @ head, targets, loss_mask) without the [B, T, vocab] logits.
 
   Each row's supervised positions are moved to its front (a stable sort, so static shapes), then
@@ -29,10 +30,10 @@ def chunked_token_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, l
   t = hidden.shape[1]
   chunk = min(chunk, t)
   weight = loss_mask.astype(jnp.float32)
-  order = jnp.argsort(weight == 0, axis=1, stable=True)        # supervised positions first
+  order = jnp.argsort(weight == 0, axis=1, stable=True)  # supervised positions first
   pad = -t % chunk
   sort = lambda x: jnp.pad(jnp.take_along_axis(x, order, axis=1), ((0, 0), (0, pad)))
-  rows = jnp.max(jnp.sum(weight != 0, axis=1))                  # positions any row needs
+  rows = jnp.max(jnp.sum(weight != 0, axis=1))  # positions any row needs
   loss = _head_loss(chunk, hidden, order, head, sort(targets), sort(weight), rows)
   return loss, jnp.sum(weight)
 
@@ -110,8 +111,17 @@ def _head_loss(chunk: int, hidden, order, head, targets, weight, rows):
 
 
 def _head_loss_fwd(chunk, hidden, order, head, targets, weight, rows):
-  loss, d_hidden, d_head = _loss_and_grads(chunk, hidden.value, order.value, head.value, targets.value,
-                                           weight.value, rows.value, hidden.perturbed, head.perturbed)
+  loss, d_hidden, d_head = _loss_and_grads(
+    chunk,
+    hidden.value,
+    order.value,
+    head.value,
+    targets.value,
+    weight.value,
+    rows.value,
+    hidden.perturbed,
+    head.perturbed,
+  )
   if d_head is not None:
     d_head = d_head.astype(head.value.dtype)
   return loss, (d_hidden, d_head)

@@ -95,13 +95,24 @@ def choose(implementation: str, q: jax.Array, k: jax.Array, *, causal: bool, win
     _log_once(f"attention {implementation} -> xla: {reason}")
     return "xla"
   if implementation in KERNEL_PLATFORMS and target != KERNEL_PLATFORMS[implementation]:
-    _log_once(f"attention {implementation}: not on its platform ({target}), so in Pallas' interpreter (slow; for tests)")
+    _log_once(
+      f"attention {implementation}: not on its platform ({target}), so in Pallas' interpreter (slow; for tests)"
+    )
   return implementation
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array | None = None,
-              kv_segment_ids: jax.Array | None = None, causal: bool,
-              implementation: str = "xla", window: int = 0, block: int = 128) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  q_segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  causal: bool,
+  implementation: str = "xla",
+  window: int = 0,
+  block: int = 128,
+) -> jax.Array:
   """q [B,T,N,H], k/v [B,S,K,H] with N % K == 0 -> [B,T,N,H].
 
   Padding queries (segment 0) come out finite, values nothing should read (each implementation
@@ -118,8 +129,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Ar
   if q_segment_ids is not None and kv_segment_ids is None:
     kv_segment_ids = q_segment_ids
   if implementation == "blockwise":
-    return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, window=window,
-                               block=block)
+    return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, window=window, block=block)
   if implementation in KERNEL_PLATFORMS:
     interpret = platform() != KERNEL_PLATFORMS[implementation]
     if implementation == "splash":
@@ -127,8 +137,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Ar
     return pallas_attention.gpu_flash(q, k, v, q_segment_ids, causal=causal, interpret=interpret)
   mask = None if q_segment_ids is None else segment_mask(q_segment_ids, kv_segment_ids)
   local = (window - 1, 0) if window > 0 else None
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation,
-                                      local_window_size=local)
+  return jax.nn.dot_product_attention(
+    q, k, v, mask=mask, is_causal=causal, implementation=implementation, local_window_size=local
+  )
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -144,9 +155,10 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
   kv_heads, slots = k.shape[0] // b, k.shape[1]
   group = n // kv_heads
   q = q.reshape(b, t, kv_heads, group, h).transpose(0, 2, 3, 1, 4).reshape(b * kv_heads, group * t, h)
-  logits = jnp.einsum("nqh,nsh->nqs", q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
-  logits = jnp.where(mask[:, :, None], logits.reshape(b, kv_heads, group, t, slots),
-                     0.7 * jnp.finfo(jnp.float32).min)  # as jax.nn.dot_product_attention
+  logits = jnp.einsum("nqh,nsh->nqs", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+  logits = jnp.where(
+    mask[:, :, None], logits.reshape(b, kv_heads, group, t, slots), 0.7 * jnp.finfo(jnp.float32).min
+  )  # as jax.nn.dot_product_attention
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b * kv_heads, group * t, slots)
   out = jnp.einsum("nqs,nsh->nqh", probs, v)
   return out.reshape(b, kv_heads, group, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
@@ -169,8 +181,9 @@ def _split_heads(x: jax.Array, batch: int, length: int) -> jax.Array:
 
 class _Spec(NamedTuple):
   """What the blockwise kernel needs besides arrays (static)."""
+
   kv_heads: int
-  groups: int        # query heads per kv head
+  groups: int  # query heads per kv head
   causal: bool
   window: int
   block: int
@@ -185,8 +198,9 @@ def _blocks(spec: _Spec, length: int, keys: int):
     yield t0, t1, s0, s1
 
 
-def _block_mask(spec: _Spec, q_seg, kv_seg, t0: int, t1: int, s0: int, s1: int,
-                keys_first: bool = False) -> jax.Array | None:
+def _block_mask(
+  spec: _Spec, q_seg, kv_seg, t0: int, t1: int, s0: int, s1: int, keys_first: bool = False
+) -> jax.Array | None:
   """[B*K, (t1-t0)*G, s1-s0] (or its transpose with keys_first) boolean, None if all visible."""
   t = jnp.arange(t0, t1)[:, None]
   s = jnp.arange(s0, s1)[None, :]
@@ -223,10 +237,10 @@ def _forward(spec: _Spec, q, k, v, q_seg, kv_seg):
   n, rows, h = q.shape
   groups, keys = spec.groups, k.shape[1]
   length = rows // groups
-  scale = h ** -0.5
+  scale = h**-0.5
   outs, lses = [], []
   for t0, t1, s0, s1 in _blocks(spec, length, keys):
-    qb = q[:, t0 * groups:t1 * groups]
+    qb = q[:, t0 * groups : t1 * groups]
     logits = jnp.einsum("nrh,nsh->nrs", qb, k[:, s0:s1], preferred_element_type=jnp.float32) * scale
     mask = _expand_batch(_block_mask(spec, q_seg, kv_seg, t0, t1, s0, s1), n)
     if mask is not None:
@@ -259,7 +273,7 @@ def _blockwise_bwd(spec: _Spec, residuals, d_out):
   n, rows, h = q.shape
   groups = spec.groups
   length, keys = rows // groups, k.shape[1]
-  scale = h ** -0.5
+  scale = h**-0.5
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [n, rows]
   dq_blocks = []
   dk = jnp.zeros(k.shape, jnp.float32)
@@ -272,8 +286,9 @@ def _blockwise_bwd(spec: _Spec, residuals, d_out):
     mask = _expand_batch(_block_mask(spec, q_seg, kv_seg, t0, t1, s0, s1, keys_first=True), n)
     if mask is not None:
       probs_t = jnp.where(mask, probs_t, 0.0)
-    dv = dv.at[:, s0:s1].add(jnp.einsum("nsr,nrh->nsh", probs_t.astype(dob.dtype), dob,
-                                        preferred_element_type=jnp.float32))
+    dv = dv.at[:, s0:s1].add(
+      jnp.einsum("nsr,nrh->nsh", probs_t.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+    )
     dprobs_t = jnp.einsum("nsh,nrh->nsr", vb, dob, preferred_element_type=jnp.float32)
     dlogits_t = (probs_t * (dprobs_t - delta[:, None, r0:r1]) * scale).astype(q.dtype)
     dk = dk.at[:, s0:s1].add(jnp.einsum("nsr,nrh->nsh", dlogits_t, qb, preferred_element_type=jnp.float32))
@@ -286,9 +301,17 @@ def _blockwise_bwd(spec: _Spec, residuals, d_out):
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | None = None,
-                        kv_segment_ids: jax.Array | None = None, *, causal: bool, window: int = 0,
-                        block: int = 128) -> jax.Array:
+def blockwise_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  *,
+  causal: bool,
+  window: int = 0,
+  block: int = 128,
+) -> jax.Array:
   """`attention` in blocks of `block` query positions, in plain XLA ops (any backend).
 
   Causal blocks skip the keys after their last query (about half the work of full scores).
@@ -302,6 +325,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids:
   if q_segment_ids is not None and kv_segment_ids is None:
     kv_segment_ids = q_segment_ids
   spec = _Spec(kv_heads, n // kv_heads, causal, window if causal else 0, max(1, block))
-  out = _blockwise(spec, _merge_heads(q, kv_heads), _merge_heads(k, kv_heads), _merge_heads(v, kv_heads),
-                   q_segment_ids, kv_segment_ids)
+  out = _blockwise(
+    spec, _merge_heads(q, kv_heads), _merge_heads(k, kv_heads), _merge_heads(v, kv_heads), q_segment_ids, kv_segment_ids
+  )
   return _split_heads(out, b, t)

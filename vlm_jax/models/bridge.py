@@ -22,6 +22,7 @@ from vlm_jax.models.layers import ACTIVATIONS, constrain, dense, layer_norm, log
 
 class ResamplerBlock(nn.Module):
   """Latents cross-attend to [inputs; latents] (Flamingo), then a GELU MLP; pre-LN, residual."""
+
   cfg: ml_collections.ConfigDict
   width: int
   dtype: jnp.dtype
@@ -38,8 +39,7 @@ class ResamplerBlock(nn.Module):
     o = attention(q, k, v, causal=False)
     # Constrained: left to propagation, a (2,2,2) mesh gave wrong sums here (XLA CPU, jax 0.10.2;
     # the residual's width and batch both on fsdp).
-    latents = _tokens(latents + dense(self.width, ("heads", "head_dim", "embed"), name="o", dtype=dt,
-                                      n_in=2)(o))
+    latents = _tokens(latents + dense(self.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2)(o))
     h = layer_norm("mlp_norm", 1e-5, dt)(latents)
     h = ACTIVATIONS["gelu"](dense(4 * self.width, ("embed", "mlp"), name="fc1", dtype=dt)(h))
     return _tokens(latents + dense(self.width, ("mlp", "embed"), name="fc2", dtype=dt)(h))
@@ -51,6 +51,7 @@ def _tokens(x: jax.Array) -> jax.Array:
 
 class _BridgeModule(nn.Module):
   """What every bridge is built from: config.model.bridge, the LLM width, the compute dtype."""
+
   cfg: ml_collections.ConfigDict
   out_width: int
   dtype: jnp.dtype = jnp.bfloat16
@@ -81,8 +82,7 @@ class Perceiver(_BridgeModule):
   def __call__(self, x: jax.Array) -> jax.Array:
     c, dt, w = self.cfg, self.dtype, self.out_width
     x = _tokens(dense(w, ("embed", "mlp"), name="input_proj", dtype=dt, use_bias=True)(x))
-    latents = self.param("latents", logical(nn.initializers.normal(0.02), (None, "embed")),
-                         (c.num_latents, w))
+    latents = self.param("latents", logical(nn.initializers.normal(0.02), (None, "embed")), (c.num_latents, w))
     y = jnp.broadcast_to(latents.astype(dt), (x.shape[0],) + latents.shape)
     for i in range(c.depth):
       y = ResamplerBlock(c, w, dt, name=f"block_{i}")(y, x)
@@ -93,6 +93,7 @@ class QFormerLayer(nn.Module):
   """One BLIP-2 Q-Former layer on the queries (post-LN, BERT style): self-attention, then
   (every cross_attention_every-th layer, from the first) cross-attention to the image features,
   then an erf-GELU MLP; each sub-block is LayerNorm(x + f(x)). Names follow transformers'."""
+
   cfg: ml_collections.ConfigDict
   width: int
   cross: bool
@@ -101,10 +102,13 @@ class QFormerLayer(nn.Module):
   def _attend(self, name: str, q_in: jax.Array, kv_in: jax.Array) -> jax.Array:
     c, dt = self.cfg, self.dtype
     shape, axes = (c.heads, self.width // c.heads), ("embed", "heads", "head_dim")
-    q, k, v = (dense(shape, axes, name=f"{name}_{p}", dtype=dt, use_bias=True)(x)
-               for p, x in (("q", q_in), ("k", kv_in), ("v", kv_in)))
-    o = dense(self.width, ("heads", "head_dim", "embed"), name=f"{name}_o", dtype=dt, n_in=2,
-              use_bias=True)(attention(q, k, v, causal=False))
+    q, k, v = (
+      dense(shape, axes, name=f"{name}_{p}", dtype=dt, use_bias=True)(x)
+      for p, x in (("q", q_in), ("k", kv_in), ("v", kv_in))
+    )
+    o = dense(self.width, ("heads", "head_dim", "embed"), name=f"{name}_o", dtype=dt, n_in=2, use_bias=True)(
+      attention(q, k, v, causal=False)
+    )
     return layer_norm(f"{name}_norm", self.cfg.norm_eps, dt)(q_in + o)
 
   @nn.compact
@@ -113,8 +117,9 @@ class QFormerLayer(nn.Module):
     x = self._attend("self", queries, queries)
     if self.cross:
       x = self._attend("cross", x, features)
-    h = ACTIVATIONS["gelu"](dense(c.mlp_dim or 4 * self.width, ("embed", "mlp"), name="fc1", dtype=dt,
-                                  use_bias=True)(x))
+    h = ACTIVATIONS["gelu"](
+      dense(c.mlp_dim or 4 * self.width, ("embed", "mlp"), name="fc1", dtype=dt, use_bias=True)(x)
+    )
     h = dense(self.width, ("mlp", "embed"), name="fc2", dtype=dt, use_bias=True)(h)
     return layer_norm("mlp_norm", c.norm_eps, dt)(x + h)
 
@@ -127,8 +132,7 @@ class QFormer(_BridgeModule):
   def __call__(self, x: jax.Array) -> jax.Array:
     c, dt = self.cfg, self.dtype
     width = c.width or self.out_width
-    queries = self.param("query_tokens", logical(nn.initializers.normal(0.02), (None, "embed")),
-                         (c.num_queries, width))
+    queries = self.param("query_tokens", logical(nn.initializers.normal(0.02), (None, "embed")), (c.num_queries, width))
     y = layer_norm("query_norm", c.norm_eps, dt)(jnp.broadcast_to(queries, (x.shape[0],) + queries.shape))
     for i in range(c.depth):
       y = QFormerLayer(c, width, i % c.cross_attention_every == 0, dt, name=f"layer_{i}")(y, x)
@@ -167,6 +171,7 @@ class ResBlock(nn.Module):
   """Honeybee's RegNet bottleneck (timm RegStage, bottle_ratio 1, group size 1): 1x1 conv,
   depthwise 3x3 conv, squeeze-excite (a quarter of the input channels), 1x1 conv; LayerNorm over
   channels after each conv, SiLU; residual (through a 1x1 conv + norm when the width changes)."""
+
   width: int
   dtype: jnp.dtype
 
@@ -177,9 +182,17 @@ class ResBlock(nn.Module):
     if x.shape[-1] != w:
       shortcut = _channel_norm("down_norm", dt)(dense(w, ("embed", "mlp"), name="down", dtype=dt)(x))
     h = act(_channel_norm("norm1", dt)(dense(w, ("embed", "mlp"), name="conv1", dtype=dt)(x)))
-    h = nn.Conv(w, (3, 3), padding="SAME", feature_group_count=w, use_bias=False, dtype=dt,
-                param_dtype=jnp.float32, name="conv2",
-                kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "mlp")))(h)
+    h = nn.Conv(
+      w,
+      (3, 3),
+      padding="SAME",
+      feature_group_count=w,
+      use_bias=False,
+      dtype=dt,
+      param_dtype=jnp.float32,
+      name="conv2",
+      kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "mlp")),
+    )(h)
     h = act(_channel_norm("norm2", dt)(h))
     squeeze = max(1, round(x.shape[-1] * 0.25))
     gate = act(dense(squeeze, ("mlp", None), name="se_fc1", dtype=dt, use_bias=True)(h.mean((1, 2), keepdims=True)))
@@ -197,8 +210,9 @@ class CAbstractor(_BridgeModule):
   def __call__(self, x: jax.Array) -> jax.Array:
     c, dt = self.cfg, self.dtype
     width = c.width or self.out_width
-    pos = self.param("pos_embed", logical(nn.initializers.truncated_normal(0.02), (None, "embed")),
-                     x.shape[1:], jnp.float32)
+    pos = self.param(
+      "pos_embed", logical(nn.initializers.truncated_normal(0.02), (None, "embed")), x.shape[1:], jnp.float32
+    )
     h = _grid(x + pos.astype(x.dtype))
     for i in range(c.depth):
       h = ResBlock(width, dt, name=f"block1_{i}")(h)
@@ -245,6 +259,7 @@ class BridgeKind:
   output token (a CLS token included). Set bridges (`side` None) yield `queries(cfg)` tokens.
   `check(config.model, patch grid side)` raises a UserError for fields that cannot work.
   """
+
   module: Callable[..., nn.Module]
   side: Callable[[ml_collections.ConfigDict, int], int] | None
   queries: Callable[[ml_collections.ConfigDict], int] | None = None
@@ -269,8 +284,10 @@ def _check_qformer(model_cfg: ml_collections.ConfigDict, side: int) -> None:
 def _check_perceiver(model_cfg: ml_collections.ConfigDict, side: int) -> None:
   _check_positive(model_cfg.bridge, "num_latents", "depth", "heads")
   if model_cfg.llm.width % model_cfg.bridge.heads:
-    raise UserError(f"config.model.llm.width ({model_cfg.llm.width}) is not a multiple of config.model.bridge.heads "
-                    f"({model_cfg.bridge.heads}), the perceiver's heads")
+    raise UserError(
+      f"config.model.llm.width ({model_cfg.llm.width}) is not a multiple of config.model.bridge.heads "
+      f"({model_cfg.bridge.heads}), the perceiver's heads"
+    )
 
 
 def _check_cabstractor(model_cfg: ml_collections.ConfigDict, side: int) -> None:
@@ -279,26 +296,30 @@ def _check_cabstractor(model_cfg: ml_collections.ConfigDict, side: int) -> None:
   if math.isqrt(cfg.num_tokens) ** 2 != cfg.num_tokens:
     raise UserError(f"config.model.bridge.num_tokens ({cfg.num_tokens}) must be a square (the pooled grid)")
   if math.isqrt(cfg.num_tokens) > side:
-    raise UserError(f"config.model.bridge.num_tokens ({cfg.num_tokens}) pools the {side}x{side} patch grid "
-                    f"to a larger one ({math.isqrt(cfg.num_tokens)}x{math.isqrt(cfg.num_tokens)})")
+    raise UserError(
+      f"config.model.bridge.num_tokens ({cfg.num_tokens}) pools the {side}x{side} patch grid "
+      f"to a larger one ({math.isqrt(cfg.num_tokens)}x{math.isqrt(cfg.num_tokens)})"
+    )
 
 
 def _check_pixel_shuffle(model_cfg: ml_collections.ConfigDict, side: int) -> None:
   cfg = model_cfg.bridge
   _check_positive(cfg, "factor")
   if side % cfg.factor:
-    raise UserError(f"config.model.bridge.factor ({cfg.factor}) does not divide the ViT's {side}x{side} patch "
-                    "grid (model.vision.image_size / patch_size)")
+    raise UserError(
+      f"config.model.bridge.factor ({cfg.factor}) does not divide the ViT's {side}x{side} patch "
+      "grid (model.vision.image_size / patch_size)"
+    )
   check_one_of("config.model.bridge.projection", cfg.projection, PIXEL_SHUFFLE_PROJECTIONS)
 
 
 BRIDGES = {
-    "linear": BridgeKind(Linear, lambda cfg, side: side, per_patch=True),
-    "mlp2x_gelu": BridgeKind(MLP2xGELU, lambda cfg, side: side, per_patch=True),
-    "perceiver": BridgeKind(Perceiver, None, queries=lambda cfg: cfg.num_latents, check=_check_perceiver),
-    "qformer": BridgeKind(QFormer, None, queries=lambda cfg: cfg.num_queries, check=_check_qformer),
-    "cabstractor": BridgeKind(CAbstractor, lambda cfg, side: math.isqrt(cfg.num_tokens), check=_check_cabstractor),
-    "pixel_shuffle": BridgeKind(PixelShuffle, lambda cfg, side: side // cfg.factor, check=_check_pixel_shuffle),
+  "linear": BridgeKind(Linear, lambda cfg, side: side, per_patch=True),
+  "mlp2x_gelu": BridgeKind(MLP2xGELU, lambda cfg, side: side, per_patch=True),
+  "perceiver": BridgeKind(Perceiver, None, queries=lambda cfg: cfg.num_latents, check=_check_perceiver),
+  "qformer": BridgeKind(QFormer, None, queries=lambda cfg: cfg.num_queries, check=_check_qformer),
+  "cabstractor": BridgeKind(CAbstractor, lambda cfg, side: math.isqrt(cfg.num_tokens), check=_check_cabstractor),
+  "pixel_shuffle": BridgeKind(PixelShuffle, lambda cfg, side: side // cfg.factor, check=_check_pixel_shuffle),
 }
 
 

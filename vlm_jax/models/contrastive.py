@@ -31,20 +31,20 @@ from vlm_jax.models.layers import ACTIVATIONS, Compute, constrain, dense, layer_
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  vision_flavour: str       # vit.FLAVOURS
-  image_pool: str           # "map" (attention-pooling head) | "cls"
-  image_projection: bool    # a Dense (no bias) from the vision width to the embedding
+  vision_flavour: str  # vit.FLAVOURS
+  image_pool: str  # "map" (attention-pooling head) | "cls"
+  image_projection: bool  # a Dense (no bias) from the vision width to the embedding
   text_causal: bool
-  text_pool: str            # TEXT_POOLS
+  text_pool: str  # TEXT_POOLS
   text_head_bias: bool
-  loss: str                 # LOSSES
-  logit_scale: float        # init of the log temperature (and the bias, sigmoid loss only)
+  loss: str  # LOSSES
+  logit_scale: float  # init of the log temperature (and the bias, sigmoid loss only)
   logit_bias: float = 0.0
 
 
 FAMILIES = {
-    "siglip": Family("siglip", "map", False, False, "last", True, "siglip", math.log(10.0), -10.0),
-    "clip": Family("clip", "cls", True, True, "eos", False, "clip", math.log(1 / 0.07)),
+  "siglip": Family("siglip", "map", False, False, "last", True, "siglip", math.log(10.0), -10.0),
+  "clip": Family("clip", "cls", True, True, "eos", False, "clip", math.log(1 / 0.07)),
 }
 LOSSES = ("siglip", "clip")
 # Which text position the embedding reads: the last (SigLIP pads to a fixed length and reads it),
@@ -81,13 +81,17 @@ def check_config(model_cfg: ml_collections.ConfigDict) -> None:
   if m.text.act:
     check_one_of("config.model.text.act", m.text.act, ACTIVATIONS)
   if m.vision.flavour != f.vision_flavour:
-    raise UserError(f"config.model.vision.flavour: the {m.contrastive.family} family's tower is "
-                    f"{f.vision_flavour!r}, not {m.vision.flavour!r}")
+    raise UserError(
+      f"config.model.vision.flavour: the {m.contrastive.family} family's tower is "
+      f"{f.vision_flavour!r}, not {m.vision.flavour!r}"
+    )
   if f.image_pool == "cls" and not m.vision.keep_cls:
     raise UserError(f"config.model.vision.keep_cls: the {m.contrastive.family} family pools the CLS token; set it True")
   if not f.image_projection and embed_dim(m) != m.vision.width:
-    raise UserError(f"config.model.contrastive.embed_dim: the {m.contrastive.family} family does not project the "
-                    f"image embedding, so it is the vision width ({m.vision.width}), not {m.contrastive.embed_dim}")
+    raise UserError(
+      f"config.model.contrastive.embed_dim: the {m.contrastive.family} family does not project the "
+      f"image embedding, so it is the vision width ({m.vision.width}), not {m.contrastive.embed_dim}"
+    )
   if m.text.width % m.text.heads:
     raise UserError(f"config.model.text.width ({m.text.width}) must be a multiple of heads ({m.text.heads})")
   if m.anyres.enabled:
@@ -97,15 +101,23 @@ def check_config(model_cfg: ml_collections.ConfigDict) -> None:
 def block_config(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The text tower's fields as vit.EncoderBlock reads them (its activation: the family's)."""
   t, f = model_cfg.text, family(model_cfg)
-  return ml_collections.ConfigDict(dict(width=t.width, heads=t.heads, mlp_dim=t.mlp_dim, norm_eps=t.norm_eps,
-                                        act=t.act or vit_lib.FLAVOURS[f.vision_flavour]["act"],
-                                        flavour=f.vision_flavour))
+  return ml_collections.ConfigDict(
+    dict(
+      width=t.width,
+      heads=t.heads,
+      mlp_dim=t.mlp_dim,
+      norm_eps=t.norm_eps,
+      act=t.act or vit_lib.FLAVOURS[f.vision_flavour]["act"],
+      flavour=f.vision_flavour,
+    )
+  )
 
 
 class MAPHead(nn.Module):
   """Multihead attention pooling (big_vision's MAPHead, transformers' SiglipMultiheadAttentionPoolingHead):
   a learned probe attends to the tokens, then a residual MLP on its LayerNorm."""
-  cfg: ml_collections.ConfigDict   # config.model.vision
+
+  cfg: ml_collections.ConfigDict  # config.model.vision
   dtype: jnp.dtype
 
   @nn.compact
@@ -115,22 +127,26 @@ class MAPHead(nn.Module):
     probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, "embed")), (1, c.width))
     probe = jnp.broadcast_to(probe.astype(dt)[None], (x.shape[0], 1, c.width))
     q = dense((c.heads, head_dim), ("embed", "heads", "head_dim"), name="q", dtype=dt, use_bias=True)(probe)
-    k, v = [dense((c.heads, head_dim), ("embed", "heads", "head_dim"), name=n, dtype=dt, use_bias=True)(x)
-            for n in ("k", "v")]
+    k, v = [
+      dense((c.heads, head_dim), ("embed", "heads", "head_dim"), name=n, dtype=dt, use_bias=True)(x) for n in ("k", "v")
+    ]
     o = attention(q, k, v, causal=False)  # one query: the reference path
-    h = dense(c.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2, use_bias=True,
-              bias_axes=("embed",))(o)
+    h = dense(c.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2, use_bias=True, bias_axes=("embed",))(
+      o
+    )
     y = layer_norm("norm", c.norm_eps, dt)(h)
     act = ACTIVATIONS[c.act or vit_lib.FLAVOURS[c.flavour]["act"]]
     y = dense(c.width, ("mlp", "embed"), name="fc2", dtype=dt, use_bias=True)(
-        act(dense(c.mlp_dim, ("embed", "mlp"), name="fc1", dtype=dt, use_bias=True)(y)))
+      act(dense(c.mlp_dim, ("embed", "mlp"), name="fc1", dtype=dt, use_bias=True)(y))
+    )
     return (h + y)[:, 0]
 
 
 class TextEncoder(nn.Module):
   """Token and learned position embeddings, `depth` encoder blocks (the ViT's), a final
   LayerNorm, one position read (TEXT_POOLS), a Dense to the embedding."""
-  model_cfg: ml_collections.ConfigDict   # config.model
+
+  model_cfg: ml_collections.ConfigDict  # config.model
   dtype: jnp.dtype
   compute: Compute
 
@@ -139,12 +155,23 @@ class TextEncoder(nn.Module):
     """tokens [B, L] -> [B, embed_dim] (not normalised)."""
     m, dt = self.model_cfg, self.dtype
     t, f = m.text, family(m)
-    x = nn.Embed(t.vocab_size, t.width, dtype=dt, param_dtype=jnp.float32, name="embed",
-                 embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")))(tokens)
+    x = nn.Embed(
+      t.vocab_size,
+      t.width,
+      dtype=dt,
+      param_dtype=jnp.float32,
+      name="embed",
+      embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")),
+    )(tokens)
     pos = self.param("pos_embed", logical(nn.initializers.normal(0.01), (None, "embed")), (t.max_len, t.width))
-    x = constrain(x + pos[:tokens.shape[1]].astype(dt), ("act_batch", "act_length", "act_embed"))
-    x, _ = LayerStack(vit_lib.EncoderBlock, t.depth, self.compute,
-                      fields=dict(cfg=block_config(m), dtype=dt, causal=f.text_causal), name="layers")(x)
+    x = constrain(x + pos[: tokens.shape[1]].astype(dt), ("act_batch", "act_length", "act_embed"))
+    x, _ = LayerStack(
+      vit_lib.EncoderBlock,
+      t.depth,
+      self.compute,
+      fields=dict(cfg=block_config(m), dtype=dt, causal=f.text_causal),
+      name="layers",
+    )(x)
     x = layer_norm("final_norm", t.norm_eps, dt)(x)
     pool = text_pool(m)
     if pool == "last":
@@ -165,7 +192,8 @@ def normalize(x: jax.Array) -> jax.Array:
 class Contrastive(nn.Module):
   """Params: vision (the ViT), image_head (MAP pooling, siglip), image_projection (clip), text,
   logit_scale, logit_bias (sigmoid loss)."""
-  cfg: ml_collections.ConfigDict          # config.model
+
+  cfg: ml_collections.ConfigDict  # config.model
   image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
   image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 

@@ -28,11 +28,15 @@ def check(model_cfg: ml_collections.ConfigDict) -> None:
     if x[name] < 0:
       raise UserError(f"config.model.cross_attention.{name} must be >= 0 (0: the LLM's), got {x[name]}")
   if x.every > model_cfg.llm.depth:
-    raise UserError(f"config.model.cross_attention.every ({x.every}) exceeds the LLM's depth "
-                    f"({model_cfg.llm.depth}): no layer would get a block")
+    raise UserError(
+      f"config.model.cross_attention.every ({x.every}) exceeds the LLM's depth "
+      f"({model_cfg.llm.depth}): no layer would get a block"
+    )
   if model_cfg.anyres.enabled:
-    raise UserError("config.model.fusion: cross_attention reads one view an image; AnyRes tiles are for "
-                    "fusion=tokens (set config.model.anyres.enabled=False)")
+    raise UserError(
+      "config.model.fusion: cross_attention reads one view an image; AnyRes tiles are for "
+      "fusion=tokens (set config.model.anyres.enabled=False)"
+    )
 
 
 def block_layers(model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -65,14 +69,18 @@ def block_config(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigD
   """config.model.cross_attention with its 0s resolved: the LLM's heads and head_dim, an MLP 4x
   the LLM's width."""
   x, llm = model_cfg.cross_attention, model_cfg.llm
-  return ml_collections.ConfigDict(dict(x.to_dict(), heads=x.heads or llm.heads, head_dim=x.head_dim or llm.head_dim,
-                                        mlp_dim=x.mlp_dim or 4 * llm.width))
+  return ml_collections.ConfigDict(
+    dict(
+      x.to_dict(), heads=x.heads or llm.heads, head_dim=x.head_dim or llm.head_dim, mlp_dim=x.mlp_dim or 4 * llm.width
+    )
+  )
 
 
 class GatedCrossAttention(nn.Module):
   """One gated cross-attention + gated dense block (Flamingo)."""
-  cfg: ml_collections.ConfigDict       # block_config(config.model)
-  width: int                           # the LLM's
+
+  cfg: ml_collections.ConfigDict  # block_config(config.model)
+  width: int  # the LLM's
   dtype: jnp.dtype = jnp.bfloat16
 
   def setup(self):
@@ -93,8 +101,9 @@ class GatedCrossAttention(nn.Module):
     axes = ("act_batch", "act_length", "act_heads", None)
     return constrain(self.k(media), axes), constrain(self.v(media), axes)
 
-  def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], query_media: jax.Array,
-               key_media: jax.Array) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, kv: tuple[jax.Array, jax.Array], query_media: jax.Array, key_media: jax.Array
+  ) -> jax.Array:
     """x [B, T, width]; query_media [B, T] (media_ids), key_media [B, M] (key_ids)."""
     q = self.q(self.attn_norm(x))
     o = attention(q, *kv, q_segment_ids=query_media, kv_segment_ids=key_media, causal=False)

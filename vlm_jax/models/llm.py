@@ -34,8 +34,7 @@ def rope_inv_freq(cfg: ml_collections.ConfigDict) -> jax.Array:
     high_wavelen = old_len / cfg.rope_high_freq_factor
     wavelen = 2 * jnp.pi / inv_freq
     scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - cfg.rope_low_freq_factor) / (
-        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    smooth = (old_len / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return jnp.where(medium, smoothed, scaled)
@@ -44,7 +43,7 @@ def rope_inv_freq(cfg: ml_collections.ConfigDict) -> jax.Array:
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
   """Rotary embedding in the HF Llama layout (rotate halves), computed in fp32. x [B,T,N,H]."""
-  angles = positions[..., None].astype(jnp.float32) * inv_freq          # [B,T,H/2]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B,T,H/2]
   cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -79,8 +78,9 @@ Inserts = Mapping[int, Callable[[jax.Array], jax.Array]]
 
 class Decoding(NamedTuple):
   """What one cached call shares across layers."""
-  index: jax.Array   # int32 []: the cache slot of the first new token
-  mask: jax.Array    # bool [B, 1, T, S]: attention.cache_mask
+
+  index: jax.Array  # int32 []: the cache slot of the first new token
+  mask: jax.Array  # bool [B, 1, T, S]: attention.cache_mask
 
 
 class DecoderBlock(nn.Module):
@@ -95,23 +95,31 @@ class DecoderBlock(nn.Module):
     x, cache = carry
     c, dt = self.cfg, self.dtype
     h = RMSNorm(c.norm_eps, dt, c.norm_offset, name="attn_norm")(x)
-    q = dense((c.heads, c.head_dim), ("embed", "heads", "head_dim"), name="q", dtype=dt,
-              use_bias=c.qkv_bias)(h)
-    k = dense((c.kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k", dtype=dt,
-              use_bias=c.qkv_bias)(h)
-    v = dense((c.kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v", dtype=dt,
-              use_bias=c.qkv_bias)(h)
+    q = dense((c.heads, c.head_dim), ("embed", "heads", "head_dim"), name="q", dtype=dt, use_bias=c.qkv_bias)(h)
+    k = dense((c.kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k", dtype=dt, use_bias=c.qkv_bias)(h)
+    v = dense((c.kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v", dtype=dt, use_bias=c.qkv_bias)(h)
     inv_freq = rope_inv_freq(c)
     q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     if decoding is None:
-      o = attention(q, k, v, q_segment_ids=segment_ids, causal=True, implementation=self.compute.attention,
-                    window=c.sliding_window, block=self.compute.attention_block)
+      o = attention(
+        q,
+        k,
+        v,
+        q_segment_ids=segment_ids,
+        causal=True,
+        implementation=self.compute.attention,
+        window=c.sliding_window,
+        block=self.compute.attention_block,
+      )
     else:
       cache_rows = lambda a: a.transpose(0, 2, 1, 3).reshape(-1, a.shape[1], a.shape[3])  # [B,T,K,H] -> [B*K,T,H]
-      cache = {name: jax.lax.dynamic_update_slice(cache[name], cache_rows(new).astype(cache[name].dtype),
-                                                  (0, decoding.index, 0))
-               for name, new in (("k", k), ("v", v))}
+      cache = {
+        name: jax.lax.dynamic_update_slice(
+          cache[name], cache_rows(new).astype(cache[name].dtype), (0, decoding.index, 0)
+        )
+        for name, new in (("k", k), ("v", v))
+      }
       o = cached_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), decoding.mask)
     x = x + dense(c.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2)(o)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
@@ -126,6 +134,7 @@ class DecoderBlock(nn.Module):
 
 class LLM(nn.Module):
   """Decoder LLM. `embed` maps ids to vectors; `__call__` maps vectors to fp32 logits."""
+
   cfg: ml_collections.ConfigDict
   dtype: jnp.dtype = jnp.bfloat16
   compute: Compute = Compute()
@@ -136,35 +145,49 @@ class LLM(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.embedder = nn.Embed(c.vocab_size, c.width, dtype=self.dtype, param_dtype=jnp.float32,
-                             # std 1 (as MaxText): token identity must not be drowned by the O(1) outputs
-                             # of the first layers and the visual tokens in the residual stream.
-                             embedding_init=logical(nn.initializers.normal(1.0), ("vocab", "embed")))
+    self.embedder = nn.Embed(
+      c.vocab_size,
+      c.width,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      # std 1 (as MaxText): token identity must not be drowned by the O(1) outputs
+      # of the first layers and the visual tokens in the residual stream.
+      embedding_init=logical(nn.initializers.normal(1.0), ("vocab", "embed")),
+    )
     if self.layer_list:
       self.block = [DecoderBlock(c, self.dtype, self.compute) for _ in range(c.depth)]
     else:
       self.layers = LayerStack(DecoderBlock, c.depth, self.compute, n_broadcast=3, fields=dict(cfg=c, dtype=self.dtype))
     self.final_norm = RMSNorm(c.norm_eps, self.dtype, c.norm_offset)
     if not c.tie_embeddings:
-      self.lm_head = self.param("lm_head", logical(nn.initializers.lecun_normal(), ("embed", "vocab")),
-                                (c.width, c.vocab_size), jnp.float32)
+      self.lm_head = self.param(
+        "lm_head", logical(nn.initializers.lecun_normal(), ("embed", "vocab")), (c.width, c.vocab_size), jnp.float32
+      )
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     x = self.embedder(tokens)
     if self.cfg.embed_scale:
       # Gemma: token embeddings times sqrt(width) rounded to the compute dtype; inputs that are
       # not tokens (visual tokens) are not scaled, as transformers' GemmaTextScaledWordEmbedding.
-      x = x * jnp.asarray(self.cfg.width ** 0.5, x.dtype)
+      x = x * jnp.asarray(self.cfg.width**0.5, x.dtype)
     return constrain(x, ("act_batch", "act_length", "act_embed"))
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               inserts: Inserts | None = None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, inserts: Inserts | None = None
+  ) -> jax.Array:
     """Embeddings [B, T, D] -> fp32 logits [B, T, vocab] (training, scoring)."""
     x, _ = self._layers(x, positions, segment_ids, inserts=inserts)
     return self._logits(x)
 
-  def loss(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, targets: jax.Array,
-           loss_mask: jax.Array, inserts: Inserts | None = None) -> tuple[jax.Array, jax.Array]:
+  def loss(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    targets: jax.Array,
+    loss_mask: jax.Array,
+    inserts: Inserts | None = None,
+  ) -> tuple[jax.Array, jax.Array]:
     """Embeddings [B, T, D] -> (summed fp32 cross-entropy over the supervised targets, their count)."""
     x, _ = self._layers(x, positions, segment_ids, inserts=inserts)
     if not self.compute.loss_chunk:
@@ -181,8 +204,15 @@ class LLM(nn.Module):
     x, kv = self._layers(x, positions, None, decoding, cache, inserts)
     return self._logits(x[:, -1:])[:, 0], dict(cache, **kv, index=cache["index"] + t)
 
-  def _layers(self, x, positions, segment_ids, decoding: Decoding | None = None, cache: dict | None = None,
-              inserts: Inserts | None = None):
+  def _layers(
+    self,
+    x,
+    positions,
+    segment_ids,
+    decoding: Decoding | None = None,
+    cache: dict | None = None,
+    inserts: Inserts | None = None,
+  ):
     """-> (x, None); decoding, (x, the cache's k/v with this call's tokens written)."""
     inserts = inserts or {}
     if not self.layer_list:

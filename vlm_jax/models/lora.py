@@ -75,16 +75,22 @@ def quantization_blocks(model: nn.Module, inputs: tuple, lora_cfg: ml_collection
   return blocks
 
 
-def wrap(model: nn.Module, lora_cfg: ml_collections.ConfigDict, train: bool = False,
-         blocks: dict[str, int] | None = None) -> nn.Module:
+def wrap(
+  model: nn.Module, lora_cfg: ml_collections.ConfigDict, train: bool = False, blocks: dict[str, int] | None = None
+) -> nn.Module:
   """The model with adapters on the target modules (module paths like "llm/layers/q"); dropout
   on their input only with train (it then needs a "dropout" rng). QLoRA (base_dtype int8 / nf4)
   quantizes each kernel in `blocks[path]` input rows per scale (quantization_blocks), one scale
   per output channel without a lora.block_size."""
   qtype = lora_cfg.base_dtype if lora_cfg.base_dtype in QUANTIZED else None
   rule = lambda pattern, tile=None: qwix.LoraRule(
-      module_path=_with_blocks(pattern), rank=lora_cfg.rank, alpha=float(lora_cfg.alpha),
-      dropout=lora_cfg.dropout if train else 0.0, weight_qtype=qtype, tile_size=tile)
+    module_path=_with_blocks(pattern),
+    rank=lora_cfg.rank,
+    alpha=float(lora_cfg.alpha),
+    dropout=lora_cfg.dropout if train else 0.0,
+    weight_qtype=qtype,
+    tile_size=tile,
+  )
   if qtype and lora_cfg.block_size:
     by_block = {}
     for path, block in (blocks or {}).items():
@@ -98,9 +104,11 @@ def wrap(model: nn.Module, lora_cfg: ml_collections.ConfigDict, train: bool = Fa
 def fp32_masters(params):
   """qwix creates a quantized kernel's adapters in the dtype the kernel is read in (the compute
   dtype): as every param the optimizer updates, they are kept in fp32. Boxed or plain trees."""
+
   def cast(path, x):
     adapter = any(str(getattr(k, "key", "")).endswith(ADAPTER_SUFFIXES) for k in path)
     return x.astype(jnp.float32) if adapter else x
+
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
@@ -118,8 +126,10 @@ def check_targets(lora_cfg: ml_collections.ConfigDict, paths: list[str]) -> None
   adapted = sorted({p.rsplit("/", 1)[0] for p in paths if is_adapter(p)})
   for pattern in targets(lora_cfg):
     if not any(re.fullmatch(pattern, m) for m in adapted):
-      raise UserError(f"config.lora.targets: pattern {pattern!r} matches no Dense module "
-                      f"(module paths look like llm/layers/q, llm/layers/up, vision/layers/fc1, bridge/linear_1)")
+      raise UserError(
+        f"config.lora.targets: pattern {pattern!r} matches no Dense module "
+        f"(module paths look like llm/layers/q, llm/layers/up, vision/layers/fc1, bridge/linear_1)"
+      )
 
 
 def _stacked(path: tuple[str, ...]) -> bool:
@@ -146,6 +156,7 @@ def attach(base: dict, fresh: dict) -> dict:
   """The LoRA model's params from a plain model's (a checkpoint, a Hugging Face import) and a
   fresh LoRA init: the fresh adapters, every other param from base, the adapted kernels
   quantized where base_dtype says so."""
+
   def go(b: dict, f: dict, path: tuple[str, ...]) -> dict:
     if "kernel_lora_a" not in f:
       return {k: go(b[k], v, path + (k,)) if isinstance(v, dict) else b[k] for k, v in f.items()}
@@ -153,9 +164,11 @@ def attach(base: dict, fresh: dict) -> dict:
     if is_quantized(f["kernel"]):
       # As the model quantizes a kernel: read in the compute dtype, which its scales keep.
       how, dtype = f["kernel"].how, f["kernel"].array.scale.dtype
-      out["kernel"] = f["kernel"].replace(array=_per_layer(lambda w: qarray.quantize(w.astype(dtype), how), path)(
-          b["kernel"]))
+      out["kernel"] = f["kernel"].replace(
+        array=_per_layer(lambda w: qarray.quantize(w.astype(dtype), how), path)(b["kernel"])
+      )
     return out
+
   return go(base, fresh, ())
 
 
@@ -164,10 +177,12 @@ def store_base(params: dict, lora_cfg: ml_collections.ConfigDict) -> dict:
   rounding); float32 and the quantized kinds as they are. The train state's storage."""
   if lora_cfg.base_dtype != "bfloat16":
     return params
+
   def module(path, p):
     if "kernel_lora_a" in p:
       return dict(p, kernel=p["kernel"].astype(jnp.bfloat16))
     return p
+
   return _walk(params, module)
 
 
@@ -187,6 +202,7 @@ def merge(params: dict, lora_cfg: ml_collections.ConfigDict, with_adapters: bool
   """The plain model's params: kernel + (alpha / rank) a @ b for every adapted kernel (base
   weights only with with_adapters=False); the adapters dropped."""
   scale = lora_cfg.alpha / lora_cfg.rank
+
   def module(path, p):
     if "kernel_lora_a" not in p:
       return p
@@ -194,15 +210,18 @@ def merge(params: dict, lora_cfg: ml_collections.ConfigDict, with_adapters: bool
     if with_adapters:
       kernel = kernel + _delta(p, kernel.shape, scale)
     return {**{k: v for k, v in p.items() if not k.endswith(ADAPTER_SUFFIXES)}, "kernel": kernel}
+
   return _walk(params, module)
 
 
 def adapters(params: dict) -> dict[str, tuple[jax.Array, jax.Array]]:
   """{module path ("llm/layers/q"): (a, b)} of every adapted kernel."""
   out = {}
+
   def module(path, p):
     if "kernel_lora_a" in p:
       out["/".join(path)] = (p["kernel_lora_a"], p["kernel_lora_b"])
     return p
+
   _walk(params, module)
   return out

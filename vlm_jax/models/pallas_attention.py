@@ -49,11 +49,20 @@ def _splash_kernel(length: int, groups: int, causal: bool, window: int, interpre
   else:
     mask = splash_lib.FullMask(shape)
   block = next(b for b in (512, 256, BLOCK) if length % b == 0)  # the kernel's default, or what divides
-  sizes = splash_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                                block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  sizes = splash_lib.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
   # Made per trace, not cached: its mask tables become values of the trace it is made in.
-  return splash_lib.make_splash_mqa(splash_lib.MultiHeadMask([mask] * groups), block_sizes=sizes, head_shards=1,
-                                    q_seq_shards=1, interpret=interpret)
+  return splash_lib.make_splash_mqa(
+    splash_lib.MultiHeadMask([mask] * groups), block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
 
 
 def _splash_local(q, k, v, seg, *, causal: bool, window: int, interpret: bool):
@@ -61,8 +70,8 @@ def _splash_local(q, k, v, seg, *, causal: bool, window: int, interpret: bool):
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   kernel = _splash_kernel(t, n // kv_heads, causal, window, interpret)
-  q = (q * h ** -0.5).reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                                 # [B,K,T,H]
+  q = (q * h**-0.5).reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,T,H]
   if seg is None:
     per_head = lambda q, k, v: kernel(q, k, v)
     out = jax.vmap(jax.vmap(per_head))(q, k, v)
@@ -102,16 +111,24 @@ def _run(local, q, k, v, q_segment_ids):
   return _sharded(local, q, k, v, seg)[:, :t]
 
 
-def splash(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | None, *, causal: bool,
-           window: int, interpret: bool) -> jax.Array:
+def splash(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_segment_ids: jax.Array | None,
+  *,
+  causal: bool,
+  window: int,
+  interpret: bool,
+) -> jax.Array:
   """Self-attention (T == S) q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H] with TPU splash attention."""
   local = functools.partial(_splash_local, causal=causal, window=window if causal else 0, interpret=interpret)
   return _run(local, q, k, v, q_segment_ids)
 
 
-def gpu_flash(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | None, *, causal: bool,
-              interpret: bool) -> jax.Array:
+def gpu_flash(
+  q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | None, *, causal: bool, interpret: bool
+) -> jax.Array:
   """Self-attention (T == S) q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H] with the Pallas GPU kernel."""
   local = functools.partial(_gpu_flash_local, causal=causal, interpret=interpret)
   return _run(local, q, k, v, q_segment_ids)
-

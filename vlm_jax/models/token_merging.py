@@ -28,9 +28,10 @@ def counts(n: int, r: int, depth: int, protected: int) -> list[int]:
 class Matching(NamedTuple):
   """Which tokens a merge moves, per example, as indices into the even positions (side a) and
   the odd ones (side b) of the sequence."""
+
   unmerged: jax.Array  # [B, A - r] a-tokens kept, in their original order
-  src: jax.Array       # [B, r] a-tokens merged away
-  dst: jax.Array       # [B, r] the b-token each of them merges into
+  src: jax.Array  # [B, r] a-tokens merged away
+  dst: jax.Array  # [B, r] the b-token each of them merges into
 
 
 def bipartite_soft_matching(metric: jax.Array, r: int, protected: int) -> Matching:
@@ -53,9 +54,11 @@ def bipartite_soft_matching(metric: jax.Array, r: int, protected: int) -> Matchi
 def merge_sum(x: jax.Array, matching: Matching) -> jax.Array:
   """x [B, N, ...] -> [B, N - r, ...]: the unmerged a-tokens, then every b-token plus the a-tokens
   merged into it (ToMe's order, so a CLS token stays first)."""
+
   def one(x, unmerged, src, dst):
     a, b = x[::2], x[1::2]
     return jnp.concatenate([a[unmerged], b.at[dst].add(a[src])])
+
   return jax.vmap(one)(x, *matching)
 
 

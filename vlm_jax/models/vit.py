@@ -16,8 +16,10 @@ from vlm_jax.models import token_merging
 from vlm_jax.models.attention import attention
 from vlm_jax.models.layers import ACTIVATIONS, Compute, LayerStack, constrain, dense, layer_norm, logical
 
-FLAVOURS = {"siglip": dict(cls=False, pre_norm=False, act="gelu_tanh"),
-            "clip": dict(cls=True, pre_norm=True, act="quick_gelu")}
+FLAVOURS = {
+  "siglip": dict(cls=False, pre_norm=False, act="gelu_tanh"),
+  "clip": dict(cls=True, pre_norm=True, act="quick_gelu"),
+}
 
 
 def num_patches(cfg: ml_collections.ConfigDict) -> int:
@@ -59,6 +61,7 @@ def sincos_init(grid: int, has_cls: bool):
   of those barely change, and in `shapes` "which side" was then only 78% decodable from the
   visual tokens after 1000 steps (95% with these; README "What the default config reaches").
   """
+
   def init(key, shape, dtype=jnp.float32):
     del key
     width = shape[-1]
@@ -69,6 +72,7 @@ def sincos_init(grid: int, has_cls: bool):
     emb = jnp.concatenate([f(a) for a in angles for f in (jnp.sin, jnp.cos)], axis=1)
     emb = jnp.pad(emb, ((1 if has_cls else 0, 0), (0, width - 4 * quarter)))
     return emb.astype(dtype)
+
   return init
 
 
@@ -78,6 +82,7 @@ class EncoderBlock(nn.Module):
   Its carry is x [B, N, D], or (x, size [B, N] fp32) under ToMe (token_merging.py): attention is
   then proportional to the sizes, and `merge` tokens are merged after it.
   """
+
   cfg: ml_collections.ConfigDict
   dtype: jnp.dtype
   compute: Compute
@@ -91,21 +96,26 @@ class EncoderBlock(nn.Module):
     x, size = carry if merging else (carry, None)
     head_dim = c.width // c.heads
     h = layer_norm("attn_norm", c.norm_eps, dt)(x)
-    q, k, v = [dense((c.heads, head_dim), ("embed", "heads", "head_dim"), name=n, dtype=dt, use_bias=True)(h)
-               for n in ("q", "k", "v")]
+    q, k, v = [
+      dense((c.heads, head_dim), ("embed", "heads", "head_dim"), name=n, dtype=dt, use_bias=True)(h)
+      for n in ("q", "k", "v")
+    ]
     if merging:
       o = token_merging.proportional_attention(q, k, v, size)
     else:
-      o = attention(q, k, v, causal=self.causal, implementation=self.compute.attention,
-                    block=self.compute.attention_block)
-    x = x + dense(c.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2,
-                  use_bias=True, bias_axes=("embed",))(o)
+      o = attention(
+        q, k, v, causal=self.causal, implementation=self.compute.attention, block=self.compute.attention_block
+      )
+    x = x + dense(
+      c.width, ("heads", "head_dim", "embed"), name="o", dtype=dt, n_in=2, use_bias=True, bias_axes=("embed",)
+    )(o)
     if self.merge > 0:  # ToMe's metric: the keys, averaged over heads
       matching = token_merging.bipartite_soft_matching(k.mean(axis=2), self.merge, cls_tokens(c))
       x, size = token_merging.merge_weighted(x, size, matching)
     h = layer_norm("mlp_norm", c.norm_eps, dt)(x)
     h = ACTIVATIONS[c.act or FLAVOURS[c.flavour]["act"]](
-        dense(c.mlp_dim, ("embed", "mlp"), name="fc1", dtype=dt, use_bias=True)(h))
+      dense(c.mlp_dim, ("embed", "mlp"), name="fc1", dtype=dt, use_bias=True)(h)
+    )
     x = x + dense(c.width, ("mlp", "embed"), name="fc2", dtype=dt, use_bias=True)(h)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
     return ((x, size) if merging else x), None
@@ -122,16 +132,25 @@ class ViT(nn.Module):
     """images [B, H, W, 3] (normalised) -> features [B, num_output_tokens, width]."""
     c, flavour = self.cfg, FLAVOURS[self.cfg.flavour]
     p = c.patch_size
-    x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", use_bias=not flavour["cls"],
-                dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed",
-                kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-                bias_init=logical(nn.initializers.zeros_init(), ("embed",)))(images.astype(self.dtype))
+    x = nn.Conv(
+      c.width,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      use_bias=not flavour["cls"],
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="patch_embed",
+      kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+      bias_init=logical(nn.initializers.zeros_init(), ("embed",)),
+    )(images.astype(self.dtype))
     x = x.reshape(x.shape[0], -1, c.width)
     if flavour["cls"]:
       cls = self.param("cls", logical(nn.initializers.normal(0.02), ("embed",)), (c.width,))
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, c.width)), x], axis=1)
-    pos = self.param("pos_embed", logical(sincos_init(c.image_size // p, flavour["cls"]), (None, "embed")),
-                     (x.shape[1], c.width))
+    pos = self.param(
+      "pos_embed", logical(sincos_init(c.image_size // p, flavour["cls"]), (None, "embed")), (x.shape[1], c.width)
+    )
     x = x + pos.astype(x.dtype)
     if flavour["pre_norm"]:
       x = layer_norm("pre_norm", c.norm_eps, self.dtype)(x)

@@ -31,8 +31,9 @@ def image_tokens(model_cfg: ml_collections.ConfigDict) -> int:
 
 def visual_tokens(model_cfg: ml_collections.ConfigDict) -> int:
   """The bridge's tokens of one image (or tile)."""
-  return bridge_lib.num_output_tokens(model_cfg.bridge, vit_lib.num_output_tokens(model_cfg.vision),
-                                      vit_lib.grid_side(model_cfg.vision))
+  return bridge_lib.num_output_tokens(
+    model_cfg.bridge, vit_lib.num_output_tokens(model_cfg.vision), vit_lib.grid_side(model_cfg.vision)
+  )
 
 
 def check_config(model_cfg: ml_collections.ConfigDict) -> None:
@@ -53,15 +54,19 @@ def check_config(model_cfg: ml_collections.ConfigDict) -> None:
   bridge.check(m, side)
   if m.vision.token_merging and (m.anyres.enabled or (bridge.side is not None and not bridge.per_patch)):
     readers = [k for k, v in bridge_lib.BRIDGES.items() if v.side is None or v.per_patch]
-    raise UserError(f"config.model.vision.token_merging: merged tokens are no patch grid, which "
-                    f"{'AnyRes' if m.anyres.enabled else f'the {m.bridge.kind} bridge'} reads; use a bridge that "
-                    f"takes any tokens ({', '.join(readers)}) without AnyRes, or set it 0")
-  if not bridge.per_patch and bridge.side is not None and vit_lib.num_output_tokens(m.vision) != side ** 2:
+    raise UserError(
+      f"config.model.vision.token_merging: merged tokens are no patch grid, which "
+      f"{'AnyRes' if m.anyres.enabled else f'the {m.bridge.kind} bridge'} reads; use a bridge that "
+      f"takes any tokens ({', '.join(readers)}) without AnyRes, or set it 0"
+    )
+  if not bridge.per_patch and bridge.side is not None and vit_lib.num_output_tokens(m.vision) != side**2:
     raise UserError(f"config.model.vision.keep_cls: the {m.bridge.kind} bridge reads the patch grid; set it False")
   if m.anyres.enabled and bridge.side is None:
     grid_bridges = [k for k, v in bridge_lib.BRIDGES.items() if v.side is not None]
-    raise UserError(f"config.model.anyres: needs a bridge that yields a grid of tokens ({', '.join(grid_bridges)}), "
-                    f"not {m.bridge.kind}")
+    raise UserError(
+      f"config.model.anyres: needs a bridge that yields a grid of tokens ({', '.join(grid_bridges)}), "
+      f"not {m.bridge.kind}"
+    )
 
 
 def scatter_visual(embeds: jax.Array, visual: jax.Array, is_placeholder: jax.Array) -> jax.Array:
@@ -90,13 +95,13 @@ def unstack_params(params: dict) -> dict:
 
 
 class VLM(nn.Module):
-  cfg: ml_collections.ConfigDict          # config.model
+  cfg: ml_collections.ConfigDict  # config.model
   image_token_id: int
   # uint8 images are scaled to [0, 1] and normalised with these (config.data.image_mean/std);
   # float images come normalised.
   image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
   image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
-  layer_list: bool = False                # decoding: params from unstack_params (LLM.layer_list)
+  layer_list: bool = False  # decoding: params from unstack_params (LLM.layer_list)
 
   def setup(self):
     c = self.cfg
@@ -106,11 +111,14 @@ class VLM(nn.Module):
     self.bridge = bridge_lib.make_bridge(c.bridge, c.llm.width, dtype)
     self.llm = LLM(c.llm, dtype, compute, self.layer_list)
     if c.fusion == "cross_attention":
-      self.xattn = [fusion_lib.GatedCrossAttention(fusion_lib.block_config(c), c.llm.width, dtype)
-                    for _ in fusion_lib.block_layers(c)]
+      self.xattn = [
+        fusion_lib.GatedCrossAttention(fusion_lib.block_config(c), c.llm.width, dtype)
+        for _ in fusion_lib.block_layers(c)
+      ]
     if c.anyres.enabled:  # LLaVA-NeXT's row end marker, randn / sqrt(width) as there
-      self.image_newline = self.param("image_newline", logical(
-          nn.initializers.normal(1 / math.sqrt(c.llm.width)), ("embed",)), (c.llm.width,))
+      self.image_newline = self.param(
+        "image_newline", logical(nn.initializers.normal(1 / math.sqrt(c.llm.width)), ("embed",)), (c.llm.width,)
+      )
 
   def pixels(self, images: jax.Array) -> jax.Array:
     return vit_lib.normalize_pixels(images, self.image_mean, self.image_std)
@@ -190,8 +198,10 @@ class VLM(nn.Module):
     return kvs, fusion_lib.media_ids(tokens, self.image_token_id, segment_ids), fusion_lib.key_ids(n, per_image, b)
 
   def _inserts(self, kvs, query_media: jax.Array, key_media: jax.Array) -> dict:
-    return {layer: functools.partial(block, kv=kv, query_media=query_media, key_media=key_media)
-            for layer, block, kv in zip(fusion_lib.block_layers(self.cfg), self.xattn, kvs)}
+    return {
+      layer: functools.partial(block, kv=kv, query_media=query_media, key_media=key_media)
+      for layer, block, kv in zip(fusion_lib.block_layers(self.cfg), self.xattn, kvs)
+    }
 
   def prefill(self, tokens: jax.Array, images: "jax.Array | dict", cache: dict) -> tuple[jax.Array, dict]:
     """Left-padded prompts [B, T] with their images -> (logits of the last token, the cache).
@@ -209,18 +219,25 @@ class VLM(nn.Module):
       return self.llm.extend(self.llm.embed(tokens), cache)
     # A generated <image> moves on to the row's next image slot, as media_ids reads a sequence.
     query_media = cache["media"][:, None] + jnp.cumsum(tokens == self.image_token_id, axis=1, dtype=jnp.int32)
-    logits, cache = self.llm.extend(self.llm.embed(tokens), cache,
-                                    self._inserts(cache["media_kv"], query_media, cache["media_keys"]))
+    logits, cache = self.llm.extend(
+      self.llm.embed(tokens), cache, self._inserts(cache["media_kv"], query_media, cache["media_keys"])
+    )
     return logits, dict(cache, media=query_media[:, -1])
 
-  def loss(self, tokens: jax.Array, images: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-           targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def loss(
+    self,
+    tokens: jax.Array,
+    images: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    targets: jax.Array,
+    loss_mask: jax.Array,
+  ) -> tuple[jax.Array, jax.Array]:
     """-> (summed fp32 next-token loss over the supervised targets, their count)."""
     x, inserts = self._inputs(tokens, images, segment_ids)
     return self.llm.loss(x, positions, segment_ids, targets, loss_mask, inserts)
 
-  def __call__(self, tokens: jax.Array, images: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, images: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """-> fp32 logits [B, L, vocab]."""
     x, inserts = self._inputs(tokens, images, segment_ids)
     return self.llm(x, positions, segment_ids, inserts)

@@ -63,8 +63,11 @@ def _register_array_handler() -> None:
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)
   try:
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+    ocp.type_handlers.register_type_handler(
+      jax.Array,
+      ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+      override=True,
+    )
   finally:
     absl_logger.setLevel(level)
 
@@ -76,7 +79,7 @@ def _gather_json(value) -> list:
   data = np.frombuffer(json.dumps(value).encode(), np.uint8)
   lengths = multihost_utils.process_allgather(np.int32(data.size))
   padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:data.size] = data
+  padded[: data.size] = data
   rows = multihost_utils.process_allgather(padded)
   return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths)]
 
@@ -93,9 +96,12 @@ class Checkpointer:
     if not read_only:
       _register_array_handler()
     # (Not orbax's read_only option: it logs three warnings on every open.)
-    self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        create=False) if read_only else ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
+    self.manager = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(create=False)
+      if read_only
+      else ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -106,16 +112,22 @@ class Checkpointer:
     data = {"processes": _gather_json(data_state)}
     jax.block_until_ready(state)  # the step's own time is not the save's
     start = time.perf_counter()
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_storage(state)),
-                                                    data=ocp.args.JsonSave(data)), force=True)
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(_to_storage(state)), data=ocp.args.JsonSave(data)),
+      force=True,
+    )
     return time.perf_counter() - start
 
   def restore(self, step: int, abstract_state: dict, shardings: dict) -> tuple[dict, list[dict]]:
     """(state in the given shardings, which may differ from the saved ones; the data states of
     the processes that saved it)."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(abstract_state, shardings)),
-        data=ocp.args.JsonRestore()))
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(abstract_state, shardings)), data=ocp.args.JsonRestore()
+      ),
+    )
     data = restored["data"]
     state = _from_storage(restored["state"], abstract_state)
     # Before per-process states were kept, process 0's state was saved alone (and used by all).
@@ -129,8 +141,14 @@ class Checkpointer:
   def restore_params(self, step: int, abstract_params, shardings):
     """Only the params (what inference and export need; converted checkpoints hold nothing else)."""
     target = {"params": _abstract(abstract_params, shardings)}
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        )
+      ),
+    )
     return _from_storage(restored["state"]["params"], abstract_params)
 
   def wait(self) -> None:
@@ -156,10 +174,14 @@ def resolve(path: str) -> tuple[str, int | None]:
   if root.parent.name == "checkpoints" and root.name.isdigit() and (workdir / "config.json").is_file():
     return str(workdir), int(root.name)
   if (root / "config.json").is_file() and any(f.name.endswith(".safetensors") for f in root.iterdir()):
-    raise UserError(f"--checkpoint: {root} is a Hugging Face model directory, not a vlm-jax workdir "
-                    "(vlm_jax.load reads it directly; `vlm-jax convert --from-hf` converts it)")
-  raise UserError(f"--checkpoint: {root} is neither a vlm-jax workdir (config.json + checkpoints/) "
-                  "nor one of its checkpoints/<step> directories")
+    raise UserError(
+      f"--checkpoint: {root} is a Hugging Face model directory, not a vlm-jax workdir "
+      "(vlm_jax.load reads it directly; `vlm-jax convert --from-hf` converts it)"
+    )
+  raise UserError(
+    f"--checkpoint: {root} is neither a vlm-jax workdir (config.json + checkpoints/) "
+    "nor one of its checkpoints/<step> directories"
+  )
 
 
 def read_params(workdir: str, step: int | None, run: Run, where: str, part=None) -> tuple[dict, int]:
@@ -219,6 +241,7 @@ def load_vision(path: str, run: Run, params: dict) -> dict:
   target = dict(ours, layers=target)  # (ours has a final_norm only where this config has one)
   part = ({"vision": target}, {"vision": {k: shardings[k] for k in target}})
   vision = read_params(workdir, step, run, where, part)[0]["vision"]
-  vision["layers"] = jax.tree.map(lambda x, s: jax.jit(lambda a: a[:mine.depth], out_shardings=s)(x),
-                                  vision["layers"], shardings["layers"])
+  vision["layers"] = jax.tree.map(
+    lambda x, s: jax.jit(lambda a: a[: mine.depth], out_shardings=s)(x), vision["layers"], shardings["layers"]
+  )
   return dict(params, vision=dict(params["vision"], **vision))

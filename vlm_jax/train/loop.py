@@ -37,22 +37,34 @@ log = logging.getLogger("vlm_jax")
 
 # Fields that may change when a run is resumed (cadence, length, the levers that change how and
 # not what the step computes, the mesh, config.evals and config.xla); any other change is an error.
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                     "train.max_to_keep", "train.eval_examples", "train.eval_batch_size", "data.threads",
-                     "data.prefetch", "model.remat", "model.attention", "model.attention_block", "model.scan_unroll",
-                     "model.loss_chunk")
+RESUMABLE_CHANGES = (
+  "train.steps",
+  "train.log_every",
+  "train.eval_every",
+  "train.checkpoint_every",
+  "train.max_to_keep",
+  "train.eval_examples",
+  "train.eval_batch_size",
+  "data.threads",
+  "data.prefetch",
+  "model.remat",
+  "model.attention",
+  "model.attention_block",
+  "model.scan_unroll",
+  "model.loss_chunk",
+)
 RESUMABLE_GROUPS = ("evals.", "xla.", "mesh.")
 WORKDIR_DIRS, WORKDIR_FILES = ("checkpoints", "tensorboard"), ("config.json", "metrics.jsonl")
 
 
 class PeriodicEval(Protocol):
-  name: str                                 # metrics go to eval/<name>/...
-  every: int                                # steps
-  evaluate: Callable[[dict], dict]          # params -> metrics
+  name: str  # metrics go to eval/<name>/...
+  every: int  # steps
+  evaluate: Callable[[dict], dict]  # params -> metrics
 
 
 MakeEvals = Callable[[build_lib.Run, Tokenizer], Sequence[PeriodicEval]]
-LoadParams = Callable[[str, build_lib.Run], dict]        # (config.model.init_from, run) -> params
+LoadParams = Callable[[str, build_lib.Run], dict]  # (config.model.init_from, run) -> params
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -69,8 +81,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   differ = sorted(k for k, v in now.items() if saved.get(k, defaults.get(k)) != v)
   refused = [k for k in differ if k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_GROUPS)]
   if refused:
-    raise UserError(f"--workdir {workdir} holds a run with a different config ({', '.join(refused[:5])}); "
-                    "use a new workdir, or the same config to resume")
+    raise UserError(
+      f"--workdir {workdir} holds a run with a different config ({', '.join(refused[:5])}); "
+      "use a new workdir, or the same config to resume"
+    )
   return [f"{k}: {saved.get(k, defaults.get(k))} -> {now[k]}" for k in differ]
 
 
@@ -94,8 +108,14 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     (root / "config.json").write_text(config_lib.to_json(config))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals | None = None,
-          load_params: LoadParams = checkpoint_lib.load_params, stop_after: int | None = None) -> dict:
+def train(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  evals: MakeEvals | None = None,
+  load_params: LoadParams = checkpoint_lib.load_params,
+  stop_after: int | None = None,
+) -> dict:
   """Trains (or resumes) the run in `workdir`; `evals(run, tokenizer)` makes the periodic evals
   (none without it). `stop_after` ends the process early at that step, as a preemption would (a
   checkpoint is written). Returns the last metrics of each eval."""
@@ -108,31 +128,46 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals |
   t = config.train
   rows_per_micro = t.batch_size // t.grad_accum
   if rows_per_micro % parallel.batch_divisor(mesh):
-    raise UserError(f"config.train.batch_size / grad_accum = {rows_per_micro} rows per micro-batch does not "
-                    f"divide over the mesh's data x fsdp = {parallel.batch_divisor(mesh)} devices")
+    raise UserError(
+      f"config.train.batch_size / grad_accum = {rows_per_micro} rows per micro-batch does not "
+      f"divide over the mesh's data x fsdp = {parallel.batch_divisor(mesh)} devices"
+    )
 
   # --- Model, optimizer, shardings; data and eval -----------------------------------------------
   trainer = trainer_lib.build(config, mesh, tokenizer.image_id)
   run = trainer.run
-  data = Batches(config, tokenizer, run.image_tokens, process_index=jax.process_index(),
-                             process_count=jax.process_count(),
-                             tile_groups=parallel.batch_divisor(mesh) * t.grad_accum, layout=run.task.layout)
+  data = Batches(
+    config,
+    tokenizer,
+    run.image_tokens,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    tile_groups=parallel.batch_divisor(mesh) * t.grad_accum,
+    layout=run.task.layout,
+  )
   try:
     periodic = list(evals(run, tokenizer)) if evals else []
 
     # --- Restore or init, and the first batch; only then is the workdir written -----------------
     checkpoint_dir = as_path(workdir) / "checkpoints"
-    checkpoints = (checkpoint_lib.Checkpointer(checkpoint_dir, t.max_to_keep)
-                   if checkpoint_dir.is_dir() else None)
+    checkpoints = checkpoint_lib.Checkpointer(checkpoint_dir, t.max_to_keep) if checkpoint_dir.is_dir() else None
     start = checkpoints.latest_step() if checkpoints else None
     if start is not None:
       state, data_states = checkpoints.restore(start, trainer.abstract_state, trainer.state_shardings)
       moved = data.continue_from(data_states, jax.process_index())
-      log.info("resumed from step %d on %d process(es) x %d devices%s", start, jax.process_count(),
-               jax.local_device_count(), "".join(f"\n  {line}" for line in changes + [moved] if line))
+      log.info(
+        "resumed from step %d on %d process(es) x %d devices%s",
+        start,
+        jax.process_count(),
+        jax.local_device_count(),
+        "".join(f"\n  {line}" for line in changes + [moved] if line),
+      )
     elif config.model.init_from or config.model.vision.init_from:
-      params = (load_params(config.model.init_from, run.plain) if config.model.init_from
-                else run.plain.init_params(jax.random.key(config.seed)))
+      params = (
+        load_params(config.model.init_from, run.plain)
+        if config.model.init_from
+        else run.plain.init_params(jax.random.key(config.seed))
+      )
       if config.model.vision.init_from:
         params = checkpoint_lib.load_vision(config.model.vision.init_from, run.plain, params)
         log.info("ViT from %s", config.model.vision.init_from)
@@ -147,31 +182,52 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, evals: MakeEvals |
   write_config(config, workdir)
   checkpoints = checkpoints or checkpoint_lib.Checkpointer(checkpoint_dir, t.max_to_keep)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  n_trained = sum(x.size for x, l in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(trainer.labels))
-                  if l != FROZEN)
-  log.info("params: %s total, %s trained (stage %s); mesh %s", f"{n_params:,}", f"{n_trained:,}",
-           config.stage, dict(mesh.shape))
+  n_trained = sum(
+    x.size for x, l in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(trainer.labels)) if l != FROZEN
+  )
+  log.info(
+    "params: %s total, %s trained (stage %s); mesh %s",
+    f"{n_params:,}",
+    f"{n_trained:,}",
+    config.stage,
+    dict(mesh.shape),
+  )
 
   # --- Compile once, before the loop (signals from here on stop the run with a checkpoint) -----
   with StopSignal(mesh) as stop:
     t0 = time.time()
     compiled = trainer.train_step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
-    log.info("train step compiled in %.1fs%s", time.time() - t0,
-             f"; temp memory {memory.temp_size_in_bytes / 2**20:.0f} MiB" if memory else "")
+    log.info(
+      "train step compiled in %.1fs%s",
+      time.time() - t0,
+      f"; temp memory {memory.temp_size_in_bytes / 2**20:.0f} MiB" if memory else "",
+    )
     train_step = compiled if _layouts_match(compiled, (state, batch)) else trainer.train_step
     try:
-      eval_metrics = _loop(config, train_step, state, batch, start, data, periodic, checkpoints, workdir,
-                           stop, mesh, stop_after)
+      eval_metrics = _loop(
+        config, train_step, state, batch, start, data, periodic, checkpoints, workdir, stop, mesh, stop_after
+      )
     finally:
       data.close()
       checkpoints.close()
   return eval_metrics
 
 
-def _loop(config, train_step, state, batch, start: int, data: Batches, periodic: Sequence[PeriodicEval],
-          checkpoints: checkpoint_lib.Checkpointer, workdir: str, stop: StopSignal, mesh,
-          stop_after: int | None) -> dict:
+def _loop(
+  config,
+  train_step,
+  state,
+  batch,
+  start: int,
+  data: Batches,
+  periodic: Sequence[PeriodicEval],
+  checkpoints: checkpoint_lib.Checkpointer,
+  workdir: str,
+  stop: StopSignal,
+  mesh,
+  stop_after: int | None,
+) -> dict:
   """Steps start+1.. until train.steps, `stop_after`, or a stop all processes agree on; returns
   the last metrics of each eval."""
   t = config.train
@@ -211,8 +267,12 @@ def _loop(config, train_step, state, batch, start: int, data: Batches, periodic:
   if stopping:
     if not checkpoints.complete(step):
       raise RuntimeError(f"stopping at step {step}: its checkpoint is not in {checkpoints.directory}")
-    log.warning("stopped at step %d on %s: checkpoint %d is complete; run the same command to resume",
-                step, stop.signal_name or "a peer's signal", step)
+    log.warning(
+      "stopped at step %d on %s: checkpoint %d is complete; run the same command to resume",
+      step,
+      stop.signal_name or "a peer's signal",
+      step,
+    )
   writer.close()
   return eval_metrics
 
@@ -221,6 +281,10 @@ def _eval(e: PeriodicEval, state, step: int, writer: "MetricWriter") -> dict:
   t0 = time.time()
   metrics = {f"eval/{e.name}/{k}": v for k, v in e.evaluate(state["params"]).items()}
   writer.write(step, metrics)
-  log.info("eval at step %d (%.1fs): %s", step, time.time() - t0,
-           ", ".join(f"{k.split('/', 2)[-1]} {v:.4g}" for k, v in metrics.items()))
+  log.info(
+    "eval at step %d (%.1fs): %s",
+    step,
+    time.time() - t0,
+    ", ".join(f"{k.split('/', 2)[-1]} {v:.4g}" for k, v in metrics.items()),
+  )
   return metrics

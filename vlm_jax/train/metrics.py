@@ -77,12 +77,13 @@ class ProgressLine:
   def line(self, step: int, metrics: dict[str, float]) -> str:
     per_step = (self.last_time - self.first_time) / max(step - self.first_step, 1)
     eta = per_step * (self.total - step)
-    return (f"step {step}/{self.total}  loss {metrics['train/loss']:.4f}  "
-            f"lr {metrics['train/lr']:.2e}  {metrics['train/tokens_per_s']:,.0f} tok/s  "
-            f"ETA {_duration(eta)}")
+    return (
+      f"step {step}/{self.total}  loss {metrics['train/loss']:.4f}  "
+      f"lr {metrics['train/lr']:.2e}  {metrics['train/tokens_per_s']:,.0f} tok/s  "
+      f"ETA {_duration(eta)}"
+    )
 
 
 def _duration(seconds: float) -> str:
   seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-      f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -50,6 +50,7 @@ def param_labels(params, train_cfg: ml_collections.ConfigDict, stage: str):
     comp = component(p)
     floating = jnp.issubdtype(x.dtype, jnp.floating)  # not QLoRA's integer codes, whatever a regex says
     return comp if trains(p) and floating and train_cfg.lr_mult[comp] > 0 else FROZEN
+
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -58,16 +59,19 @@ def schedule(train_cfg: ml_collections.ConfigDict, mult: float = 1.0) -> optax.S
   # A run shorter than the warmup (a quick check) warms up over all but its last step.
   warmup = max(min(train_cfg.warmup_steps, train_cfg.steps - 1), 0)
   return optax.warmup_cosine_decay_schedule(
-      0.0, peak, warmup, max(train_cfg.steps, 1),
-      end_value=peak * train_cfg.end_lr_ratio)
+    0.0, peak, warmup, max(train_cfg.steps, 1), end_value=peak * train_cfg.end_lr_ratio
+  )
 
 
 def make_optimizer(train_cfg: ml_collections.ConfigDict, labels) -> optax.GradientTransformation:
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # no decay on norms/biases
   transforms = {FROZEN: optax.set_to_zero()}
   for comp in COMPONENTS:
-    transforms[comp] = optax.adamw(schedule(train_cfg, train_cfg.lr_mult[comp]), b1=train_cfg.b1,
-                                   b2=train_cfg.b2, weight_decay=train_cfg.weight_decay,
-                                   mask=decay_mask)
-  return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip),
-                     optax.multi_transform(transforms, labels))
+    transforms[comp] = optax.adamw(
+      schedule(train_cfg, train_cfg.lr_mult[comp]),
+      b1=train_cfg.b1,
+      b2=train_cfg.b2,
+      weight_decay=train_cfg.weight_decay,
+      mask=decay_mask,
+    )
+  return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), optax.multi_transform(transforms, labels))

@@ -94,8 +94,11 @@ class StopSignal:
       if self._seen[path] == 1:
         if self.signal_name is None:
           self.signal_name = name
-          log.warning("%s received: stopping after this step with a checkpoint (a second signal exits "
-                      "at once, keeping the last complete checkpoint)", name)
+          log.warning(
+            "%s received: stopping after this step with a checkpoint (a second signal exits "
+            "at once, keeping the last complete checkpoint)",
+            name,
+          )
         return
     os.write(2, f"second {name}: exiting now; the last complete checkpoint is kept\n".encode())
     os._exit(128 + signum)

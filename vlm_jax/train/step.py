@@ -28,10 +28,20 @@ def with_frozen(trainable, params):
   return jax.tree.map(lambda t, p: p if t is None else t, trainable, params, is_leaf=lambda x: x is None)
 
 
-def train_step(state: dict, batch: dict, *, loss: Callable, tx: optax.GradientTransformation,
-               labels, grad_accum: int, lr_fn: Callable, seed: int = 0) -> tuple[dict, dict[str, Any]]:
+def train_step(
+  state: dict,
+  batch: dict,
+  *,
+  loss: Callable,
+  tx: optax.GradientTransformation,
+  labels,
+  grad_accum: int,
+  lr_fn: Callable,
+  seed: int = 0,
+) -> tuple[dict, dict[str, Any]]:
   """loss: (params, batch, rng) -> (summed loss, count), the task's; rng: the step's dropout key
   (from the seed and step, one per micro-batch)."""
+
   def summed_loss(trainable, micro, rng):
     loss_sum, count = loss(with_frozen(trainable, state["params"]), micro, rng)
     return loss_sum, (loss_sum, count)
@@ -54,12 +64,16 @@ def train_step(state: dict, batch: dict, *, loss: Callable, tx: optax.GradientTr
 
   denom = jnp.maximum(count, 1.0)
   # The optimizer sees the whole tree; frozen leaves get a scalar zero (set_to_zero ignores it).
-  grads = with_frozen(jax.tree.map(lambda g: g / denom, grads),
-                      jax.tree.map(lambda p: jnp.zeros((), jnp.float32), state["params"]))
+  grads = with_frozen(
+    jax.tree.map(lambda g: g / denom, grads), jax.tree.map(lambda p: jnp.zeros((), jnp.float32), state["params"])
+  )
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   # Frozen params are passed through untouched: bit-identical, whatever the update arithmetic.
-  params = jax.tree.map(lambda p, u, l: p if l == FROZEN else p + u.astype(p.dtype),
-                        state["params"], updates, labels)
-  metrics = {"train/loss": loss_sum / denom, "train/grad_norm": optax.tree.norm(grads),
-             "train/lr": lr_fn(state["step"]), "train/supervised_tokens": count}
+  params = jax.tree.map(lambda p, u, l: p if l == FROZEN else p + u.astype(p.dtype), state["params"], updates, labels)
+  metrics = {
+    "train/loss": loss_sum / denom,
+    "train/grad_norm": optax.tree.norm(grads),
+    "train/lr": lr_fn(state["step"]),
+    "train/supervised_tokens": count,
+  }
   return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics

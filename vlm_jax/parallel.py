@@ -12,7 +12,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from vlm_jax.config import BATCH_AXES, MESH_AXES, TENSOR_AXIS
 from vlm_jax.errors import UserError
 
-DATA, FSDP = BATCH_AXES
+FSDP = BATCH_AXES[1]
 
 # Parameters: weights are split over fsdp (ZeRO-3) on their embed side and over tensor on their
 # heads/mlp/vocab side. Activations: batch over data x fsdp, heads/mlp over tensor.

@@ -171,9 +171,10 @@ class Batches:
     ]
     ordered = orders[0] if len(orders) == 1 else grain.MapDataset.mix(orders, weights)
 
-    def iterate(start: int) -> grain.DatasetIterator:
-      """This process's batches from position `start` of its stream. Several worker processes each
-      read a slice of it, so their batchers' counts are not positions in it (None)."""
+    def iterate(start: int) -> tuple[grain.DatasetIterator, int | None]:
+      """This process's batches from position `start` of its stream, and that position as the
+      batches will count it: None with several worker processes, which each read a slice of the
+      stream, so that their batchers' counts are not positions in it."""
       counted = start if d.workers <= 1 else None
       # Reader threads prepare samples in order (PIL releases the GIL while decoding/resizing).
       it = (
@@ -203,13 +204,12 @@ class Batches:
         )
       elif d.prefetch:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=d.prefetch)
-      return iter(it)
+      return iter(it), counted
 
     self._iterate = iterate
-    self._it = iterate(0)
-    # Where the next batch starts in this process's stream (None: not known, see continue_from).
-    # Ours, not read from grain's iterator state, whose layout grain owns.
-    self.position: int | None = 0 if d.workers <= 1 else None
+    # position: where the next batch starts in this process's stream (None: not known, see
+    # continue_from). Ours, not read from grain's iterator state, whose layout grain owns.
+    self._it, self.position = iterate(0)
     self.skipped: dict[str, int] = {}
 
   def __iter__(self) -> "Batches":
@@ -274,7 +274,7 @@ class Batches:
     first_unread = min(p + j * n for p, j in enumerate(positions))
     mine = max(0, -(-(first_unread - process_index) // m))
     self.close()
-    self._it, self.position = self._iterate(mine), mine
+    self._it, self.position = self._iterate(mine)
     self.skipped = {}
     for s in states if process_index == 0 else ():  # the counts carry on in process 0's log
       for reason, count in s.get("skipped", {}).items():

@@ -58,7 +58,7 @@ METHODS = {
 }
 CONFIGS = {
   "ref": ("configs/bench_ref.py:stage2", {}),
-  "7b": ("configs/llava15_ref.py:stage2", {"train.batch_size": "1"}),
+  "7b": ("configs/llava15_ref.py:stage2", {"train.batch_size": "1", "train.grad_accum": "1"}),
 }
 
 

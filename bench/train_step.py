@@ -16,7 +16,7 @@ Levers: `supervise=answer|all` (which text tokens carry the loss), `image_slots=
 have N image slots, only the first filled, as packed rows with data.max_images=N; transformers
 encodes only real images either way), `xla_flags=...` (added to XLA_FLAGS for our side), any
 other NAME=VALUE is a config override for our side (`--lever model.loss_chunk=0` turns the
-chunked loss off, `--lever data.image_pool=4` pools the images; see README "Train-step speed").
+chunked loss off, `--lever data.image_pool=4` pools the images; see docs/performance.md "Train-step speed").
 """
 
 import argparse

@@ -5,7 +5,7 @@ Each image's caption names its shapes left to right ("two shapes: a red circle a
 square"); the periodic eval is zero-shot classification of colour, shape and count against
 prompted class names (eval/zeroshot/<kind>/accuracy). The ViT is the default VLM config's
 (configs/shapes_tiny.py), so a VLM run takes it as it is:
-`--config.model.vision.init_from=WORKDIR` (README "Pretrain the vision encoder").
+`--config.model.vision.init_from=WORKDIR` (docs/contrastive.md).
 """
 
 import shapes_tiny  # beside this file

@@ -43,7 +43,7 @@ TINY = [
 # ones, which tests compare bit for bit.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
-# Transparent huge pages from glibc's malloc (README "Train-step speed"): XLA:CPU allocates a
+# Transparent huge pages from glibc's malloc (docs/performance.md "Huge pages on CPU"): XLA:CPU allocates a
 # program's temporaries at every call (190 MiB a step for the default config), and the kernel
 # zeroes the fresh pages 4 KiB at a time; a long training run is ~15% faster with them. Only such
 # runs get it: compile-bound test processes were 8-15% slower (tests/test_bridges.py).

@@ -1,4 +1,4 @@
-"""config.lora: LoRA / QLoRA adapters (vlm_jax/models/lora.py, README "LoRA and QLoRA")."""
+"""config.lora: LoRA / QLoRA adapters (vlm_jax/models/lora.py, docs/lora.md)."""
 
 import ml_collections
 
@@ -9,7 +9,7 @@ LORA_BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
 
 
 def defaults() -> ml_collections.ConfigDict:
-  # LoRA / QLoRA (vlm_jax/models/lora.py, README "LoRA and QLoRA"); rank 0: off. With it on, a
+  # LoRA / QLoRA (vlm_jax/models/lora.py, docs/lora.md); rank 0: off. With it on, a
   # component with adapters trains only them; the others train as the stage says.
   return ml_collections.ConfigDict(
     dict(

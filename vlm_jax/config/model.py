@@ -15,7 +15,7 @@ def defaults() -> ml_collections.ConfigDict:
   # What the backward pass recomputes (vlm_jax/models/layers.py REMAT_POLICIES): none | full |
   # dots | dots_with_no_batch_dims | offload (the latter's saved matmuls in host memory)
   m.remat = "none"
-  # Ways to compute, each giving the same loss and gradients (README "Train-step speed"):
+  # Ways to compute, each giving the same loss and gradients (docs/performance.md "Train-step speed"):
   # xla (reference) | blockwise | cudnn (GPU) | splash (TPU) | pallas_gpu | auto (the platform's
   # best: splash on TPU, cuDNN or pallas_gpu on GPU, blockwise on CPU); vlm_jax/models/attention.py
   m.attention = "auto"

@@ -1,6 +1,6 @@
 """Data sources: random access to samples (an id, conversation turns, images) by index.
 
-Specs (README "Data"): `shapes[:SPLIT]`, `llava:JSON_OR_JSONL[:IMAGE_ROOT]`,
+Specs (docs/data.md): `shapes[:SPLIT]`, `llava:JSON_OR_JSONL[:IMAGE_ROOT]`,
 `tfds:NAME[/CONFIG][:SPLIT]`, and weighted mixtures `SPEC=WEIGHT,SPEC=WEIGHT`. Reading a
 sample never decodes its images (that is the pipeline's job, in its workers); a sample that
 cannot be read raises BadSample, so one bad record is skipped instead of ending the run.

@@ -318,7 +318,7 @@ def blockwise_attention(
   The backward pass keeps only the output and the softmax normaliser (log-sum-exp) per query
   and recomputes each block's probabilities, as FlashAttention: memory is O(T) per head
   instead of O(T x S), and on CPU it avoids the transposes of [T, S] score matrices that the
-  reference path's backward makes (measured: README "Train-step speed").
+  reference path's backward makes (measured: docs/performance.md "Train-step speed").
   """
   b, t, n, h = q.shape
   kv_heads = k.shape[2]

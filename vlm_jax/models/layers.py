@@ -149,7 +149,7 @@ class LayerStack(nn.Module):
   layer, which a scan cannot carry. The slices are views of the stacked params in the module tree (nn.map_variables
   under this module's scope), so checkpoints keep one layout and LoRA adapts every layer.
   Unrolled (compute.scan_unroll) the params keep their stacked layout too: that choice is one of
-  speed and compile time (README "Train-step speed").
+  speed and compile time (docs/performance.md "Train-step speed").
   """
 
   block: type[nn.Module]

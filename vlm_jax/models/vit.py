@@ -59,7 +59,7 @@ def sincos_init(grid: int, has_cls: bool):
   drowned and must first be learned (slow for spatial questions). Frequencies go from 1 down to
   1 / (2 * grid), not to the usual 1 / 10000 (made for text lengths): over a 4-patch grid half
   of those barely change, and in `shapes` "which side" was then only 78% decodable from the
-  visual tokens after 1000 steps (95% with these; README "What the default config reaches").
+  visual tokens after 1000 steps (95% with these; docs/performance.md "What the default config reaches").
   """
 
   def init(key, shape, dtype=jnp.float32):

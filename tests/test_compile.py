@@ -105,9 +105,10 @@ def test_cli_prints_one_json_object_as_the_contract_says():
   assert report["flops_per_step"] > 0 and report["collectives"]["all-gather"] > 0
   # Generation (8 prompts by default) holds the KV cache: rows x kv heads x slots x head dim, K and
   # V, bf16, for every layer, split over the 4 chips.
-  generation, llm = report["generation"], config_lib.load_file(SHAPES).model.llm
-  assert (generation["rows"], generation["prompt_tokens"], generation["new_tokens"]) == (8, 80, 256)
-  cache = 8 * llm.kv_heads * (80 + 256) * llm.head_dim * 2 * 2 * llm.depth
+  generation, shapes = report["generation"], config_lib.load_file(SHAPES)
+  llm, prompt = shapes.model.llm, shapes.data.seq_len
+  assert (generation["rows"], generation["prompt_tokens"], generation["new_tokens"]) == (8, prompt, 256)
+  cache = 8 * llm.kv_heads * (prompt + 256) * llm.head_dim * 2 * 2 * llm.depth
   assert generation["decode"]["arguments_bytes"] > cache / 4
   assert generation["total_bytes"] >= max(generation["prefill"]["total_bytes"], generation["decode"]["total_bytes"])
 
@@ -163,7 +164,7 @@ def test_an_unknown_topology_is_one_line_exit_2(capsys):
 
 
 def test_llava15_stage2_on_v5e_4x4_holds_a_sixteenth_of_params_and_adam():
-  # README "Compiling for a TPU slice": the hand count of LLaVA-1.5 7B's state split over 16 chips.
+  # docs/tpu.md "Compiling for a TPU slice": the hand count of LLaVA-1.5 7B's state split over 16 chips.
   # The recipe as shipped: FSDP over every chip, 8 micro-batches, remat.
   out = _compile_process(
     "--config", "configs/llava15_ref.py:stage2", "--topology", "v5e:4x4", "--decode-rows", "0", "--json"

@@ -243,8 +243,8 @@ def write_json(out: str, name: str, data: dict) -> None:
 def write_processor(config, out: str) -> None:
   """The image processor as config.data says, in the file the checkpoint had it in (transformers
   5.x: processor_config.json's "image_processor"; before: preprocessor_config.json), its other
-  fields kept; a model without one gets preprocessor_config.json (and, with AnyRes, the
-  LlavaNextProcessor settings)."""
+  fields kept; a model without one gets preprocessor_config.json and the LlavaProcessor (or, with
+  AnyRes, LlavaNextProcessor) settings that AutoProcessor needs to expand <image>."""
   found, name = image_processor.find(out)
   if name == "processor_config.json":
     processor = read_json(out, name)
@@ -252,17 +252,17 @@ def write_processor(config, out: str) -> None:
     write_json(out, name, processor)
     return
   write_json(out, "preprocessor_config.json", image_processor.to_hf(config, found))
-  if config.model.anyres.enabled and not os.path.isfile(os.path.join(out, "processor_config.json")):
-    write_json(out, "processor_config.json", _next_processor(config))
+  if not os.path.isfile(os.path.join(out, "processor_config.json")):
+    write_json(out, "processor_config.json", _processor(config))
 
 
-def _next_processor(config) -> dict:
-  """LlavaNextProcessor settings that expand <image> to our plan's count (CLIP: +1 CLS, then the
-  "default" strategy drops it again)."""
+def _processor(config) -> dict:
+  """LlavaProcessor / LlavaNextProcessor settings that expand <image> to our count (CLIP: +1 CLS,
+  then the "default" strategy drops it again)."""
   v = config.model.vision
   clip = v.flavour == "clip"
   return {
-    "processor_class": "LlavaNextProcessor",
+    "processor_class": "LlavaNextProcessor" if config.model.anyres.enabled else "LlavaProcessor",
     "image_token": IMAGE,
     "patch_size": v.patch_size,
     "vision_feature_select_strategy": "default" if clip else "full",
